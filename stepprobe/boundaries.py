@@ -1,0 +1,98 @@
+"""Step boundaries: which generated token ends a reasoning step.
+
+Following the STEP paper, reasoning text is split at a delimiter (default ``"\\n\\n"``) and
+the boundary is the token that *completes* an occurrence of it. The paper's code only
+counted tokens whose own text contains ``"\\n\\n"`` (right for Qwen tokenizers); many
+tokenizers, the default model's among them, often write it as two ``"\\n"`` tokens. Here
+a token is a boundary when an occurrence of the delimiter ends inside its text, counting
+the text carried over from the previous tokens. Occurrences do not overlap (as
+``str.split``): after a boundary the carry is emptied, so four ``"\\n"`` tokens are two
+boundaries, like ``"a\\n\\n\\n\\nb".split("\\n\\n")`` has two splits.
+
+Only generated tokens are ever fed to a detector: delimiters inside the prompt are not
+steps. The recorder (offline, whole traces) and the vLLM runner (live, one token at a
+time) both use :class:`BoundaryDetector`, so they agree token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+from .errors import StepprobeError
+
+DEFAULT_DELIMITER = "\n\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundaryRule:
+    """How steps are delimited. Stored with every HDF5 file and scorer checkpoint."""
+
+    delimiter: str = DEFAULT_DELIMITER
+
+    def __post_init__(self) -> None:
+        if not self.delimiter:
+            raise StepprobeError("boundary delimiter must be a non-empty string")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"delimiter": self.delimiter, "mode": "completes-occurrence-nonoverlapping"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BoundaryRule":
+        return cls(delimiter=d.get("delimiter", DEFAULT_DELIMITER))
+
+
+class BoundaryDetector:
+    """Streaming boundary detection over token ids, with a per-vocabulary piece table.
+
+    ``pieces[i]`` is the decoded text of token ``i`` alone. Tokens whose text cannot take
+    part in a delimiter occurrence are skipped cheaply, which keeps the live runner's
+    per-token cost near zero.
+    """
+
+    def __init__(self, rule: BoundaryRule, pieces: Sequence[str]):
+        self.rule = rule
+        self.pieces = list(pieces)
+        chars = set(rule.delimiter)
+        # Tokens that can contribute to a delimiter occurrence (contain any of its chars).
+        self.relevant_ids = frozenset(i for i, p in enumerate(self.pieces) if chars & set(p))
+        self._keep = len(rule.delimiter) - 1
+
+    @classmethod
+    def from_tokenizer(cls, rule: BoundaryRule, tokenizer: Any) -> "BoundaryDetector":
+        return cls(rule, token_pieces(tokenizer))
+
+    def step(self, carry: str, token_id: int) -> tuple[bool, str]:
+        """Feed one token. Returns (is_boundary, new_carry)."""
+        if token_id not in self.relevant_ids:
+            return False, ""
+        piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else ""
+        text = carry + piece
+        delim = self.rule.delimiter
+        # Left-to-right, non-overlapping occurrences (the carry never holds a whole one).
+        end, start = -1, 0
+        while (hit := text.find(delim, start)) != -1:
+            end = start = hit + len(delim)
+        rest = text[end:] if end != -1 else text
+        return end > len(carry), rest[-self._keep:] if self._keep else ""
+
+    def find(self, token_ids: Iterable[int]) -> list[int]:
+        """Positions (indices into ``token_ids``) of boundary tokens in a generated sequence."""
+        carry = ""
+        out = []
+        for pos, tid in enumerate(token_ids):
+            hit, carry = self.step(carry, int(tid))
+            if hit:
+                out.append(pos)
+        return out
+
+    def boundary_token_ids(self) -> list[int]:
+        """Token ids that can complete a delimiter on their own or with the carry (for the record)."""
+        return sorted(self.relevant_ids)
+
+
+def token_pieces(tokenizer: Any) -> list[str]:
+    """Decoded text of every token id on its own."""
+    n = len(tokenizer)
+    return tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                  clean_up_tokenization_spaces=False)

@@ -1,0 +1,119 @@
+"""The ``stepprobe`` command: one subcommand per pipeline stage.
+
+Each stage module exposes ``Config`` (a :class:`~stepprobe.config.StageConfig`), ``run(config)``
+and a docstring. The CLI only builds flags from the config's fields, loads ``--config FILE``,
+applies the flags on top and calls ``run``. Stage modules are imported lazily, so
+``stepprobe --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import sys
+import typing
+from typing import Any, Sequence
+
+from . import __version__
+from .config import StageConfig, _unwrap_optional
+from .errors import StepprobeError
+
+# name -> (module, one line for `stepprobe --help`), in pipeline order.
+STAGES: dict[str, tuple[str, str]] = {
+    "model": ("stepprobe.models", "prepare a model (convert the embedded default to an HF checkpoint)"),
+    "collect": ("stepprobe.data_collection.collect", "sample N traces per problem with vLLM and grade them"),
+    "record": ("stepprobe.data_collection.record", "record step-boundary hidden states of all layers into HDF5"),
+    "train": ("stepprobe.training.train", "train one probe (Lightning) and write a run directory"),
+    "sweep": ("stepprobe.training.sweep", "layer sweep: one probe per layer, metric vs. layer"),
+    "tune": ("stepprobe.training.tune", "Optuna study over layers and probe architecture"),
+    "export": ("stepprobe.training.export", "export the best probe as a scorer checkpoint"),
+    "run": ("stepprobe.inference.run", "generate with vLLM, score steps and prune traces"),
+    "bench": ("stepprobe.inference.bench", "self-consistency vs. STEP pruning vs. confidence, side by side"),
+    "pipeline": ("stepprobe.pipeline", "the whole pipeline end to end into one run directory"),
+}
+
+
+def available_stages() -> dict[str, tuple[str, str]]:
+    return {name: spec for name, spec in STAGES.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
+def _flag_type(tp: Any):
+    inner, _ = _unwrap_optional(tp)
+    return inner
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type[StageConfig]) -> None:
+    hints = typing.get_type_hints(config_cls)
+    for f in config_cls.fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if default is not None and not required:
+            help_text = f"{help_text} (default: {default})"
+        elif required:
+            help_text = f"{help_text} (required unless in --config)"
+        if _flag_type(hints[f.name]) is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def build_config(config_cls: type[StageConfig], args: argparse.Namespace) -> StageConfig:
+    overrides = {f.name: getattr(args, f.name) for f in config_cls.fields() if getattr(args, f.name, None) is not None}
+    if args.config:
+        return config_cls.from_file(args.config, **overrides)
+    return config_cls.from_dict(overrides, source="command line")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    stages = available_stages()
+    parser = argparse.ArgumentParser(
+        prog="stepprobe",
+        description="Learn from a model's hidden states at reasoning-step boundaries which sampled "
+        "traces are going wrong, and prune them inside vLLM while they are generated.",
+        epilog="Pipeline: " + " -> ".join(n for n in stages if n not in ("model", "pipeline"))
+        + ". Run `stepprobe STAGE --help` for a stage's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"stepprobe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", title="stages")
+    for name, (_, line) in stages.items():
+        sub.add_parser(name, help=line, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    top, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not top.stage:
+        parser.print_help()
+        return 2
+    module_name, line = STAGES[top.stage]
+    module = importlib.import_module(module_name)
+    config_cls: type[StageConfig] = module.Config
+    stage_parser = argparse.ArgumentParser(prog=f"stepprobe {top.stage}", description=(module.__doc__ or line).strip())
+    stage_parser.add_argument("--config", help="YAML or JSON file with config fields; flags override it")
+    add_config_flags(stage_parser, config_cls)
+    args = stage_parser.parse_args(rest)
+    try:
+        config = build_config(config_cls, args)
+        module.run(config)
+    except StepprobeError as exc:
+        print(f"stepprobe {top.stage}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except KeyboardInterrupt:
+        print(f"stepprobe {top.stage}: interrupted; rerun the same command to resume", file=sys.stderr)  # noqa: T201
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

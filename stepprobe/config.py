@@ -1,0 +1,135 @@
+"""The config base every stage uses.
+
+A stage config is a dataclass deriving from :class:`StageConfig`. Its fields are
+declared with :func:`option` so that each carries its help text; the CLI turns every
+field into a ``--flag`` and a config file (YAML or JSON) into defaults, flags winning.
+Configs are plain data: they are saved beside every artifact and loaded back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from . import __version__
+from .errors import StepprobeError
+
+C = TypeVar("C", bound="StageConfig")
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING) -> Any:  # noqa: A002
+    """A config field with help text (``factory`` for mutable defaults)."""
+    meta = {"help": help}
+    if factory is not _MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a value from a file or a command line into the field's type."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional or value is None:
+            return None
+    origin = typing.get_origin(inner)
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if inner in (int, float, str):
+            if inner is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return inner(value)
+        if origin in (list, tuple):
+            (elem,) = typing.get_args(inner)[:1] or (str,)
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            return [coerce(v, elem, name) for v in value]
+        if origin is dict or inner is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise StepprobeError(f"config field {name!r}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from None
+    return value
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """Base of every stage config. Subclasses add fields with :func:`option`."""
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in cls.fields()}
+        unknown = sorted(set(data) - known - {"stepprobe_version", "stage"})
+        if unknown:
+            raise StepprobeError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        kwargs = {k: coerce(v, hints[k], k) for k, v in data.items() if k in known}
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a required field is missing
+            raise StepprobeError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_file(cls: type[C], path: str | Path, **overrides: Any) -> C:
+        data = load_mapping(path)
+        # A file may hold several stages' sections (the pipeline config); take ours if so.
+        section = getattr(cls, "SECTION", None)
+        if section and isinstance(data.get(section), dict):
+            data = data[section]
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["stepprobe_version"] = __version__
+        return out
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping, with a one-line error when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise StepprobeError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise StepprobeError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise StepprobeError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return data

@@ -1,0 +1,77 @@
+"""One name for each hidden-state site, shared by the recorder, probes, tuner and runner.
+
+Sites, for a decoder with ``n`` layers:
+
+- ``embed``: the token embeddings (input of decoder layer 0). transformers ``hidden_states[0]``.
+- ``layer_00`` .. ``layer_{n-1}``: the residual stream **after** decoder layer ``i``, before
+  any final norm. transformers ``hidden_states[i + 1]`` for ``i < n - 1``; for the last layer
+  transformers returns the post-norm value instead, so the recorder reads it with a hook.
+  In vLLM a decoder layer returns ``(hidden_states, residual)`` and the residual stream is
+  their sum.
+- ``final_norm``: the output of the model's final norm (what the LM head sees). transformers
+  ``hidden_states[n]``.
+
+The same strings name HDF5 datasets, probe feature specs, Optuna parameters and the
+runner's hooks.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import StepprobeError
+
+EMBED = "embed"
+FINAL_NORM = "final_norm"
+_LAYER_RE = re.compile(r"^layer_(\d+)$")
+
+
+def layer_name(index: int) -> str:
+    """Name of the residual stream after decoder layer ``index`` (0-based)."""
+    return f"layer_{index:02d}"
+
+
+def all_sites(num_layers: int) -> list[str]:
+    """Every recorded site in model order: embed, layer_00.., final_norm."""
+    return [EMBED, *(layer_name(i) for i in range(num_layers)), FINAL_NORM]
+
+
+def layer_index(name: str) -> int | None:
+    """Decoder-layer index of a ``layer_XX`` site; ``None`` for embed and final_norm."""
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def site_depth(name: str, num_layers: int) -> int:
+    """Position of a site in model order (embed 0, layer_i i+1, final_norm n+1); for plots."""
+    if name == EMBED:
+        return 0
+    if name == FINAL_NORM:
+        return num_layers + 1
+    idx = layer_index(name)
+    if idx is None or idx >= num_layers:
+        raise StepprobeError(f"unknown site {name!r}; sites are {EMBED}, layer_00..{layer_name(num_layers - 1)}, {FINAL_NORM}")
+    return idx + 1
+
+
+def parse_sites(spec: str | list[str], num_layers: int) -> list[str]:
+    """Parse a user's site list: names, indices, ranges like ``10-20``, ``all``, ``layers``."""
+    items = spec if isinstance(spec, list) else [s.strip() for s in spec.split(",") if s.strip()]
+    out: list[str] = []
+    for item in items:
+        item = str(item)
+        if item == "all":
+            out.extend(all_sites(num_layers))
+        elif item == "layers":
+            out.extend(layer_name(i) for i in range(num_layers))
+        elif re.fullmatch(r"-?\d+", item):
+            i = int(item) % num_layers if int(item) < 0 else int(item)
+            out.append(layer_name(i))
+        elif re.fullmatch(r"\d+-\d+", item):
+            a, b = map(int, item.split("-"))
+            out.extend(layer_name(i) for i in range(a, b + 1))
+        else:
+            out.append(item)
+    for name in out:
+        site_depth(name, num_layers)  # validates
+    return list(dict.fromkeys(out))

