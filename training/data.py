@@ -1,0 +1,245 @@
+"""Training data: splits by problem, in-memory features, and the LightningDataModule.
+
+Splits are by **problem**: every step of every trace of a problem lands in the same split
+(train / validation / test), so no question is seen in two splits (the STEP paper's
+step-level split leaks). The split is a seeded permutation of the sorted problem ids; its
+seed, fractions and the ids of each split are recorded in every run directory.
+
+Features are read through :class:`stepprobe.data_collection.hdf5.HiddenStates`, one whole
+site at a time, and kept in memory (:class:`FeatureCache`), so a sweep or a study reads
+each site from the file once, never per epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+from stepprobe.errors import StepprobeError
+from stepprobe.probes.features import FeatureSpec
+
+from .metrics import TEST, TRAIN, VAL
+
+log = logging.getLogger(__name__)
+
+SPLITS = (TRAIN, VAL, TEST)
+
+
+def open_hidden_states(path: str):
+    """Open and validate an HDF5 file written by ``stepprobe record``."""
+    from pathlib import Path
+
+    from stepprobe.data_collection.hdf5 import HiddenStates
+
+    if not Path(path).is_file():
+        raise StepprobeError(f"hidden-state file not found: {path}")
+    hs = HiddenStates(path)
+    hs.validate()
+    return hs
+
+
+def row_problem_ids(hs) -> np.ndarray:
+    """The problem id (string) of every step row."""
+    prob = np.asarray(hs.steps["problem"])
+    ids = np.asarray(hs.problems["problem_id"]).astype(str) if "problem_id" in hs.problems else None
+    if ids is not None and np.issubdtype(prob.dtype, np.integer) and (prob.size == 0 or (prob.min() >= 0 and prob.max() < len(ids))):
+        return ids[prob]
+    return prob.astype(str)
+
+
+def data_fingerprint(hs) -> dict[str, Any]:
+    """What identifies the data a probe was trained on (stored with every artifact)."""
+    header = dict(hs.header)
+    return {
+        "path": str(getattr(hs, "path", "")),
+        "kind": header.get("kind"),
+        "schema_version": header.get("schema_version"),
+        "model": dict(hs.model),
+        "boundary_rule": dict(hs.boundary_rule),
+        "num_steps": int(hs.num_steps),
+        "num_traces": int(hs.num_traces),
+        "hidden_size": int(hs.hidden_size),
+        "num_layers": int(hs.num_layers),
+    }
+
+
+def split_problems(problem_ids: Sequence[str], *, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                   seed: int = 0) -> dict[str, list[str]]:
+    """Seeded split of the distinct problem ids into train / val / test (each non-empty)."""
+    uniq = sorted(set(map(str, problem_ids)))
+    n = len(uniq)
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise StepprobeError(f"split fractions must be in (0, 1) and sum below 1 (val {val_fraction}, test {test_fraction})")
+    if n < 3:
+        raise StepprobeError(f"need at least 3 problems to split by problem, the data has {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    n_test = max(1, int(round(test_fraction * n)))
+    if n_val + n_test >= n:
+        n_val, n_test = 1, 1
+    shuffled = [uniq[i] for i in perm]
+    return {TEST: sorted(shuffled[:n_test]), VAL: sorted(shuffled[n_test:n_test + n_val]),
+            TRAIN: sorted(shuffled[n_test + n_val:])}
+
+
+@dataclasses.dataclass
+class SplitRows:
+    """Row indices (into the file's step rows) of each split, and how they were chosen."""
+
+    rows: dict[str, np.ndarray]
+    problems: dict[str, list[str]]
+    info: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.info, "problems": self.problems,
+                "num_steps": {k: int(len(v)) for k, v in self.rows.items()}}
+
+
+def make_split(hs, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+               max_steps_per_trace: int = 0, subsample_seed: int = 0) -> SplitRows:
+    """Split rows by problem; optionally keep at most ``max_steps_per_trace`` random steps per
+    training trace (validation and test always keep every step)."""
+    pid = row_problem_ids(hs)
+    problems = split_problems(pid, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    rows = {s: np.flatnonzero(np.isin(pid, problems[s])) for s in SPLITS}
+    if max_steps_per_trace and max_steps_per_trace > 0:
+        tr = rows[TRAIN]
+        trace = np.asarray(hs.steps["trace"])[tr]
+        rng = np.random.default_rng(subsample_seed)
+        keep = np.zeros(len(tr), dtype=bool)
+        order = np.argsort(trace, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, trace[order][1:] != trace[order][:-1], True])
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            idx = order[a:b]
+            keep[idx if len(idx) <= max_steps_per_trace else rng.choice(idx, max_steps_per_trace, replace=False)] = True
+        rows[TRAIN] = tr[keep]
+    for s in SPLITS:
+        if len(rows[s]) == 0:
+            raise StepprobeError(f"the {s} split has no steps (problems: {problems[s][:5]}...)")
+    info = {"by": "problem", "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+            "max_steps_per_trace": max_steps_per_trace, "subsample_seed": subsample_seed}
+    return SplitRows(rows, problems, info)
+
+
+class FeatureCache:
+    """Whole sites of one file in memory (float32 [num_steps, hidden]), least recently used out.
+
+    Each site is read once; ``max_bytes`` bounds the memory (a tune over many layers keeps
+    the most recent ones).
+    """
+
+    def __init__(self, hs, max_bytes: int = 4 << 30):
+        self.hs = hs
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.reads = 0
+
+    def site(self, name: str) -> np.ndarray:
+        if name in self._data:
+            self._data.move_to_end(name)
+            return self._data[name]
+        if name not in self.hs.sites:
+            raise StepprobeError(f"site {name!r} is not in {getattr(self.hs, 'path', 'the file')}; it has {', '.join(self.hs.sites)}")
+        arr = np.ascontiguousarray(self.hs.features(name), dtype=np.float32)
+        self.reads += 1
+        self._data[name] = arr
+        while len(self._data) > 1 and sum(a.nbytes for a in self._data.values()) > self.max_bytes:
+            self._data.popitem(last=False)
+        return arr
+
+    def stack(self, sites: Sequence[str], rows: np.ndarray) -> np.ndarray:
+        """``float32 [len(rows), len(sites), hidden]``."""
+        return np.stack([self.site(s)[rows] for s in sites], axis=1)
+
+
+@dataclasses.dataclass
+class SplitArrays:
+    """One split in memory: features and the per-row metadata metrics need."""
+
+    x: np.ndarray  # [n, S, H] float32
+    y: np.ndarray  # [n] int64 (1 = the trace ends correct)
+    trace: np.ndarray
+    problem: np.ndarray
+    step: np.ndarray
+    rel_position: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def split_arrays(hs, cache: FeatureCache, sites: Sequence[str], rows: np.ndarray) -> SplitArrays:
+    steps = hs.steps
+    pid = row_problem_ids(hs)
+    return SplitArrays(
+        x=cache.stack(sites, rows),
+        y=np.asarray(steps["label"])[rows].astype(np.int64),
+        trace=np.asarray(steps["trace"])[rows],
+        problem=pid[rows],
+        step=np.asarray(steps["step"])[rows],
+        rel_position=np.asarray(steps["rel_position"], dtype=np.float64)[rows],
+        rows=rows,
+    )
+
+
+class ProbeDataModule(L.LightningDataModule):
+    """Train / val / test tensors for one feature spec, built over a :class:`HiddenStates`.
+
+    ``imbalance="sampler"`` draws training batches with class-balanced weights; otherwise
+    batches are shuffled uniformly (``pos_weight`` is handled by the loss).
+    """
+
+    def __init__(self, hs, spec: FeatureSpec, split: SplitRows, *, cache: FeatureCache | None = None,
+                 batch_size: int = 256, imbalance: str = "pos_weight", seed: int = 0, include_test: bool = True):
+        super().__init__()
+        self.hs = hs
+        self.spec = spec
+        self.split = split
+        self.cache = cache or FeatureCache(hs)
+        self.batch_size = int(batch_size)
+        self.imbalance = imbalance
+        self.seed = seed
+        self.include_test = include_test
+        self.arrays: dict[str, SplitArrays] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.arrays:
+            return
+        for s in SPLITS:
+            if s == TEST and not self.include_test:
+                continue
+            self.arrays[s] = split_arrays(self.hs, self.cache, self.spec.sites, self.split.rows[s])
+
+    def class_counts(self) -> tuple[int, int]:
+        y = self.arrays[TRAIN].y
+        return int((y == 0).sum()), int((y == 1).sum())
+
+    def _dataset(self, s: str) -> TensorDataset:
+        a = self.arrays[s]
+        return TensorDataset(torch.from_numpy(a.x), torch.from_numpy(a.y).float())
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._dataset(TRAIN)
+        g = torch.Generator().manual_seed(self.seed)
+        if self.imbalance == "sampler":
+            y = self.arrays[TRAIN].y
+            n_neg, n_pos = self.class_counts()
+            w = np.where(y == 1, 0.5 / max(n_pos, 1), 0.5 / max(n_neg, 1))
+            sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(y), replacement=True, generator=g)
+            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, generator=g)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._dataset(VAL), batch_size=4096, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if TEST not in self.arrays:
+            raise StepprobeError("the test split is not loaded here (tuning never sees it)")
+        return DataLoader(self._dataset(TEST), batch_size=4096, shuffle=False)
