@@ -1,0 +1,329 @@
+"""Optuna study over site(s), feature combination, architecture and training settings.
+
+The objective only turns a trial into a `stepprobe train` config and calls the same
+training function; it maximizes a **validation** metric, by default val_early50_auroc
+(step-level AUROC on steps in the first half of each trace: pruning decisions are made
+early, so that is where a probe must separate good from bad traces). The test split is
+never loaded. Bad trials are stopped by Optuna's PyTorchLightningPruningCallback
+(median pruner on the same metric, one report per epoch).
+
+The study lives in storage: a SQLite file in the output directory by default, or any
+database URL Optuna accepts (`--storage postgresql://...`) so that several workers on
+several machines share one study. Rerunning the same command resumes the study
+(load_if_exists) until `--n-trials` trials have finished (complete or pruned); trials
+left RUNNING by a killed worker are marked failed by Optuna's heartbeat after
+`--grace-period` seconds. The study records its data fingerprint and search space and
+refuses to resume against other data.
+
+Output directory: tune.json (kind "stepprobe-tune"), study.db, trials.csv, best.json
+(best trial, its params and train config), history.png, importance.png.
+Search space: site in --sites; combine in --combines (mean/concat/mixture take a window
+of 2..--max-window consecutive sites); arch in --archs (mixture iff combine=mixture);
+width, depth, dropout where the architecture has them; lr, weight_decay (log scale);
+imbalance in --imbalances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from stepprobe.config import StageConfig, option
+from stepprobe.errors import ArtifactMismatch, StepprobeError
+from stepprobe.io import atomic_write_json, read_json
+from stepprobe.layers import parse_sites
+from stepprobe.probes.registry import COMBINES, known_probes
+from stepprobe.provenance import package_versions
+
+from . import metrics as M
+from .data import FeatureCache, data_fingerprint, make_split, open_hidden_states
+from .train import IMBALANCE
+from .train import Config as TrainConfig
+from .train import train_probe
+
+log = logging.getLogger(__name__)
+
+TUNE_KIND = "stepprobe-tune"
+TUNE_SCHEMA_VERSION = 1
+STUDY_ATTR = "stepprobe"
+WIDTHS = (32, 64, 128, 256, 512)
+# Config fields that may change between resumptions without changing the study.
+_VOLATILE = {"out", "n_trials", "timeout", "progress", "plots", "storage", "stepprobe_version", "cache_gb",
+             "heartbeat_interval", "grace_period"}
+
+
+@dataclasses.dataclass
+class Config(StageConfig):
+    """Optuna study."""
+
+    SECTION = "tune"
+
+    data: str = option("", "HDF5 file written by `stepprobe record`")
+    out: str = option("", "study directory (default: <STEPPROBE_HOME>/runs/tune-<time>)")
+    storage: str = option("", "Optuna storage URL (default: sqlite:///<out>/study.db)")
+    study_name: str = option("stepprobe", "study name in the storage")
+    n_trials: int = option(30, "finished trials (complete + pruned) the study should reach")
+    timeout: float = option(0.0, "stop starting new trials after this many seconds (0: no limit)")
+    objective: str = option(M.DEFAULT_TUNE_OBJECTIVE, "validation metric to maximize (also early stopping and pruning)")
+    sites: str = option("layers", "candidate sites: layers, all, 10-29, layer_12,layer_20, ...")
+    combines: str = option("single", "candidate feature combinations: " + ",".join(COMBINES))
+    max_window: int = option(4, "most consecutive sites a mean/concat/mixture trial reads")
+    archs: str = option("linear,mlp,deep_mlp", "candidate architectures (mixture is used when combine=mixture)")
+    imbalances: str = option("pos_weight,none", "candidate imbalance handlings: " + ",".join(IMBALANCE))
+    lr_min: float = option(1e-4, "learning-rate range (log scale)")
+    lr_max: float = option(1e-2, "")
+    max_epochs: int = option(25, "maximum epochs per trial")
+    patience: int = option(4, "early-stopping patience per trial")
+    batch_size: int = option(512, "batch size")
+    val_fraction: float = option(0.15, "fraction of problems in validation")
+    test_fraction: float = option(0.15, "fraction of problems in test (never seen while tuning)")
+    split_seed: int = option(0, "seed of the problem split")
+    seed: int = option(0, "seed of the sampler and of training")
+    max_steps_per_trace: int = option(0, "subsample training steps per trace (0: all)")
+    pruner_startup_trials: int = option(5, "trials before the median pruner starts pruning")
+    pruner_warmup_epochs: int = option(3, "epochs of each trial before it may be pruned")
+    heartbeat_interval: int = option(30, "seconds between trial heartbeats (stale-trial detection)")
+    grace_period: int = option(120, "a RUNNING trial without heartbeat this long is marked failed")
+    cache_gb: float = option(4.0, "memory for sites kept in RAM across trials (GiB)")
+    plots: bool = option(True, "write history.png and importance.png")
+    progress: bool = option(True, "progress bar over trials")
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+def _stable(cfg: Config) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE}
+
+
+def storage_url(cfg: Config, out: Path) -> str:
+    return cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def make_storage(url: str, cfg: Config):
+    import optuna
+
+    if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
+        return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat_interval,
+                                          grace_period=cfg.grace_period)
+    return url
+
+
+def trial_config(trial, cfg: Config, candidates: list[str]) -> TrainConfig:
+    """Translate a trial into a training config (the only thing the objective adds)."""
+    combines = _csv(cfg.combines)
+    combine = trial.suggest_categorical("combine", combines) if len(combines) > 1 else combines[0]
+    site = trial.suggest_categorical("site", candidates)
+    sites = [site]
+    if combine != "single":
+        window = trial.suggest_int("window", 2, max(2, min(cfg.max_window, len(candidates))))
+        i = candidates.index(site)
+        start = max(0, min(i, len(candidates) - window))
+        sites = candidates[start:start + window]
+    if combine == "mixture":
+        arch = "mixture"
+    else:
+        archs = [a for a in _csv(cfg.archs) if a != "mixture"]
+        arch = trial.suggest_categorical("arch", archs) if len(archs) > 1 else archs[0]
+    params: dict[str, Any] = {}
+    if arch in ("mlp", "deep_mlp", "mixture"):
+        params["width"] = trial.suggest_categorical("width", list(WIDTHS))
+    if arch == "deep_mlp":
+        params["depth"] = trial.suggest_int("depth", 1, 3)
+    if arch in ("deep_mlp", "mixture"):
+        params["dropout"] = trial.suggest_float("dropout", 0.0, 0.5)
+    lr = trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True)
+    wd = trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True)
+    imbalances = _csv(cfg.imbalances)
+    imbalance = trial.suggest_categorical("imbalance", imbalances) if len(imbalances) > 1 else imbalances[0]
+    return TrainConfig(data=cfg.data, sites=",".join(sites), combine=combine, arch=arch, params=params, lr=lr,
+                       weight_decay=wd, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience,
+                       monitor=cfg.objective, imbalance=imbalance, val_fraction=cfg.val_fraction,
+                       test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, seed=cfg.seed,
+                       max_steps_per_trace=cfg.max_steps_per_trace, reference=False, plots=False, progress=False)
+
+
+def _check_space(cfg: Config) -> None:
+    for c in _csv(cfg.combines):
+        if c not in COMBINES:
+            raise StepprobeError(f"unknown combine {c!r}; known: {', '.join(COMBINES)}")
+    for a in _csv(cfg.archs):
+        if a not in known_probes():
+            raise StepprobeError(f"unknown probe architecture {a!r}; known: {', '.join(known_probes())}")
+    if not [a for a in _csv(cfg.archs) if a != "mixture"] and _csv(cfg.combines) != ["mixture"]:
+        raise StepprobeError("--archs needs an architecture other than mixture unless --combines is mixture")
+    for i in _csv(cfg.imbalances):
+        if i not in IMBALANCE:
+            raise StepprobeError(f"unknown imbalance handling {i!r}; known: {', '.join(IMBALANCE)}")
+    if M.mode_of(cfg.objective) != "max" or not cfg.objective.startswith(M.VAL + "_"):
+        raise StepprobeError(f"the objective must be a validation metric to maximize (val_auroc, val_early50_auroc, "
+                             f"...), got {cfg.objective!r}")
+
+
+def load_study(cfg: Config, out: Path, fingerprint: dict[str, Any], create: bool = True):
+    import optuna
+
+    url = storage_url(cfg, out)
+    storage = make_storage(url, cfg)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                         n_warmup_steps=cfg.pruner_warmup_epochs)
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="maximize", sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    meta = {"kind": TUNE_KIND, "schema_version": TUNE_SCHEMA_VERSION, "objective": cfg.objective,
+            "space": _stable(cfg), "model": fingerprint["model"], "num_steps": fingerprint["num_steps"],
+            "hidden_size": fingerprint["hidden_size"]}
+    prev = study.user_attrs.get(STUDY_ATTR)
+    if prev is None:
+        study.set_user_attr(STUDY_ATTR, meta)
+    else:
+        for k in ("kind", "schema_version", "objective", "model", "num_steps", "hidden_size", "space"):
+            if prev.get(k) != meta[k]:
+                raise ArtifactMismatch(f"study {cfg.study_name!r} in {url} was made with another {k} "
+                                       f"({_short(prev.get(k))} vs {_short(meta[k])}); use another --study-name or --out")
+    return study, url
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return s if len(s) < 80 else s[:77] + "..."
+
+
+def finished(study) -> int:
+    import optuna
+
+    return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
+
+
+def run(cfg: Config) -> Path:
+    import optuna
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from .train import prepare_out_dir
+
+    if not cfg.data:
+        raise StepprobeError("--data (an HDF5 file from `stepprobe record`) is required")
+    _check_space(cfg)
+    hs = open_hidden_states(cfg.data)
+    candidates = [s for s in parse_sites(cfg.sites, hs.num_layers)]
+    missing = [s for s in candidates if s not in hs.sites]
+    if missing:
+        raise StepprobeError(f"{cfg.data} has no features for {', '.join(missing)}")
+    fingerprint = data_fingerprint(hs)
+    if cfg.out and (Path(cfg.out) / "tune.json").is_file():
+        out = Path(cfg.out)
+        prev = read_json(out / "tune.json")
+        if prev.get("kind") != TUNE_KIND or prev.get("schema_version") != TUNE_SCHEMA_VERSION:
+            raise ArtifactMismatch(f"{out}/tune.json is not a study of this stepprobe version")
+    else:
+        out = prepare_out_dir(cfg.out, "tune", False, "tune.json")
+    study, url = load_study(cfg, out, fingerprint)
+    split = make_split(hs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
+                       max_steps_per_trace=cfg.max_steps_per_trace, subsample_seed=cfg.seed)
+    doc = {"kind": TUNE_KIND, "schema_version": TUNE_SCHEMA_VERSION, "config": cfg.to_dict(), "storage": url,
+           "study_name": cfg.study_name, "objective": cfg.objective, "data": fingerprint,
+           "split": {**split.info, "problems": {k: v for k, v in split.problems.items() if k != M.TEST},
+                     "num_test_problems": len(split.problems[M.TEST])},
+           "package_versions": package_versions()}
+    atomic_write_json(out / "tune.json", doc)
+    cache = FeatureCache(hs, max_bytes=int(cfg.cache_gb * (1 << 30)))
+
+    def objective(trial) -> float:
+        tcfg = trial_config(trial, cfg, candidates)
+        trial.set_user_attr("train_config", tcfg.to_dict())
+        t0 = time.perf_counter()
+        result = train_probe(tcfg, hs, cache=cache, split=split, evaluate_test=False,
+                             callbacks=[PyTorchLightningPruningCallback(trial, monitor=cfg.objective)])
+        val = M.clean(result.metrics[M.VAL])
+        trial.set_user_attr("val_metrics", val)
+        trial.set_user_attr("threshold", result.threshold)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        _, metric = M.split_of(cfg.objective)
+        value = result.metrics[M.VAL][metric]
+        if value != value:  # nan: one class only in the early steps of validation
+            raise StepprobeError(f"{cfg.objective} is undefined on this validation split; choose another --objective")
+        return float(value)
+
+    done = finished(study)
+    remaining = max(0, cfg.n_trials - done)
+    log.info("study %r in %s: %d finished trials, running up to %d more (objective %s)", cfg.study_name, url, done,
+             remaining, cfg.objective)
+    if remaining:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        cb = optuna.study.MaxTrialsCallback(cfg.n_trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                                   optuna.trial.TrialState.PRUNED))
+        study.optimize(objective, n_trials=remaining, timeout=cfg.timeout or None, callbacks=[cb, _log_trial],
+                       gc_after_trial=False, show_progress_bar=cfg.progress)
+    write_outputs(study, out, cfg)
+    return out
+
+
+def _log_trial(study, trial) -> None:
+    log.info("trial %d %s: %s %s", trial.number, trial.state.name,
+             f"{trial.value:.4f}" if trial.value is not None else "-", trial.params)
+
+
+def write_outputs(study, out: Path, cfg: Config) -> None:
+    import optuna
+
+    write_trials_csv(study, out / "trials.csv")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        log.warning("no complete trial yet")
+        return
+    best = study.best_trial
+    atomic_write_json(out / "best.json", {
+        "kind": "stepprobe-tune-best", "schema_version": TUNE_SCHEMA_VERSION, "objective": cfg.objective,
+        "trial": best.number, "value": best.value, "params": best.params,
+        "train_config": best.user_attrs.get("train_config"), "val_metrics": best.user_attrs.get("val_metrics"),
+        "finished_trials": finished(study), "complete_trials": len(complete),
+        "pruned_trials": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)})
+    log.info("best trial %d: %s = %.4f, params %s", best.number, cfg.objective, best.value, best.params)
+    if cfg.plots:
+        plot_study(study, out)
+
+
+def write_trials_csv(study, path: Path) -> None:
+    """One row per trial: number, state, value, seconds, params, best epoch (no pandas needed)."""
+    import csv
+    import io
+
+    from stepprobe.io import atomic_write_text
+
+    names = sorted({k for t in study.trials for k in t.params})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["number", "state", "value", "seconds", "best_epoch", *names])
+    for t in study.trials:
+        w.writerow([t.number, t.state.name, "" if t.value is None else f"{t.value:.6f}",
+                    f"{t.user_attrs.get('seconds', float('nan')):.2f}", t.user_attrs.get("best_epoch", ""),
+                    *[t.params.get(k, "") for k in names]])
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_study(study, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for name, fn in (("history.png", ovm.plot_optimization_history), ("importance.png", ovm.plot_param_importances)):
+        try:
+            ax = fn(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+        except Exception as exc:  # importance needs >= 2 complete trials with varying params
+            log.warning("could not plot %s: %s", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
