@@ -1,0 +1,425 @@
+"""Record step-boundary hidden states of every layer into HDF5.
+
+Reads the traces of ``stepprobe collect`` (or the STEP paper's trace JSONL), finds the step
+boundaries in each trace's *generated* tokens with the boundary rule (default: the token
+that completes a "\\n\\n"), runs one teacher-forced transformers forward pass over
+prompt + generated tokens (batched; GPU when there is one) and stores, for every boundary,
+the hidden state at every site: ``embed``, ``layer_00``.. (residual stream after each
+decoder layer) and ``final_norm``. The file's schema is in docs/hdf5_schema.md.
+
+Before writing, the stage counts the boundaries and logs the bytes it will write. It
+refuses to replace a finished file with different settings unless ``--overwrite``. A
+killed run leaves a readable file with every problem committed so far; the same command
+resumes it. ``--shard i/k`` records every k-th problem (offset i) into its own file;
+``--merge a.h5,b.h5 --output all.h5`` joins shard files into one.
+
+Examples::
+
+    stepprobe record --traces runs/x/traces.jsonl --output runs/x/hidden.h5
+    stepprobe record --traces traces.jsonl --output hs.h5 --shard 0/2   # -> hs.shard-0-of-2.h5
+    stepprobe record --merge hs.shard-0-of-2.h5,hs.shard-1-of-2.h5 --output hs.h5
+    stepprobe record --traces step_paper.jsonl --input-format step --model /path/to/model
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..boundaries import DEFAULT_DELIMITER, BoundaryDetector, BoundaryRule
+from ..config import StageConfig, option
+from ..errors import ArtifactMismatch, StepprobeError
+from ..layers import FINAL_NORM, EMBED, all_sites, layer_name
+from ..models import model_display_name, resolve_model
+from ..provenance import check_model_identity, model_identity
+from . import hdf5
+from .traces import ProblemTraces, read_traces
+
+log = logging.getLogger(__name__)
+
+INPUT_FORMATS = ("auto", "stepprobe", "step")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class Config(StageConfig):
+    SECTION = "record"
+
+    traces: str | None = option(None, "traces file from `stepprobe collect` (or a STEP-paper JSONL)")
+    output: str | None = option(None, "HDF5 file to write (default: hidden_states.h5 next to the traces)")
+    model: str | None = option(None, "model name or path (default: the model named in the traces header)")
+    input_format: str = option("auto", "auto | stepprobe (collect's traces) | step (STEP paper JSONL)")
+    dtype: str = option("auto", "compute dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    storage_dtype: str = option("float16", "dtype stored in HDF5: float16 | float32")
+    compression: str | None = option(None, "HDF5 compression: none | gzip | gzip:LEVEL | lzf")
+    batch_size: int = option(8, "traces per forward pass")
+    max_batch_tokens: int = option(32768, "upper bound on batch_size x padded length per forward pass")
+    delimiter: str = option(DEFAULT_DELIMITER, "step delimiter; escapes like \\n are decoded (default: a blank line)")
+    shard: str | None = option(None, "i/k: record only problems with index % k == i, into <output>.shard-i-of-k.h5")
+    merge: list[str] = option(factory=list, help="instead of recording, merge these HDF5 files into --output")
+    overwrite: bool = option(False, "replace an existing output file instead of resuming it")
+    consolidate: bool = option(True, "at the end, turn the block files into one self-contained HDF5 file")
+    commit_interval_s: float = option(30.0, "commit finished problems to disk at least this often (seconds)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    system_prompt: str | None = option(None, "STEP format only: system prompt for the rebuilt chat prompt")
+
+
+# -- hidden-state extraction -----------------------------------------------------------------
+
+def _find_attr(obj: Any, names: Sequence[str]) -> Any:
+    for dotted in names:
+        cur = obj
+        for part in dotted.split("."):
+            cur = getattr(cur, part, None)
+            if cur is None:
+                break
+        if cur is not None:
+            return cur
+    return None
+
+
+class SiteExtractor:
+    """Teacher-forced forward pass that returns every site's hidden state at chosen positions.
+
+    Sites are read with hooks, so they follow :mod:`stepprobe.layers` exactly: ``embed``
+    is the input of decoder layer 0, ``layer_i`` the output of decoder layer ``i``
+    (residual stream, before any final norm) and ``final_norm`` the final norm's output.
+    Only the base model runs (no LM head), and only the requested positions leave the hook.
+    """
+
+    def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto"):
+        import torch
+        from transformers import AutoModel
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        if dtype not in COMPUTE_DTYPES:
+            raise StepprobeError(f"compute dtype {dtype!r} not supported; use one of {', '.join(COMPUTE_DTYPES)}")
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype_name = dtype
+        self.model = AutoModel.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        base = self.model
+        layers = _find_attr(base, ["layers", "model.layers", "decoder.layers", "h", "transformer.h"])
+        norm = _find_attr(base, ["norm", "model.norm", "final_layernorm", "decoder.final_layer_norm", "ln_f"])
+        if layers is None or norm is None:
+            raise StepprobeError(f"cannot find the decoder layers and final norm of {type(base).__name__}")
+        self.num_layers = len(layers)
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.sites = all_sites(self.num_layers)
+        self._index: tuple[Any, Any] | None = None
+        self._out: dict[str, Any] = {}
+        self._handles = [layers[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        for i, layer in enumerate(layers):
+            self._handles.append(layer.register_forward_hook(self._make_hook(layer_name(i))))
+        self._handles.append(norm.register_forward_hook(self._make_hook(FINAL_NORM)))
+
+    def _take(self, site: str, h: Any) -> None:
+        if self._index is None:
+            return
+        if isinstance(h, (tuple, list)):
+            h = h[0]
+        b, p = self._index
+        self._out[site] = h[b, p].float()
+
+    def _pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self._take(EMBED, args[0] if args else kwargs["hidden_states"])
+
+    def _make_hook(self, site: str):
+        def hook(module: Any, args: Any, output: Any) -> None:
+            self._take(site, output)
+        return hook
+
+    def extract(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+        """For each sequence, ``{site: float32 [len(positions[i]), hidden]}`` at absolute positions.
+
+        Sequences are right-padded and run without an attention mask: with causal
+        attention, padding after a position cannot change it.
+        """
+        import torch
+
+        lengths = [len(s) for s in sequences]
+        T = max(lengths)
+        ids = torch.full((len(sequences), T), int(pad_id), dtype=torch.long)
+        for i, s in enumerate(sequences):
+            ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        b = torch.as_tensor([i for i, ps in enumerate(positions) for _ in ps], dtype=torch.long, device=self.device)
+        p = torch.as_tensor([q for ps in positions for q in ps], dtype=torch.long, device=self.device)
+        if p.numel() and int(p.max()) >= T:
+            raise StepprobeError("a boundary position lies beyond its sequence")
+        self._index, self._out = (b, p), {}
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=ids.to(self.device), use_cache=False)
+            got = {s: self._out[s].cpu().numpy() for s in self.sites}
+        finally:
+            self._index, self._out = None, {}
+        result, lo = [], 0
+        for ps in positions:
+            result.append({s: got[s][lo:lo + len(ps)] for s in self.sites})
+            lo += len(ps)
+        return result
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    try:
+        i, k = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise StepprobeError(f"shard {spec!r}: expected i/k, e.g. 0/4") from None
+    if k < 1 or not 0 <= i < k:
+        raise StepprobeError(f"shard {spec!r}: need 0 <= i < k")
+    return i, k
+
+
+def shard_output(output: Path, shard: tuple[int, int] | None) -> Path:
+    if shard is None:
+        return output
+    i, k = shard
+    return output.with_name(f"{output.stem}.shard-{i}-of-{k}{output.suffix or '.h5'}")
+
+
+def decode_delimiter(text: str) -> str:
+    """``"\\n\\n"`` typed on a command line -> two newlines."""
+    if "\\" in text:
+        try:
+            return codecs.decode(text, "unicode_escape")
+        except UnicodeDecodeError:
+            raise StepprobeError(f"delimiter {text!r}: bad escape sequence") from None
+    return text
+
+
+def detect_format(path: Path) -> str:
+    if not path.is_file():
+        raise StepprobeError(f"traces file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        first = fh.readline()
+    try:
+        rec = json.loads(first)
+    except json.JSONDecodeError:
+        raise StepprobeError(f"{path}: first line is not JSON; expected collect's traces or STEP-paper JSONL") from None
+    if isinstance(rec, dict) and rec.get("kind") == "stepprobe-traces":
+        return "stepprobe"
+    from .step_format import looks_like_step
+
+    if looks_like_step(rec):
+        return "step"
+    raise StepprobeError(f"{path}: neither collect's traces (kind stepprobe-traces) nor STEP-paper JSONL "
+                         "(question/response lines)")
+
+
+class _Source:
+    """The input traces, opened the same way for the counting pass and the recording pass."""
+
+    def __init__(self, path: Path, fmt: str, tokenizer: Any, model: dict[str, Any], system_prompt: str | None):
+        self.path, self.fmt, self.tokenizer, self.model, self.system_prompt = path, fmt, tokenizer, model, system_prompt
+        self.header, _ = self.open()
+
+    def open(self) -> tuple[dict[str, Any], Iterator[ProblemTraces]]:
+        if self.fmt == "step":
+            from .step_format import read_step_jsonl
+
+            return read_step_jsonl(self.path, self.tokenizer, self.model, system_prompt=self.system_prompt)
+        return read_traces(self.path)
+
+    def problems(self, shard: tuple[int, int] | None) -> Iterator[ProblemTraces]:
+        _, probs = self.open()
+        for idx, prob in enumerate(probs):
+            if shard is None or idx % shard[1] == shard[0]:
+                yield prob
+
+
+# -- the stage -----------------------------------------------------------------------------
+
+def _default_output(traces: Path) -> Path:
+    return traces.with_name("hidden_states.h5")
+
+
+def run(config: Config) -> Path:
+    if config.merge:
+        if not config.output:
+            raise StepprobeError("--merge needs --output")
+        return hdf5.merge(config.merge, config.output, overwrite=config.overwrite)
+    if not config.traces:
+        raise StepprobeError("--traces is required (or --merge to join shard files)")
+    t_start = time.monotonic()
+    traces_path = Path(config.traces)
+    fmt = config.input_format if config.input_format != "auto" else detect_format(traces_path)
+    if fmt not in INPUT_FORMATS[1:]:
+        raise StepprobeError(f"input format {fmt!r}: use one of {', '.join(INPUT_FORMATS)}")
+    shard = parse_shard(config.shard)
+    output = shard_output(Path(config.output) if config.output else _default_output(traces_path), shard)
+    storage_dtype = hdf5._check_dtype(config.storage_dtype)
+    hdf5.parse_compression(config.compression)
+    if config.batch_size < 1 or config.max_batch_tokens < 1:
+        raise StepprobeError("batch_size and max_batch_tokens must be positive")
+    rule = BoundaryRule(decode_delimiter(config.delimiter))
+
+    # Model: the one the traces were generated with, unless told otherwise.
+    traces_header = read_traces(traces_path)[0] if fmt == "stepprobe" else {}
+    traces_model = traces_header.get("model") or {}
+    model_name = config.model or traces_model.get("name")
+    model_path = resolve_model(model_name)
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    identity = model_identity(model_display_name(model_name), AutoConfig.from_pretrained(model_path), tokenizer)
+    if traces_model:
+        check_model_identity(traces_model, identity, f"traces {traces_path}")
+    source = _Source(traces_path, fmt, tokenizer, identity, config.system_prompt)
+    detector = BoundaryDetector.from_tokenizer(rule, tokenizer)
+    boundary_rule = {**rule.to_dict(), "token_ids": detector.boundary_token_ids(), "scope": "generated-tokens"}
+
+    record_cfg = config.to_dict()
+    record_cfg.update({"input_format": fmt, "output": str(output), "model_path": model_path,
+                       "traces": str(traces_path.resolve())})
+    file_config = {"collect": source.header.get("config", {}), "record": record_cfg}
+
+    # Counting pass: boundaries per trace decide the bytes to write.
+    sites_n = identity["num_hidden_layers"] + 2
+    hidden = identity["hidden_size"]
+    n_problems = n_traces = n_steps = 0
+    for prob in source.problems(shard):
+        n_problems += 1
+        for t in prob.traces:
+            n_traces += 1
+            n_steps += len(detector.find(t.output_token_ids))
+    est = hdf5.estimate_bytes(n_steps, sites_n, hidden, storage_dtype)
+    free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
+    log.info("%s: %d problems, %d traces, %d step boundaries -> about %s of features (%d sites x %d x %s)%s",
+             traces_path, n_problems, n_traces, n_steps, hdf5.human_bytes(est), sites_n, hidden, storage_dtype,
+             f" for shard {shard[0]}/{shard[1]}" if shard else "")
+    if est > free:
+        raise StepprobeError(f"about {hdf5.human_bytes(est)} needed but only {hdf5.human_bytes(free)} free "
+                             f"at {output.parent}")
+
+    if output.exists() and not config.overwrite:
+        old = hdf5.HiddenStates(output)
+        old_rec = (old.header.get("config") or {}).get("record", {})
+        for key in ("dtype", "input_format", "shard", "traces"):
+            if old_rec.get(key) != record_cfg.get(key):
+                raise ArtifactMismatch(f"{output} exists and was recorded with {key}={old_rec.get(key)!r} "
+                                       f"(this run: {record_cfg.get(key)!r}); pass --overwrite or a new --output")
+        if old.complete and old.layout == hdf5.LAYOUT_SINGLE and old.num_problems >= n_problems:
+            have = set(map(str, old.problems["problem_id"]))
+            if all(p.problem_id in have for p in source.problems(shard)):
+                log.info("%s is complete (%d problems, %d steps); nothing to do (pass --overwrite to redo it)",
+                         output, old.num_problems, old.num_steps)
+                old.close()
+                return output
+        old.close()
+
+    extractor = SiteExtractor(model_path, dtype=config.dtype, device=config.device)
+    if extractor.num_layers != identity["num_hidden_layers"] or extractor.hidden_size != hidden:
+        raise ArtifactMismatch(f"model {model_path} has {extractor.num_layers} layers / hidden "
+                               f"{extractor.hidden_size}, its config says {identity['num_hidden_layers']} / {hidden}")
+    record_cfg["compute_dtype"] = extractor.dtype_name
+    record_cfg["device"] = str(extractor.device)
+    writer = hdf5.HiddenStatesWriter(
+        output, sites=extractor.sites, hidden_size=hidden, model=identity, boundary_rule=boundary_rule,
+        config=file_config, dtype=storage_dtype, compression=config.compression, overwrite=config.overwrite,
+        num_layers=extractor.num_layers, commit_interval_s=config.commit_interval_s,
+        extra_attrs={"shard": f"{shard[0]}/{shard[1]}" if shard else None,
+                     "source": {"path": str(traces_path.resolve()), "format": fmt}},
+        match_config_keys=("collect", "record.dtype", "record.input_format", "record.traces", "record.shard"))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    done_before = len(writer.done_problem_ids)
+    t_forward = 0.0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_traces, unit="trace", desc="record", mininterval=1.0)
+    todo: Iterator[ProblemTraces] = source.problems(shard)
+    window = max(config.batch_size * 4, 1)
+    pending: list[ProblemTraces] = []
+    n_pending = 0
+    try:
+        for prob in _chain(todo):
+            if prob is not None:
+                if prob.problem_id in writer.done_problem_ids:
+                    bar.update(len(prob.traces))
+                    continue
+                pending.append(prob)
+                n_pending += len(prob.traces)
+                if n_pending < window:
+                    continue
+            if not pending:
+                continue
+            t0 = time.monotonic()
+            records = _record_window(pending, extractor, detector, config, pad_id)
+            t_forward += time.monotonic() - t0
+            for p, recs in zip(pending, records):
+                writer.add_problem(p.problem_id, p.question, p.gold, recs)
+                bar.update(len(recs))
+            bar.set_postfix(steps=writer.num_steps)
+            pending, n_pending = [], 0
+        bar.close()
+        writer.finish(complete=True, consolidate=config.consolidate)
+    finally:
+        bar.close()
+        writer.close()
+        extractor.close()
+    elapsed = time.monotonic() - t_start
+    size = output.stat().st_size + sum(f.stat().st_size for f in hdf5.parts_dir(output).glob("*.h5")) \
+        if hdf5.parts_dir(output).is_dir() else output.stat().st_size
+    log.info("wrote %s: %d problems (%d new), %d traces, %d steps, %s on disk, %.1f s (forward %.1f s)",
+             output, len(writer.done_problem_ids), len(writer.done_problem_ids) - done_before, writer.num_traces,
+             writer.num_steps, hdf5.human_bytes(size), elapsed, t_forward)
+    return output
+
+
+def _chain(it: Iterator[ProblemTraces]) -> Iterator[ProblemTraces | None]:
+    """The problems, then one ``None`` that flushes the last window."""
+    yield from it
+    yield None
+
+
+def _record_window(problems: list[ProblemTraces], extractor: SiteExtractor, detector: BoundaryDetector,
+                   config: Config, pad_id: int) -> list[list[hdf5.TraceRecord]]:
+    """Forward every trace with boundaries (length-sorted batches); TraceRecords per problem."""
+    jobs = []  # (problem idx, trace idx, full ids, absolute positions)
+    out: list[list[Any]] = []
+    for pi, prob in enumerate(problems):
+        out.append([None] * len(prob.traces))
+        n_prompt = len(prob.prompt_token_ids)
+        for ti, t in enumerate(prob.traces):
+            pos = detector.find(t.output_token_ids)
+            if pos:
+                jobs.append((pi, ti, list(prob.prompt_token_ids) + list(t.output_token_ids),
+                             [n_prompt + p for p in pos]))
+            out[pi][ti] = (t, pos, None)
+    jobs.sort(key=lambda j: len(j[2]))
+    i = 0
+    while i < len(jobs):
+        j = i + 1
+        while (j < len(jobs) and j - i < config.batch_size
+               and (j - i + 1) * len(jobs[j][2]) <= config.max_batch_tokens):
+            j += 1
+        batch = jobs[i:j]
+        feats = extractor.extract([b[2] for b in batch], [b[3] for b in batch], pad_id=pad_id)
+        for (pi, ti, _, _), f in zip(batch, feats):
+            t, pos, _ = out[pi][ti]
+            out[pi][ti] = (t, pos, f)
+        i = j
+    records = []
+    for row in out:
+        recs = []
+        for t, pos, f in row:
+            recs.append(hdf5.TraceRecord(t.sample_index, t.correct, t.num_tokens, t.finish_reason, pos, f or {}))
+        records.append(recs)
+    return records

@@ -1,0 +1,78 @@
+"""Fixtures of the data_collection tests. ``record_*``: recorder (hdf5, record, step_format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Texts of generated parts, tokenized with the default tokenizer. They cover: "\n\n" as
+# one token or as "\n" + "\n", three newlines, a trace without any boundary and one cut
+# at max_tokens in the middle of its text.
+RECORD_TEXTS = [
+    "First, 2 + 3 = 5.\n\nThen 5 + 1 = 6.\n\nThe answer is 6.",
+    "Let me think.\n\n\nWe add.\nStill one step.\n\nThe answer is 4.",
+    "No paragraph break at all, the answer is 7.",
+    "Step 1: write it down.\n\nStep 2: add the",  # cut at max_tokens
+]
+
+
+def record_make_traces(path: Path, model_path: str, *, num_problems: int = 3, texts: list[str] | None = None,
+                       question_prefix: str = "Compute.\n\nWhat is", name: str | None = None) -> Path:
+    """A traces file (collect's format, written with TraceWriter) for ``model_path``'s tokenizer.
+
+    Problem ``i`` has one trace per text; trace ``j`` is labelled correct when ``(i + j)`` is
+    even; the last text is marked ``finish_reason="length"``. The question holds a "\\n\\n",
+    so every prompt has one that must not be counted.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stepprobe.data_collection.traces import ProblemTraces, Trace, TraceWriter, make_header
+    from stepprobe.provenance import model_identity
+
+    texts = texts or RECORD_TEXTS
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ident = model_identity(name or model_path, AutoConfig.from_pretrained(model_path), tok)
+    with TraceWriter(path, make_header({"num_samples": len(texts), "test": True}, ident), overwrite=True) as w:
+        for i in range(num_problems):
+            q = f"{question_prefix} {i} + 1?"
+            prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True)
+            pids = tok(prompt, add_special_tokens=False)["input_ids"]
+            traces = []
+            for j, text in enumerate(texts):
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                traces.append(Trace(sample_index=j, output_token_ids=ids, text=text,
+                                    finish_reason="length" if j == len(texts) - 1 else "stop",
+                                    num_tokens=len(ids), extracted_answer=str(i + 1), correct=(i + j) % 2 == 0))
+            w.write(ProblemTraces(problem_id=f"p{i:03d}", question=q, gold=str(i + 1), prompt_text=prompt,
+                                  prompt_token_ids=pids, traces=traces))
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def record_traces(tmp_path_factory, tiny_model_path) -> Path:
+    """A small traces file for the tiny model (3 problems x 4 traces)."""
+    return record_make_traces(tmp_path_factory.mktemp("record") / "traces.jsonl", tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def record_tokenizer(default_model_path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)
+
+
+@pytest.fixture
+def record_model_identity() -> dict[str, Any]:
+    return {"name": "synthetic", "config_hash": "c0ffee", "vocab_hash": "beef", "hidden_size": 8,
+            "num_hidden_layers": 2, "model_type": "llama"}
+
+
+@pytest.fixture(scope="session")
+def record_detector(record_tokenizer) -> Any:
+    """The default boundary rule over the default tokenizer (building the piece table takes ~1 s)."""
+    from stepprobe.boundaries import BoundaryDetector, BoundaryRule
+
+    return BoundaryDetector.from_tokenizer(BoundaryRule(), record_tokenizer)

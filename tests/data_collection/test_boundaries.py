@@ -1,0 +1,97 @@
+"""Step boundaries: a table of tokenizations, the streaming API, and the real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from stepprobe.boundaries import BoundaryDetector, BoundaryRule
+from stepprobe.errors import StepprobeError
+
+
+def _detector(pieces: list[str], delimiter: str = "\n\n") -> tuple[BoundaryDetector, list[int]]:
+    vocab = sorted(set(pieces))
+    det = BoundaryDetector(BoundaryRule(delimiter), vocab)
+    return det, [vocab.index(p) for p in pieces]
+
+
+# (pieces of the generated part, delimiter, expected boundary positions)
+TABLE = [
+    (["a", "\n\n", "b"], "\n\n", [1]),                        # "\n\n" as one token (Qwen style)
+    (["a", "\n", "\n", "b"], "\n\n", [2]),                    # "\n" + "\n": the second completes it
+    (["First.\n\n", "Then"], "\n\n", [0]),                    # multi-char token containing "\n\n"
+    (["x", ".\n\nY", "z"], "\n\n", [1]),                      # "\n\n" inside a token
+    (["a\n", "\nb"], "\n\n", [1]),                            # split across two multi-char tokens
+    (["a", "\n\n\n", "b"], "\n\n", [1]),                      # three newlines: one step
+    (["\n", "\n", "\n", "\n"], "\n\n", [1, 3]),               # non-overlapping, like str.split
+    (["a", "\n\n", "\n\n", "b"], "\n\n", [1, 2]),
+    (["a", "\n", "b", "\n"], "\n\n", []),                     # single newlines are not steps
+    (["no", " break", " here"], "\n\n", []),                  # a trace with no boundary
+    (["one", "\n\n", "two", "\n"], "\n\n", [1]),              # cut at max_tokens half-way through "\n\n"
+    (["a\n\nb\n\nc"], "\n\n", [0]),                           # two occurrences in one token: one boundary
+    (["Step", " 1", ":", " x", "\n", "Step", " 2", ":"], "Step", [0, 5]),   # another delimiter
+    (["x", "\n", "Step", " 2"], "\nStep", [2]),
+    (["St", "ep 1", " St", "ep"], "Step", [1, 3]),            # delimiter split across tokens
+]
+
+
+@pytest.mark.parametrize("pieces,delimiter,expected", TABLE, ids=[repr("".join(t[0]))[:30] for t in TABLE])
+def test_boundary_table(pieces, delimiter, expected):
+    det, ids = _detector(pieces, delimiter)
+    assert det.find(ids) == expected
+    # The streaming API (what the vLLM runner calls on live tokens) agrees token for token.
+    carry, live = "", []
+    for pos, tid in enumerate(ids):
+        hit, carry = det.step(carry, tid)
+        if hit:
+            live.append(pos)
+    assert live == expected
+
+
+def test_prompt_side_delimiter_is_not_a_step():
+    # The prompt ends with "\n" (chat templates do) and the answer starts with "\n": over
+    # prompt + answer that completes a "\n\n", over the generated part alone it does not.
+    prompt, generated = ["Q", "\n\n", "assistant", "\n"], ["\n", "Sure", "\n\n", "ok"]
+    det, ids = _detector(prompt + generated)
+    assert det.find(ids) == [1, 4, 6]
+    assert det.find(ids[len(prompt):]) == [2]
+
+
+def test_rule_roundtrip_and_bad_rule():
+    rule = BoundaryRule("Step ")
+    assert BoundaryRule.from_dict(rule.to_dict()) == rule
+    assert BoundaryRule.from_dict({}).delimiter == "\n\n"
+    with pytest.raises(StepprobeError):
+        BoundaryRule("")
+
+
+PARAGRAPHS = [
+    "Let me solve this.\n\nFirst, 3 + 4 = 7.\n\nThen 7 * 2 = 14.\n\nThe answer is 14.",
+    "Step 1: read.\n\n\nStep 2: think.\n\nStep 3: answer.\n",
+    "We have x = 2.\n\n- a list item\n- another\n\n**Bold**: done.\n\n",
+    "Okay.\n\nSo, (1/2).\n\n$$x^2$$\n\nAnswer: 4",
+    "one line only",
+]
+
+
+@pytest.mark.parametrize("text", PARAGRAPHS)
+def test_default_tokenizer_counts_every_paragraph_break(record_tokenizer, record_detector, text):
+    """With the real default tokenizer ("\\n\\n" often two tokens) every break is found."""
+    det = record_detector
+    ids = record_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert record_tokenizer.decode(ids) == text
+    found = det.find(ids)
+    assert len(found) == len(text.split("\n\n")) - 1
+    # Each boundary token completes a "\n\n": the text up to it has one more split.
+    for k, pos in enumerate(found, start=1):
+        upto = record_tokenizer.decode(ids[:pos + 1])
+        assert len(upto.split("\n\n")) - 1 == k
+        assert len(record_tokenizer.decode(ids[:pos]).split("\n\n")) - 1 == k - 1
+
+
+def test_default_tokenizer_writes_blank_lines_both_ways(record_tokenizer, record_detector):
+    """The reason the paper's single-token rule is not enough for the default model."""
+    det = record_detector
+    ids = record_tokenizer(" ".join(PARAGRAPHS), add_special_tokens=False)["input_ids"]
+    pieces = [det.pieces[i] for i in det.find(ids)]
+    single_token = [p for p in pieces if "\n\n" in p]
+    assert len(pieces) > len(single_token)
