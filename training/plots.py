@@ -36,11 +36,13 @@ def plot_train_run(out: Path, result: Any) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 5))
     for split in (VAL, TEST):
         p = preds.get(split)
-        if p is None or len(set(p["labels"].tolist())) < 2:
+        if p is None or split not in result.metrics or len(set(p["labels"].tolist())) < 2:
             continue
         fpr, tpr = _roc_curve(p["scores"], p["labels"])
         ax.plot(fpr, tpr, label=f"{split} probe (AUROC {result.metrics[split][AUROC]:.3f})")
         if "reference_scores" in p:
+            if "reference_" + split not in result.metrics:
+                continue
             fpr, tpr = _roc_curve(p["reference_scores"], p["labels"])
             ax.plot(fpr, tpr, "--", label=f"{split} sklearn LR ({result.metrics['reference_' + split][AUROC]:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")

@@ -128,10 +128,12 @@ def quiet_lightning() -> None:
 
 def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_dir: Path | None = None,
                 callbacks: Sequence[Any] = (), evaluate_test: bool = True,
-                split: SplitRows | None = None) -> TrainResult:
+                split: SplitRows | None = None, fixed_epochs: int | None = None) -> TrainResult:
     """The one training function: `train`, `sweep`, `tune` and `export` all call it.
 
-    With ``evaluate_test=False`` (tuning) the test split is never loaded or scored.
+    With ``evaluate_test=False`` (tuning) the test split is never loaded or scored. With
+    ``fixed_epochs`` (a refit on train+validation) there is no early stopping and the
+    weights after the last epoch are kept.
     """
     import lightning.pytorch as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -164,17 +166,19 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
                                save_weights_only=True, enable_version_counter=False)
         stop = EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience)
         logger = CSVLogger(str(out_dir), name="logs", version="") if out_dir else False
-        trainer = L.Trainer(max_epochs=config.max_epochs, accelerator=config.accelerator, devices=1,
-                            callbacks=[stop, ckpt, *callbacks], logger=logger, enable_progress_bar=config.progress,
+        control = [stop, ckpt] if fixed_epochs is None else []
+        trainer = L.Trainer(max_epochs=fixed_epochs or config.max_epochs, accelerator=config.accelerator, devices=1,
+                            callbacks=[*control, *callbacks], logger=logger, enable_progress_bar=config.progress,
+                            enable_checkpointing=fixed_epochs is None,
                             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
                             deterministic=False)
         trainer.fit(module, datamodule=dm)
-        best_path = ckpt.best_model_path
+        best_path = ckpt.best_model_path if fixed_epochs is None else ""
         if best_path:
             state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
         best_score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
-        best_epoch = _epoch_of_best(trainer, stop)
+        best_epoch = _epoch_of_best(trainer, stop) if fixed_epochs is None else fixed_epochs - 1
     probe = module.probe.cpu().eval()
 
     preds: dict[str, dict[str, np.ndarray]] = {}
@@ -238,11 +242,11 @@ def prepare_out_dir(out: str, prefix: str, overwrite: bool, marker: str) -> Path
 
 
 def write_run(out: Path, config: Config, hs, result: TrainResult, *, plots: bool = True,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, scorer_dir: Path | None = None) -> dict[str, Any]:
     """Write the run directory of a finished training (shared by `train` and `export`)."""
     fingerprint = data_fingerprint(hs)
     flat = M.clean(result.flat_metrics())
-    save_scorer(out / "scorer", result.probe, model=hs.model, boundary_rule=hs.boundary_rule, metrics=flat,
+    save_scorer(scorer_dir or out / "scorer", result.probe, model=hs.model, boundary_rule=hs.boundary_rule, metrics=flat,
                 config=config.to_dict(), threshold=result.threshold,
                 provenance={"data": fingerprint, "split": result.split.info, **(extra or {})}, overwrite=True)
     metrics_doc = {"kind": "stepprobe-train-metrics", "schema_version": RUN_SCHEMA_VERSION,
