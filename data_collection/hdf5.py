@@ -523,7 +523,8 @@ class HiddenStatesWriter:
                                  compression=compression)
         self.attrs.update(extra_attrs or {})
         self.attrs["layout"] = LAYOUT_PARTS
-        self._parts: list[tuple[str, int]] = []  # (file name relative to the index's folder, rows)
+        self._parts: list[tuple[str, int, int]] = []  # (file relative to the index's folder, rows, merge level)
+        self._seq = 0
         self._tables = _empty_tables()
         self._buffer: dict[str, list[np.ndarray]] = {s: [] for s in self.sites}
         self._buffered_rows = 0
@@ -562,7 +563,7 @@ class HiddenStatesWriter:
         self.attrs["created"] = old.header.get("created", self.attrs["created"])
         pdir = parts_dir(self.path)
         if old.layout == LAYOUT_PARTS:
-            self._parts = [(p, int(n)) for p, n in old.header.get("extra", {}).get("parts", [])]
+            self._parts = [(p, int(n), int(lvl)) for p, n, lvl in old.header.get("extra", {}).get("parts", [])]
         else:
             # A finished single file: keep it as the first part (a hard link: no copy, and
             # the output path stays valid until the new index replaces it).
@@ -574,9 +575,9 @@ class HiddenStatesWriter:
                 os.link(self.path, base)
             except OSError:
                 shutil.copy2(self.path, base)
-            self._parts = [(f"{pdir.name}/{base.name}", old.num_steps)] if old.num_steps else []
+            self._parts = [(f"{pdir.name}/{base.name}", old.num_steps, 99)] if old.num_steps else []
         old.close()
-        keep = {Path(p).name for p, _ in self._parts}
+        keep = {Path(p[0]).name for p in self._parts}
         if pdir.is_dir():
             for stray in pdir.iterdir():
                 if stray.name not in keep:
@@ -650,31 +651,57 @@ class HiddenStatesWriter:
     # -- committing -----------------------------------------------------------------------
     def commit(self) -> None:
         """Make every problem added so far durable (new part file + atomic index rewrite)."""
+        obsolete: list[Path] = []
         if self._buffered_rows:
-            pdir = parts_dir(self.path)
-            pdir.mkdir(exist_ok=True)
-            seq = len(self._parts)
-            name = f"part-{seq:05d}.h5"
-            while (pdir / name).exists():  # e.g. part-base.h5 precedes; never reuse a name
-                seq += 1
-                name = f"part-{seq:05d}.h5"
-            tmp = pdir / f".{name}.tmp"
-            h5py = _h5py()
-            with h5py.File(tmp, "w") as f:
-                f.attrs["kind"] = KIND + "-part"
-                for site in self.sites:
-                    data = np.concatenate(self._buffer[site], axis=0)
-                    ds = _create_feature_dataset(f, site, data.shape[0], self.hidden_size, self.dtype,
-                                                 self.compression)
-                    ds[...] = data
-            _fsync_path(tmp)
-            os.replace(tmp, pdir / name)
-            _fsync_path(pdir)
-            self._parts.append((f"{pdir.name}/{name}", self._buffered_rows))
+            data = {site: np.concatenate(self._buffer[site], axis=0) for site in self.sites}
+            self._parts.append((self._write_part(data), self._buffered_rows, 0))
             self._buffer = {s: [] for s in self.sites}
             self._buffered_rows = 0
+            obsolete = self._merge_small_parts()
         self._write_index()
+        for old in obsolete:  # only now unreferenced by the index on disk
+            old.unlink(missing_ok=True)
         self._last_commit = time.monotonic()
+
+    def _write_part(self, data: dict[str, np.ndarray]) -> str:
+        """Write one block file (tmp + fsync + rename); its name relative to the index's folder."""
+        pdir = parts_dir(self.path)
+        pdir.mkdir(exist_ok=True)
+        taken = {Path(p[0]).name for p in self._parts}
+        while (name := f"part-{self._seq:05d}.h5") in taken or (pdir / name).exists():
+            self._seq += 1
+        self._seq += 1
+        tmp = pdir / f".{name}.tmp"
+        with _h5py().File(tmp, "w") as f:
+            f.attrs["kind"] = KIND + "-part"
+            for site in self.sites:
+                arr = data[site]
+                ds = _create_feature_dataset(f, site, arr.shape[0], self.hidden_size, self.dtype, self.compression)
+                ds[...] = arr
+        _fsync_path(tmp)
+        os.replace(tmp, pdir / name)
+        _fsync_path(pdir)
+        return f"{pdir.name}/{name}"
+
+    def _merge_small_parts(self) -> list[Path]:
+        """Binary-counter merging of small parts: O(log n) files instead of one per commit.
+
+        Two trailing parts of the same level are rewritten as one (level + 1) as long as the
+        result stays under ``block_bytes``; bigger parts are never copied again.
+        """
+        obsolete: list[Path] = []
+        row_bytes = self.hidden_size * len(self.sites) * np.dtype(self.dtype).itemsize
+        base = self.path.parent
+        while (len(self._parts) >= 2 and self._parts[-1][2] == self._parts[-2][2]
+               and (self._parts[-1][1] + self._parts[-2][1]) * row_bytes <= self.block_bytes):
+            (a, ra, lvl), (b, rb, _) = self._parts[-2], self._parts[-1]
+            h5py = _h5py()
+            with h5py.File(base / a, "r") as fa, h5py.File(base / b, "r") as fb:
+                data = {s: np.concatenate([fa["features"][s][...], fb["features"][s][...]]) for s in self.sites}
+            name = self._write_part(data)
+            self._parts[-2:] = [(name, ra + rb, lvl + 1)]
+            obsolete += [base / a, base / b]
+        return obsolete
 
     def _tables_np(self) -> dict[str, dict[str, np.ndarray]]:
         return {t: _as_table(t, cols) for t, cols in self._tables.items()}
@@ -690,7 +717,7 @@ class HiddenStatesWriter:
         tables = self._committed_tables()
         n = len(tables["steps"]["trace"])
         attrs = dict(self.attrs)
-        attrs["extra"] = {**attrs.get("extra", {}), "parts": [[p, r] for p, r in self._parts]}
+        attrs["extra"] = {**attrs.get("extra", {}), "parts": [list(p) for p in self._parts]}
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
             with h5py.File(tmp, "w") as f:
@@ -704,7 +731,7 @@ class HiddenStatesWriter:
                         continue
                     layout = h5py.VirtualLayout(shape=(n, self.hidden_size), dtype=self.dtype)
                     lo = 0
-                    for rel, rows in self._parts:
+                    for rel, rows, _ in self._parts:
                         layout[lo:lo + rows] = h5py.VirtualSource(rel, f"features/{site}", shape=(rows, self.hidden_size))
                         lo += rows
                     g.create_virtual_dataset(site, layout, fillvalue=np.nan)
