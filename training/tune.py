@@ -109,6 +109,7 @@ def make_storage(url: str, cfg: Config):
     import optuna
 
     if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat_interval,
                                           grace_period=cfg.grace_period)
     return url
