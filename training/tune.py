@@ -216,6 +216,7 @@ def run(cfg: Config) -> Path:
     if missing:
         raise StepprobeError(f"{cfg.data} has no features for {', '.join(missing)}")
     fingerprint = data_fingerprint(hs)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if cfg.out and (Path(cfg.out) / "tune.json").is_file():
         out = Path(cfg.out)
         prev = read_json(out / "tune.json")
