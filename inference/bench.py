@@ -1,0 +1,157 @@
+"""Self-consistency vs. STEP pruning vs. the confidence baseline, side by side.
+
+The same problems, model, N and sampling settings go through every policy on the same
+engine (one engine per KV-cache budget), so the comparison is fair: ``none`` (plain
+self-consistency, majority vote), the STEP policies (``memory``, ``threshold``,
+``top_fraction``, score-weighted vote) and ``confidence`` (DeepConf-style online filter,
+confidence-weighted vote). Each KV budget is a number of KV-cache blocks (``0`` = vLLM's
+default, generous); pick one tight enough that self-consistency preempts.
+
+Writes ``bench.json``, ``bench.md`` (accuracy, wall time, output tokens, preemptions, pruned
+traces, ratios to self-consistency) and ``bench.png`` (accuracy vs. wall time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from stepprobe.config import StageConfig, option
+from stepprobe.errors import StepprobeError
+from stepprobe.io import atomic_write_json, atomic_write_text
+from stepprobe.paths import runs_dir
+from stepprobe.provenance import package_versions
+
+from . import run as run_stage
+
+log = logging.getLogger(__name__)
+
+BENCH_KIND = "stepprobe-bench"
+BENCH_SCHEMA_VERSION = 1
+DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
+
+
+@dataclasses.dataclass
+class Config(StageConfig):
+    SECTION = "bench"
+
+    problems: str = option("builtin:n=20", "problem file or builtin[:n=..,seed=..]")
+    scorer: str | None = option(None, "scorer checkpoint directory (required)")
+    model: str | None = option(None, "model name or path (default: the embedded SmolLM2-135M-Instruct)")
+    n: int = option(8, "traces per problem (equal for every policy)")
+    policies: list[str] = option(factory=lambda: ["none", "memory", "threshold", "top_fraction", "confidence"],
+                                 help="policies to compare; 'none' is the self-consistency baseline")
+    kv_blocks: list[int] = option(factory=lambda: [0, 64], help="KV-cache budgets in blocks (0 = vLLM's default)")
+    step_vote: str = option("score", "vote used for the STEP policies: majority, score")
+    max_tokens: int = option(256, "max generated tokens per trace")
+    temperature: float = option(0.7, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling")
+    seed: int = option(0, "engine seed")
+    max_model_len: int = option(1024, "vLLM max_model_len")
+    dtype: str = option("auto", "model dtype in vLLM")
+    enforce_eager: bool = option(False, "run vLLM without compilation")
+    threshold: float | None = option(None, "threshold policy (default: the scorer's)")
+    warmup_steps: int = option(2, "threshold policy warm-up steps")
+    keep_fraction: float = option(0.5, "top_fraction policy")
+    keep_step: int = option(3, "top_fraction policy")
+    aggregate: str = option("mean", "trace score aggregate")
+    confidence_topk: int = option(5, "confidence baseline top-k")
+    confidence_window: int = option(64, "confidence baseline window")
+    confidence_percentile: float = option(10.0, "confidence baseline threshold percentile")
+    confidence_warmup: int = option(4, "confidence baseline warm-up traces per problem")
+    limit: int | None = option(None, "only the first N problems")
+    output: str | None = option(None, "output directory (default: $STEPPROBE_HOME/runs/bench-<time>)")
+
+    def __post_init__(self) -> None:
+        if "none" not in self.policies:
+            raise StepprobeError("bench needs the 'none' policy (self-consistency) as its baseline")
+        if not self.scorer and any(p not in ("none", "confidence") for p in self.policies):
+            raise StepprobeError("bench needs --scorer DIR for the STEP policies")
+
+
+def _run_config(config: Config, policy: str, kv_blocks: int) -> run_stage.Config:
+    vote = DEFAULT_VOTE.get(policy, config.step_vote)
+    return run_stage.Config(
+        problems=config.problems, scorer=config.scorer, model=config.model, n=config.n, policy=policy,
+        aggregate=config.aggregate, threshold=config.threshold, warmup_steps=config.warmup_steps,
+        keep_fraction=config.keep_fraction, keep_step=config.keep_step, vote=vote, max_tokens=config.max_tokens,
+        temperature=config.temperature, top_p=config.top_p, seed=config.seed, max_model_len=config.max_model_len,
+        dtype=config.dtype, num_kv_blocks=kv_blocks or None, enforce_eager=config.enforce_eager,
+        confidence_topk=config.confidence_topk, confidence_window=config.confidence_window,
+        confidence_percentile=config.confidence_percentile, confidence_warmup=config.confidence_warmup,
+        limit=config.limit)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| KV blocks | policy | vote | accuracy | wall s | x SC time | output tokens | x SC tokens "
+            "| preemptions | pruned |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        lines.append(f"| {r['kv_blocks'] or 'default'} | {r['policy']} | {r['vote']} | {r['accuracy']:.3f} | "
+                     f"{r['wall_s']:.1f} | {r['time_ratio']:.2f} | {r['output_tokens']} | {r['token_ratio']:.2f} | "
+                     f"{r['preemptions']} | {r['pruned']}/{r['traces']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    markers = {"none": "o", "memory": "s", "threshold": "^", "top_fraction": "D", "confidence": "x"}
+    for kv in sorted({r["kv_blocks"] for r in rows}):
+        sub = [r for r in rows if r["kv_blocks"] == kv]
+        for r in sub:
+            ax.scatter(r["wall_s"], r["accuracy"], marker=markers.get(r["policy"], "o"),
+                       label=f"{r['policy']} (KV {kv or 'default'})")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy vs. wall time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: Config) -> Path:
+    from tqdm import tqdm
+
+    out = Path(config.output) if config.output else runs_dir() / time.strftime("bench-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    base = _run_config(config, "none", 0)
+    problems = run_stage.load_problems(base)
+    rows: list[dict[str, Any]] = []
+    details: dict[str, Any] = {}
+    with tqdm(total=len(config.kv_blocks) * len(config.policies), desc="bench", unit="run") as bar:
+        for kv in config.kv_blocks:
+            runner = run_stage.make_runner(_run_config(config, "none", kv))
+            try:
+                for policy in config.policies:
+                    rc = _run_config(config, policy, kv)
+                    records, stats = run_stage.solve(runner, problems, rc, policy=policy)
+                    s = run_stage.summarize(records, rc)
+                    rows.append({"kv_blocks": kv, "policy": policy, "vote": rc.vote, "accuracy": s["accuracy"],
+                                 "accuracy_by_vote": s["accuracy_by_vote"], "pass_at_n": s["pass_at_n"],
+                                 "wall_s": stats["wall_s"], "output_tokens": s["output_tokens"],
+                                 "preemptions": stats["preemptions"], "pruned": s["pruned"], "traces": s["traces"]})
+                    details[f"{kv}/{policy}"] = records
+                    bar.update(1)
+            finally:
+                runner.close()
+    for r in rows:
+        sc = next(x for x in rows if x["kv_blocks"] == r["kv_blocks"] and x["policy"] == "none")
+        r["time_ratio"] = r["wall_s"] / sc["wall_s"] if sc["wall_s"] else float("nan")
+        r["token_ratio"] = r["output_tokens"] / sc["output_tokens"] if sc["output_tokens"] else float("nan")
+    table = markdown_table(rows)
+    header = {"kind": BENCH_KIND, "schema_version": BENCH_SCHEMA_VERSION, "config": config.to_dict(),
+              "package_versions": package_versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    atomic_write_json(out / "bench.json", {**header, "rows": rows, "problems": details})
+    atomic_write_text(out / "bench.md", table)
+    plot(rows, out / "bench.png")
+    log.info("bench:\n%s", table)
+    return out

@@ -1,0 +1,151 @@
+"""How stepprobe plugs into an unmodified vLLM: three engine arguments, no fork.
+
+- ``worker_cls = "stepprobe.inference.worker.StepprobeWorker"``: the platform's own worker
+  (CPU or CUDA) plus, right after the model is loaded and **before** vLLM compiles it,
+  capture hooks on the scorer's sites; after every step it scores the new step
+  boundaries and hangs the scores on the model runner's output.
+- ``scheduler_cls = "stepprobe.inference.scheduler.StepprobeScheduler"``: vLLM's own
+  scheduler (the async one when async scheduling is on) that prunes traces by score.
+- ``additional_config = {"stepprobe": {...}}``: the settings below, seen by both.
+
+With ``vllm serve``::
+
+    vllm serve MODEL --worker-cls stepprobe.inference.worker.StepprobeWorker \\
+        --scheduler-cls stepprobe.inference.scheduler.StepprobeScheduler \\
+        --additional-config '{"stepprobe": {"scorer": "/path/to/scorer", "policy": "memory"}}'
+
+:func:`serve_args` prints exactly these flags for a settings object. A request may override
+the policy with ``SamplingParams(extra_args={"stepprobe": {"policy": "none"}})`` (over HTTP:
+``"vllm_xargs": {"stepprobe_policy": "none"}``).
+
+These scheduler and worker hooks are vLLM internals ("not public" in vLLM's words); the
+versions they were tested with are pinned in ``TESTED_VLLM`` and a different version logs
+a warning at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any, Mapping
+
+from stepprobe.errors import StepprobeError
+
+log = logging.getLogger(__name__)
+
+KEY = "stepprobe"
+WORKER_CLS = "stepprobe.inference.worker.StepprobeWorker"
+SCHEDULER_CLS = "stepprobe.inference.scheduler.StepprobeScheduler"
+TESTED_VLLM = ("0.32.0",)
+
+POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence")
+AGGREGATES = ("mean", "last", "min", "ema")
+
+
+@dataclasses.dataclass
+class PluginSettings:
+    """What the worker and scheduler read from ``additional_config["stepprobe"]``.
+
+    - ``scorer``: scorer checkpoint directory (``stepprobe export``); ``None`` = no scoring.
+    - ``policy``: default pruning policy of requests (a request can override it):
+      ``none`` (plain self-consistency), ``memory`` (when the KV cache cannot hold the next
+      step, finish the lowest-scoring trace instead of preempting), ``threshold`` (finish a
+      trace whose score is below ``threshold`` after ``warmup_steps`` steps),
+      ``top_fraction`` (when every running trace of a group has ``keep_step`` steps, keep the
+      best ``keep_fraction`` of them), ``confidence`` (the DeepConf-style baseline: finish a
+      trace when the mean token confidence over its last ``conf_window`` tokens falls below
+      the request's ``conf_threshold``; needs ``logprobs`` in the request).
+    - ``aggregate``: a trace's score from its step scores: ``mean`` (the paper's), ``last``,
+      ``min``, ``ema`` (with ``ema_alpha``).
+    - ``protect_last``: never prune the last running trace of a group (memory policy).
+    - ``keep_records``: the worker keeps every request's step scores until the client takes
+      them (``collective_rpc("stepprobe_take_records")``); off for a server.
+    - ``record_features``: also keep the raw features (parity tests, debugging).
+    - ``canary``: the client runs a start-up self-test generation (see runner.py).
+    """
+
+    scorer: str | None = None
+    policy: str = "none"
+    aggregate: str = "mean"
+    ema_alpha: float = 0.3
+    threshold: float | None = None
+    warmup_steps: int = 2
+    keep_fraction: float = 0.5
+    keep_step: int = 3
+    protect_last: bool = True
+    keep_records: bool = False
+    record_features: bool = False
+    canary: bool = True
+
+    def __post_init__(self) -> None:
+        check_policy(self.policy)
+        if self.aggregate not in AGGREGATES:
+            raise StepprobeError(f"unknown score aggregate {self.aggregate!r}; known: {', '.join(AGGREGATES)}")
+        if not 0 < self.keep_fraction <= 1:
+            raise StepprobeError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if not 0 < self.ema_alpha <= 1:
+            raise StepprobeError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        if self.policy not in ("none", "confidence") and not self.scorer:
+            raise StepprobeError(f"policy {self.policy!r} needs a scorer (give --scorer DIR)")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> "PluginSettings":
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise StepprobeError(f"unknown stepprobe setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> "PluginSettings":
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        if not isinstance(extra, Mapping):
+            return cls()
+        return cls.from_mapping(extra.get(KEY))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise StepprobeError(f"unknown pruning policy {policy!r}; known: {', '.join(POLICIES)}")
+    return policy
+
+
+def engine_kwargs(settings: PluginSettings) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM`` / ``EngineArgs`` that install the plugin."""
+    return {
+        "worker_cls": WORKER_CLS,
+        "scheduler_cls": SCHEDULER_CLS,
+        "additional_config": {KEY: settings.to_dict()},
+    }
+
+
+def serve_args(settings: PluginSettings) -> list[str]:
+    """The ``vllm serve`` flags for these settings (after ``vllm serve MODEL``)."""
+    return ["--worker-cls", WORKER_CLS, "--scheduler-cls", SCHEDULER_CLS,
+            "--additional-config", json.dumps({KEY: settings.to_dict()})]
+
+
+def request_overrides(sampling_params: Any) -> dict[str, Any]:
+    """Per-request settings from ``SamplingParams.extra_args`` (nested or ``stepprobe_*`` keys)."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    out = dict(extra.get(KEY) or {}) if isinstance(extra.get(KEY), Mapping) else {}
+    for k, v in extra.items():
+        if k.startswith(KEY + "_"):
+            out[k[len(KEY) + 1:]] = v
+    return out
+
+
+def check_vllm_version() -> None:
+    try:
+        import vllm
+
+        if vllm.__version__ not in TESTED_VLLM:
+            log.warning("stepprobe's vLLM hooks were tested with vLLM %s; this is %s (internal APIs may differ)",
+                        ", ".join(TESTED_VLLM), vllm.__version__)
+    except ImportError:  # pragma: no cover
+        raise StepprobeError("vLLM is not installed: pip install 'stepprobe[cpu]' (or [gpu])") from None

@@ -1,0 +1,243 @@
+"""Generate N traces per problem with vLLM, score each reasoning step with the exported
+probe inside the engine, prune traces by policy, and vote.
+
+Example::
+
+    stepprobe run --scorer runs/x/scorer --problems builtin:n=50 --n 16 --policy memory
+
+Writes ``OUTPUT/results.jsonl`` (one line per problem: voted answer and correctness per
+voting method, kept/pruned traces with scores and partial text, tokens, preemptions,
+queueing time) and ``OUTPUT/summary.json``. Problems are run in batches of
+``batch_problems``; a batch's results are appended as soon as it finishes, and rerunning the
+same command skips problems already done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from stepprobe.config import StageConfig, option
+from stepprobe.errors import ArtifactMismatch, StepprobeError
+from stepprobe.io import atomic_write_json
+from stepprobe.paths import runs_dir
+from stepprobe.provenance import package_versions
+
+from .plugin import PluginSettings, check_policy
+from .voting import METHODS, Ballot, vote
+
+log = logging.getLogger(__name__)
+
+RESULTS_KIND = "stepprobe-run-results"
+RESULTS_SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass
+class Config(StageConfig):
+    SECTION = "run"
+
+    problems: str = option("builtin:n=20", "problem file (JSONL/JSON/CSV) or builtin[:n=..,seed=..]")
+    scorer: str | None = option(None, "scorer checkpoint directory (stepprobe export); none = no scoring")
+    model: str | None = option(None, "model name or path (default: the embedded SmolLM2-135M-Instruct)")
+    n: int = option(8, "traces sampled per problem")
+    policy: str = option("memory", "pruning policy: none, memory, threshold, top_fraction, confidence")
+    aggregate: str = option("mean", "trace score from step scores: mean, last, min, ema")
+    threshold: float | None = option(None, "threshold policy: prune below this score (default: the scorer's)")
+    warmup_steps: int = option(2, "threshold policy: steps before a trace can be pruned")
+    keep_fraction: float = option(0.5, "top_fraction policy: fraction of each problem's traces kept")
+    keep_step: int = option(3, "top_fraction policy: the step at which traces are ranked")
+    vote: str = option("score", "voting method for the reported answer: majority, score, confidence")
+    include_pruned: bool = option(False, "let pruned traces vote")
+    max_tokens: int = option(256, "max generated tokens per trace")
+    temperature: float = option(0.7, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling")
+    seed: int = option(0, "engine seed")
+    max_model_len: int = option(2048, "vLLM max_model_len")
+    dtype: str = option("auto", "model dtype in vLLM (float32 matches the recorder on CPU)")
+    kv_cache_gib: float | None = option(None, "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    num_kv_blocks: int | None = option(None, "exact number of KV-cache blocks (tight budgets)")
+    max_num_seqs: int | None = option(None, "vLLM max_num_seqs")
+    enforce_eager: bool = option(False, "run vLLM without compilation (hooks work either way)")
+    confidence_topk: int = option(5, "top-k log-probabilities per token for confidence voting / baseline")
+    confidence_window: int = option(64, "confidence baseline: sliding window (tokens)")
+    confidence_percentile: float = option(10.0, "confidence baseline: threshold percentile of warm-up traces")
+    confidence_warmup: int = option(4, "confidence baseline: warm-up traces per problem")
+    batch_problems: int = option(0, "problems per generate call (0 = all at once; they share the KV cache)")
+    limit: int | None = option(None, "only the first N problems")
+    output: str | None = option(None, "output directory (default: $STEPPROBE_HOME/runs/run-<time>)")
+    overwrite: bool = option(False, "start over in a non-empty output directory")
+
+    def __post_init__(self) -> None:
+        if self.policy != "confidence":
+            check_policy(self.policy)
+        if self.vote not in METHODS:
+            raise StepprobeError(f"unknown voting method {self.vote!r}; known: {', '.join(METHODS)}")
+        if self.n < 1:
+            raise StepprobeError("n must be at least 1")
+
+    def settings(self) -> PluginSettings:
+        return PluginSettings(scorer=self.scorer, policy="none" if self.policy == "confidence" else self.policy,
+                              aggregate=self.aggregate, threshold=self.threshold, warmup_steps=self.warmup_steps,
+                              keep_fraction=self.keep_fraction, keep_step=self.keep_step, keep_records=True)
+
+
+def load_problems(config: Config) -> list[Any]:
+    from stepprobe.data_collection.problems import load_problem_source
+
+    problems = load_problem_source(config.problems)
+    return problems[: config.limit] if config.limit else problems
+
+
+def make_runner(config: Config, **overrides: Any) -> Any:
+    from .runner import StepRunner
+
+    return StepRunner(config.model, config.settings(), seed=config.seed, max_model_len=config.max_model_len,
+                      dtype=config.dtype, kv_cache_gib=config.kv_cache_gib, num_kv_blocks=config.num_kv_blocks,
+                      enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, **overrides)
+
+
+def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | None = None) -> tuple[list[dict], dict]:
+    """Run one policy over ``problems`` (one generate call); per-problem records and batch stats."""
+    from stepprobe.data_collection.grading import extract_answer, is_correct
+    from stepprobe.data_collection.prompts import build_prompt
+
+    from .confidence import ConfidenceFilter
+
+    policy = policy or config.policy
+    prompts = [build_prompt(p, runner.tokenizer) for p in problems]
+    use_conf = policy == "confidence" or config.vote == "confidence"
+    pre0 = runner.preemptions()
+    t0 = time.perf_counter()
+    if policy == "confidence":
+        filt = ConfidenceFilter(window=config.confidence_window, percentile=config.confidence_percentile,
+                                warmup=config.confidence_warmup, topk=config.confidence_topk)
+        results = filt.generate(runner, prompts, n=config.n, max_tokens=config.max_tokens,
+                                temperature=config.temperature, top_p=config.top_p)
+    else:
+        results = runner.generate(prompts, n=config.n, max_tokens=config.max_tokens, temperature=config.temperature,
+                                  top_p=config.top_p, policy=policy,
+                                  logprobs=config.confidence_topk if use_conf else None)
+    wall = time.perf_counter() - t0
+    preempted = runner.preemptions() - pre0
+    from .confidence import trace_confidence
+
+    records = []
+    for prob, traces in zip(problems, results):
+        ballots, tdicts = [], []
+        for t in traces:
+            ans = extract_answer(t.text, prob.choices)
+            conf = trace_confidence(t.confidence, config.confidence_window) if t.confidence else None
+            ballots.append(Ballot(ans, t.pruned, t.score, conf))
+            d = t.to_dict()
+            d.update(answer=ans, correct=is_correct(ans, prob.gold, choices=prob.choices), confidence=conf)
+            tdicts.append(d)
+        votes = {}
+        for m in METHODS:
+            v = vote(ballots, m, include_pruned=config.include_pruned)
+            votes[m] = {"answer": v.answer, "correct": is_correct(v.answer, prob.gold, choices=prob.choices),
+                        "voters": v.voters}
+        records.append({
+            "problem_id": prob.problem_id, "gold": prob.gold, "policy": policy,
+            "answer": votes[config.vote]["answer"], "correct": votes[config.vote]["correct"], "votes": votes,
+            "kept": sum(not t.pruned for t in traces), "pruned": sum(t.pruned for t in traces),
+            "output_tokens": sum(t.num_tokens for t in traces),
+            "preemptions": sum(t.num_preemptions for t in traces),
+            "queued_s": max((t.queued_s or 0.0) for t in traces) if traces else 0.0,
+            "pass_at_n": any(d["correct"] for d in tdicts),
+            "batch_wall_s": wall, "traces": tdicts,
+        })
+    return records, {"wall_s": wall, "preemptions": preempted}
+
+
+def summarize(records: list[dict], config: Config, extra: dict | None = None) -> dict[str, Any]:
+    n = max(len(records), 1)
+    out = {
+        "problems": len(records),
+        "accuracy": sum(r["correct"] for r in records) / n,
+        "accuracy_by_vote": {m: sum(r["votes"][m]["correct"] for r in records) / n for m in METHODS},
+        "pass_at_n": sum(r["pass_at_n"] for r in records) / n,
+        "traces": sum(r["kept"] + r["pruned"] for r in records),
+        "pruned": sum(r["pruned"] for r in records),
+        "output_tokens": sum(r["output_tokens"] for r in records),
+        "preemptions": sum(r["preemptions"] for r in records),
+    }
+    out.update(extra or {})
+    return out
+
+
+def _header(config: Config) -> dict[str, Any]:
+    return {"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION, "config": config.to_dict(),
+            "package_versions": package_versions()}
+
+
+def _resume(out: Path, config: Config) -> dict[str, dict]:
+    path = out / "results.jsonl"
+    if not path.is_file():
+        return {}
+    if config.overwrite:
+        path.unlink()
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln for ln in fh if ln.strip()]
+    if not lines:
+        return {}
+    header = json.loads(lines[0])
+    from stepprobe.provenance import check_schema
+
+    check_schema(header, RESULTS_KIND, RESULTS_SCHEMA_VERSION, str(path))
+    mine = {k: v for k, v in config.to_dict().items() if k not in ("output", "overwrite", "limit")}
+    theirs = {k: v for k, v in header.get("config", {}).items() if k not in ("output", "overwrite", "limit")}
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ArtifactMismatch(f"{path} was written with a different config ({', '.join(diff)}); "
+                               "pass --overwrite or another --output")
+    done = {}
+    for ln in lines[1:]:
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            break  # a torn last line from a killed run
+        done[rec["problem_id"]] = rec
+    return done
+
+
+def run(config: Config) -> Path:
+    from tqdm import tqdm
+
+    out = Path(config.output) if config.output else runs_dir() / time.strftime("run-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    problems = load_problems(config)
+    done = _resume(out, config)
+    todo = [p for p in problems if p.problem_id not in done]
+    path = out / "results.jsonl"
+    if not path.is_file():
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(_header(config)) + "\n")
+    log.info("run: %d problems (%d already done), n=%d, policy=%s", len(problems), len(done), config.n, config.policy)
+    wall = 0.0
+    runner = None
+    if todo:
+        runner = make_runner(config)
+        size = config.batch_problems or len(todo)
+        with tqdm(total=len(todo), desc=f"run ({config.policy})", unit="problem") as bar:
+            for i in range(0, len(todo), size):
+                batch = todo[i:i + size]
+                records, stats = solve(runner, batch, config)
+                wall += stats["wall_s"]
+                with open(path, "a", encoding="utf-8") as fh:
+                    for r in records:
+                        fh.write(json.dumps(r) + "\n")
+                        done[r["problem_id"]] = r
+                    fh.flush()
+                bar.update(len(batch))
+        runner.close()
+    records = [done[p.problem_id] for p in problems if p.problem_id in done]
+    summary = summarize(records, config, {"wall_s_this_session": wall})
+    atomic_write_json(out / "summary.json", {**_header(config), "summary": summary})
+    log.info("run: accuracy %.3f (%s vote), %d/%d traces pruned, %d preemptions -> %s", summary["accuracy"],
+             config.vote, summary["pruned"], summary["traces"], summary["preemptions"], out)
+    return out

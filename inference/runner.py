@@ -1,0 +1,264 @@
+"""The client: one vLLM engine with the plugin, generation, and every trace's outcome.
+
+:class:`StepRunner` starts ``vllm.LLM`` with the plugin's engine arguments
+(:func:`~stepprobe.inference.plugin.engine_kwargs`), refuses a scorer made for another model
+**before** the engine starts, and runs a canary self-test (a short generation pushed towards
+newlines whose capture count must equal its boundary count) so that a hook that does not
+fire fails loudly instead of silently scoring nothing. :meth:`StepRunner.generate` returns,
+for each prompt, every trace: text, tokens, kept or pruned (``stop_reason == "pruned"``),
+its step scores and aggregate score, preemptions and queueing time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import time
+from typing import Any, Sequence
+
+from stepprobe.errors import StepprobeError
+
+from .plugin import PluginSettings, check_policy, check_vllm_version, engine_kwargs
+from .policies import aggregate_scores
+from .scheduler import PRUNED
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TraceResult:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    pruned: bool
+    score: float | None
+    step_scores: list[float]
+    step_positions: list[int]
+    num_preemptions: int = 0
+    queued_s: float | None = None
+    logprobs: list[float] | None = None  # chosen-token logprob per token (confidence)
+    confidence: list[float] | None = None  # mean top-k logprob per token (DeepConf)
+    features: list[Any] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("features", None)
+        d.pop("token_ids", None)
+        d.pop("confidence", None)
+        d.pop("logprobs", None)
+        d["num_tokens"] = self.num_tokens
+        return d
+
+
+def _engine_ids(key: str, ext_ids: set[str], n: int) -> tuple[str, int] | None:
+    """Engine request id -> (client request id, child index). vLLM appends ``-<8 chars>`` to a
+    client id and names the children of an ``n > 1`` request ``{index}_{parent}``."""
+    index = 0
+    rest = key
+    if n > 1:
+        m = re.match(r"^(\d+)_(.+)$", key)
+        if not m:
+            return None
+        index, rest = int(m.group(1)), m.group(2)
+    if rest in ext_ids:
+        return rest, index
+    base = rest.rsplit("-", 1)[0]
+    return (base, index) if base in ext_ids else None
+
+
+class StepRunner:
+    """A vLLM engine with stepprobe's scoring and pruning installed."""
+
+    def __init__(self, model: str | None, settings: PluginSettings, *, seed: int = 0, max_model_len: int = 2048,
+                 dtype: str = "auto", kv_cache_gib: float | None = None, num_kv_blocks: int | None = None,
+                 enforce_eager: bool = False, max_num_seqs: int | None = None, plugin: bool = True,
+                 **llm_kwargs: Any):
+        from stepprobe.models import resolve_model
+
+        check_vllm_version()
+        self.model_path = resolve_model(model)
+        self.settings = settings
+        self.plugin = plugin
+        self.scorer = None
+        if settings.scorer:
+            self.scorer = check_scorer_for_model(settings.scorer, self.model_path)
+        if kv_cache_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+        from vllm import LLM
+
+        kwargs = dict(seed=seed, max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
+                      disable_log_stats=False, **llm_kwargs)
+        if num_kv_blocks is not None:
+            kwargs["num_gpu_blocks_override"] = int(num_kv_blocks)
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = int(max_num_seqs)
+        if plugin:
+            kwargs.update(engine_kwargs(settings))
+        t0 = time.perf_counter()
+        self.llm = LLM(self.model_path, **kwargs)
+        self.startup_s = time.perf_counter() - t0
+        self.tokenizer = self.llm.get_tokenizer()
+        self._detector = None
+        if plugin and self.scorer is not None:
+            from stepprobe.boundaries import BoundaryDetector, BoundaryRule
+
+            self._detector = BoundaryDetector.from_tokenizer(BoundaryRule.from_dict(self.scorer.boundary_rule),
+                                                             self.tokenizer)
+            info = self.llm.collective_rpc("stepprobe_info")
+            if not info or not all(i.get("installed") for i in info):
+                raise StepprobeError(f"stepprobe's worker did not install its hooks ({info}); is worker_cls set?")
+            if settings.canary:
+                self.canary()
+
+    # ------------------------------------------------------------------ checks
+    def canary(self, max_tokens: int = 48) -> dict[str, int]:
+        """Self-test: capture count must equal boundary count on a short forced-newline run."""
+        from vllm import SamplingParams
+
+        assert self._detector is not None
+        rule = self._detector.rule
+        bias_ids = [i for i in self.tokenizer.encode(rule.delimiter, add_special_tokens=False)]
+        bias_ids += self.tokenizer.encode(rule.delimiter[:1], add_special_tokens=False)
+        sp = SamplingParams(n=2, temperature=1.0, max_tokens=max_tokens,
+                            logit_bias={i: 6.0 for i in set(bias_ids)},
+                            extra_args={"stepprobe": {"policy": "none"}})
+        keep = self.settings.keep_records
+        self.llm.collective_rpc("stepprobe_take_records")  # drop stale records
+        before = self.llm.collective_rpc("stepprobe_info")[0]["captured"]
+        self.llm.collective_rpc("stepprobe_arm_check", args=(True,))
+        try:
+            outs = self.llm.generate(["stepprobe canary:"], sp, use_tqdm=False)
+        finally:
+            info = self.llm.collective_rpc("stepprobe_info")[0]
+            self.llm.collective_rpc("stepprobe_arm_check", args=(False,))
+        records = self._take_records()
+        expected = sum(len(captured_boundaries(self._detector, c.token_ids)) for o in outs for c in o.outputs)
+        got = sum(len(r["positions"]) for r in records.values()) if keep else info["captured"] - before
+        if info.get("unwritten"):
+            raise StepprobeError(
+                f"stepprobe canary: {info['unwritten']} step boundaries were found but the capture hooks did not "
+                "write their hidden states (the compiled graph does not contain the hooks)")
+        if expected == 0:
+            raise StepprobeError("stepprobe canary produced no step boundary; cannot verify the capture hooks")
+        if got != expected:
+            raise StepprobeError(
+                f"stepprobe canary: the hooks captured {got} step boundaries but the canary text has {expected}; "
+                "scores would be wrong or missing (hooks not compiled in, or vLLM internals changed)")
+        log.info("stepprobe canary passed: %d/%d boundaries captured", got, expected)
+        return {"expected": expected, "captured": got}
+
+    def _take_records(self) -> dict[str, dict[str, Any]]:
+        merged: dict[str, dict[str, Any]] = {}
+        for part in self.llm.collective_rpc("stepprobe_take_records") or []:
+            merged.update(part or {})
+        return merged
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Sequence[str], *, n: int = 1, max_tokens: int = 256, temperature: float = 0.7,
+                 top_p: float = 1.0, policy: str | None = None, logprobs: int | None = None,
+                 use_tqdm: bool = False, per_prompt: Sequence[dict[str, Any]] | None = None,
+                 **sampling: Any) -> list[list[TraceResult]]:
+        """``per_prompt``: extra stepprobe request settings for each prompt (e.g. a threshold)."""
+        from vllm import SamplingParams
+
+        def params(extra_settings: dict[str, Any] | None) -> Any:
+            extra = dict(extra_settings or {})
+            if policy is not None:
+                extra["policy"] = check_policy(policy)
+            return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  logprobs=logprobs, extra_args={"stepprobe": extra} if extra else None, **sampling)
+
+        sp = [params(e) for e in per_prompt] if per_prompt is not None else params(None)
+        if self.plugin and self.scorer is not None:
+            self.llm.collective_rpc("stepprobe_take_records")  # start clean
+        outs = self.llm.generate(list(prompts), sp, use_tqdm=use_tqdm)
+        records = self._take_records() if self.plugin and self.scorer is not None else {}
+        ext_ids = {o.request_id for o in outs}
+        by_trace: dict[tuple[str, int], dict[str, Any]] = {}
+        for key, rec in records.items():
+            ids = _engine_ids(key, ext_ids, n)
+            if ids is not None:
+                by_trace[ids] = rec
+        results = []
+        for o in outs:
+            metrics = getattr(o, "metrics", None)
+            traces = []
+            for c in o.outputs:
+                rec = by_trace.get((o.request_id, c.index), {})
+                scores = list(rec.get("scores", []))
+                lp, conf = _token_confidence(c)
+                traces.append(TraceResult(
+                    index=c.index, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+                    pruned=c.stop_reason == PRUNED, score=aggregate_scores(scores, self.settings.aggregate,
+                                                                           self.settings.ema_alpha),
+                    step_scores=scores, step_positions=list(rec.get("positions", [])),
+                    num_preemptions=int(getattr(metrics, "num_preemptions", 0) or 0) if n == 1 else 0,
+                    queued_s=_queued(metrics), logprobs=lp, confidence=conf,
+                    features=rec.get("features") or None))
+            results.append(traces)
+        return results
+
+    def preemptions(self) -> int:
+        """vLLM's cumulative preemption counter (for before/after differences)."""
+        try:
+            return int(sum(m.value for m in self.llm.get_metrics() if m.name == "vllm:num_preemptions"))
+        except Exception:  # noqa: BLE001 - metrics off or unavailable
+            return 0
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+            self.llm = None
+
+
+def captured_boundaries(detector: Any, token_ids: Sequence[int]) -> list[int]:
+    """Boundary indices the engine can score: all but one at the very last token, which is
+    sampled but never fed back through the model (its hidden state is never computed)."""
+    last = len(token_ids) - 1
+    return [i for i in detector.find(token_ids) if i < last]
+
+
+def _queued(metrics: Any) -> float | None:
+    if metrics is None:
+        return None
+    q, s = getattr(metrics, "queued_ts", 0.0), getattr(metrics, "scheduled_ts", 0.0)
+    return float(s - q) if q and s else None
+
+
+def _token_confidence(completion: Any) -> tuple[list[float] | None, list[float] | None]:
+    """Per token: the chosen token's logprob, and the mean of the top-k logprobs (DeepConf's
+    token confidence is minus that mean)."""
+    lps = getattr(completion, "logprobs", None)
+    if not lps:
+        return None, None
+    chosen, conf = [], []
+    for tid, d in zip(completion.token_ids, lps):
+        if not d:
+            continue
+        vals = [v.logprob for v in d.values()]
+        chosen.append(d[tid].logprob if tid in d else min(vals))
+        conf.append(-sum(vals) / len(vals))
+    return chosen, conf
+
+
+def check_scorer_for_model(scorer_dir: str, model_path: str) -> Any:
+    """Load a scorer and refuse it (one line) if it was not made for this model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stepprobe.probes.checkpoint import load_scorer
+    from stepprobe.provenance import model_identity
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ident = model_identity(model_path, AutoConfig.from_pretrained(model_path), tok)
+    return load_scorer(scorer_dir, expected_model=ident)

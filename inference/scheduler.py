@@ -1,0 +1,259 @@
+"""The engine-core side: vLLM's scheduler, pruning traces by their step scores.
+
+:class:`StepprobeScheduler` is what ``scheduler_cls`` names; constructing it returns an
+instance of vLLM's own ``Scheduler`` or, when async scheduling is on (the GPU default),
+its ``AsyncScheduler``, each with :class:`PruningMixin` on top, so the async path is never
+silently replaced by the synchronous one.
+
+Scores arrive on the model runner output (``stepprobe_steps``, see worker.py) in
+``update_from_output`` and are folded into each trace's running aggregate
+(:class:`~stepprobe.inference.policies.TraceScore`). Pruning a trace means finishing it
+like vLLM finishes a stopped request: ``finish_reason="stop"``, ``stop_reason="pruned"``, its
+blocks freed, its partial text delivered to the client.
+
+- ``memory``: before each ``schedule()``, running traces are ordered so that vLLM's
+  preemption victim (the last one) is the lowest-scoring prunable trace, and
+  ``_preempt_request`` finishes that trace instead of sending it back to the waiting queue.
+  This compares traces **across problems** (they share one KV cache); a group's last running
+  trace is protected (``protect_last``) and unscored traces are never pruned, so when only
+  those are left vLLM preempts as usual.
+- ``threshold`` and ``top_fraction``: decided when scores arrive (within one problem's
+  group for top_fraction), carried out at the start of the next ``schedule()``.
+- ``none``: scores are still collected; nothing is pruned (plain self-consistency).
+
+A group is the set of children of one ``n > 1`` request (vLLM names them ``{i}_{parent}``),
+or what ``extra_args={"stepprobe": {"group": ...}}`` says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections import defaultdict
+from typing import Any
+
+from .plugin import PluginSettings, check_policy, request_overrides
+from .policies import TraceScore, below_threshold, memory_rank_key, top_fraction_losers
+
+log = logging.getLogger(__name__)
+
+PRUNED = "pruned"
+_CHILD_RE = re.compile(r"^\d+_(.+)$")
+
+
+@dataclasses.dataclass
+class _Trace:
+    score: TraceScore
+    policy: str
+    group: str
+    done: bool = False
+    conf_threshold: float | None = None
+    conf_window: int = 64
+    conf: Any = None  # deque of recent token confidences (confidence policy)
+
+
+class PruningMixin:
+    """Score bookkeeping and pruning on top of a vLLM scheduler class."""
+
+    def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(vllm_config, *args, **kwargs)  # type: ignore[call-arg]
+        self._sp = PluginSettings.from_vllm_config(vllm_config)
+        self._sp_threshold = self._sp.threshold
+        if self._sp_threshold is None and self._sp.scorer:
+            from stepprobe.probes.checkpoint import read_scorer_meta
+
+            self._sp_threshold = float(read_scorer_meta(self._sp.scorer).get("threshold", 0.5))
+        self._sp_traces: dict[str, _Trace] = {}
+        self._sp_groups: dict[str, set[str]] = defaultdict(set)
+        self._sp_decided_groups: set[str] = set()
+        self._sp_flagged: dict[str, str] = {}
+        self._sp_outputs: list[tuple[int, Any]] = []
+        self.stepprobe_counts = {"pruned": 0, "preempted": 0, "steps": 0}
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request: Any) -> None:
+        super().add_request(request)  # type: ignore[misc]
+        over = request_overrides(request.sampling_params)
+        policy = check_policy(over.get("policy", self._sp.policy))
+        m = _CHILD_RE.match(request.request_id)
+        group = str(over.get("group") or (m.group(1) if m else request.request_id))
+        trace = _Trace(TraceScore(self._sp.aggregate, self._sp.ema_alpha), policy, group)
+        if policy == "confidence":
+            from collections import deque
+
+            trace.conf_threshold = over.get("conf_threshold")
+            trace.conf_window = int(over.get("conf_window", 64))
+            trace.conf = deque(maxlen=trace.conf_window)
+        self._sp_traces[request.request_id] = trace
+        self._sp_groups[group].add(request.request_id)
+
+    def _sp_live(self, rid: str) -> bool:
+        t = self._sp_traces.get(rid)
+        return t is not None and not t.done
+
+    def _sp_prunable(self, rid: str) -> bool:
+        t = self._sp_traces.get(rid)
+        if t is None or t.done or t.score.value is None:
+            return False
+        if self._sp.protect_last:
+            others = [r for r in self._sp_groups.get(t.group, ()) if r != rid and self._sp_live(r)]
+            return bool(others)
+        return True
+
+    # ---------------------------------------------------------------- pruning
+    def _sp_finish(self, request: Any, *, from_running: bool) -> None:
+        """Finish ``request`` as pruned and queue its final output for the client."""
+        from vllm.v1.engine import EngineCoreOutput
+        from vllm.v1.request import RequestStatus
+
+        request.stop_reason = PRUNED
+        if from_running:
+            # Already popped from self.running by vLLM's preemption loop.
+            request.status = RequestStatus.FINISHED_STOPPED
+            self._free_request(request)  # type: ignore[attr-defined]
+        else:
+            self.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)  # type: ignore[attr-defined]
+        self._sp_outputs.append((request.client_index, EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
+            stop_reason=PRUNED, events=request.take_events(), trace_headers=request.trace_headers)))
+        t = self._sp_traces.get(request.request_id)
+        if t is not None:
+            t.done = True
+        self.stepprobe_counts["pruned"] += 1
+        log.debug("stepprobe: pruned %s (score %s)", request.request_id, t.score.value if t else None)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        if self._sp_flagged:
+            flagged, self._sp_flagged = self._sp_flagged, {}
+            for rid in flagged:
+                req = self.requests.get(rid)  # type: ignore[attr-defined]
+                if req is not None and not req.is_finished():
+                    self._sp_finish(req, from_running=False)
+        running = self.running  # type: ignore[attr-defined]
+        if any(self._sp_traces.get(r.request_id, None) is not None
+               and self._sp_traces[r.request_id].policy == "memory" for r in running):
+            keys = {r.request_id: memory_rank_key(
+                self._sp_traces[r.request_id].score.value if r.request_id in self._sp_traces else None,
+                self._sp_traces.get(r.request_id) is not None
+                and self._sp_traces[r.request_id].policy == "memory" and self._sp_prunable(r.request_id))
+                for r in running}
+            running.sort(key=lambda r: keys[r.request_id])  # stable: unscored keep FCFS order
+        return super().schedule(*args, **kwargs)  # type: ignore[misc]
+
+    def _preempt_request(self, request: Any, timestamp: float, drop_stale_output: bool = False) -> None:
+        t = self._sp_traces.get(request.request_id)
+        if t is not None and t.policy == "memory" and self._sp_prunable(request.request_id):
+            self._sp_finish(request, from_running=True)
+            return
+        self.stepprobe_counts["preempted"] += 1
+        super()._preempt_request(request, timestamp, drop_stale_output)  # type: ignore[misc]
+
+    # ---------------------------------------------------------------- scores
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        steps = getattr(model_runner_output, "stepprobe_steps", None)
+        touched_groups = set()
+        if steps:
+            for rid, pairs in steps.items():
+                t = self._sp_traces.get(rid)
+                if t is None or t.done:
+                    continue
+                for _, s in pairs:
+                    t.score.add(float(s))
+                    self.stepprobe_counts["steps"] += 1
+                if t.policy == "threshold" and below_threshold(t.score.value, t.score.n, self._sp_threshold,
+                                                               self._sp.warmup_steps):
+                    self._sp_flagged[rid] = "threshold"
+                elif t.policy == "top_fraction":
+                    touched_groups.add(t.group)
+        logprobs = getattr(model_runner_output, "logprobs", None)
+        if logprobs is not None:
+            self._sp_confidence(model_runner_output, logprobs)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+        # Traces that finished on their own this step.
+        for rid, t in self._sp_traces.items():
+            req = self.requests.get(rid)  # type: ignore[attr-defined]
+            if not t.done and (req is None or req.is_finished()):
+                t.done = True
+                touched_groups.add(t.group)
+        for g in touched_groups:
+            self._sp_decide_group(g)
+        if self._sp_outputs:
+            from vllm.v1.engine import EngineCoreOutputs
+
+            for client, out in self._sp_outputs:
+                eco = outputs.get(client)
+                if eco is None:
+                    outputs[client] = eco = EngineCoreOutputs(outputs=[])
+                eco.outputs.append(out)
+            self._sp_outputs = []
+        self._sp_gc()
+        return outputs
+
+    def _sp_confidence(self, mro: Any, logprobs: Any) -> None:
+        """DeepConf-style online stop: sliding-window mean of token confidence (minus the mean
+        top-k log-probability) below the request's threshold."""
+        for rid, idx in mro.req_id_to_index.items():
+            t = self._sp_traces.get(rid)
+            if t is None or t.done or t.policy != "confidence" or t.conf_threshold is None:
+                continue
+            toks = mro.sampled_token_ids[idx] if mro.sampled_token_ids else []
+            if not toks:
+                continue
+            part = logprobs.slice_request(idx, len(toks))
+            for row in part.logprobs:
+                top = [float(v) for v in row[1:] if v > -1e30]
+                if top:
+                    t.conf.append(-sum(top) / len(top))
+            if len(t.conf) == t.conf_window and sum(t.conf) / len(t.conf) < float(t.conf_threshold):
+                self._sp_flagged[rid] = "confidence"
+
+    def _sp_decide_group(self, group: str) -> None:
+        if group in self._sp_decided_groups:
+            return
+        members = self._sp_groups.get(group, set())
+        live = {r: self._sp_traces[r] for r in members if self._sp_live(r)}
+        if not live or any(t.policy != "top_fraction" for t in live.values()):
+            return
+        losers = top_fraction_losers({r: (t.score.value, t.score.n) for r, t in live.items()},
+                                     self._sp.keep_fraction, self._sp.keep_step)
+        if losers is None:
+            return
+        self._sp_decided_groups.add(group)
+        for r in losers:
+            self._sp_flagged[r] = "top_fraction"
+
+    def _sp_gc(self) -> None:
+        """Forget groups whose traces have all finished (a server runs forever)."""
+        for g in [g for g, rs in self._sp_groups.items() if all(not self._sp_live(r) for r in rs)]:
+            for r in self._sp_groups.pop(g):
+                self._sp_traces.pop(r, None)
+            self._sp_decided_groups.discard(g)
+
+
+def _make(base: type) -> type:
+    return type(f"Stepprobe{base.__name__}", (PruningMixin, base), {"__module__": __name__})
+
+
+class StepprobeScheduler:
+    """What ``scheduler_cls`` names: builds the pruning subclass of the scheduler vLLM would use."""
+
+    def __new__(cls, vllm_config: Any, *args: Any, **kwargs: Any) -> Any:
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+        from vllm.v1.core.sched.scheduler import Scheduler
+
+        base = AsyncScheduler if vllm_config.scheduler_config.async_scheduling else Scheduler
+        klass = _SYNC if base is Scheduler else _ASYNC
+        log.info("stepprobe: pruning scheduler on %s (policy %s)", base.__name__,
+                 PluginSettings.from_vllm_config(vllm_config).policy)
+        return klass(vllm_config, *args, **kwargs)
+
+
+def _build() -> tuple[type, type]:
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    return _make(Scheduler), _make(AsyncScheduler)
+
+
+_SYNC, _ASYNC = _build()

@@ -1,0 +1,144 @@
+"""Through real vLLM (compiled default mode) on the tiny random model with a planted scorer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+
+def _sp(**kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(**kw)
+
+
+def _records(runner):
+    return runner._take_records()
+
+
+def test_capture_counts_equal_boundary_counts(plugin_runner):
+    """Every boundary the engine can see is captured once, at its position, n>1 included."""
+    from stepprobe.boundaries import BoundaryDetector, BoundaryRule
+    from stepprobe.inference.runner import captured_boundaries
+
+    det = BoundaryDetector.from_tokenizer(BoundaryRule(), plugin_runner.tokenizer)
+    results = plugin_runner.generate(["Hello there", "What is 2+2? Think."], n=3, max_tokens=48, temperature=1.0,
+                                     policy="none", logit_bias={198: 5.0, 1116: 4.0})
+    total = 0
+    for prompt_traces, prompt in zip(results, ["Hello there", "What is 2+2? Think."]):
+        assert len(prompt_traces) == 3  # n>1 children aggregated into one request output
+        plen = len(plugin_runner.tokenizer(prompt)["input_ids"])
+        for t in prompt_traces:
+            expected = [plen + i for i in captured_boundaries(det, t.token_ids)]
+            assert t.step_positions == expected
+            assert len(t.step_scores) == len(expected)
+            assert not t.pruned
+            total += len(expected)
+    assert total > 10, "the forced newlines should give many boundaries"
+
+
+def test_parity_with_recorder_features_fp32(plugin_runner, tiny_model_path, planted_scorer, helpers):
+    SITES = helpers.SITES
+    """The runner's features are the recorder's (transformers) features; same scores."""
+    import torch
+
+    from stepprobe.data_collection.record import SiteExtractor
+    from stepprobe.probes.checkpoint import load_scorer
+
+    prompt = "Parity check:"
+    results = plugin_runner.generate([prompt], n=2, max_tokens=40, temperature=1.0, policy="none",
+                                     logit_bias={198: 5.0, 1116: 5.0})
+    plen = len(plugin_runner.tokenizer(prompt)["input_ids"])
+    prompt_ids = plugin_runner.tokenizer(prompt)["input_ids"]
+    scorer = load_scorer(planted_scorer)
+    extractor = SiteExtractor(tiny_model_path, dtype="float32", device="cpu")
+    checked = 0
+    try:
+        for t in results[0]:
+            assert t.features, "record_features should return the captured features"
+            got = np.asarray(t.features, dtype=np.float32)  # [steps, sites, hidden]
+            feats = extractor.extract([prompt_ids + t.token_ids], [t.step_positions])[0]
+            assert plen == len(prompt_ids)
+            for k, site in enumerate(SITES):
+                ref = feats[site]
+                cos = (got[:, k] * ref).sum(1) / (np.linalg.norm(got[:, k], axis=1) * np.linalg.norm(ref, axis=1))
+                assert cos.min() > 0.9999, (site, cos.min())
+            ref_scores = scorer.score({s: torch.as_tensor(feats[s]) for s in SITES}).numpy()
+            assert np.abs(ref_scores - np.asarray(t.step_scores)).max() < 1e-4
+            checked += len(t.step_positions)
+    finally:
+        extractor.close()
+    assert checked > 0
+
+
+def test_memory_policy_prunes_the_planted_low_trace(plugin_runner, helpers):
+    h = helpers
+    """Under KV pressure the low-scoring trace is finished as pruned; no one is preempted."""
+    tok = plugin_runner.tokenizer
+    bs = plugin_runner.llm.llm_engine.vllm_config.cache_config.block_size
+    prompts = ["Good one.", "Good two.", "Good three.", "Bad one."]
+    plen = max(len(tok(p)["input_ids"]) for p in prompts)
+    max_tokens = 160
+    per = h.blocks_for(plen + max_tokens, bs)
+    assert 3 * per <= h.NUM_KV_BLOCKS < 4 * per, "test sizing: four traces must not fit, three must"
+    group = {"stepprobe": {"policy": "memory", "group": "g"}}
+    params = [_sp(max_tokens=max_tokens, temperature=1.0, logit_bias=h.good_bias(), extra_args=group)
+              for _ in range(3)]
+    params.append(_sp(max_tokens=max_tokens, temperature=1.0, logit_bias=h.bad_bias(), extra_args=group))
+    pre = plugin_runner.preemptions()
+    outs = plugin_runner.llm.generate(prompts, params, use_tqdm=False)
+    _records(plugin_runner)
+    assert plugin_runner.preemptions() == pre
+    stops = [o.outputs[0].stop_reason for o in outs]
+    assert stops == [None, None, None, "pruned"]
+    bad = outs[3].outputs[0]
+    assert 0 < len(bad.token_ids) < max_tokens  # partial text comes back
+    assert bad.finish_reason == "stop"
+    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs[:3])
+
+    # The same load without pruning preempts (that is what memory pruning replaced).
+    none = {"stepprobe": {"policy": "none"}}
+    params = [_sp(max_tokens=max_tokens, temperature=1.0, logit_bias=h.good_bias(), extra_args=none) for _ in range(3)]
+    params.append(_sp(max_tokens=max_tokens, temperature=1.0, logit_bias=h.bad_bias(), extra_args=none))
+    pre = plugin_runner.preemptions()
+    outs = plugin_runner.llm.generate(prompts, params, use_tqdm=False)
+    _records(plugin_runner)
+    assert plugin_runner.preemptions() > pre
+    assert all(o.outputs[0].stop_reason is None for o in outs)
+
+
+def test_threshold_and_top_fraction_prune_the_low_trace(plugin_runner, helpers):
+    h = helpers
+    prompts = ["Good A.", "Good B.", "Good C.", "Bad D."]
+    for policy in ("threshold", "top_fraction"):
+        extra = {"stepprobe": {"policy": policy, "group": f"tf-{policy}"}}
+        params = [_sp(max_tokens=40, temperature=1.0, logit_bias=h.good_bias(), extra_args=extra) for _ in range(3)]
+        params.append(_sp(max_tokens=40, temperature=1.0, logit_bias=h.bad_bias(), extra_args=extra))
+        outs = plugin_runner.llm.generate(prompts, params, use_tqdm=False)
+        _records(plugin_runner)
+        assert [o.outputs[0].stop_reason for o in outs] == [None, None, None, "pruned"], policy
+        # warm-up 2 steps (threshold) / ranked at step 3 (top_fraction): stopped early, not at once
+        assert 2 <= len(outs[3].outputs[0].token_ids) < 40, policy
+
+
+def test_runner_reports_pruned_traces_with_score_and_text(plugin_runner, helpers):
+    h = helpers
+    """Through StepRunner.generate: pruned traces carry their flag, score and partial text."""
+    results = plugin_runner.generate(["Bad only."], n=2, max_tokens=30, temperature=1.0, policy="threshold",
+                                     logit_bias=h.bad_bias())
+    traces = results[0]
+    # protect_last does not apply to threshold: both are low and both are pruned
+    assert all(t.pruned for t in traces)
+    for t in traces:
+        assert t.score is not None and t.score < 0.01
+        assert t.text and len(t.token_ids) < 30
+
+
+def test_policy_none_equals_plain_vllm(plugin_runner, plain_llm):
+    prompts = ["The capital of France is", "1 2 3 4", "Once upon a time"]
+    sp = _sp(max_tokens=60, temperature=0.0)
+    plain = plain_llm.generate(prompts, sp, use_tqdm=False)
+    ours = plugin_runner.generate(prompts, n=1, max_tokens=60, temperature=0.0, policy="none")
+    assert [list(o.outputs[0].token_ids) for o in plain] == [t[0].token_ids for t in ours]
