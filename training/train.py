@@ -17,6 +17,7 @@ Example: stepprobe train --data states.h5 --sites layer_20 --arch mlp --out runs
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import tempfile
 import warnings
@@ -165,7 +166,13 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
         ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=config.monitor, mode=mode, save_top_k=1,
                                save_weights_only=True, enable_version_counter=False)
         stop = EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience)
-        logger = CSVLogger(str(out_dir), name="logs", version="") if out_dir else False
+        logger: Any = False
+        if out_dir:
+            logger = [CSVLogger(str(out_dir), name="logs", version="")]
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                logger.append(TensorBoardLogger(str(out_dir), name="logs", version="tensorboard"))
         control = [stop, ckpt] if fixed_epochs is None else []
         trainer = L.Trainer(max_epochs=fixed_epochs or config.max_epochs, accelerator=config.accelerator, devices=1,
                             callbacks=[*control, *callbacks], logger=logger, enable_progress_bar=config.progress,

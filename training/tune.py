@@ -52,7 +52,7 @@ TUNE_SCHEMA_VERSION = 1
 STUDY_ATTR = "stepprobe"
 WIDTHS = (32, 64, 128, 256, 512)
 # Config fields that may change between resumptions without changing the study.
-_VOLATILE = {"out", "n_trials", "timeout", "progress", "plots", "storage", "stepprobe_version", "cache_gb",
+_VOLATILE = {"data", "out", "n_trials", "timeout", "progress", "plots", "storage", "stepprobe_version", "cache_gb",
              "heartbeat_interval", "grace_period"}
 
 
