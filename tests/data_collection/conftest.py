@@ -18,7 +18,7 @@ RECORD_TEXTS = [
 ]
 
 
-def record_make_traces(path: Path, model_path: str, *, num_problems: int = 3, texts: list[str] | None = None,
+def make_traces(path: Path, model_path: str, *, num_problems: int = 3, texts: list[str] | None = None,
                        question_prefix: str = "Compute.\n\nWhat is", name: str | None = None) -> Path:
     """A traces file (collect's format, written with TraceWriter) for ``model_path``'s tokenizer.
 
@@ -54,7 +54,7 @@ def record_make_traces(path: Path, model_path: str, *, num_problems: int = 3, te
 @pytest.fixture(scope="session")
 def record_traces(tmp_path_factory, tiny_model_path) -> Path:
     """A small traces file for the tiny model (3 problems x 4 traces)."""
-    return record_make_traces(tmp_path_factory.mktemp("record") / "traces.jsonl", tiny_model_path)
+    return make_traces(tmp_path_factory.mktemp("record") / "traces.jsonl", tiny_model_path)
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +76,9 @@ def record_detector(record_tokenizer) -> Any:
     from stepprobe.boundaries import BoundaryDetector, BoundaryRule
 
     return BoundaryDetector.from_tokenizer(BoundaryRule(), record_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def record_make_traces():
+    """The traces-file builder (``make_traces``) for tests that need their own."""
+    return make_traces
