@@ -339,6 +339,11 @@ class HiddenStates:
         self.storage_dtype: str = self.header["storage_dtype"]
         self.layout: str = self.header.get("layout", LAYOUT_SINGLE)
         self.complete: bool = bool(self.header.get("complete", False))
+        if self.layout == LAYOUT_PARTS:
+            for rel, *_ in (self.header.get("extra") or {}).get("parts", []):
+                if not (self.path.parent / rel).is_file():
+                    raise ArtifactMismatch(f"{self.path}: block file {rel} is missing (a run in progress keeps its "
+                                           f"features in {parts_dir(self.path).name}/ next to the file)")
 
     # -- lifecycle ---------------------------------------------------------------------
     def _h5(self) -> Any:
@@ -421,6 +426,7 @@ class HiddenStates:
             block = max(1, _COPY_BLOCK_BYTES // (self.hidden_size * 4))
             for lo in range(0, n, block):
                 out[lo:lo + block] = ds[lo:min(n, lo + block)]
+            self._check_snapshot(out)
             return out
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
@@ -437,7 +443,14 @@ class HiddenStates:
             lo, hi = int(uniq[idx[0]]), int(uniq[idx[-1]]) + 1
             got[idx] = ds[lo:hi][uniq[idx] - lo]
         out[:] = got[inverse]
+        self._check_snapshot(out)
         return out
+
+    def _check_snapshot(self, out: np.ndarray) -> None:
+        # A virtual dataset reads a vanished block file as its fill value (NaN): that happens
+        # only when a running writer merged blocks after this reader opened the file.
+        if self.layout == LAYOUT_PARTS and out.size and np.isnan(out).any():
+            raise StepprobeError(f"{self.path} changed while it was read (a run is writing it); open it again")
 
     def stack(self, sites: Sequence[str], rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
         """float32 ``[len(rows), len(sites), hidden]``."""
@@ -642,9 +655,10 @@ class HiddenStatesWriter:
         if self.dtype == "float16":
             big = np.abs(a) > np.finfo(np.float16).max
             if big.any():
+                if not self._n_overflow:
+                    log.warning("hidden-state values exceed the float16 range and are clipped to +-65504; "
+                                "use storage dtype float32 for this model (count logged at the end)")
                 self._n_overflow += int(big.sum())
-                log.warning("%d hidden-state values exceed the float16 range and were clipped (%d so far); "
-                            "use storage dtype float32 for this model", int(big.sum()), self._n_overflow)
                 a = np.clip(a, -np.finfo(np.float16).max, np.finfo(np.float16).max)
         return a.astype(self.dtype)
 
@@ -745,6 +759,9 @@ class HiddenStatesWriter:
     def finish(self, *, complete: bool = True, consolidate: bool = True) -> Path:
         """Commit, mark the file complete, and (by default) write the single-file layout."""
         self.attrs["complete"] = bool(complete)
+        if self._n_overflow:
+            self.attrs["extra"] = {**self.attrs.get("extra", {}), "float16_clipped_values": self._n_overflow}
+            log.warning("%d hidden-state values were clipped to the float16 range", self._n_overflow)
         self.commit()
         if consolidate:
             consolidate_file(self.path)

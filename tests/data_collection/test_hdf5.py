@@ -279,3 +279,26 @@ def test_killed_writer_leaves_readable_file_and_resumes(tmp_path):
     assert hs.complete and hs.num_problems == n and hs.num_traces == n and hs.num_steps == 3 * n
     assert len(set(hs.problems["problem_id"])) == n
     np.testing.assert_array_equal(hs.features("embed")[::3, 0], np.arange(n))
+
+
+def test_parts_file_without_its_blocks_is_refused(tmp_path, record_model_identity):
+    path = tmp_path / "run" / "hs.h5"
+    w = _writer(path, record_model_identity)
+    w.add_problem("p0", "q", "g", [_record(0, 2)])
+    moved = tmp_path / "hs.h5"
+    moved.write_bytes(path.read_bytes())  # copied without hs.h5.parts/
+    with pytest.raises(ArtifactMismatch, match="block file .* is missing"):
+        HiddenStates(moved)
+
+
+def test_float16_overflow_is_clipped_and_counted(tmp_path, record_model_identity, caplog):
+    path = tmp_path / "hs.h5"
+    w = HiddenStatesWriter(path, sites=SITES, hidden_size=H, model=record_model_identity, boundary_rule=RULE)
+    rec = _record(0, 2)
+    rec.features["layer_01"][0, 0] = 1e6
+    w.add_problem("p0", "q", "g", [rec])
+    with caplog.at_level("WARNING"):
+        w.finish()
+    hs = HiddenStates(path)
+    assert hs.features("layer_01")[0, 0] == np.finfo(np.float16).max
+    assert hs.header["extra"]["float16_clipped_values"] == 1 and "clipped" in caplog.text
