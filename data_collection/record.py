@@ -62,7 +62,7 @@ class Config(StageConfig):
     compression: str | None = option(None, "HDF5 compression: none | gzip | gzip:LEVEL | lzf")
     batch_size: int = option(8, "traces per forward pass")
     max_batch_tokens: int = option(32768, "upper bound on batch_size x padded length per forward pass")
-    delimiter: str = option(DEFAULT_DELIMITER, "step delimiter; escapes like \\n are decoded (default: a blank line)")
+    delimiter: str = option(DEFAULT_DELIMITER, "step delimiter, escapes like \\n decoded (the default is a blank line, \\n\\n)")
     shard: str | None = option(None, "i/k: record only problems i, i+k, i+2k, ... (file order), into <output>.shard-i-of-k.h5")
     merge: list[str] = option(factory=list, help="instead of recording, merge these HDF5 files into --output")
     overwrite: bool = option(False, "replace an existing output file instead of resuming it")
