@@ -205,7 +205,8 @@ def _resume(out: Path, config: Config) -> dict[str, dict]:
     return done
 
 
-def run(config: Config) -> Path:
+def run(config: Config, runner: Any = None) -> Path:
+    """Run the stage. ``runner``: an already started :class:`StepRunner` to use (not closed here)."""
     from tqdm import tqdm
 
     out = Path(config.output) if config.output else runs_dir() / time.strftime("run-%Y%m%d-%H%M%S")
@@ -218,25 +219,29 @@ def run(config: Config) -> Path:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(_header(config)) + "\n")
     log.info("run: %d problems (%d already done), n=%d, policy=%s", len(problems), len(done), config.n, config.policy)
-    wall = 0.0
-    runner = None
+    wall, engine_preemptions = 0.0, 0
+    own = runner is None
     if todo:
-        runner = make_runner(config)
+        if own:
+            runner = make_runner(config)
         size = config.batch_problems or len(todo)
         with tqdm(total=len(todo), desc=f"run ({config.policy})", unit="problem") as bar:
             for i in range(0, len(todo), size):
                 batch = todo[i:i + size]
                 records, stats = solve(runner, batch, config)
                 wall += stats["wall_s"]
+                engine_preemptions += stats["preemptions"]
                 with open(path, "a", encoding="utf-8") as fh:
                     for r in records:
                         fh.write(json.dumps(r) + "\n")
                         done[r["problem_id"]] = r
                     fh.flush()
                 bar.update(len(batch))
-        runner.close()
+        if own:
+            runner.close()
     records = [done[p.problem_id] for p in problems if p.problem_id in done]
-    summary = summarize(records, config, {"wall_s_this_session": wall})
+    summary = summarize(records, config, {"wall_s_this_session": wall,
+                                          "engine_preemptions_this_session": engine_preemptions})
     atomic_write_json(out / "summary.json", {**_header(config), "summary": summary})
     log.info("run: accuracy %.3f (%s vote), %d/%d traces pruned, %d preemptions -> %s", summary["accuracy"],
              config.vote, summary["pruned"], summary["traces"], summary["preemptions"], out)

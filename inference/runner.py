@@ -127,7 +127,7 @@ class StepRunner:
         bias_ids = [i for i in self.tokenizer.encode(rule.delimiter, add_special_tokens=False)]
         bias_ids += self.tokenizer.encode(rule.delimiter[:1], add_special_tokens=False)
         sp = SamplingParams(n=2, temperature=1.0, max_tokens=max_tokens,
-                            logit_bias={i: 6.0 for i in set(bias_ids)},
+                            logit_bias={i: 100.0 for i in set(bias_ids)},
                             extra_args={"stepprobe": {"policy": "none"}})
         keep = self.settings.keep_records
         self.llm.collective_rpc("stepprobe_take_records")  # drop stale records

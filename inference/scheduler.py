@@ -139,11 +139,18 @@ class PruningMixin:
                 and self._sp_traces[r.request_id].policy == "memory" and self._sp_prunable(r.request_id))
                 for r in running}
             running.sort(key=lambda r: keys[r.request_id])  # stable: unscored keep FCFS order
-        return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        # Only preemptions for lack of KV space inside schedule() become prunes (not, e.g.,
+        # the preempt-everything of reset_prefix_cache).
+        self._sp_in_schedule = True
+        try:
+            return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._sp_in_schedule = False
 
     def _preempt_request(self, request: Any, timestamp: float, drop_stale_output: bool = False) -> None:
         t = self._sp_traces.get(request.request_id)
-        if t is not None and t.policy == "memory" and self._sp_prunable(request.request_id):
+        if (getattr(self, "_sp_in_schedule", False) and t is not None and t.policy == "memory"
+                and self._sp_prunable(request.request_id)):
             self._sp_finish(request, from_running=True)
             return
         self.stepprobe_counts["preempted"] += 1

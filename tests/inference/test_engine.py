@@ -25,7 +25,7 @@ def test_capture_counts_equal_boundary_counts(plugin_runner):
 
     det = BoundaryDetector.from_tokenizer(BoundaryRule(), plugin_runner.tokenizer)
     results = plugin_runner.generate(["Hello there", "What is 2+2? Think."], n=3, max_tokens=48, temperature=1.0,
-                                     policy="none", logit_bias={198: 5.0, 1116: 4.0})
+                                     policy="none", logit_bias={198: 100.0, 1116: 99.0})
     total = 0
     for prompt_traces, prompt in zip(results, ["Hello there", "What is 2+2? Think."]):
         assert len(prompt_traces) == 3  # n>1 children aggregated into one request output
@@ -49,7 +49,7 @@ def test_parity_with_recorder_features_fp32(plugin_runner, tiny_model_path, plan
 
     prompt = "Parity check:"
     results = plugin_runner.generate([prompt], n=2, max_tokens=40, temperature=1.0, policy="none",
-                                     logit_bias={198: 5.0, 1116: 5.0})
+                                     logit_bias={198: 100.0, 1116: 100.0})
     plen = len(plugin_runner.tokenizer(prompt)["input_ids"])
     prompt_ids = plugin_runner.tokenizer(prompt)["input_ids"]
     scorer = load_scorer(planted_scorer)
@@ -80,7 +80,7 @@ def test_memory_policy_prunes_the_planted_low_trace(plugin_runner, helpers):
     bs = plugin_runner.llm.llm_engine.vllm_config.cache_config.block_size
     prompts = ["Good one.", "Good two.", "Good three.", "Bad one."]
     plen = max(len(tok(p)["input_ids"]) for p in prompts)
-    max_tokens = 160
+    max_tokens = bs + bs // 2  # every trace needs a second block on the way
     per = h.blocks_for(plen + max_tokens, bs)
     assert 3 * per <= h.NUM_KV_BLOCKS < 4 * per, "test sizing: four traces must not fit, three must"
     group = {"stepprobe": {"policy": "memory", "group": "g"}}
@@ -142,3 +142,32 @@ def test_policy_none_equals_plain_vllm(plugin_runner, plain_llm):
     plain = plain_llm.generate(prompts, sp, use_tqdm=False)
     ours = plugin_runner.generate(prompts, n=1, max_tokens=60, temperature=0.0, policy="none")
     assert [list(o.outputs[0].token_ids) for o in plain] == [t[0].token_ids for t in ours]
+
+
+def test_run_stage_results_summary_and_resume(plugin_runner, planted_scorer, tiny_model_path, tmp_path):
+    import json
+
+    from stepprobe.errors import ArtifactMismatch
+    from stepprobe.inference import run as run_stage
+
+    cfg = run_stage.Config(problems="builtin:n=3,seed=0", scorer=planted_scorer, model=tiny_model_path, n=2,
+                           policy="memory", max_tokens=24, dtype="float32", vote="score", output=str(tmp_path / "r"),
+                           batch_problems=2)
+    out = run_stage.run(cfg, runner=plugin_runner)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    header, recs = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert header["kind"] == "stepprobe-run-results" and len(recs) == 3
+    for r in recs:
+        assert r["kept"] + r["pruned"] == 2 and len(r["traces"]) == 2
+        assert set(r["votes"]) == {"majority", "score", "confidence"}
+        assert r["output_tokens"] == sum(t["num_tokens"] for t in r["traces"])
+        assert isinstance(r["correct"], bool)
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert summary["problems"] == 3 and summary["traces"] == 6
+    # resume: nothing left to do, same results; another config is refused
+    steps = plugin_runner.llm.collective_rpc("stepprobe_info")[0]["steps_processed"]
+    run_stage.run(cfg, runner=plugin_runner)
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    assert plugin_runner.llm.collective_rpc("stepprobe_info")[0]["steps_processed"] == steps  # nothing generated
+    with pytest.raises(ArtifactMismatch, match="different config"):
+        run_stage.run(cfg.replace(n=3), runner=plugin_runner)
