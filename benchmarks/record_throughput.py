@@ -12,7 +12,7 @@ rows, no writing) and ``stage`` (the whole ``record.run``: counting pass, model 
 forward, HDF5 writes, final consolidation). Reported: seconds, ratios
 ``stage/generate``, ``stage/forward``, ``extract/forward``, boundaries/s and MB/s written.
 
-    python benchmarks/record_throughput.py --traces runs/x/traces.jsonl
+    python benchmarks/record_throughput.py --traces runs/x/traces.jsonl [--problems 12]
     python benchmarks/record_throughput.py --synthetic 64 --model /path/to/model --device cuda
 
 ``--synthetic N`` builds N problems x 8 traces of random tokens with a blank line every ~40
@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", default=None, help="traces file from `stepprobe collect`")
     ap.add_argument("--synthetic", type=int, default=0, help="instead: N synthetic problems for --model")
+    ap.add_argument("--problems", type=int, default=0, help="use only the first N problems of --traces (0: all)")
     ap.add_argument("--model", default=None, help="model (default: the traces header's)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-batch-tokens", type=int, default=32768)
@@ -116,6 +117,13 @@ def main() -> None:
         traces = synthetic_traces(tmp / "traces.jsonl", resolve_model(args.model), args.synthetic)
     elif args.traces:
         traces = Path(args.traces)
+        if args.problems:
+            with open(traces, encoding="utf-8") as src, open(tmp / "traces.jsonl", "w", encoding="utf-8") as dst:
+                for i, line in enumerate(src):
+                    if i > args.problems:
+                        break
+                    dst.write(line)
+            traces = tmp / "traces.jsonl"
     else:
         raise SystemExit("give --traces or --synthetic N --model M")
     header, problems = read_traces(traces)
