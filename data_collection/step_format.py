@@ -77,17 +77,36 @@ def _label(rec: dict[str, Any]) -> bool:
     for key in ("correct", "is_correct", "label"):
         if key in rec and rec[key] is not None:
             return bool(rec[key])
-    from .grading import is_correct
-
+    try:
+        from .grading import is_correct
+    except ImportError:  # pragma: no cover - collect's grading module is part of the package
+        return _math_verify_equal(rec.get("extracted_answer"), str(rec.get("ground_truth", "")))
     return is_correct(rec.get("extracted_answer"), str(rec.get("ground_truth", "")))
+
+
+def _math_verify_equal(answer: Any, gold: str) -> bool:
+    if answer is None:
+        return False
+    from math_verify import parse, verify
+
+    return bool(verify(parse(gold), parse(str(answer))))
+
+
+def _prompt(pid: str, question: str, gold: str, tokenizer: Any, system_prompt: str | None) -> str:
+    """collect's :func:`~stepprobe.data_collection.prompts.build_prompt` with the question as the user turn."""
+    try:
+        from .problems import Problem
+        from .prompts import build_prompt
+    except ImportError:  # pragma: no cover - fall back to the bare chat template
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+            [{"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return build_prompt(Problem(pid, question, gold), tokenizer, system_prompt=system_prompt, answer_instruction="")
 
 
 def read_step_jsonl(path: str | os.PathLike, tokenizer: Any, model: dict[str, Any], *,
                     system_prompt: str | None = None) -> tuple[dict[str, Any], Iterator[ProblemTraces]]:
     """A traces-like header and a stream of :class:`ProblemTraces` built from a STEP file."""
-    from .problems import Problem
-    from .prompts import build_prompt
-
     path = Path(path)
     if not path.is_file():
         raise StepprobeError(f"STEP traces file not found: {path}")
@@ -110,8 +129,7 @@ def read_step_jsonl(path: str | os.PathLike, tokenizer: Any, model: dict[str, An
                 first = recs[0]
                 pid = str(first.get("problem_id") or first.get("id") or problem_id_for(question))
                 gold = str(first.get("ground_truth", ""))
-                prompt = build_prompt(Problem(pid, question, gold), tokenizer, system_prompt=system_prompt,
-                                      answer_instruction="")
+                prompt = _prompt(pid, question, gold, tokenizer, system_prompt)
                 prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 traces = []
                 for i, rec in enumerate(recs):
