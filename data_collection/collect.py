@@ -1,0 +1,345 @@
+"""Sample N traces per problem with vLLM, grade them, and write a resumable traces file.
+
+Problems come from a file (JSONL/JSON/CSV/Parquet; common shapes detected) or from the
+built-in generator (``--problems builtin`` or ``builtin:n=300,seed=0,families=add+sub,levels=1+2``).
+Each problem is turned into a chat prompt (system prompt + question + answer instruction),
+``chunk_size`` problems at a time go to the engine in ONE ``generate`` call (N samples each),
+every trace is graded (``\\boxed{}`` / "The answer is ..." / option letters, compared with
+math-verify), and each finished problem is appended to the traces file at once.
+
+Rerunning the same command resumes: finished problems are kept and not redone; a partial
+last line from a killed run is cut off. ``--overwrite`` starts afresh. A summary (sample
+accuracy, majority-vote accuracy, pass@N, tokens, traces/s) is logged and saved as JSON
+beside the traces file (``<traces stem>.summary.json``).
+
+The engine is seeded once (``LLM(seed=...)``); per-request seeds crash vLLM's CPU build
+with several prompts, so they are not used. A resumed run therefore draws different (but
+equally valid) samples for the remaining problems than an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..config import StageConfig, option
+from ..errors import StepprobeError
+from ..io import atomic_write_json
+from ..models import DEFAULT_MODEL, model_display_name, resolve_model
+from ..paths import runs_dir
+from ..provenance import model_identity, package_versions
+from .grading import answers_equivalent, extract_answer, is_correct
+from .problems import Problem, load_problem_source
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from .traces import ProblemTraces, Trace, TraceWriter, make_header, read_traces
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KIND = "stepprobe-collect-summary"
+SUMMARY_SCHEMA_VERSION = 1
+
+# Config fields a resumed run must share with the file it continues.
+RESUME_KEYS = ("model", "problems", "question_field", "answer_field", "id_field", "choices_field", "limit",
+               "n", "temperature", "top_p", "top_k", "max_tokens", "seed", "system_prompt",
+               "answer_instruction", "use_chat_template")
+
+
+@dataclasses.dataclass
+class Config(StageConfig):
+    """``stepprobe collect`` options."""
+
+    SECTION = "collect"
+
+    model: str = option(DEFAULT_MODEL, "model name, HF id or checkpoint directory")
+    problems: str = option("builtin", "problem file (.jsonl/.json/.csv/.parquet) or builtin[:n=400,seed=0,"
+                                      "families=add+sub,levels=1+2]")
+    question_field: str | None = option(None, "question field name in the problem file (default: detected)")
+    answer_field: str | None = option(None, "answer field name in the problem file (default: detected)")
+    id_field: str | None = option(None, "id field name in the problem file (default: detected, else line index)")
+    choices_field: str | None = option(None, "multiple-choice options field (default: detected)")
+    limit: int | None = option(None, "use only the first LIMIT problems")
+    n: int = option(8, "traces sampled per problem")
+    temperature: float = option(0.7, "sampling temperature")
+    top_p: float = option(0.95, "nucleus sampling p")
+    top_k: int = option(0, "top-k sampling (0: off)")
+    max_tokens: int = option(256, "maximum generated tokens per trace")
+    seed: int = option(0, "engine seed (LLM(seed=...); per-request seeds crash vLLM's CPU build)")
+    system_prompt: str = option(DEFAULT_SYSTEM_PROMPT, "system prompt ('' for the chat template's default)")
+    answer_instruction: str | None = option(
+        None, "instruction appended to every question (default: 'The answer is N.' form; for multiple "
+              "choice the letter form); '' for none")
+    use_chat_template: bool = option(True, "apply the tokenizer's chat template")
+    output: str | None = option(None, "traces file (default: $STEPPROBE_HOME/runs/collect/<model>_<problems>_"
+                                      "n<N>_s<seed>/traces.jsonl)")
+    overwrite: bool = option(False, "start afresh instead of resuming an existing traces file")
+    chunk_size: int = option(32, "problems per vLLM generate call (all of a chunk go to the engine at once)")
+    kv_cache_gb: float | None = option(None, "KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: "
+                                             "kv_cache_memory_bytes); default: vLLM's")
+    max_model_len: int | None = option(2048, "engine context length (prompt + output)")
+    dtype: str = option("auto", "model dtype for vLLM (auto, float32, bfloat16, float16)")
+    grade_timeout_s: float = option(5.0, "time limit per math-verify comparison (seconds)")
+
+
+def _slug(text: str) -> str:
+    text = os.path.basename(str(text).rstrip("/")) or str(text)
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "-", text).strip("-")[:60] or "x"
+
+
+def default_output(config: Config) -> Path:
+    name = f"{_slug(model_display_name(config.model))}_{_slug(config.problems)}_n{config.n}_s{config.seed}"
+    return runs_dir() / "collect" / name / "traces.jsonl"
+
+
+def summary_path(traces_path: str | os.PathLike) -> Path:
+    p = Path(traces_path)
+    return p.with_name(p.stem + ".summary.json")
+
+
+def make_llm(model_path: str, *, seed: int = 0, kv_cache_gb: float | None = None, max_model_len: int | None = None,
+             dtype: str = "auto", **engine_kwargs: Any):
+    """Start a ``vllm.LLM`` (shared by ``collect``, tests and the pipeline)."""
+    from vllm.platforms import current_platform
+
+    if kv_cache_gb is not None:
+        if current_platform.is_cpu():
+            # Read when the engine starts (the engine core process inherits it).
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(math.ceil(kv_cache_gb))))
+        else:
+            engine_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * (1 << 30)))
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = {"seed": seed, "dtype": dtype, **engine_kwargs}
+    if max_model_len:
+        kwargs["max_model_len"] = max_model_len
+    log.info("starting vLLM on %s", model_path)
+    return LLM(model=model_path, **kwargs)
+
+
+def _llm_model_path(llm: Any) -> str | None:
+    try:
+        return str(llm.llm_engine.model_config.model)
+    except AttributeError:
+        return None
+
+
+def sampling_params(config: Config):
+    from vllm import SamplingParams
+
+    return SamplingParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
+                          top_k=max(0, config.top_k), max_tokens=config.max_tokens)
+
+
+def _validate(config: Config) -> None:
+    if config.n < 1:
+        raise StepprobeError(f"n must be at least 1, got {config.n}")
+    if config.max_tokens < 1:
+        raise StepprobeError(f"max_tokens must be at least 1, got {config.max_tokens}")
+    if config.chunk_size < 1:
+        raise StepprobeError(f"chunk_size must be at least 1, got {config.chunk_size}")
+    if config.temperature < 0:
+        raise StepprobeError(f"temperature must be >= 0, got {config.temperature}")
+    if not 0 < config.top_p <= 1:
+        raise StepprobeError(f"top_p must be in (0, 1], got {config.top_p}")
+    if config.limit is not None and config.limit < 1:
+        raise StepprobeError(f"limit must be at least 1, got {config.limit}")
+
+
+def load_config_problems(config: Config) -> list[Problem]:
+    problems = load_problem_source(config.problems, question_field=config.question_field,
+                                   answer_field=config.answer_field, id_field=config.id_field,
+                                   choices_field=config.choices_field)
+    return problems[:config.limit] if config.limit else problems
+
+
+def majority_vote(answers: Iterable[str | None]) -> str | None:
+    """The most common answer, merging math-equivalent ones; ties go to the first seen."""
+    groups: list[list[str]] = []
+    for a in answers:
+        if a is None:
+            continue
+        for g in groups:
+            if answers_equivalent(g[0], a):
+                g.append(a)
+                break
+        else:
+            groups.append([a])
+    if not groups:
+        return None
+    return max(groups, key=len)[0]  # max keeps the first of equal lengths
+
+
+def grade_problem(problem: Problem, prompt_text: str, output: Any, *, timeout_s: float,
+                  timing: dict[str, float]) -> ProblemTraces:
+    """A vLLM ``RequestOutput`` for ``problem`` -> graded :class:`ProblemTraces`."""
+    traces = []
+    for i, c in enumerate(output.outputs):
+        extracted = extract_answer(c.text, problem.choices)
+        traces.append(Trace(sample_index=i, output_token_ids=list(c.token_ids), text=c.text,
+                            finish_reason=str(c.finish_reason), num_tokens=len(c.token_ids),
+                            extracted_answer=extracted,
+                            correct=is_correct(extracted, problem.gold, choices=problem.choices, timeout_s=timeout_s)))
+    return ProblemTraces(problem_id=problem.problem_id, question=problem.question, gold=problem.gold,
+                         prompt_text=prompt_text, prompt_token_ids=list(output.prompt_token_ids or []),
+                         traces=traces, choices=problem.choices, timing=timing, meta=problem.meta)
+
+
+def summarize(problems: Iterable[ProblemTraces]) -> dict[str, Any]:
+    """Accuracy figures over a traces file's problems."""
+    n_prob = n_traces = n_correct = n_extracted = pass_any = maj_correct = 0
+    tokens = tok_right = tok_wrong = n_right = 0
+    finish: collections.Counter = collections.Counter()
+    fam: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for p in problems:
+        n_prob += 1
+        oks = [t.correct for t in p.traces]
+        n_traces += len(oks)
+        n_correct += sum(oks)
+        pass_any += any(oks)
+        n_extracted += sum(t.extracted_answer is not None for t in p.traces)
+        for t in p.traces:
+            tokens += t.num_tokens
+            finish[t.finish_reason] += 1
+            if t.correct:
+                tok_right += t.num_tokens
+                n_right += 1
+            else:
+                tok_wrong += t.num_tokens
+        voted = majority_vote(t.extracted_answer for t in p.traces)
+        maj_correct += is_correct(voted, p.gold, choices=p.choices)
+        family = p.meta.get("family")
+        if family is not None:
+            key = f"{family}/L{p.meta.get('level')}" if p.meta.get("level") is not None else str(family)
+            fam[key][0] += len(oks)
+            fam[key][1] += sum(oks)
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 4) if b else None
+
+    return {
+        "problems": n_prob,
+        "traces": n_traces,
+        "sample_accuracy": ratio(n_correct, n_traces),
+        "majority_vote_accuracy": ratio(maj_correct, n_prob),
+        "pass_at_n": ratio(pass_any, n_prob),
+        "answer_extracted_rate": ratio(n_extracted, n_traces),
+        "tokens_total": tokens,
+        "tokens_mean": ratio(tokens, n_traces),
+        "tokens_mean_correct": ratio(tok_right, n_right),
+        "tokens_mean_incorrect": ratio(tok_wrong, n_traces - n_right),
+        "finish_reasons": dict(finish),
+        "sample_accuracy_by_family": {k: round(v[1] / v[0], 4) for k, v in sorted(fam.items())},
+    }
+
+
+def run(config: Config, llm: Any = None) -> dict[str, Any]:
+    """Collect (or resume) the traces file for ``config``; returns the summary."""
+    _validate(config)
+    problems = load_config_problems(config)
+    out = Path(config.output) if config.output else default_output(config)
+    model_path = resolve_model(config.model)
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    hf_config = AutoConfig.from_pretrained(model_path)
+    identity = model_identity(model_display_name(config.model), hf_config, tokenizer)
+    header = make_header(config.to_dict(), identity, model_path=model_path, num_problems=len(problems))
+
+    with TraceWriter(out, header, overwrite=config.overwrite, match_keys=RESUME_KEYS) as writer:
+        todo = [p for p in problems if p.problem_id not in writer.done_ids]
+        unknown = writer.done_ids - {p.problem_id for p in problems}
+        if unknown:
+            raise StepprobeError(f"{out} holds problems that are not in {config.problems!r} "
+                                 f"(e.g. {sorted(unknown)[0]!r}); pass a new output or --overwrite")
+        if writer.done_ids:
+            log.info("resuming %s: %d of %d problems already done", out, len(writer.done_ids), len(problems))
+        stats = {"traces": 0, "tokens": 0, "seconds": 0.0}
+        if todo:
+            if llm is None:
+                llm = make_llm(model_path, seed=config.seed, kv_cache_gb=config.kv_cache_gb,
+                               max_model_len=config.max_model_len, dtype=config.dtype)
+            else:
+                given = _llm_model_path(llm)
+                if given is not None and os.path.realpath(given) != os.path.realpath(model_path) and given != model_path:
+                    raise StepprobeError(f"the engine passed to collect serves {given}, the config asks for {model_path}")
+            stats = _generate(config, llm, tokenizer, todo, writer, total=len(problems))
+        else:
+            log.info("%s already holds all %d problems; nothing to generate", out, len(problems))
+
+    header_read, probs = read_traces(out)
+    summary = summarize(probs)
+    summary.update({
+        "this_run": {
+            "traces_generated": stats["traces"],
+            "output_tokens": stats["tokens"],
+            "generate_seconds": round(stats["seconds"], 2),
+            "traces_per_s": round(stats["traces"] / stats["seconds"], 3) if stats["seconds"] else None,
+            "output_tokens_per_s": round(stats["tokens"] / stats["seconds"], 1) if stats["seconds"] else None,
+        },
+    })
+    record = {"kind": SUMMARY_KIND, "schema_version": SUMMARY_SCHEMA_VERSION, "traces": str(out),
+              **summary, "config": config.to_dict(), "model": identity, "packages": package_versions()}
+    atomic_write_json(summary_path(out), record)
+    _log_summary(out, summary)
+    return record
+
+
+def _generate(config: Config, llm: Any, tokenizer: Any, todo: list[Problem], writer: TraceWriter,
+              total: int) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    params = sampling_params(config)
+    stats = {"traces": 0, "tokens": 0, "seconds": 0.0}
+    done_before = total - len(todo)
+    bar = tqdm(total=total * config.n, initial=done_before * config.n, unit="trace", desc="collect",
+               dynamic_ncols=True)
+    try:
+        for start in range(0, len(todo), config.chunk_size):
+            chunk = todo[start:start + config.chunk_size]
+            prompts = [build_prompt(p, tokenizer, system_prompt=config.system_prompt,
+                                    answer_instruction=config.answer_instruction,
+                                    use_chat_template=config.use_chat_template) for p in chunk]
+            t0 = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            dt = time.perf_counter() - t0
+            chunk_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs) or 1
+            for problem, prompt, output in zip(chunk, prompts, outputs):
+                out_tokens = sum(len(c.token_ids) for c in output.outputs)
+                g0 = time.perf_counter()
+                timing = {"chunk_generate_s": round(dt, 4), "chunk_problems": len(chunk),
+                          "generate_s": round(dt * out_tokens / chunk_tokens, 4)}
+                pt = grade_problem(problem, prompt, output, timeout_s=config.grade_timeout_s, timing=timing)
+                pt.timing["grade_s"] = round(time.perf_counter() - g0, 4)
+                writer.write(pt)
+                stats["traces"] += len(pt.traces)
+                stats["tokens"] += out_tokens
+            stats["seconds"] += dt
+            bar.update(len(chunk) * config.n)
+            bar.set_postfix(tok_s=f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f}")
+    finally:
+        bar.close()
+    return stats
+
+
+def _log_summary(out: Path, s: dict[str, Any]) -> None:
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    r = s["this_run"]
+    log.info("collect: %d problems x %d traces -> %s", s["problems"], s["traces"] // max(s["problems"], 1), out)
+    log.info("sample accuracy %s | majority vote %s | pass@N %s | answer extracted %s",
+             pct(s["sample_accuracy"]), pct(s["majority_vote_accuracy"]), pct(s["pass_at_n"]),
+             pct(s["answer_extracted_rate"]))
+    log.info("tokens: %d total, %.1f mean per trace (correct %s, incorrect %s)", s["tokens_total"],
+             s["tokens_mean"] or 0, s["tokens_mean_correct"], s["tokens_mean_incorrect"])
+    if r["traces_generated"]:
+        log.info("this run: %d traces in %.1f s generate time: %.2f traces/s, %.0f output tokens/s",
+                 r["traces_generated"], r["generate_seconds"], r["traces_per_s"], r["output_tokens_per_s"])
+    log.info("summary: %s", summary_path(out))

@@ -1,0 +1,120 @@
+"""Answer extraction and grading: a table of real-looking model outputs and verdicts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from stepprobe.data_collection.collect import majority_vote
+from stepprobe.data_collection.grading import answers_equivalent, extract_answer, is_correct, last_boxed
+
+# (model output, gold, expected extraction, expected verdict)
+FREE_FORM = [
+    ("Tom has 3 apples and gets 4 more.\n3 + 4 = 7\nThe answer is 7.", "7", "7", True),
+    ("Step 1: 12 - 5 = 7.\n\nThe answer is 8.", "7", "8", False),
+    ("We compute $\\frac{6}{12}$, so the answer is $\\boxed{\\frac{1}{2}}$.", "0.5", "\\frac{1}{2}", True),
+    ("Adding them: 500 + 500 = 1000. The answer is 1,000.", "1000", "1,000", True),
+    ("The final answer is: 42", "42", "42", True),
+    ("**Answer:** 15", "15", "15", True),
+    ("The answer is 7 apples.", "7", "7 apples", True),
+    ("The answer is \\boxed{9}. Wait, let me recheck: 4 + 4 = 8. The answer is 8.", "8", "8", True),
+    ("Let me think. The answer is 6, because 2 * 3 = 6.", "6", "6", True),
+    ("First I thought the answer is 5. Then: 2+2 = 4, so \\boxed{4}", "4", "4", True),
+    ("\\boxed{x = 3}", "3", "x = 3", True),
+    ("The answer is \\(2\\sqrt{2}\\).", "\\sqrt{8}", "2\\sqrt{2}", True),
+    ("So 4 * 5 = 20, and 20 + 1 = 21.", "21", None, False),  # no final-answer form: not graded right
+    ("", "3", None, False),
+    ("The answer is -4.", "4", "-4", False),
+    ("The answer is 3.5", "7/2", "3.5", True),
+    ("\\boxed{\\frac{a}{b}", "1", None, False),  # unbalanced box, nothing else
+    ("the answer is 10%", "10", "10%", True),
+]
+
+
+@pytest.mark.parametrize("text, gold, extracted, verdict", FREE_FORM)
+def test_free_form_table(text, gold, extracted, verdict):
+    got = extract_answer(text)
+    assert got == extracted
+    assert is_correct(got, gold) is verdict
+
+
+CHOICES = ["Oxygen", "Neon", "Iron", "Carbon"]
+MULTIPLE_CHOICE = [
+    ("Neon is a noble gas. The answer is (B).", "B", "B", True),
+    ("The answer is B", "B", "B", True),
+    ("Iron is a metal... The answer is C.", "B", "C", False),
+    ("The answer is \\boxed{D}", "D", "D", True),
+    ("The answer is Neon.", "B", "B", True),  # option text maps to its letter
+    ("The answer is (B) Neon.", "B", "B", True),
+    ("I would say Neon.", "B", None, False),
+    ("The answer is (F).", "B", None, False),  # no option F
+]
+
+
+@pytest.mark.parametrize("text, gold, extracted, verdict", MULTIPLE_CHOICE)
+def test_multiple_choice_table(text, gold, extracted, verdict):
+    got = extract_answer(text, CHOICES)
+    assert got == extracted
+    assert is_correct(got, gold, choices=CHOICES) is verdict
+
+
+def test_multiple_choice_gold_as_text_or_index():
+    assert is_correct("B", "Neon", choices=CHOICES)
+    assert is_correct("B", "1", choices=CHOICES)
+    assert not is_correct("A", "Neon", choices=CHOICES)
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("0.5", "\\frac{1}{2}", True),
+    ("1/2", "2/4", True),
+    ("1,000", "1000", True),
+    ("7", "8", False),
+    ("x", "y", False),
+    ("\\sqrt{4}", "2", True),
+    (None, "2", False),
+])
+def test_answers_equivalent(a, b, same):
+    assert answers_equivalent(a, b) is same
+    assert answers_equivalent(b, a) is same
+
+
+def test_last_boxed_nested():
+    assert last_boxed("a \\boxed{\\frac{1}{\\sqrt{2}}} b") == "\\frac{1}{\\sqrt{2}}"
+    assert last_boxed("\\boxed 5") == "5"
+    assert last_boxed("no box") is None
+
+
+def test_majority_vote_merges_equivalent_answers():
+    assert majority_vote(["1/2", "3", "0.5", None, "3", "\\frac{1}{2}"]) == "1/2"
+    assert majority_vote([None, None]) is None
+    assert majority_vote(["4", "5"]) == "4"  # tie: first seen
+
+
+def test_time_limit_stops_a_slow_comparison(monkeypatch):
+    # The limit interrupts Python-level work inside math-verify: make verify hang.
+    import math_verify
+
+    def slow_verify(*args, **kwargs):
+        time.sleep(30)
+        return True
+
+    monkeypatch.setattr(math_verify, "verify", slow_verify)
+    t0 = time.perf_counter()
+    assert is_correct("2/3", "0.6666666", timeout_s=0.3) is False
+    assert time.perf_counter() - t0 < 20  # it did not wait for the 30 s sleep
+
+
+def test_power_towers_are_not_handed_to_sympy():
+    # sympy would evaluate 9^(9^(9^9)) in C, where no time limit can stop it.
+    assert is_correct("9^{9^{9^{9}}}", "9^{9^{9^{8}}}") is False
+    assert is_correct("9^{9^{9^{9}}}", "9^{9^{9^{9}}}") is True  # identical text still matches
+
+
+def test_grading_off_the_main_thread():
+    results = []
+    t = threading.Thread(target=lambda: results.append(is_correct("0.5", "1/2")))
+    t.start()
+    t.join()
+    assert results == [True]
