@@ -61,6 +61,9 @@ def main() -> None:
     from stepprobe.paths import runs_dir
     from stepprobe.provenance import package_versions
 
+    from stepprobe.inference.runner import default_cpu_kv_space
+
+    default_cpu_kv_space()
     model = resolve_model(args.model)
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="stepprobe-overhead-"))

@@ -91,6 +91,8 @@ class StepRunner:
             self.scorer = check_scorer_for_model(settings.scorer, self.model_path)
         if kv_cache_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+        else:
+            default_cpu_kv_space()
         from vllm import LLM
 
         kwargs = dict(seed=seed, max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
@@ -220,6 +222,16 @@ class StepRunner:
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
             self.llm = None
+
+
+def default_cpu_kv_space(gib: int = 2) -> None:
+    """On CPU, give the KV cache a fixed size unless the user did: vLLM's default reserves 92% of
+    the machine's memory and refuses to start when other processes hold some of it."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+        log.info("VLLM_CPU_KVCACHE_SPACE not set; using %d GiB for the KV cache", gib)
 
 
 def captured_boundaries(detector: Any, token_ids: Sequence[int]) -> list[int]:
