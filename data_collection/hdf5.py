@@ -209,7 +209,9 @@ def _check_consistency(tables: dict[str, dict[str, np.ndarray]], what: str) -> N
 
 
 def _create_feature_dataset(f: Any, site: str, n: int, hidden: int, dtype: str, compression: dict[str, Any]) -> Any:
-    rows = min(chunk_rows(hidden, dtype), max(n, 1))  # a small file gets small chunks
+    rows = chunk_rows(hidden, dtype)
+    if n > 0:  # as few chunks as the target size allows, all the same size: no half-empty last chunk
+        rows = -(-n // -(-n // rows))
     return f.create_dataset(f"features/{site}", shape=(n, hidden), maxshape=(None, hidden), dtype=dtype,
                             chunks=(rows, hidden), **compression)
 
