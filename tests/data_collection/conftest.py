@@ -82,3 +82,25 @@ def record_detector(record_tokenizer) -> Any:
 def record_make_traces():
     """The traces-file builder (``make_traces``) for tests that need their own."""
     return make_traces
+
+
+# ---- collect_*: fixtures of the collect tests (test_collect.py) ----
+
+@pytest.fixture(scope="session")
+def collect_tiny_llm(tiny_model_path):
+    """One vLLM engine on the tiny random model, shared by every collect test that generates."""
+    from stepprobe.data_collection.collect import make_llm
+
+    llm = make_llm(tiny_model_path, seed=0, max_model_len=512, dtype="float32")
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="session")
+def collect_default_llm(default_model_path):
+    """One vLLM engine on the embedded default model (the one end-to-end collect test)."""
+    from stepprobe.data_collection.collect import make_llm
+
+    llm = make_llm(default_model_path, seed=0, max_model_len=512, dtype="float32")
+    yield llm
+    del llm
