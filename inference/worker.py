@@ -142,8 +142,9 @@ class Capture:
     def process(self, scheduler_output: Any, output: Any) -> None:
         """Find this step's boundary rows, score them, attach the scores to ``output``."""
         for new in scheduler_output.scheduled_new_reqs:
-            plen = len(new.prompt_token_ids or [])
-            self.requests[new.req_id] = _ReqState(plen, plen)
+            if new.req_id not in self.requests:  # a re-sent request keeps its progress (no double count)
+                plen = len(new.prompt_token_ids or [])
+                self.requests[new.req_id] = _ReqState(plen, plen)
         mro = output if hasattr(output, "req_ids") else getattr(output, "_model_runner_output", None)
         counts = scheduler_output.num_scheduled_tokens
         steps: dict[str, list[list[float]]] = {}
