@@ -127,6 +127,8 @@ def run(config: Config) -> Path:
     problems = run_stage.load_problems(base)
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
+    header = {"kind": BENCH_KIND, "schema_version": BENCH_SCHEMA_VERSION, "config": config.to_dict(),
+              "package_versions": package_versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with tqdm(total=len(config.kv_blocks) * len(config.policies), desc="bench", unit="run") as bar:
         for kv in config.kv_blocks:
             runner = run_stage.make_runner(_run_config(config, "none", kv))
@@ -140,6 +142,8 @@ def run(config: Config) -> Path:
                                  "wall_s": stats["wall_s"], "output_tokens": s["output_tokens"],
                                  "preemptions": stats["preemptions"], "pruned": s["pruned"], "traces": s["traces"]})
                     details[f"{kv}/{policy}"] = records
+                    # Nothing already measured is lost if a later run dies.
+                    atomic_write_json(out / "bench.partial.json", {**header, "rows": rows, "problems": details})
                     bar.update(1)
             finally:
                 runner.close()
@@ -148,9 +152,8 @@ def run(config: Config) -> Path:
         r["time_ratio"] = r["wall_s"] / sc["wall_s"] if sc["wall_s"] else float("nan")
         r["token_ratio"] = r["output_tokens"] / sc["output_tokens"] if sc["output_tokens"] else float("nan")
     table = markdown_table(rows)
-    header = {"kind": BENCH_KIND, "schema_version": BENCH_SCHEMA_VERSION, "config": config.to_dict(),
-              "package_versions": package_versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     atomic_write_json(out / "bench.json", {**header, "rows": rows, "problems": details})
+    (out / "bench.partial.json").unlink(missing_ok=True)
     atomic_write_text(out / "bench.md", table)
     plot(rows, out / "bench.png")
     log.info("bench:\n%s", table)
