@@ -102,3 +102,21 @@ def test_scorer_for_another_model_is_refused_before_start(tmp_path, tiny_model_p
     with pytest.raises(ArtifactMismatch, match="hidden size 576") as err:
         StepRunner(tiny_model_path, PluginSettings(scorer=str(tmp_path / "s"), policy="memory"))
     assert "\n" not in str(err.value)
+
+
+def test_bench_table_plot_and_config(tmp_path):
+    from stepprobe.inference import bench
+
+    rows = [{"kv_blocks": 0, "policy": "none", "vote": "majority", "accuracy": 0.5, "wall_s": 10.0, "time_ratio": 1.0,
+             "output_tokens": 1000, "token_ratio": 1.0, "preemptions": 3, "pruned": 0, "traces": 16},
+            {"kv_blocks": 16, "policy": "memory", "vote": "score", "accuracy": 0.5625, "wall_s": 6.0,
+             "time_ratio": 0.6, "output_tokens": 700, "token_ratio": 0.7, "preemptions": 0, "pruned": 5, "traces": 16}]
+    table = bench.markdown_table(rows)
+    assert "| default | none | majority | 0.500 | 10.0 | 1.00 | 1000 | 1.00 | 3 | 0/16 |" in table
+    assert "| 16 | memory | score | 0.562 | 6.0 | 0.60 | 700 | 0.70 | 0 | 5/16 |" in table
+    bench.plot(rows, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    with pytest.raises(StepprobeError, match="baseline"):
+        bench.Config(policies=["memory"], scorer="x")
+    with pytest.raises(StepprobeError, match="needs --scorer"):
+        bench.Config(policies=["none", "memory"])
