@@ -8,7 +8,8 @@ every trace is graded (``\\boxed{}`` / "The answer is ..." / option letters, com
 math-verify), and each finished problem is appended to the traces file at once.
 
 Rerunning the same command resumes: finished problems are kept and not redone; a partial
-last line from a killed run is cut off. ``--overwrite`` starts afresh. A summary (sample
+last line from a killed run is cut off; a larger ``--limit`` extends the file. ``--overwrite``
+starts afresh. A summary (sample
 accuracy, majority-vote accuracy, pass@N, tokens, traces/s) is logged and saved as JSON
 beside the traces file (``<traces stem>.summary.json``).
 
@@ -46,7 +47,8 @@ SUMMARY_KIND = "stepprobe-collect-summary"
 SUMMARY_SCHEMA_VERSION = 1
 
 # Config fields a resumed run must share with the file it continues.
-RESUME_KEYS = ("model", "problems", "question_field", "answer_field", "id_field", "choices_field", "limit",
+# ``limit`` is not one: a rerun with a larger limit extends the file.
+RESUME_KEYS = ("model", "problems", "question_field", "answer_field", "id_field", "choices_field",
                "n", "temperature", "top_p", "top_k", "max_tokens", "seed", "system_prompt",
                "answer_instruction", "use_chat_template")
 
@@ -256,7 +258,8 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
         todo = [p for p in problems if p.problem_id not in writer.done_ids]
         unknown = writer.done_ids - {p.problem_id for p in problems}
         if unknown:
-            raise StepprobeError(f"{out} holds problems that are not in {config.problems!r} "
+            within = f"{config.problems!r}" + (f" with limit {config.limit}" if config.limit else "")
+            raise StepprobeError(f"{out} holds problems that are not in {within} "
                                  f"(e.g. {sorted(unknown)[0]!r}); pass a new output or --overwrite")
         if writer.done_ids:
             log.info("resuming %s: %d of %d problems already done", out, len(writer.done_ids), len(problems))

@@ -124,6 +124,17 @@ def test_interrupted_run_resumes_without_redoing(tiny_model_path, collect_tiny_l
 
 
 @pytest.mark.vllm
+def test_a_larger_limit_extends_the_file(tiny_model_path, collect_tiny_llm, tmp_path):
+    out = tmp_path / "traces.jsonl"
+    config = _config(tiny_model_path, out, n=2, problems="builtin:n=5,seed=4")
+    assert collect.run(config.replace(limit=2), llm=collect_tiny_llm)["problems"] == 2
+    first = _lines(out)
+    summary = collect.run(config.replace(limit=4), llm=collect_tiny_llm)
+    assert summary["this_run"]["traces_generated"] == 2 * 2 and summary["problems"] == 4
+    assert _lines(out)[:3] == first
+
+
+@pytest.mark.vllm
 def test_rerun_of_a_finished_file_needs_no_engine(collect_tiny_run, tmp_path):
     config, summary, done = collect_tiny_run
     out = tmp_path / "traces.jsonl"
