@@ -118,6 +118,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _warm_up(runner: Any, problems: list[Any]) -> None:
+    """An untimed short generation, so the first timed policy (self-consistency) does not pay
+    the engine's first-batch costs alone."""
+    from stepprobe.data_collection.prompts import build_prompt
+
+    prompts = [build_prompt(p, runner.tokenizer) for p in problems[:4]]
+    runner.generate(prompts, n=2, max_tokens=32, policy="none")
+
+
 def run(config: Config) -> Path:
     from tqdm import tqdm
 
@@ -133,6 +142,7 @@ def run(config: Config) -> Path:
         for kv in config.kv_blocks:
             runner = run_stage.make_runner(_run_config(config, "none", kv))
             try:
+                _warm_up(runner, problems)
                 for policy in config.policies:
                     rc = _run_config(config, policy, kv)
                     records, stats = run_stage.solve(runner, problems, rc, policy=policy)
