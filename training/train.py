@@ -61,7 +61,7 @@ class Config(StageConfig):
     params: dict = option(help="architecture parameters as JSON, e.g. '{\"width\": 256}'", factory=dict)
     lr: float = option(1e-3, "AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    batch_size: int = option(256, "training batch size")
+    batch_size: int = option(256, "training batch size (0: auto, about 16 batches per epoch, 32..1024)")
     max_epochs: int = option(40, "maximum epochs")
     patience: int = option(6, "early-stopping patience (validation epochs without improvement)")
     monitor: str = option(M.DEFAULT_MONITOR, "validation metric for early stopping and checkpointing")
@@ -147,7 +147,8 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
     split = split or make_split(hs, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
                                 seed=config.split_seed, max_steps_per_trace=config.max_steps_per_trace,
                                 subsample_seed=config.seed)
-    dm = ProbeDataModule(hs, spec, split, cache=cache, batch_size=config.batch_size, imbalance=config.imbalance,
+    batch_size = config.batch_size or auto_batch_size(len(split.rows[M.TRAIN]))
+    dm = ProbeDataModule(hs, spec, split, cache=cache, batch_size=batch_size, imbalance=config.imbalance,
                          seed=config.seed, include_test=evaluate_test)
     dm.setup("fit")
     n_neg, n_pos = dm.class_counts()
@@ -213,6 +214,12 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
     return TrainResult(probe=probe, spec=spec, split=split, metrics=result_metrics, threshold=threshold,
                        best_epoch=best_epoch, best_score=best_score, epochs_run=int(trainer.current_epoch),
                        predictions=preds)
+
+
+def auto_batch_size(n_train: int) -> int:
+    """About 16 optimizer steps per epoch, within 32..1024: small data still gets enough
+    updates, large data keeps Lightning's per-step overhead small."""
+    return int(min(1024, max(32, n_train // 16)))
 
 
 def fit_reference_for(dm: ProbeDataModule, spec: FeatureSpec, seed: int) -> Callable[[np.ndarray], np.ndarray]:

@@ -78,7 +78,7 @@ class Config(StageConfig):
     lr_max: float = option(1e-2, "")
     max_epochs: int = option(25, "maximum epochs per trial")
     patience: int = option(4, "early-stopping patience per trial")
-    batch_size: int = option(512, "batch size")
+    batch_size: int = option(0, "batch size (0: auto, about 16 batches per epoch)")
     val_fraction: float = option(0.15, "fraction of problems in validation")
     test_fraction: float = option(0.15, "fraction of problems in test (never seen while tuning)")
     split_seed: int = option(0, "seed of the problem split")
