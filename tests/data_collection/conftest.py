@@ -91,7 +91,7 @@ def collect_tiny_llm(tiny_model_path):
     """One vLLM engine on the tiny random model, shared by every collect test that generates."""
     from stepprobe.data_collection.collect import make_llm
 
-    llm = make_llm(tiny_model_path, seed=0, max_model_len=512, dtype="float32")
+    llm = make_llm(tiny_model_path, seed=0, max_model_len=512, dtype="float32", enforce_eager=True)
     yield llm
     del llm
 
@@ -101,6 +101,6 @@ def collect_default_llm(default_model_path):
     """One vLLM engine on the embedded default model (the one end-to-end collect test)."""
     from stepprobe.data_collection.collect import make_llm
 
-    llm = make_llm(default_model_path, seed=0, max_model_len=512, dtype="float32")
+    llm = make_llm(default_model_path, seed=0, max_model_len=512, dtype="float32", enforce_eager=True)
     yield llm
     del llm
