@@ -42,6 +42,9 @@ def open_hidden_states(path: str):
         raise StepprobeError(f"hidden-state file not found: {path}")
     hs = HiddenStates(path)
     hs.validate()
+    if not getattr(hs, "complete", True):
+        log.warning("%s is not complete (a `stepprobe record` run in progress or killed); training on the "
+                    "%d steps it holds so far", path, hs.num_steps)
     return hs
 
 
