@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=None, help="collect's chunk size (default: all problems)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kv-cache-gb", type=float, default=None)
+    ap.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster engine start)")
     ap.add_argument("--out", default=None, help="output folder (default: $STEPPROBE_HOME/runs/benchmarks)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -52,7 +53,7 @@ def main() -> None:
     base = base.replace(chunk_size=args.chunk_size or len(problems))
     model_path = resolve_model(args.model)
     llm = collect.make_llm(model_path, seed=0, kv_cache_gb=args.kv_cache_gb, max_model_len=base.max_model_len,
-                           dtype=base.dtype)
+                           dtype=base.dtype, enforce_eager=args.enforce_eager)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -93,7 +94,8 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
         "setup": {"model": args.model, "problems": args.problems, "num_problems": len(problems), "n": args.n,
-                  "max_tokens": args.max_tokens, "chunk_size": base.chunk_size, "repeats": args.repeats},
+                  "max_tokens": args.max_tokens, "chunk_size": base.chunk_size, "repeats": args.repeats,
+                  "enforce_eager": args.enforce_eager},
         "median": med, "repeats": rows, "packages": package_versions(),
     }
     md = ["| repeat | bare tok/s | collect tok/s | ratio collect/bare |", "|---|---|---|---|"]

@@ -97,6 +97,7 @@ def _phrase_answer(text: str) -> str | None:
         cand = inner if inner is not None else _clean(rest)
         # "the answer is 7, because ..." -> keep the first clause when it is a plain value
         cand = re.split(r",\s+(?=[a-zA-Z]{2,})|\s+(?:because|since|as|which)\s", cand)[0].strip()
+        cand = re.split(r"\.\s+(?=[A-Z])", cand)[0]  # "13. To check, ..." -> "13" (3.5 is kept)
         cand = re.sub(r"[.\s]+$", "", cand)
         if cand:
             return cand[:MAX_ANSWER_CHARS]

@@ -30,6 +30,8 @@ FREE_FORM = [
     ("The answer is 3.5", "7/2", "3.5", True),
     ("\\boxed{\\frac{a}{b}", "1", None, False),  # unbalanced box, nothing else
     ("the answer is 10%", "10", "10%", True),
+    ("The answer is 13. To solve this problem we add 8 and 2.", "10", "13", False),
+    ("The answer is 10. To check: 8 + 2 = 10.", "10", "10", True),
 ]
 
 
