@@ -252,6 +252,9 @@ def run(cfg: Config) -> Path:
             raise StepprobeError(f"{cfg.objective} is undefined on this validation split; choose another --objective")
         return float(value)
 
+    failed = fail_dead_trials(study, cfg.grace_period)
+    if failed:
+        log.info("marked %d trial(s) left RUNNING by a dead worker as failed", failed)
     done = finished(study)
     remaining = max(0, cfg.n_trials - done)
     log.info("study %r in %s: %d finished trials, running up to %d more (objective %s)", cfg.study_name, url, done,
@@ -265,6 +268,39 @@ def run(cfg: Config) -> Path:
                        gc_after_trial=False, show_progress_bar=cfg.progress)
     write_outputs(study, out, cfg)
     return out
+
+
+def fail_dead_trials(study, grace_period: float) -> int:
+    """Fail RUNNING trials of dead workers. Optuna's heartbeat check fails trials whose last
+    heartbeat is too old, but skips trials that never recorded one (a worker killed right
+    after starting a trial); those are failed here once they are older than the grace period."""
+    import datetime as dt
+
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+
+    optuna.storages.fail_stale_trials(study)
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(backend, RDBStorage):
+        return 0
+    session = backend.scoped_session()
+    try:
+        now = session.execute(__import__("sqlalchemy").func.now()).scalar().replace(tzinfo=None)
+        rows = (session.query(models.TrialModel)
+                .filter(models.TrialModel.study_id == study._study_id)
+                .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING).all())
+        dead = [r.trial_id for r in rows if not r.heartbeats and r.datetime_start is not None
+                and (now - r.datetime_start) > dt.timedelta(seconds=grace_period)
+                and (dt.datetime.now() - r.datetime_start) > dt.timedelta(seconds=grace_period)]
+    finally:
+        backend.scoped_session.remove()
+    for tid in dead:
+        try:
+            study._storage.set_trial_state_values(tid, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+    return len(dead)
 
 
 def _log_trial(study, trial) -> None:

@@ -63,7 +63,9 @@ def test_tune_killed_and_resumed_continues_the_same_study_then_export(synthetic_
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and proc.poll() is None:
-            n, _ = _finished(url, "stepprobe") if (out / "study.db").exists() else (0, [])
+            # tune.json is written after the study exists: polling earlier would race the
+            # subprocess creating the SQLite schema.
+            n, _ = _finished(url, "stepprobe") if (out / "tune.json").exists() else (0, [])
             if n >= 2:
                 break
             time.sleep(0.5)
@@ -71,6 +73,7 @@ def test_tune_killed_and_resumed_continues_the_same_study_then_export(synthetic_
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    time.sleep(3)  # > the resumed run's grace period (1 s, at the database's 1 s clock resolution)
     n_before, trials_before = _finished(url, "stepprobe")
     assert n_before >= 2
     before = {t.number: (t.params, t.value) for t in trials_before if t.value is not None}
