@@ -33,7 +33,7 @@ from typing import Any, Iterable
 from ..config import StageConfig, option
 from ..errors import StepprobeError
 from ..io import atomic_write_json
-from ..models import DEFAULT_MODEL, model_display_name, resolve_model
+from ..models import DEFAULT_MODEL, model_display_name, resolve_model, use_all_cpu_cores
 from ..paths import runs_dir
 from ..provenance import model_identity, package_versions
 from .grading import answers_equivalent, extract_answer, is_correct
@@ -109,6 +109,8 @@ def make_llm(model_path: str, *, seed: int = 0, kv_cache_gb: float | None = None
     """Start a ``vllm.LLM`` (shared by ``collect``, tests and the pipeline)."""
     from vllm.platforms import current_platform
 
+    if current_platform.is_cpu():
+        use_all_cpu_cores()
     if kv_cache_gb is not None:
         if current_platform.is_cpu():
             # Read when the engine starts (the engine core process inherits it).
@@ -122,6 +124,14 @@ def make_llm(model_path: str, *, seed: int = 0, kv_cache_gb: float | None = None
         kwargs["max_model_len"] = max_model_len
     log.info("starting vLLM on %s", model_path)
     return LLM(model=model_path, **kwargs)
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop an engine's core process now instead of whenever the garbage collector gets to it."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as exc:  # noqa: BLE001 - best effort at teardown
+        log.debug("engine shutdown: %s", exc)
 
 
 def _llm_model_path(llm: Any) -> str | None:
@@ -264,15 +274,20 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
         if writer.done_ids:
             log.info("resuming %s: %d of %d problems already done", out, len(writer.done_ids), len(problems))
         stats = {"traces": 0, "tokens": 0, "seconds": 0.0}
+        own_llm = None
         if todo:
             if llm is None:
-                llm = make_llm(model_path, seed=config.seed, kv_cache_gb=config.kv_cache_gb,
-                               max_model_len=config.max_model_len, dtype=config.dtype)
+                llm = own_llm = make_llm(model_path, seed=config.seed, kv_cache_gb=config.kv_cache_gb,
+                                         max_model_len=config.max_model_len, dtype=config.dtype)
             else:
                 given = _llm_model_path(llm)
                 if given is not None and os.path.realpath(given) != os.path.realpath(model_path) and given != model_path:
                     raise StepprobeError(f"the engine passed to collect serves {given}, the config asks for {model_path}")
-            stats = _generate(config, llm, tokenizer, todo, writer, total=len(problems))
+            try:
+                stats = _generate(config, llm, tokenizer, todo, writer, total=len(problems))
+            finally:
+                if own_llm is not None:  # an engine we started must not outlive the stage (pipeline)
+                    _shutdown(own_llm)
         else:
             log.info("%s already holds all %d problems; nothing to generate", out, len(problems))
 

@@ -229,6 +229,10 @@ def default_cpu_kv_space(gib: int = 2) -> None:
     the machine's memory and refuses to start when other processes hold some of it."""
     from vllm.platforms import current_platform
 
+    if current_platform.is_cpu():
+        from stepprobe.models import use_all_cpu_cores
+
+        use_all_cpu_cores()
     if current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
         log.info("VLLM_CPU_KVCACHE_SPACE not set; using %d GiB for the KV cache", gib)
