@@ -45,13 +45,16 @@ def _collect_section(root: Path) -> list[str]:
     s = _load(summaries[0]) if summaries else None
     if not s:
         return lines + ["collect has not run.", ""]
-    keys = [("problems", "problems"), ("traces", "traces"), ("sample_accuracy", "sample accuracy"),
-            ("majority_accuracy", "majority-vote accuracy"), ("pass_at_n", "pass@N"),
-            ("mean_output_tokens", "mean output tokens"), ("output_tokens", "output tokens"),
-            ("traces_per_s", "traces/s"), ("seconds", "seconds")]
-    flat = {**s, **s.get("summary", {})} if isinstance(s.get("summary"), dict) else s
+    this_run = s.get("this_run", {})
+    rows = [("problems", s.get("num_problems", s.get("problems"))), ("traces", s.get("num_traces", s.get("traces"))),
+            ("sample accuracy", s.get("sample_accuracy")), ("majority-vote accuracy", s.get("majority_vote_accuracy")),
+            ("pass@N", s.get("pass_at_n")), ("answer extracted", s.get("answer_extracted_rate")),
+            ("mean output tokens", s.get("tokens_mean")), ("output tokens/s (this run)", this_run.get("output_tokens_per_s"))]
     lines += ["| | |", "|---|---|"]
-    lines += [f"| {label} | {_fmt(flat[k])} |" for k, label in keys if k in flat]
+    lines += [f"| {label} | {_fmt(v)} |" for label, v in rows if v is not None]
+    by_family = s.get("sample_accuracy_by_family")
+    if isinstance(by_family, dict) and by_family:
+        lines.append("| sample accuracy by family | " + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in by_family.items()) + " |")
     h5 = root / "record" / "hidden_states.h5"
     if h5.is_file():
         lines.append(f"| hidden states (HDF5) | {h5.stat().st_size / 2**20:.1f} MiB |")
@@ -119,7 +122,7 @@ def _timing_section(root: Path) -> list[str]:
     if not stages:
         return []
     lines = ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
-    lines += [f"| {k} | {v.get('status')} | {_fmt(v.get('seconds'))} |" for k, v in stages.items()]
+    lines += [f"| {k} | {v.get('status')} | {_fmt(v.get('seconds'), 1)} |" for k, v in stages.items()]
     return lines + [""]
 
 
