@@ -24,7 +24,6 @@ Planting a scorer with known behaviour (for tests)::
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import tempfile
@@ -36,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stepprobe.errors import ArtifactMismatch, StepprobeError
-from stepprobe.io import atomic_write_json
+from stepprobe.io import atomic_write_json, sha256_file
 from stepprobe.layers import site_depth
 from stepprobe.provenance import check_model_identity, check_schema, package_versions
 
@@ -48,13 +47,6 @@ WEIGHTS_FILE = "scorer.safetensors"
 CONFIG_FILE = "scorer.json"
 _REQUIRED = ("architecture", "params", "feature_spec", "hidden_size", "model", "boundary_rule", "weights_sha256")
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Scorer:
@@ -178,7 +170,7 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"kind": SCORER_KIND, "schema_version": str(SCORER_SCHEMA_VERSION)})
-        digest = _sha256(Path(tmp))
+        digest = sha256_file(Path(tmp))
         os.replace(tmp, directory / WEIGHTS_FILE)
     finally:
         if os.path.exists(tmp):
@@ -236,7 +228,7 @@ def load_scorer(directory: str | os.PathLike, *, expected_model: Mapping[str, An
     weights = directory / meta.get("weights_file", WEIGHTS_FILE)
     if not weights.is_file():
         raise ArtifactMismatch(f"{directory}: weights file {weights.name} is missing")
-    if _sha256(weights) != meta["weights_sha256"]:
+    if sha256_file(weights) != meta["weights_sha256"]:
         raise ArtifactMismatch(f"{weights}: contents do not match the hash in {CONFIG_FILE} (mixed or corrupt checkpoint)")
     spec = FeatureSpec.from_dict(meta["feature_spec"])
     n_layers = meta["model"].get("num_hidden_layers")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import importlib.util
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import Any
 
 from .config import StageConfig, option
 from .errors import StepprobeError
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json, read_json, sha256_file
 from .paths import models_dir
 
 log = logging.getLogger(__name__)
@@ -34,13 +33,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "stepprobe_model.json"
 _CONVERSION_VERSION = 1
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_gguf_path() -> Path:
@@ -63,7 +55,7 @@ def _verify(out: Path) -> bool:
         return False
     for name, digest in info.get("sha256", {}).items():
         f = out / name
-        if not f.is_file() or _sha256(f) != digest:
+        if not f.is_file() or sha256_file(f) != digest:
             log.warning("checksum mismatch for %s; converting the default model again", f)
             return False
     return bool(info.get("sha256"))
@@ -96,11 +88,11 @@ def convert_default_model(out: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".safetensors", ".json")}
+        digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.suffix in (".safetensors", ".json")}
         atomic_write_json(tmp / _MARKER, {
             "conversion_version": _CONVERSION_VERSION,
             "source": str(gguf.name),
-            "source_sha256": _sha256(gguf),
+            "source_sha256": sha256_file(gguf),
             "sha256": digests,
         })
         shutil.rmtree(out, ignore_errors=True)
