@@ -41,18 +41,18 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--chunk-size", type=int, default=None, help="collect's chunk size (default: all problems)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--kv-cache-gb", type=float, default=None)
+    ap.add_argument("--kv-cache-gib", type=float, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster engine start)")
     ap.add_argument("--out", default=None, help="output folder (default: $STEPPROBE_HOME/runs/benchmarks)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     base = collect.Config(model=args.model, problems=args.problems, n=args.n, max_tokens=args.max_tokens,
-                          overwrite=True, kv_cache_gb=args.kv_cache_gb)
+                          overwrite=True, kv_cache_gib=args.kv_cache_gib)
     problems = collect.load_config_problems(base)
     base = base.replace(chunk_size=args.chunk_size or len(problems))
     model_path = resolve_model(args.model)
-    llm = collect.make_llm(model_path, seed=0, kv_cache_gb=args.kv_cache_gb, max_model_len=base.max_model_len,
+    llm = collect.make_llm(model_path, seed=0, kv_cache_gib=args.kv_cache_gib, max_model_len=base.max_model_len,
                            dtype=base.dtype, enforce_eager=args.enforce_eager)
     from transformers import AutoTokenizer
 

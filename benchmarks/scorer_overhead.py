@@ -61,14 +61,13 @@ def main() -> None:
     from stepprobe.paths import runs_dir
     from stepprobe.provenance import package_versions
 
-    from stepprobe.inference.runner import default_cpu_kv_space
+    from stepprobe.engine import prepare_engine
 
-    default_cpu_kv_space()
     model = resolve_model(args.model)
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="stepprobe-overhead-"))
     scorer = planted_scorer(model, sites, tmp / "scorer")
-    common = dict(seed=0, max_model_len=1024, enforce_eager=args.enforce_eager)
+    common = dict(seed=0, max_model_len=1024, enforce_eager=args.enforce_eager, **prepare_engine())
     t0 = time.perf_counter()
     plain = LLM(model, **common)
     plain_start = time.perf_counter() - t0

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import os
 import re
 import time
@@ -33,7 +32,8 @@ from typing import Any, Iterable
 from ..config import StageConfig, option
 from ..errors import StepprobeError
 from ..io import atomic_write_json
-from ..models import DEFAULT_MODEL, model_display_name, resolve_model, use_all_cpu_cores
+from ..engine import prepare_engine
+from ..models import DEFAULT_MODEL, model_display_name, resolve_model
 from ..paths import runs_dir
 from ..provenance import model_identity, package_versions
 from .grading import answers_equivalent, extract_answer, is_correct
@@ -82,8 +82,8 @@ class Config(StageConfig):
                                       "n<N>_s<seed>/traces.jsonl)")
     overwrite: bool = option(False, "start afresh instead of resuming an existing traces file")
     chunk_size: int = option(32, "problems per vLLM generate call (all of a chunk go to the engine at once)")
-    kv_cache_gb: float | None = option(None, "KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: "
-                                             "kv_cache_memory_bytes); default: vLLM's")
+    kv_cache_gib: float | None = option(None, "KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE, default 2 "
+                                              "unless set; GPU: kv_cache_memory_bytes, default: vLLM's)")
     max_model_len: int | None = option(2048, "engine context length (prompt + output)")
     dtype: str = option("auto", "model dtype for vLLM (auto, float32, bfloat16, float16)")
     grade_timeout_s: float = option(5.0, "time limit per math-verify comparison (seconds)")
@@ -104,19 +104,11 @@ def summary_path(traces_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".summary.json")
 
 
-def make_llm(model_path: str, *, seed: int = 0, kv_cache_gb: float | None = None, max_model_len: int | None = None,
+def make_llm(model_path: str, *, seed: int = 0, kv_cache_gib: float | None = None, max_model_len: int | None = None,
              dtype: str = "auto", **engine_kwargs: Any):
     """Start a ``vllm.LLM`` (shared by ``collect``, tests and the pipeline)."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        use_all_cpu_cores()
-    if kv_cache_gb is not None:
-        if current_platform.is_cpu():
-            # Read when the engine starts (the engine core process inherits it).
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(math.ceil(kv_cache_gb))))
-        else:
-            engine_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * (1 << 30)))
+    for k, v in prepare_engine(kv_cache_gib).items():
+        engine_kwargs.setdefault(k, v)
     from vllm import LLM
 
     kwargs: dict[str, Any] = {"seed": seed, "dtype": dtype, **engine_kwargs}
@@ -277,7 +269,7 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
         own_llm = None
         if todo:
             if llm is None:
-                llm = own_llm = make_llm(model_path, seed=config.seed, kv_cache_gb=config.kv_cache_gb,
+                llm = own_llm = make_llm(model_path, seed=config.seed, kv_cache_gib=config.kv_cache_gib,
                                          max_model_len=config.max_model_len, dtype=config.dtype)
             else:
                 given = _llm_model_path(llm)

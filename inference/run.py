@@ -58,7 +58,7 @@ class Config(StageConfig):
     seed: int = option(0, "engine seed")
     max_model_len: int = option(2048, "vLLM max_model_len")
     dtype: str = option("auto", "model dtype in vLLM (float32 matches the recorder on CPU)")
-    kv_cache_gib: float | None = option(None, "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: float | None = option(None, "KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE, default 2 unless set; GPU: kv_cache_memory_bytes)")
     num_kv_blocks: int | None = option(None, "exact number of KV-cache blocks (tight budgets)")
     max_num_seqs: int | None = option(None, "vLLM max_num_seqs")
     enforce_eager: bool = option(False, "run vLLM without compilation (hooks work either way)")

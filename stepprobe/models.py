@@ -154,14 +154,3 @@ def run(config: Config) -> str:
     path = resolve_model(config.model)
     print(path)  # noqa: T201  (the command's output is the path)
     return path
-
-
-def use_all_cpu_cores() -> None:
-    """On vLLM's CPU backend, let the engine's OpenMP threads use every core.
-
-    vLLM's default (``VLLM_CPU_OMP_THREADS_BIND=auto``) keeps one core for the front-end
-    process; on a 2-core machine that halves generation. Measured here (SmolLM2-135M,
-    32 prompts x 8 samples x 96 tokens, bf16, eager): 584 tok/s with the default, 869 tok/s
-    with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` (1.49x). A value the user set wins.
-    """
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
