@@ -12,12 +12,13 @@ its step scores and aggregate score, preemptions and queueing time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-import os
 import re
 import time
 from typing import Any, Sequence
 
+from stepprobe.engine import prepare_engine
 from stepprobe.errors import StepprobeError
 
 from .plugin import PluginSettings, check_policy, check_vllm_version, engine_kwargs
@@ -89,14 +90,10 @@ class StepRunner:
         self.scorer = None
         if settings.scorer:
             self.scorer = check_scorer_for_model(settings.scorer, self.model_path)
-        if kv_cache_gib is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
-        else:
-            default_cpu_kv_space()
         from vllm import LLM
 
         kwargs = dict(seed=seed, max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
-                      disable_log_stats=False, **llm_kwargs)
+                      disable_log_stats=False, **prepare_engine(kv_cache_gib), **llm_kwargs)
         if num_kv_blocks is not None:
             kwargs["num_gpu_blocks_override"] = int(num_kv_blocks)
         if max_num_seqs is not None:
@@ -106,6 +103,7 @@ class StepRunner:
         t0 = time.perf_counter()
         self.llm = LLM(self.model_path, **kwargs)
         self.startup_s = time.perf_counter() - t0
+        self._calls = itertools.count()
         self.tokenizer = self.llm.get_tokenizer()
         self._detector = None
         if plugin and self.scorer is not None:
@@ -167,44 +165,55 @@ class StepRunner:
                  top_p: float = 1.0, policy: str | None = None, logprobs: int | None = None,
                  use_tqdm: bool = False, per_prompt: Sequence[dict[str, Any]] | None = None,
                  **sampling: Any) -> list[list[TraceResult]]:
-        """``per_prompt``: extra stepprobe request settings for each prompt (e.g. a threshold)."""
+        """``n`` traces for each prompt. ``per_prompt``: extra stepprobe request settings for
+        each prompt (e.g. a confidence threshold).
+
+        The ``n`` traces of a prompt are sent as ``n`` single-trace requests of one group
+        (``extra_args={"stepprobe": {"group": ...}}``), which is what vLLM's front end does with
+        an ``n > 1`` request anyway (it fans out into ``n`` child requests that share the
+        prompt's cached KV blocks); sent this way, every trace keeps its own request metrics
+        (preemptions, queueing time), which vLLM collapses into one for an ``n > 1`` request.
+        """
         from vllm import SamplingParams
 
-        def params(extra_settings: dict[str, Any] | None) -> Any:
-            extra = dict(extra_settings or {})
+        call = next(self._calls)
+        params, flat_prompts, owners = [], [], []
+        for k, prompt in enumerate(prompts):
+            extra = dict(per_prompt[k] or {}) if per_prompt is not None else {}
             if policy is not None:
                 extra["policy"] = check_policy(policy)
-            return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  logprobs=logprobs, extra_args={"stepprobe": extra} if extra else None, **sampling)
-
-        sp = [params(e) for e in per_prompt] if per_prompt is not None else params(None)
+            extra["group"] = f"g{call}-{k}"
+            sp = SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                logprobs=logprobs, extra_args={"stepprobe": extra}, **sampling)
+            for i in range(n):
+                params.append(sp.clone())
+                flat_prompts.append(prompt)
+                owners.append((k, i))
         if self.plugin and self.scorer is not None:
             self.llm.collective_rpc("stepprobe_take_records")  # start clean
-        outs = self.llm.generate(list(prompts), sp, use_tqdm=use_tqdm)
+        outs = self.llm.generate(flat_prompts, params, use_tqdm=use_tqdm)
         records = self._take_records() if self.plugin and self.scorer is not None else {}
         ext_ids = {o.request_id for o in outs}
-        by_trace: dict[tuple[str, int], dict[str, Any]] = {}
+        by_request: dict[str, dict[str, Any]] = {}
         for key, rec in records.items():
-            ids = _engine_ids(key, ext_ids, n)
+            ids = _engine_ids(key, ext_ids, 1)
             if ids is not None:
-                by_trace[ids] = rec
-        results = []
-        for o in outs:
+                by_request[ids[0]] = rec
+        results: list[list[TraceResult]] = [[] for _ in prompts]
+        for o, (k, i) in zip(outs, owners):
             metrics = getattr(o, "metrics", None)
-            traces = []
-            for c in o.outputs:
-                rec = by_trace.get((o.request_id, c.index), {})
-                scores = list(rec.get("scores", []))
-                lp, conf = _token_confidence(c)
-                traces.append(TraceResult(
-                    index=c.index, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
-                    pruned=c.stop_reason == PRUNED, score=aggregate_scores(scores, self.settings.aggregate,
-                                                                           self.settings.ema_alpha),
-                    step_scores=scores, step_positions=list(rec.get("positions", [])),
-                    num_preemptions=int(getattr(metrics, "num_preemptions", 0) or 0) if n == 1 else 0,
-                    queued_s=_queued(metrics), logprobs=lp, confidence=conf,
-                    features=rec.get("features") or None))
-            results.append(traces)
+            c = o.outputs[0]
+            rec = by_request.get(o.request_id, {})
+            scores = list(rec.get("scores", []))
+            lp, conf = _token_confidence(c)
+            results[k].append(TraceResult(
+                index=i, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+                pruned=c.stop_reason == PRUNED,
+                score=aggregate_scores(scores, self.settings.aggregate, self.settings.ema_alpha),
+                step_scores=scores, step_positions=list(rec.get("positions", [])),
+                num_preemptions=int(getattr(metrics, "num_preemptions", 0) or 0),
+                queued_s=_queued(metrics), logprobs=lp, confidence=conf,
+                features=rec.get("features") or None))
         return results
 
     def preemptions(self) -> int:
@@ -222,20 +231,6 @@ class StepRunner:
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
             self.llm = None
-
-
-def default_cpu_kv_space(gib: int = 2) -> None:
-    """On CPU, give the KV cache a fixed size unless the user did: vLLM's default reserves 92% of
-    the machine's memory and refuses to start when other processes hold some of it."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from stepprobe.models import use_all_cpu_cores
-
-        use_all_cpu_cores()
-    if current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
-        log.info("VLLM_CPU_KVCACHE_SPACE not set; using %d GiB for the KV cache", gib)
 
 
 def captured_boundaries(detector: Any, token_ids: Sequence[int]) -> list[int]:

@@ -19,16 +19,18 @@ def _records(runner):
 
 
 def test_capture_counts_equal_boundary_counts(plugin_runner):
-    """Every boundary the engine can see is captured once, at its position, n>1 included."""
+    """Every boundary the engine can see is captured once, at its position: for the runner's
+    single-trace requests and for the children of a raw ``n > 1`` vLLM request."""
     from stepprobe.boundaries import BoundaryDetector, BoundaryRule
-    from stepprobe.inference.runner import captured_boundaries
+    from stepprobe.inference.runner import _engine_ids, captured_boundaries
 
     det = BoundaryDetector.from_tokenizer(BoundaryRule(), plugin_runner.tokenizer)
-    results = plugin_runner.generate(["Hello there", "What is 2+2? Think."], n=3, max_tokens=48, temperature=1.0,
-                                     policy="none", logit_bias={198: 100.0, 1116: 99.0})
+    prompts = ["Hello there", "What is 2+2? Think."]
+    bias = {198: 100.0, 1116: 99.0}
+    results = plugin_runner.generate(prompts, n=3, max_tokens=48, temperature=1.0, policy="none", logit_bias=bias)
     total = 0
-    for prompt_traces, prompt in zip(results, ["Hello there", "What is 2+2? Think."]):
-        assert len(prompt_traces) == 3  # n>1 children aggregated into one request output
+    for prompt_traces, prompt in zip(results, prompts):
+        assert [t.index for t in prompt_traces] == [0, 1, 2]
         plen = len(plugin_runner.tokenizer(prompt)["input_ids"])
         for t in prompt_traces:
             expected = [plen + i for i in captured_boundaries(det, t.token_ids)]
@@ -37,6 +39,18 @@ def test_capture_counts_equal_boundary_counts(plugin_runner):
             assert not t.pruned
             total += len(expected)
     assert total > 10, "the forced newlines should give many boundaries"
+
+    # A raw n=3 request: vLLM fans it out into children "{i}_{id}"; each child is captured.
+    outs = plugin_runner.llm.generate(prompts, _sp(n=3, max_tokens=48, temperature=1.0, logit_bias=bias,
+                                                   extra_args={"stepprobe": {"policy": "none"}}), use_tqdm=False)
+    records = _records(plugin_runner)
+    ids = {o.request_id for o in outs}
+    by_child = {_engine_ids(k, ids, 3): r["positions"] for k, r in records.items()}
+    for o, prompt in zip(outs, prompts):
+        assert len(o.outputs) == 3  # children aggregated into one request output
+        plen = len(plugin_runner.tokenizer(prompt)["input_ids"])
+        for c in o.outputs:
+            assert by_child[(o.request_id, c.index)] == [plen + i for i in captured_boundaries(det, c.token_ids)]
 
 
 def test_parity_with_recorder_features_fp32(plugin_runner, tiny_model_path, planted_scorer, helpers):
@@ -107,6 +121,20 @@ def test_memory_policy_prunes_the_planted_low_trace(plugin_runner, helpers):
     _records(plugin_runner)
     assert plugin_runner.preemptions() > pre
     assert all(o.outputs[0].stop_reason is None for o in outs)
+
+
+def test_per_trace_preemptions_add_up_to_the_engine_counter(plugin_runner, helpers):
+    """The runner reports preemptions per trace (n > 1 included), and they add up to vLLM's own
+    engine-wide counter."""
+    bs = plugin_runner.llm.llm_engine.vllm_config.cache_config.block_size
+    max_tokens = bs + bs // 2  # two blocks per trace: four traces do not fit in seven blocks
+    pre = plugin_runner.preemptions()
+    traces = plugin_runner.generate(["Preempt me."], n=4, max_tokens=max_tokens, temperature=1.0, policy="none",
+                                    logit_bias=helpers.good_bias())[0]
+    per_trace = [t.num_preemptions for t in traces]
+    assert sum(per_trace) == plugin_runner.preemptions() - pre > 0, per_trace
+    assert all(t.num_tokens == max_tokens and not t.pruned for t in traces)
+    assert all(t.queued_s is not None and t.queued_s >= 0 for t in traces)
 
 
 def test_threshold_and_top_fraction_prune_the_low_trace(plugin_runner, helpers):
