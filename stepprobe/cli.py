@@ -32,6 +32,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("stepprobe.training.export", "export the best probe as a scorer checkpoint"),
     "run": ("stepprobe.inference.run", "generate with vLLM, score steps and prune traces"),
     "bench": ("stepprobe.inference.bench", "self-consistency vs. STEP pruning vs. confidence, side by side"),
+    "serve": ("stepprobe.inference.serve", "vllm serve with scoring and pruning (OpenAI-compatible endpoint)"),
     "pipeline": ("stepprobe.pipeline", "the whole pipeline end to end into one run directory"),
 }
 
@@ -45,9 +46,11 @@ def _flag_type(tp: Any):
     return inner
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls: type[StageConfig]) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type[StageConfig], skip: Sequence[str] = ()) -> None:
     hints = typing.get_type_hints(config_cls)
     for f in config_cls.fields():
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
@@ -76,7 +79,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="stepprobe",
         description="Learn from a model's hidden states at reasoning-step boundaries which sampled "
         "traces are going wrong, and prune them inside vLLM while they are generated.",
-        epilog="Pipeline: " + " -> ".join(n for n in stages if n not in ("model", "pipeline"))
+        epilog="Pipeline: " + " -> ".join(n for n in stages if n not in ("model", "pipeline", "serve"))
         + ". Run `stepprobe STAGE --help` for a stage's options.",
     )
     parser.add_argument("--version", action="version", version=f"stepprobe {__version__}")
@@ -99,10 +102,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_name, line = STAGES[top.stage]
     module = importlib.import_module(module_name)
     config_cls: type[StageConfig] = module.Config
-    stage_parser = argparse.ArgumentParser(prog=f"stepprobe {top.stage}", description=(module.__doc__ or line).strip())
+    stage_parser = argparse.ArgumentParser(prog=f"stepprobe {top.stage}", description=(module.__doc__ or line).strip(),
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)
     stage_parser.add_argument("--config", help="YAML or JSON file with config fields; flags override it")
-    add_config_flags(stage_parser, config_cls)
+    # A stage that wraps another program takes that program's arguments after "--".
+    passthrough = getattr(module, "PASSTHROUGH", None)
+    extra: list[str] | None = None
+    if passthrough and "--" in rest:
+        cut = rest.index("--")
+        rest, extra = rest[:cut], rest[cut + 1:]
+    add_config_flags(stage_parser, config_cls, skip=[passthrough] if passthrough else [])
     args = stage_parser.parse_args(rest)
+    if extra is not None:
+        setattr(args, passthrough, extra)
     try:
         config = build_config(config_cls, args)
         module.run(config)

