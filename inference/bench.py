@@ -9,6 +9,11 @@ default, generous); pick one tight enough that self-consistency preempts.
 
 Writes ``bench.json``, ``bench.md`` (accuracy, wall time, output tokens, preemptions, pruned
 traces, ratios to self-consistency) and ``bench.png`` (accuracy vs. wall time).
+
+Resumable: results are saved to ``bench.partial.json`` after every policy; rerunning the same
+command (same config, model and scorer) keeps each KV budget whose policies all finished and
+measures the others again **from the start**, so every ratio still compares runs of one engine
+measured in one session.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from . import run as run_stage
 log = logging.getLogger(__name__)
 
 BENCH_KIND = "stepprobe-bench"
-BENCH_SCHEMA_VERSION = 1
+BENCH_SCHEMA_VERSION = 2  # 2: model and scorer provenance; resumable by KV budget
 DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 
@@ -127,6 +132,36 @@ def _warm_up(runner: Any, problems: list[Any]) -> None:
     runner.generate(prompts, n=2, max_tokens=32, policy="none")
 
 
+def _resume(partial: Path, config: Config, prov: dict[str, Any]) -> dict[int, tuple[list, dict]]:
+    """KV budgets fully measured by an earlier, interrupted run of the same bench."""
+    import json
+
+    from stepprobe.provenance import check_schema
+
+    if not partial.is_file():
+        return {}
+    try:
+        data = json.loads(partial.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        log.warning("bench: %s is unreadable; starting over", partial)
+        return {}
+    check_schema(data, BENCH_KIND, BENCH_SCHEMA_VERSION, str(partial))
+    ignore = ("output", "stepprobe_version")
+    mine = {k: v for k, v in config.to_dict().items() if k not in ignore}
+    theirs = {k: v for k, v in data.get("config", {}).items() if k not in ignore}
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise StepprobeError(f"{partial} is from a bench with another config ({', '.join(diff)}); "
+                             "delete it or pass another --output")
+    run_stage.check_provenance(data, prov, str(partial))
+    kept: dict[int, tuple[list, dict]] = {}
+    for kv in config.kv_blocks:
+        kv_rows = [r for r in data.get("rows", []) if r["kv_blocks"] == kv]
+        if sorted(r["policy"] for r in kv_rows) == sorted(config.policies):
+            kept[kv] = (kv_rows, {f"{kv}/{p}": data["problems"][f"{kv}/{p}"] for p in config.policies})
+    return kept
+
+
 def run(config: Config) -> Path:
     from tqdm import tqdm
 
@@ -138,8 +173,18 @@ def run(config: Config) -> Path:
     details: dict[str, Any] = {}
     header = {"kind": BENCH_KIND, "schema_version": BENCH_SCHEMA_VERSION, "config": config.to_dict(),
               "package_versions": package_versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    with tqdm(total=len(config.kv_blocks) * len(config.policies), desc="bench", unit="run") as bar:
+    prov = run_stage.provenance(config.model, config.scorer)
+    header.update(prov)
+    kept = _resume(out / "bench.partial.json", config, prov)
+    for kv, (kv_rows, kv_details) in kept.items():
+        rows += kv_rows
+        details.update(kv_details)
+    with tqdm(total=len(config.kv_blocks) * len(config.policies), desc="bench", unit="run",
+              initial=len(kept) * len(config.policies)) as bar:
         for kv in config.kv_blocks:
+            if kv in kept:
+                log.info("bench: KV budget %s already measured (bench.partial.json); kept", kv or "default")
+                continue
             runner = run_stage.make_runner(_run_config(config, "none", kv))
             try:
                 _warm_up(runner, problems)
@@ -150,13 +195,15 @@ def run(config: Config) -> Path:
                     rows.append({"kv_blocks": kv, "policy": policy, "vote": rc.vote, "accuracy": s["accuracy"],
                                  "accuracy_by_vote": s["accuracy_by_vote"], "pass_at_n": s["pass_at_n"],
                                  "wall_s": stats["wall_s"], "output_tokens": s["output_tokens"],
-                                 "preemptions": stats["preemptions"], "pruned": s["pruned"], "traces": s["traces"]})
+                                 "preemptions": s["preemptions"], "engine_preemptions": stats["preemptions"],
+                                 "pruned": s["pruned"], "traces": s["traces"]})
                     details[f"{kv}/{policy}"] = records
                     # Nothing already measured is lost if a later run dies.
                     atomic_write_json(out / "bench.partial.json", {**header, "rows": rows, "problems": details})
                     bar.update(1)
             finally:
                 runner.close()
+    rows.sort(key=lambda r: (config.kv_blocks.index(r["kv_blocks"]), config.policies.index(r["policy"])))
     for r in rows:
         sc = next(x for x in rows if x["kv_blocks"] == r["kv_blocks"] and x["policy"] == "none")
         r["time_ratio"] = r["wall_s"] / sc["wall_s"] if sc["wall_s"] else float("nan")

@@ -33,7 +33,7 @@ from .voting import METHODS, Ballot, vote
 log = logging.getLogger(__name__)
 
 RESULTS_KIND = "stepprobe-run-results"
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 2  # 2: model and scorer provenance in the header
 
 
 @dataclasses.dataclass
@@ -169,12 +169,44 @@ def summarize(records: list[dict], config: Config, extra: dict | None = None) ->
     return out
 
 
-def _header(config: Config) -> dict[str, Any]:
-    return {"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION, "config": config.to_dict(),
-            "package_versions": package_versions()}
+def provenance(model: str | None, scorer: str | None) -> dict[str, Any]:
+    """What produced a run's or bench's results: the model's identity and the scorer's."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stepprobe.models import model_display_name, resolve_model
+    from stepprobe.probes.checkpoint import read_scorer_meta
+    from stepprobe.provenance import model_identity
+
+    path = resolve_model(model)
+    out: dict[str, Any] = {"model": model_identity(model_display_name(model), AutoConfig.from_pretrained(path),
+                                                   AutoTokenizer.from_pretrained(path)),
+                           "scorer": None, "package_versions": package_versions()}
+    if scorer:
+        meta = read_scorer_meta(scorer)
+        out["scorer"] = {"path": str(Path(scorer).resolve()), "weights_sha256": meta["weights_sha256"],
+                         "architecture": meta["architecture"], "sites": list(meta["feature_spec"].get("sites", [])),
+                         "model": meta["model"].get("name")}
+    return out
 
 
-def _resume(out: Path, config: Config) -> dict[str, dict]:
+def check_provenance(theirs: dict[str, Any], mine: dict[str, Any], what: str) -> None:
+    """Refuse to continue an artifact made with another model or another scorer."""
+    from stepprobe.provenance import check_model_identity
+
+    if "model" not in theirs:
+        raise ArtifactMismatch(f"{what} has no model provenance; pass --overwrite or another --output")
+    check_model_identity(theirs["model"], mine["model"], what)
+    a, b = theirs.get("scorer") or {}, mine.get("scorer") or {}
+    if a.get("weights_sha256") != b.get("weights_sha256"):
+        raise ArtifactMismatch(f"{what} was written with another scorer ({a.get('path')}); "
+                               "pass --overwrite or another --output")
+
+
+def _header(config: Config, prov: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION, "config": config.to_dict(), **prov}
+
+
+def _resume(out: Path, config: Config, prov: dict[str, Any]) -> dict[str, dict]:
     path = out / "results.jsonl"
     if not path.is_file():
         return {}
@@ -195,6 +227,7 @@ def _resume(out: Path, config: Config) -> dict[str, dict]:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ArtifactMismatch(f"{path} was written with a different config ({', '.join(diff)}); "
                                "pass --overwrite or another --output")
+    check_provenance(header, prov, str(path))
     done = {}
     for ln in lines[1:]:
         try:
@@ -212,12 +245,13 @@ def run(config: Config, runner: Any = None) -> Path:
     out = Path(config.output) if config.output else runs_dir() / time.strftime("run-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     problems = load_problems(config)
-    done = _resume(out, config)
+    prov = provenance(config.model, config.scorer)
+    done = _resume(out, config, prov)
     todo = [p for p in problems if p.problem_id not in done]
     path = out / "results.jsonl"
     if not path.is_file():
         with open(path, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(_header(config)) + "\n")
+            fh.write(json.dumps(_header(config, prov)) + "\n")
     log.info("run: %d problems (%d already done), n=%d, policy=%s", len(problems), len(done), config.n, config.policy)
     wall, engine_preemptions = 0.0, 0
     own = runner is None
@@ -242,7 +276,7 @@ def run(config: Config, runner: Any = None) -> Path:
     records = [done[p.problem_id] for p in problems if p.problem_id in done]
     summary = summarize(records, config, {"wall_s_this_session": wall,
                                           "engine_preemptions_this_session": engine_preemptions})
-    atomic_write_json(out / "summary.json", {**_header(config), "summary": summary})
+    atomic_write_json(out / "summary.json", {**_header(config, prov), "summary": summary})
     log.info("run: accuracy %.3f (%s vote), %d/%d traces pruned, %d preemptions -> %s", summary["accuracy"],
              config.vote, summary["pruned"], summary["traces"], summary["preemptions"], out)
     return out

@@ -109,8 +109,17 @@ def _probe_section(root: Path) -> list[str]:
 def _bench_section(root: Path) -> list[str]:
     lines = ["## Bench: self-consistency vs. STEP pruning vs. confidence", ""]
     md = root / "bench" / "bench.md"
-    if not md.is_file():
+    data = _load(root / "bench" / "bench.json")
+    if not md.is_file() or data is None:
         return lines + ["bench has not run.", ""]
+    from stepprobe.inference.bench import BENCH_KIND, BENCH_SCHEMA_VERSION
+    from stepprobe.provenance import check_schema
+
+    check_schema(data, BENCH_KIND, BENCH_SCHEMA_VERSION, str(root / "bench" / "bench.json"))
+    model = (data.get("model") or {}).get("name")
+    scorer = data.get("scorer") or {}
+    lines += [f"Model `{model}`, scorer `{scorer.get('architecture')}` on {', '.join(scorer.get('sites', []))} "
+              f"(weights sha256 `{str(scorer.get('weights_sha256'))[:12]}`), measured {data.get('date')}.", ""]
     lines += [md.read_text(encoding="utf-8").strip(), ""]
     lines += _img(root, "bench/bench.png", "accuracy vs. wall time")
     return lines

@@ -128,6 +128,9 @@ def test_pipeline_end_to_end_with_resume(tmp_path):
     assert tune["kind"] == "stepprobe-tune"
     bench = json.loads((paths.bench / "bench.json").read_text())
     assert bench["kind"] == "stepprobe-bench"
+    assert bench["model"]["config_hash"] == header["model"]["config_hash"] and bench["scorer"]["weights_sha256"]
+    for row in bench["rows"]:  # per-trace preemption counts add up to vLLM's own counter
+        assert row["preemptions"] == row["engine_preemptions"], row
     assert (paths.bench / "bench.md").is_file()
     report = (root / "report.md").read_text()
     for section in ("## Data", "## Layer sweep", "## Tuned probe", "## Bench"):

@@ -120,3 +120,46 @@ def test_bench_table_plot_and_config(tmp_path):
         bench.Config(policies=["memory"], scorer="x")
     with pytest.raises(StepprobeError, match="needs --scorer"):
         bench.Config(policies=["none", "memory"])
+
+
+def test_bench_resume_keeps_only_fully_measured_kv_budgets(tmp_path, tiny_model_path, planted_scorer):
+    """An interrupted bench keeps KV budgets whose policies all finished; another config,
+    model or scorer is refused."""
+    import json
+
+    import numpy as np
+
+    from stepprobe.boundaries import BoundaryRule
+    from stepprobe.inference import bench
+    from stepprobe.inference import run as run_stage
+    from stepprobe.probes.checkpoint import linear_probe, save_scorer
+    from stepprobe.provenance import model_identity
+
+    cfg = bench.Config(scorer=planted_scorer, model=tiny_model_path, policies=["none", "memory"], kv_blocks=[0, 4],
+                       output=str(tmp_path))
+    prov = run_stage.provenance(cfg.model, cfg.scorer)
+    assert prov["model"]["hidden_size"] == 64 and len(prov["scorer"]["weights_sha256"]) == 64
+    row = {"accuracy": 0.5, "wall_s": 1.0, "output_tokens": 10, "preemptions": 0, "pruned": 0, "traces": 4}
+    partial = {"kind": bench.BENCH_KIND, "schema_version": bench.BENCH_SCHEMA_VERSION, "config": cfg.to_dict(),
+               **prov, "rows": [{**row, "kv_blocks": 0, "policy": "none"}, {**row, "kv_blocks": 0, "policy": "memory"},
+                                {**row, "kv_blocks": 4, "policy": "none"}],
+               "problems": {"0/none": [], "0/memory": [], "4/none": []}}
+    path = tmp_path / "bench.partial.json"
+    path.write_text(json.dumps(partial))
+    kept = bench._resume(path, cfg, prov)
+    assert list(kept) == [0] and [r["policy"] for r in kept[0][0]] == ["none", "memory"]
+    with pytest.raises(StepprobeError, match="another config .*n"):
+        bench._resume(path, cfg.replace(n=3), prov)
+    # another scorer for the same model
+    from transformers import AutoConfig, AutoTokenizer
+
+    ident = model_identity(tiny_model_path, AutoConfig.from_pretrained(tiny_model_path),
+                           AutoTokenizer.from_pretrained(tiny_model_path))
+    save_scorer(tmp_path / "other", linear_probe(["embed"], weight=np.ones(64, dtype=np.float32)), model=ident,
+                boundary_rule=BoundaryRule().to_dict())
+    other = run_stage.provenance(cfg.model, str(tmp_path / "other"))
+    with pytest.raises(ArtifactMismatch, match="another scorer"):
+        bench._resume(path, cfg, other)
+    path.write_text(json.dumps({**partial, "schema_version": 1}))
+    with pytest.raises(ArtifactMismatch, match="schema version 1"):
+        bench._resume(path, cfg, prov)
