@@ -17,6 +17,12 @@ row's features are gathered from the buffers, scored in one batched call of the 
 the new step scores are attached to the runner output as ``stepprobe_steps``
 (``{req_id: [[position, score], ...]}``), which is pickled to the scheduler's process.
 Positions are keys: a position recomputed after a preemption is not scored twice.
+
+Self-check: until the first ``VERIFY_BOUNDARIES`` step boundaries have been scored, the
+buffers are filled with NaN before every forward pass, and a boundary row that is still NaN
+afterwards (the hooks are not in the model vLLM actually ran) stops the engine with a
+``StepprobeError`` instead of scoring stale features. This runs in every engine, the server
+included; the client's canary (runner.py) is the same check on a forced-newline generation.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 import torch
 
 from stepprobe.boundaries import BoundaryDetector, BoundaryRule
-from stepprobe.errors import ArtifactMismatch
+from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.layers import EMBED, FINAL_NORM, layer_index
 
 from .plugin import PluginSettings, check_vllm_version
@@ -36,6 +42,7 @@ from .plugin import PluginSettings, check_vllm_version
 log = logging.getLogger(__name__)
 
 BUFFER_NAME = "_stepprobe_capture"
+VERIFY_BOUNDARIES = 8
 
 
 def _hook_plain(module, args, output):  # embed_tokens: output is [n, hidden]
@@ -123,11 +130,17 @@ class Capture:
         self.n_steps_processed = 0
         self.checking = False  # canary: verify captured rows were written this run
         self.n_unwritten = 0
+        # Self-check in every engine (the server too, which has no canary): the first
+        # VERIFY_BOUNDARIES boundary rows must have been written by this step's forward.
+        self.verify_remaining = VERIFY_BOUNDARIES
         # Wrap the runner's forward helper (which both the CPU and GPU runners call with the
         # step's input ids and positions) to see the batch's tokens and positions.
         inner_forward = runner._model_forward
 
         def _model_forward(*args: Any, **kwargs: Any) -> Any:
+            if self.verify_remaining > 0 or self.checking:
+                for buf in self.buffers.values():
+                    buf.fill_(float("nan"))  # rows the hooks do not write stay NaN
             out = inner_forward(*args, **kwargs)
             ids = kwargs.get("input_ids", args[0] if args else None)
             pos = kwargs.get("positions", args[1] if len(args) > 1 else None)
@@ -173,8 +186,17 @@ class Capture:
             if rows:
                 idx = torch.tensor(rows, device=self.device)
                 x = torch.stack([self.buffers[s].index_select(0, idx) for s in self.sites], dim=1).float()
-                if self.checking:
-                    self.n_unwritten += int((~torch.isfinite(x)).any(dim=(1, 2)).sum())
+                if self.checking or self.verify_remaining > 0:
+                    unwritten = int((~torch.isfinite(x)).any(dim=(1, 2)).sum())
+                    self.n_unwritten += unwritten
+                    if self.verify_remaining > 0:
+                        self.verify_remaining = max(0, self.verify_remaining - len(rows))
+                        if unwritten:
+                            raise StepprobeError(
+                                f"stepprobe self-check: {unwritten} of {len(rows)} step boundaries were found but the "
+                                "capture hooks did not write their hidden states (the hooks are not in the model "
+                                "vLLM runs: compiled or captured without them, or vLLM internals changed); "
+                                "refusing to score with stale features")
                 with torch.no_grad():
                     scores = self.probe(x).float().cpu().tolist()
                 feats = x.cpu() if self.settings.record_features else None

@@ -115,7 +115,12 @@ def _bench_section(root: Path) -> list[str]:
     from stepprobe.inference.bench import BENCH_KIND, BENCH_SCHEMA_VERSION
     from stepprobe.provenance import check_schema
 
-    check_schema(data, BENCH_KIND, BENCH_SCHEMA_VERSION, str(root / "bench" / "bench.json"))
+    from stepprobe.errors import ArtifactMismatch
+
+    try:
+        check_schema(data, BENCH_KIND, BENCH_SCHEMA_VERSION, str(root / "bench" / "bench.json"))
+    except ArtifactMismatch as exc:  # e.g. written by an older stepprobe: say so, do not guess
+        return lines + [f"bench results not shown: {exc}; rerun the bench stage.", ""]
     model = (data.get("model") or {}).get("name")
     scorer = data.get("scorer") or {}
     lines += [f"Model `{model}`, scorer `{scorer.get('architecture')}` on {', '.join(scorer.get('sites', []))} "

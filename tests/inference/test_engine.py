@@ -199,3 +199,31 @@ def test_run_stage_results_summary_and_resume(plugin_runner, planted_scorer, tin
     assert plugin_runner.llm.collective_rpc("stepprobe_info")[0]["steps_processed"] == steps  # nothing generated
     with pytest.raises(ArtifactMismatch, match="different config"):
         run_stage.run(cfg.replace(n=3), runner=plugin_runner)
+
+
+def _remove_capture_hooks(worker) -> int:
+    cap = worker._stepprobe
+    for handle in cap.handles:
+        handle.remove()
+    return len(cap.handles)
+
+
+def test_self_check_stops_the_engine_when_the_hooks_do_not_fire(tiny_model_path, planted_scorer, helpers, capfd,
+                                                                monkeypatch):
+    """Without the capture hooks the first boundaries would be scored from stale buffers; the
+    worker's self-check (on in every engine, the server included) stops the engine instead.
+    An eager engine of its own: in eager mode removing the hooks really stops them firing."""
+    from stepprobe.inference.plugin import PluginSettings
+    from stepprobe.inference.runner import StepRunner
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a test function
+    runner = StepRunner(tiny_model_path, PluginSettings(scorer=planted_scorer, policy="none", canary=False),
+                        seed=0, dtype="float32", max_model_len=256, enforce_eager=True)
+    try:
+        assert runner.llm.collective_rpc(_remove_capture_hooks) == [3]
+        with pytest.raises(Exception) as err:  # vLLM's EngineDeadError; the cause is in the engine's log
+            runner.generate(["Self check:"], n=1, max_tokens=16, temperature=1.0, logit_bias=helpers.good_bias())
+    finally:
+        runner.close()
+    captured = capfd.readouterr()
+    assert "stepprobe self-check: " in captured.out + captured.err, type(err.value)

@@ -163,3 +163,22 @@ def test_bench_resume_keeps_only_fully_measured_kv_budgets(tmp_path, tiny_model_
     path.write_text(json.dumps({**partial, "schema_version": 1}))
     with pytest.raises(ArtifactMismatch, match="schema version 1"):
         bench._resume(path, cfg, prov)
+
+
+def test_report_bench_section_checks_the_bench_schema(tmp_path):
+    import json
+
+    from stepprobe.inference.bench import BENCH_KIND, BENCH_SCHEMA_VERSION
+    from stepprobe.report import _bench_section
+
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "bench.md").write_text("| KV blocks | policy |\n|---|---|\n| default | none |\n")
+    assert "bench has not run." in _bench_section(tmp_path)  # no bench.json
+    data = {"kind": BENCH_KIND, "schema_version": BENCH_SCHEMA_VERSION, "date": "2026-11-28 22:00 UTC",
+            "model": {"name": "m"}, "scorer": {"architecture": "mlp", "sites": ["layer_20"], "weights_sha256": "ab" * 32}}
+    (tmp_path / "bench" / "bench.json").write_text(json.dumps(data))
+    text = "\n".join(_bench_section(tmp_path))
+    assert "Model `m`, scorer `mlp` on layer_20" in text and "| default | none |" in text
+    (tmp_path / "bench" / "bench.json").write_text(json.dumps({**data, "schema_version": 1}))
+    text = "\n".join(_bench_section(tmp_path))
+    assert "schema version 1" in text and "rerun the bench stage" in text and "| default | none |" not in text
