@@ -153,7 +153,7 @@ def _resume(partial: Path, config: Config, prov: dict[str, Any]) -> dict[int, tu
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise StepprobeError(f"{partial} is from a bench with another config ({', '.join(diff)}); "
                              "delete it or pass another --output")
-    run_stage.check_provenance(data, prov, str(partial))
+    run_stage.check_provenance(data, prov, str(partial), remedy="delete it or pass another --output")
     kept: dict[int, tuple[list, dict]] = {}
     for kv in config.kv_blocks:
         kv_rows = [r for r in data.get("rows", []) if r["kv_blocks"] == kv]

@@ -189,17 +189,17 @@ def provenance(model: str | None, scorer: str | None) -> dict[str, Any]:
     return out
 
 
-def check_provenance(theirs: dict[str, Any], mine: dict[str, Any], what: str) -> None:
+def check_provenance(theirs: dict[str, Any], mine: dict[str, Any], what: str,
+                     remedy: str = "pass --overwrite or another --output") -> None:
     """Refuse to continue an artifact made with another model or another scorer."""
     from stepprobe.provenance import check_model_identity
 
     if "model" not in theirs:
-        raise ArtifactMismatch(f"{what} has no model provenance; pass --overwrite or another --output")
+        raise ArtifactMismatch(f"{what} has no model provenance; {remedy}")
     check_model_identity(theirs["model"], mine["model"], what)
     a, b = theirs.get("scorer") or {}, mine.get("scorer") or {}
     if a.get("weights_sha256") != b.get("weights_sha256"):
-        raise ArtifactMismatch(f"{what} was written with another scorer ({a.get('path')}); "
-                               "pass --overwrite or another --output")
+        raise ArtifactMismatch(f"{what} was written with another scorer ({a.get('path')}); {remedy}")
 
 
 def _header(config: Config, prov: dict[str, Any]) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def test_bench_resume_keeps_only_fully_measured_kv_budgets(tmp_path, tiny_model_
     save_scorer(tmp_path / "other", linear_probe(["embed"], weight=np.ones(64, dtype=np.float32)), model=ident,
                 boundary_rule=BoundaryRule().to_dict())
     other = run_stage.provenance(cfg.model, str(tmp_path / "other"))
-    with pytest.raises(ArtifactMismatch, match="another scorer"):
+    with pytest.raises(ArtifactMismatch, match="another scorer .*delete it or pass another --output"):
         bench._resume(path, cfg, other)
     path.write_text(json.dumps({**partial, "schema_version": 1}))
     with pytest.raises(ArtifactMismatch, match="schema version 1"):
