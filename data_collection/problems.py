@@ -16,7 +16,8 @@ except blank lines.
 
 :func:`load_problem_source` takes a spec: a file path, or the built-in generator
 ``builtin`` / ``builtin:n=300,seed=0,families=add+word_add,levels=1+2`` (see
-:mod:`stepprobe.data_collection.tasks`).
+:mod:`stepprobe.data_collection.tasks`), or the test-only set of other phrasings
+``builtin-ood`` / ``builtin-ood:n=96,seed=0`` (:mod:`stepprobe.data_collection.ood_tasks`).
 """
 
 from __future__ import annotations
@@ -233,6 +234,7 @@ def load_problems(path: str | Path, *, question_field: str | None = None, answer
 
 
 BUILTIN = "builtin"
+BUILTIN_OOD = "builtin-ood"
 
 
 def parse_builtin_spec(spec: str) -> dict[str, Any]:
@@ -260,8 +262,14 @@ def parse_builtin_spec(spec: str) -> dict[str, Any]:
 
 
 def load_problem_source(spec: str, **field_overrides: Any) -> list[Problem]:
-    """Problems from a file path or a built-in spec (``builtin[:key=value,...]``)."""
+    """Problems from a file path or a built-in spec (``builtin[:key=value,...]``, ``builtin-ood[:...]``)."""
     spec = str(spec).strip()
+    if spec == BUILTIN_OOD or spec.startswith(BUILTIN_OOD + ":"):
+        from .ood_tasks import generate_ood_tasks
+
+        if any(v is not None for v in field_overrides.values()):
+            raise StepprobeError("field names (question_field, ...) apply to problem files, not to the built-in tasks")
+        return generate_ood_tasks(**parse_builtin_spec(spec))
     if spec == BUILTIN or spec.startswith(BUILTIN + ":"):
         from .tasks import generate_tasks
 
