@@ -12,6 +12,22 @@ boundaries, like ``"a\\n\\n\\n\\nb".split("\\n\\n")`` has two splits.
 Only generated tokens are ever fed to a detector: delimiters inside the prompt are not
 steps. The recorder (offline, whole traces) and the vLLM runner (live, one token at a
 time) both use :class:`BoundaryDetector`, so they agree token for token.
+
+Two modes (``BoundaryRule.mode``):
+
+- ``completes-occurrence-nonoverlapping`` (the default, above);
+- ``token-contains``: the STEP paper's rule, kept for scorers and data converted from the
+  paper's own artifacts (``stepprobe import-step-scorer`` / ``import-step-dump``): a token is
+  a boundary when **its own text** contains the delimiter; nothing is carried between
+  tokens, so ``"\n"`` + ``"\n"`` is no boundary and ``"a\n\nb\n\nc"`` in one token is one.
+  With ``end_text`` (the paper: ``"</think>"``), no token at or after the first token whose
+  own text contains ``end_text`` is a boundary (the paper forwards only the text before
+  ``</think>``). :func:`step_paper_rule` builds it.
+
+What the paper's rule covers that no detector here does: the paper also counted the blank
+lines of the *prompt* (its hidden states include those rows); a detector here only ever
+sees generated tokens, so at run time a converted scorer scores the generated boundaries
+only (docs/coming_from_step.md).
 """
 
 from __future__ import annotations
@@ -22,6 +38,11 @@ from typing import Any, Iterable, Sequence
 from .errors import StepprobeError
 
 DEFAULT_DELIMITER = "\n\n"
+MODE_OCCURRENCE = "completes-occurrence-nonoverlapping"
+MODE_TOKEN_CONTAINS = "token-contains"
+MODES = (MODE_OCCURRENCE, MODE_TOKEN_CONTAINS)
+STEP_PAPER_END_TEXT = "</think>"
+_STOPPED = "\x00stopped"  # carry of a token-contains detector past its end_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,17 +50,34 @@ class BoundaryRule:
     """How steps are delimited. Stored with every HDF5 file and scorer checkpoint."""
 
     delimiter: str = DEFAULT_DELIMITER
+    mode: str = MODE_OCCURRENCE
+    end_text: str | None = None
 
     def __post_init__(self) -> None:
         if not self.delimiter:
             raise StepprobeError("boundary delimiter must be a non-empty string")
+        if self.mode not in MODES:
+            raise StepprobeError(f"unknown boundary mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.end_text is not None and self.mode != MODE_TOKEN_CONTAINS:
+            raise StepprobeError(f"boundary end_text is only defined for mode {MODE_TOKEN_CONTAINS!r}")
+        if self.end_text == "":
+            raise StepprobeError("boundary end_text must be non-empty (or absent)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"delimiter": self.delimiter, "mode": "completes-occurrence-nonoverlapping"}
+        d: dict[str, Any] = {"delimiter": self.delimiter, "mode": self.mode}
+        if self.end_text is not None:
+            d["end_text"] = self.end_text
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BoundaryRule":
-        return cls(delimiter=d.get("delimiter", DEFAULT_DELIMITER))
+        return cls(delimiter=d.get("delimiter", DEFAULT_DELIMITER), mode=d.get("mode") or MODE_OCCURRENCE,
+                   end_text=d.get("end_text"))
+
+
+def step_paper_rule() -> BoundaryRule:
+    """The STEP paper's segmentation: a token whose own text holds ``"\n\n"``, before ``</think>``."""
+    return BoundaryRule(DEFAULT_DELIMITER, MODE_TOKEN_CONTAINS, STEP_PAPER_END_TEXT)
 
 
 class BoundaryDetector:
@@ -53,9 +91,15 @@ class BoundaryDetector:
     def __init__(self, rule: BoundaryRule, pieces: Sequence[str]):
         self.rule = rule
         self.pieces = list(pieces)
-        chars = set(rule.delimiter)
-        # Tokens that can contribute to a delimiter occurrence (contain any of its chars).
-        self.relevant_ids = frozenset(i for i, p in enumerate(self.pieces) if chars & set(p))
+        self._contains = rule.mode == MODE_TOKEN_CONTAINS
+        if self._contains:
+            # Only a token that holds the delimiter (or the end text) on its own matters.
+            self.relevant_ids = frozenset(i for i, p in enumerate(self.pieces) if rule.delimiter in p
+                                          or (rule.end_text is not None and rule.end_text in p))
+        else:
+            chars = set(rule.delimiter)
+            # Tokens that can contribute to a delimiter occurrence (contain any of its chars).
+            self.relevant_ids = frozenset(i for i, p in enumerate(self.pieces) if chars & set(p))
         self._keep = len(rule.delimiter) - 1
 
     @classmethod
@@ -64,6 +108,8 @@ class BoundaryDetector:
 
     def step(self, carry: str, token_id: int) -> tuple[bool, str]:
         """Feed one token. Returns (is_boundary, new_carry)."""
+        if self._contains:
+            return self._step_contains(carry, token_id)
         if token_id not in self.relevant_ids:
             return False, ""
         piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else ""
@@ -75,6 +121,16 @@ class BoundaryDetector:
             end = start = hit + len(delim)
         rest = text[end:] if end != -1 else text
         return end > len(carry), rest[-self._keep:] if self._keep else ""
+
+    def _step_contains(self, carry: str, token_id: int) -> tuple[bool, str]:
+        # The carry only says whether end_text has been seen (then nothing is a boundary).
+        if carry == _STOPPED or token_id not in self.relevant_ids:
+            return False, carry
+        piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else ""
+        end = self.rule.end_text
+        if end is not None and end in piece:
+            return False, _STOPPED
+        return self.rule.delimiter in piece, ""
 
     def find(self, token_ids: Iterable[int]) -> list[int]:
         """Positions (indices into ``token_ids``) of boundary tokens in a generated sequence."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stepprobe.boundaries import BoundaryDetector, BoundaryRule
+from stepprobe.boundaries import (MODE_OCCURRENCE, MODE_TOKEN_CONTAINS, BoundaryDetector, BoundaryRule,
+                                  step_paper_rule)
 from stepprobe.errors import StepprobeError
 
 
@@ -62,6 +63,45 @@ def test_rule_roundtrip_and_bad_rule():
     assert BoundaryRule.from_dict({}).delimiter == "\n\n"
     with pytest.raises(StepprobeError):
         BoundaryRule("")
+    # The default rule's record is unchanged (files and scorers written before modes existed).
+    assert BoundaryRule().to_dict() == {"delimiter": "\n\n", "mode": MODE_OCCURRENCE}
+    paper = step_paper_rule()
+    assert paper.to_dict() == {"delimiter": "\n\n", "mode": MODE_TOKEN_CONTAINS, "end_text": "</think>"}
+    assert BoundaryRule.from_dict(paper.to_dict()) == paper
+    with pytest.raises(StepprobeError, match="unknown boundary mode 'paper'; known"):
+        BoundaryRule.from_dict({"delimiter": "\n\n", "mode": "paper"})
+    with pytest.raises(StepprobeError, match="end_text"):
+        BoundaryRule("\n\n", MODE_OCCURRENCE, "</think>")
+
+
+# The STEP paper's rule: a token is a boundary when its own text holds "\n\n"; nothing is
+# carried across tokens; nothing at or after the token holding "</think>" is a boundary.
+PAPER_TABLE = [
+    (["a", "\n\n", "b"], [1]),
+    (["a", "\n", "\n", "b"], []),                       # two "\n" tokens: no boundary (differs from the default)
+    (["a\n", "\nb"], []),                               # split across tokens: none either
+    (["x", ".\n\nY", "z", "\n\n\n"], [1, 3]),
+    (["a\n\nb\n\nc"], [0]),                            # two in one token: one boundary
+    (["a", "\n\n", "</think>", "\n\n", "B", "\n\n"], [1]),  # nothing after </think>
+    (["a", "\n\n</think>", "\n\n"], []),               # the token holding </think> is no boundary
+]
+
+
+@pytest.mark.parametrize("pieces,expected", PAPER_TABLE, ids=[repr("".join(t[0]))[:30] for t in PAPER_TABLE])
+def test_step_paper_rule_table(pieces, expected):
+    vocab = sorted(set(pieces) | {"unused"})
+    det = BoundaryDetector(step_paper_rule(), vocab)
+    ids = [vocab.index(p) for p in pieces]
+    assert det.find(ids) == expected
+    carry, live = "", []
+    for pos, tid in enumerate(ids):
+        hit, carry = det.step(carry, tid)
+        if hit:
+            live.append(pos)
+    assert live == expected
+    # Without end_text, the same rule keeps counting after </think>.
+    plain = BoundaryDetector(BoundaryRule("\n\n", MODE_TOKEN_CONTAINS), vocab)
+    assert plain.find(ids) == [i for i, p in enumerate(pieces) if "\n\n" in p]
 
 
 PARAGRAPHS = [
