@@ -30,6 +30,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "sweep": ("stepprobe.training.sweep", "layer sweep: one probe per layer, metric vs. layer"),
     "tune": ("stepprobe.training.tune", "Optuna study over layers and probe architecture"),
     "export": ("stepprobe.training.export", "export the best probe as a scorer checkpoint"),
+    "import-step-scorer": ("stepprobe.probes.step_scorer",
+                           "convert a STEP-paper scorer checkpoint into a scorer (never unpickles code)"),
+    "import-step-dump": ("stepprobe.data_collection.step_dump",
+                         "convert STEP-paper hidden-state dumps (*_hiddenstates_*.pt) into the HDF5 file"),
     "run": ("stepprobe.inference.run", "generate with vLLM, score steps and prune traces"),
     "bench": ("stepprobe.inference.bench", "self-consistency vs. STEP pruning vs. confidence, side by side"),
     "serve": ("stepprobe.inference.serve", "vllm serve with scoring and pruning (OpenAI-compatible endpoint)"),
@@ -79,7 +83,8 @@ def make_parser() -> argparse.ArgumentParser:
         prog="stepprobe",
         description="Learn from a model's hidden states at reasoning-step boundaries which sampled "
         "traces are going wrong, and prune them inside vLLM while they are generated.",
-        epilog="Pipeline: " + " -> ".join(n for n in stages if n not in ("model", "pipeline", "serve"))
+        epilog="Pipeline: " + " -> ".join(n for n in stages if n not in ("model", "pipeline", "serve")
+                                          and not n.startswith("import-"))
         + ". Run `stepprobe STAGE --help` for a stage's options.",
     )
     parser.add_argument("--version", action="version", version=f"stepprobe {__version__}")
