@@ -38,11 +38,11 @@ from typing import Any, Mapping
 
 import torch
 
-from stepprobe.boundaries import BoundaryDetector, step_paper_rule
 from stepprobe.config import StageConfig, option
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import sha256_file
 from stepprobe.layers import FINAL_NORM
+from stepprobe.step_paper import STEP_PROMPT, model_identity_for, paper_boundary_rule
 
 from .checkpoint import CONFIG_FILE, save_scorer
 from .features import FeatureSpec, ProbeModel
@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 STEP_KEYS = ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")  # where a training script keeps the weights
 PAPER_WIDTH = 512
-STEP_SOURCE = ("STEP paper, train_scorer/ (MLPClassifier on transformers' last_hidden_state; segmentation of "
-               "data_pre_process.py), as described in stepprobe issue 17")
 
 
 @dataclasses.dataclass
@@ -189,16 +187,6 @@ def step_probe(sd: Mapping[str, torch.Tensor]) -> ProbeModel:
     return probe.eval()
 
 
-def paper_boundary_rule(tokenizer: Any | None = None) -> dict[str, Any]:
-    """The paper's segmentation as recorded in a converted scorer (``scope`` says what it covered)."""
-    rule = step_paper_rule()
-    out: dict[str, Any] = {**rule.to_dict(), "name": "step-paper", "scope": "prompt+response",
-                           "source": STEP_SOURCE}
-    if tokenizer is not None:
-        out["token_ids"] = BoundaryDetector.from_tokenizer(rule, tokenizer).boundary_token_ids()
-    return out
-
-
 def convert_step_scorer(checkpoint: str | Path, out: str | Path, *, model: Mapping[str, Any],
                         tokenizer: Any | None = None, threshold: float = 0.5, overwrite: bool = False,
                         config: Mapping[str, Any] | None = None) -> Path:
@@ -225,6 +213,7 @@ def convert_step_scorer(checkpoint: str | Path, out: str | Path, *, model: Mappi
         "input": "final_norm = transformers last_hidden_state (the paper's feature)",
         "normalization": "identity (the paper trains on raw features)",
         "prompt_preset": "step-paper",
+        "prompt": dict(STEP_PROMPT),
         "checkpoint_form": form,
         "checkpoint_dtypes": dtypes,
         "checkpoint_other_keys": other,
@@ -238,23 +227,6 @@ def convert_step_scorer(checkpoint: str | Path, out: str | Path, *, model: Mappi
     log.info("converted %s (%s, D=%d, width %d, %s) -> %s for model %r", checkpoint, form, d, width,
              "/".join(dtypes), path, model.get("name"))
     return path
-
-
-def model_identity_for(name: str) -> tuple[dict[str, Any], Any]:
-    """``(identity, tokenizer)`` of a model by name, path or HF id (config and tokenizer only)."""
-    from stepprobe.models import model_display_name, resolve_model
-    from stepprobe.provenance import model_identity
-
-    path = resolve_model(name)
-    try:
-        from transformers import AutoConfig, AutoTokenizer
-
-        cfg = AutoConfig.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise StepprobeError(f"cannot read the config and tokenizer of model {name!r} "
-                             f"({str(exc).strip().splitlines()[0][:160]})") from None
-    return model_identity(model_display_name(name), cfg, tok), tok
 
 
 def run(config: Config) -> Path:

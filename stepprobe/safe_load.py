@@ -55,7 +55,12 @@ def _unsafe_names(path: Path, message: str) -> list[str]:
     return sorted(set(names))
 
 
-def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint", mmap: bool = False) -> Any:
+RESAVE_HINT = ("If you trust it, re-save just its tensors: "
+               "torch.save({'model_state_dict': ckpt['model_state_dict']}, 'clean.pt')")
+
+
+def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint", mmap: bool = False,
+                    hint: str = RESAVE_HINT) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, with one-line refusals.
 
     ``mmap`` maps tensor storage instead of reading it (zip-format files; legacy files are
@@ -79,9 +84,7 @@ def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint", mmap: 
                                    f"{why[0].strip()[:160] or 'refused'}); nothing in it was run") from None
         raise ArtifactMismatch(
             f"{path}: refused: this {what} needs full unpickling, which can run code (it names "
-            f"{', '.join(names)}); stepprobe loads "
-            "torch files with weights_only=True only. If you trust it, re-save just its tensors: "
-            "torch.save({'model_state_dict': ckpt['model_state_dict']}, 'clean.pt')") from None
+            f"{', '.join(names)}); stepprobe loads torch files with weights_only=True only. {hint}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ArtifactMismatch(f"{path}: not a readable torch.save file ({first})") from None

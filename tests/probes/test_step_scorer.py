@@ -13,8 +13,8 @@ from torch import nn
 from stepprobe.cli import main as cli_main
 from stepprobe.errors import ArtifactMismatch
 from stepprobe.probes.checkpoint import load_scorer
-from stepprobe.probes.step_scorer import (Config, STEP_KEYS, check_step_state_dict, convert_step_scorer,
-                                          model_identity_for, run)
+from stepprobe.probes.step_scorer import Config, STEP_KEYS, check_step_state_dict, convert_step_scorer, run
+from stepprobe.step_paper import model_identity_for
 
 
 class MLPClassifier(nn.Module):
