@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install pipeline test bench
+.PHONY: install pipeline test bench mutation
 
 install: $(VENV)/.installed
 
@@ -18,3 +18,8 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/collect_throughput.py
+
+# Mutation score of the core rule modules + coverage of the fast tier (slow: tens of minutes).
+mutation: install
+	$(BIN)/python -m pip install -q "mutmut>=3.3,<4" "coverage>=7.4"
+	nice -n 10 $(BIN)/python benchmarks/mutation.py

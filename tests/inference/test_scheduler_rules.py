@@ -1,0 +1,224 @@
+"""The pruning rules pinned on vLLM's real ``Scheduler`` and ``AsyncScheduler`` (no engine).
+
+Each test is built so that breaking one rule changes which request finishes how:
+
+- memory victim: the lowest-scored request is the FIRST one added, while vLLM's own
+  preemption victim is the last one; without the score sort the wrong request is pruned;
+- ``protect_last`` on and off: a group's only running trace is (or is not) spared;
+- unscored traces are never memory victims: vLLM preempts as usual;
+- the confidence policy (DeepConf-style) with fed log-probabilities: a window mean below the
+  request's threshold prunes, one at the threshold does not, ``-inf`` filler entries are
+  ignored, no threshold means no pruning, and nothing is decided before the window is full.
+
+The schedulers are built and driven as in test_scheduler.py (one step in flight for the
+sync scheduler, two for the async engine core).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+from test_scheduler import BLOCK, MAX_TOKENS, PROMPT, make_scheduler
+
+MODES = pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+
+
+def add(scheduler, specs: dict[str, dict], *, logprobs: int | None = None) -> None:
+    """Add one request per ``specs`` item (request id -> its ``stepprobe`` extra args), in order."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(BLOCK, sha256)
+    for i, (rid, extra) in enumerate(specs.items()):
+        sp = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=logprobs,
+                            extra_args={"stepprobe": dict(extra)})
+        scheduler.add_request(Request(request_id=rid, prompt_token_ids=[100 + i] * PROMPT, sampling_params=sp,
+                                      pooling_params=None, block_hasher=hasher))
+
+
+def drive(scheduler, *, in_flight: int, scores: dict[str, float | None] | None = None,
+          rows: dict[str, list[float]] | None = None) -> dict[str, tuple]:
+    """Run to completion; every token is a step boundary scored ``scores[rid]`` (``None``:
+    no step completed) and comes with the log-probability row ``rows[rid]`` (the sampled
+    token's, then the top-k). Returns each request's (finish_reason, stop_reason, tokens)."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
+
+    pending: deque = deque()
+    done: dict[str, tuple] = {}
+    tokens: dict[str, int] = {}
+
+    def complete(so):
+        rids = list(so.num_scheduled_tokens)
+        if not rids:
+            deliver(scheduler.update_from_output(so, EMPTY_MODEL_RUNNER_OUTPUT))
+            return
+        mro = ModelRunnerOutput(req_ids=rids, req_id_to_index={r: k for k, r in enumerate(rids)},
+                                sampled_token_ids=[[5] for _ in rids])
+        if scores is not None:
+            mro.stepprobe_steps = {r: [[0, scores[r]]] for r in rids if scores.get(r) is not None}
+        if rows is not None:
+            lp = np.array([rows[r] for r in rids], dtype=np.float32)
+            mro.logprobs = LogprobsLists(logprob_token_ids=np.full(lp.shape, 5, dtype=np.int32), logprobs=lp,
+                                         sampled_token_ranks=np.ones(len(rids), dtype=np.int32))
+        deliver(scheduler.update_from_output(so, mro))
+
+    def deliver(outputs):
+        for eco in outputs.values():
+            for o in eco.outputs:
+                tokens[o.request_id] = tokens.get(o.request_id, 0) + len(o.new_token_ids)
+                if o.finish_reason is not None:
+                    done[o.request_id] = (str(o.finish_reason), o.stop_reason, tokens[o.request_id])
+
+    for _ in range(1000):
+        if not scheduler.has_requests():
+            break
+        so = scheduler.schedule()
+        if so.total_num_scheduled_tokens:
+            pending.append(so)
+            if len(pending) >= in_flight:
+                complete(pending.popleft())
+        else:
+            while pending:
+                complete(pending.popleft())
+            complete(so)  # the engine core also updates after an empty step (a prune's output)
+    else:
+        raise AssertionError("the scheduler never finished its requests")
+    while pending:
+        complete(pending.popleft())
+    return done
+
+
+def memory_scheduler(tiny_model_path, async_scheduling, **settings):
+    return make_scheduler(tiny_model_path, async_scheduling=async_scheduling,
+                          settings={"policy": "memory", "scorer": "unused", "threshold": 0.5, **settings})
+
+
+FULL = ("length", None, MAX_TOKENS)
+
+
+@MODES
+def test_memory_victim_is_the_lowest_score_not_the_last_arrival(tiny_model_path, async_scheduling):
+    # vLLM's own victim would be r3 (the last added); the lowest score is r0 (the first).
+    s = memory_scheduler(tiny_model_path, async_scheduling)
+    add(s, {r: {"group": "g"} for r in ("r0", "r1", "r2", "r3")})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.1, "r1": 0.9, "r2": 0.8, "r3": 0.7})
+    assert done["r0"][:2] == ("stop", "pruned") and 0 < done["r0"][2] < MAX_TOKENS
+    assert all(done[r] == FULL for r in ("r1", "r2", "r3"))
+    assert s.stepprobe_counts == {"pruned": 1, "preempted": 0, "steps": s.stepprobe_counts["steps"]}
+
+
+@MODES
+def test_memory_victim_in_the_middle_of_the_queue(tiny_model_path, async_scheduling):
+    s = memory_scheduler(tiny_model_path, async_scheduling)
+    add(s, {r: {"group": "g"} for r in ("r0", "r1", "r2", "r3")})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.6, "r1": 0.2, "r2": 0.8, "r3": 0.7})
+    assert done["r1"][:2] == ("stop", "pruned")
+    assert all(done[r] == FULL for r in ("r0", "r2", "r3"))
+
+
+@MODES
+def test_protect_last_spares_a_groups_only_trace(tiny_model_path, async_scheduling):
+    # r0 is alone in group "a" and scores lowest; group "b" has three traces.
+    specs = {"r0": {"group": "a"}, "r1": {"group": "b"}, "r2": {"group": "b"}, "r3": {"group": "b"}}
+    scores = {"r0": 0.1, "r1": 0.9, "r2": 0.3, "r3": 0.8}
+    s = memory_scheduler(tiny_model_path, async_scheduling)  # protect_last defaults to on
+    add(s, specs)
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
+    assert done["r2"][:2] == ("stop", "pruned")  # the lowest prunable one
+    assert all(done[r] == FULL for r in ("r0", "r1", "r3"))
+
+    s = memory_scheduler(tiny_model_path, async_scheduling, protect_last=False)
+    add(s, specs)
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
+    assert done["r0"][:2] == ("stop", "pruned")  # unprotected, the lowest overall goes
+    assert all(done[r] == FULL for r in ("r1", "r2", "r3"))
+
+
+@MODES
+def test_protect_last_with_singleton_groups_falls_back_to_preemption(tiny_model_path, async_scheduling):
+    scores = {"r0": 0.1, "r1": 0.9, "r2": 0.8, "r3": 0.7}
+    s = memory_scheduler(tiny_model_path, async_scheduling)
+    add(s, {r: {"group": r} for r in scores})  # every trace is its group's last one
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
+    assert all(done[r] == FULL for r in scores)
+    assert s.stepprobe_counts["pruned"] == 0 and s.stepprobe_counts["preempted"] > 0
+
+    s = memory_scheduler(tiny_model_path, async_scheduling, protect_last=False)
+    add(s, {r: {"group": r} for r in scores})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
+    assert done["r0"][:2] == ("stop", "pruned")
+    assert s.stepprobe_counts["pruned"] == 1 and s.stepprobe_counts["preempted"] == 0
+
+
+@MODES
+def test_unscored_traces_are_never_memory_victims(tiny_model_path, async_scheduling):
+    s = memory_scheduler(tiny_model_path, async_scheduling)
+    add(s, {r: {"group": "g"} for r in ("r0", "r1", "r2", "r3")})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": None, "r1": None, "r2": None, "r3": None})
+    assert all(done[r] == FULL for r in ("r0", "r1", "r2", "r3"))
+    assert s.stepprobe_counts["pruned"] == 0 and s.stepprobe_counts["preempted"] > 0
+    assert s.stepprobe_counts["steps"] == 0
+
+
+@MODES
+def test_a_scored_trace_goes_before_unscored_ones(tiny_model_path, async_scheduling):
+    # r3 (last, vLLM's victim) has no step yet; r0 (first) is scored, even high: it goes.
+    s = memory_scheduler(tiny_model_path, async_scheduling)
+    add(s, {r: {"group": "g"} for r in ("r0", "r1", "r2", "r3")})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.95, "r1": None, "r2": None, "r3": None})
+    assert done["r0"][:2] == ("stop", "pruned")
+    assert all(done[r] == FULL for r in ("r1", "r2", "r3"))
+
+
+# --------------------------------------------------------------------- confidence policy
+WINDOW = 4
+THRESHOLD = 2.0
+#: log-probability rows: [sampled token, top-1, top-2]; confidence = -mean(top-k).
+SURE = [-0.01, -5.0, -5.0]  # confidence 5.0
+UNSURE = [-0.7, -0.5, -1.0]  # confidence 0.75
+AT_THRESHOLD = [-0.1, -2.0, -2.0]  # confidence exactly 2.0: not below
+UNSURE_WITH_FILLER = [-0.7, -0.5, -np.inf]  # vLLM's filler for a missing entry; confidence 0.5
+
+
+def confidence_run(tiny_model_path, async_scheduling, specs, rows):
+    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, settings={"policy": "confidence"})
+    add(s, specs, logprobs=2)
+    return s, drive(s, in_flight=2 if async_scheduling else 1, rows=rows)
+
+
+@MODES
+def test_confidence_policy_prunes_below_threshold_after_a_full_window(tiny_model_path, async_scheduling):
+    conf = {"conf_threshold": THRESHOLD, "conf_window": WINDOW}
+    specs = {"sure": dict(conf), "unsure": dict(conf), "at": dict(conf), "filler": dict(conf),
+             "nothreshold": {"conf_window": WINDOW}}
+    rows = {"sure": SURE, "unsure": UNSURE, "at": AT_THRESHOLD, "filler": UNSURE_WITH_FILLER, "nothreshold": UNSURE}
+    s, done = confidence_run(tiny_model_path, async_scheduling, specs, rows)
+    for rid in ("unsure", "filler"):
+        assert done[rid][:2] == ("stop", "pruned")
+        # decided once WINDOW tokens are seen, carried out at the next schedule()
+        assert WINDOW <= done[rid][2] <= WINDOW + 2
+    for rid in ("sure", "at", "nothreshold"):
+        assert done[rid] == FULL
+    assert s.stepprobe_counts["pruned"] == 2
+
+
+@MODES
+def test_confidence_window_mean_not_single_tokens(tiny_model_path, async_scheduling):
+    # A longer window needs more low-confidence tokens before it can decide.
+    specs = {"w8": {"conf_threshold": THRESHOLD, "conf_window": 8}, "w2": {"conf_threshold": THRESHOLD, "conf_window": 2}}
+    s, done = confidence_run(tiny_model_path, async_scheduling, specs, {"w8": UNSURE, "w2": UNSURE})
+    assert done["w2"][:2] == ("stop", "pruned") and 2 <= done["w2"][2] <= 4
+    assert done["w8"][:2] == ("stop", "pruned") and 8 <= done["w8"][2] <= 10
+
+
+def test_confidence_without_logprobs_prunes_nothing(tiny_model_path):
+    specs = {"a": {"conf_threshold": THRESHOLD, "conf_window": WINDOW}}
+    s = make_scheduler(tiny_model_path, async_scheduling=False, settings={"policy": "confidence"})
+    add(s, specs)
+    done = drive(s, in_flight=1)
+    assert done["a"] == FULL and s.stepprobe_counts["pruned"] == 0
