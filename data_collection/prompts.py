@@ -57,3 +57,23 @@ def build_prompt(problem: Problem, tokenizer: Any, *, system_prompt: str | None 
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     head = f"{system_prompt.strip()}\n\n" if system_prompt else ""
     return f"{head}{user}\n\nAnswer:"
+
+
+# Named prompt settings (``build_prompt`` keyword arguments). ``step-paper`` reproduces the
+# STEP paper's prompt (chat template, its system prompt, the question as the whole user
+# turn), the distribution a scorer converted with ``stepprobe import-step-scorer`` was
+# trained on.
+def prompt_presets() -> dict[str, dict[str, Any]]:
+    from ..step_paper import STEP_PROMPT
+
+    return {"step-paper": dict(STEP_PROMPT)}
+
+
+def prompt_preset(name: str) -> dict[str, Any]:
+    """The ``build_prompt`` keyword arguments of a named preset; an unknown name lists the known ones."""
+    presets = prompt_presets()
+    if name not in presets:
+        from ..errors import StepprobeError
+
+        raise StepprobeError(f"unknown prompt preset {name!r}; known: {', '.join(presets)}")
+    return dict(presets[name])
