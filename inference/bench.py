@@ -54,7 +54,8 @@ class Config(StageConfig):
     max_tokens: int = option(256, "max generated tokens per trace")
     temperature: float = option(0.7, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling")
-    seed: int = option(0, "engine seed")
+    seed: int = option(0, "engine seed, and the run seed of every trace's seed")
+    per_trace_seeds: bool = option(True, "each trace samples with its own seed (see run)")
     max_model_len: int = option(1024, "vLLM max_model_len")
     dtype: str = option("auto", "model dtype in vLLM")
     enforce_eager: bool = option(False, "run vLLM without compilation")
@@ -83,7 +84,8 @@ def _run_config(config: Config, policy: str, kv_blocks: int) -> run_stage.Config
         problems=config.problems, scorer=config.scorer, model=config.model, n=config.n, policy=policy,
         aggregate=config.aggregate, threshold=config.threshold, warmup_steps=config.warmup_steps,
         keep_fraction=config.keep_fraction, keep_step=config.keep_step, vote=vote, max_tokens=config.max_tokens,
-        temperature=config.temperature, top_p=config.top_p, seed=config.seed, max_model_len=config.max_model_len,
+        temperature=config.temperature, top_p=config.top_p, seed=config.seed, per_trace_seeds=config.per_trace_seeds,
+        max_model_len=config.max_model_len,
         dtype=config.dtype, num_kv_blocks=kv_blocks or None, enforce_eager=config.enforce_eager,
         confidence_topk=config.confidence_topk, confidence_window=config.confidence_window,
         confidence_percentile=config.confidence_percentile, confidence_warmup=config.confidence_warmup,

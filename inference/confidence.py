@@ -43,15 +43,18 @@ class ConfidenceFilter:
             out.append(float(np.percentile(vals, self.percentile)) if vals else None)
         return out
 
-    def generate(self, runner: Any, prompts: Sequence[str], *, n: int, **kwargs: Any) -> list[list[Any]]:
+    def generate(self, runner: Any, prompts: Sequence[str], *, n: int, seeds: Sequence[Sequence[int]] | None = None,
+                 **kwargs: Any) -> list[list[Any]]:
         warm_n = min(self.warmup, n)
-        warm = runner.generate(prompts, n=warm_n, policy="none", logprobs=self.topk, **kwargs)
+        warm = runner.generate(prompts, n=warm_n, policy="none", logprobs=self.topk,
+                               seeds=[s[:warm_n] for s in seeds] if seeds is not None else None, **kwargs)
         if n <= warm_n:
             return warm
         thr = self.thresholds(warm)
         per_prompt = [{"conf_threshold": t, "conf_window": self.window} for t in thr]
         rest = runner.generate(prompts, n=n - warm_n, policy="confidence", logprobs=self.topk,
-                               per_prompt=per_prompt, **kwargs)
+                               per_prompt=per_prompt, seeds=[s[warm_n:] for s in seeds] if seeds is not None else None,
+                               **kwargs)
         out = []
         for w, r in zip(warm, rest):
             for t in r:

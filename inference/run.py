@@ -55,7 +55,9 @@ class Config(StageConfig):
     max_tokens: int = option(256, "max generated tokens per trace")
     temperature: float = option(0.7, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling")
-    seed: int = option(0, "engine seed")
+    seed: int = option(0, "engine seed, and with per_trace_seeds the run seed every trace's seed derives from")
+    per_trace_seeds: bool = option(True, "give each trace its own seed from (seed, problem id, trace index), so what "
+                                         "it samples does not depend on the batch or on pruning")
     max_model_len: int = option(2048, "vLLM max_model_len")
     dtype: str = option("auto", "model dtype in vLLM (float32 matches the recorder on CPU)")
     kv_cache_gib: float | None = option(None, "KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE, default 2 unless set; GPU: kv_cache_memory_bytes)")
@@ -106,9 +108,12 @@ def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | Non
     from stepprobe.data_collection.prompts import build_prompt
 
     from .confidence import ConfidenceFilter
+    from .seeds import trace_seed
 
     policy = policy or config.policy
     prompts = [build_prompt(p, runner.tokenizer) for p in problems]
+    seeds = ([[trace_seed(config.seed, p.problem_id, i) for i in range(config.n)] for p in problems]
+             if config.per_trace_seeds else None)
     use_conf = policy == "confidence" or config.vote == "confidence"
     pre0 = runner.preemptions()
     t0 = time.perf_counter()
@@ -116,10 +121,10 @@ def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | Non
         filt = ConfidenceFilter(window=config.confidence_window, percentile=config.confidence_percentile,
                                 warmup=config.confidence_warmup, topk=config.confidence_topk)
         results = filt.generate(runner, prompts, n=config.n, max_tokens=config.max_tokens,
-                                temperature=config.temperature, top_p=config.top_p)
+                                temperature=config.temperature, top_p=config.top_p, seeds=seeds)
     else:
         results = runner.generate(prompts, n=config.n, max_tokens=config.max_tokens, temperature=config.temperature,
-                                  top_p=config.top_p, policy=policy,
+                                  top_p=config.top_p, policy=policy, seeds=seeds,
                                   logprobs=config.confidence_topk if use_conf else None)
     wall = time.perf_counter() - t0
     preempted = runner.preemptions() - pre0

@@ -164,9 +164,13 @@ class StepRunner:
     def generate(self, prompts: Sequence[str], *, n: int = 1, max_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 1.0, policy: str | None = None, logprobs: int | None = None,
                  use_tqdm: bool = False, per_prompt: Sequence[dict[str, Any]] | None = None,
+                 seeds: Sequence[Sequence[int]] | None = None,
                  **sampling: Any) -> list[list[TraceResult]]:
         """``n`` traces for each prompt. ``per_prompt``: extra stepprobe request settings for
-        each prompt (e.g. a confidence threshold).
+        each prompt (e.g. a confidence threshold). ``seeds[k][i]``: trace ``i`` of prompt ``k``
+        samples with its own generator seeded so (see :mod:`stepprobe.inference.seeds`);
+        without it, traces draw from the engine's shared generator, so what one samples
+        depends on the rest of the batch.
 
         The ``n`` traces of a prompt are sent as ``n`` single-trace requests of one group
         (``extra_args={"stepprobe": {"group": ...}}``), which is what vLLM's front end does with
@@ -185,8 +189,13 @@ class StepRunner:
             extra["group"] = f"g{call}-{k}"
             sp = SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 logprobs=logprobs, extra_args={"stepprobe": extra}, **sampling)
+            if seeds is not None and len(seeds[k]) != n:
+                raise StepprobeError(f"generate: {len(seeds[k])} seeds for prompt {k}, expected n={n}")
             for i in range(n):
-                params.append(sp.clone())
+                one = sp.clone()
+                if seeds is not None:
+                    one.seed = int(seeds[k][i])
+                params.append(one)
                 flat_prompts.append(prompt)
                 owners.append((k, i))
         if self.plugin and self.scorer is not None:

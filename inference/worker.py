@@ -38,6 +38,7 @@ from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.layers import EMBED, FINAL_NORM, layer_index
 
 from .plugin import PluginSettings, check_vllm_version
+from .seeds import install_seed_rewind
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ class StepprobeWorkerMixin:
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)  # type: ignore[misc]
         check_vllm_version()
+        install_seed_rewind(self.model_runner)  # type: ignore[attr-defined]  # seeded requests on CPU
         settings = PluginSettings.from_vllm_config(self.vllm_config)  # type: ignore[attr-defined]
         if settings.scorer:
             self._stepprobe = Capture(self, settings)
