@@ -33,7 +33,7 @@ from .voting import METHODS, Ballot, vote
 log = logging.getLogger(__name__)
 
 RESULTS_KIND = "stepprobe-run-results"
-RESULTS_SCHEMA_VERSION = 2  # 2: model and scorer provenance in the header
+RESULTS_SCHEMA_VERSION = 3  # 2: model and scorer provenance; 3: per-trace seeds, prompt_tokens, token confidences
 
 
 @dataclasses.dataclass
@@ -64,6 +64,8 @@ class Config(StageConfig):
     num_kv_blocks: int | None = option(None, "exact number of KV-cache blocks (tight budgets)")
     max_num_seqs: int | None = option(None, "vLLM max_num_seqs")
     enforce_eager: bool = option(False, "run vLLM without compilation (hooks work either way)")
+    record_confidence: bool = option(False, "keep every trace's per-token confidences in results.jsonl (what "
+                                            "stepprobe replay needs for the confidence baseline; asks for top-k logprobs)")
     confidence_topk: int = option(5, "top-k log-probabilities per token for confidence voting / baseline")
     confidence_window: int = option(64, "confidence baseline: sliding window (tokens)")
     confidence_percentile: float = option(10.0, "confidence baseline: threshold percentile of warm-up traces")
@@ -114,7 +116,7 @@ def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | Non
     prompts = [build_prompt(p, runner.tokenizer) for p in problems]
     seeds = ([[trace_seed(config.seed, p.problem_id, i) for i in range(config.n)] for p in problems]
              if config.per_trace_seeds else None)
-    use_conf = policy == "confidence" or config.vote == "confidence"
+    use_conf = policy == "confidence" or config.vote == "confidence" or config.record_confidence
     pre0 = runner.preemptions()
     t0 = time.perf_counter()
     if policy == "confidence":
@@ -137,7 +139,7 @@ def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | Non
             ans = extract_answer(t.text, prob.choices)
             conf = trace_confidence(t.confidence, config.confidence_window) if t.confidence else None
             ballots.append(Ballot(ans, t.pruned, t.score, conf))
-            d = t.to_dict()
+            d = t.to_dict(token_confidence=config.record_confidence)
             d.update(answer=ans, correct=is_correct(ans, prob.gold, choices=prob.choices), confidence=conf)
             tdicts.append(d)
         votes = {}
@@ -147,6 +149,7 @@ def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | Non
                         "voters": v.voters}
         records.append({
             "problem_id": prob.problem_id, "gold": prob.gold, "policy": policy,
+            "prompt_tokens": traces[0].prompt_tokens if traces else 0,
             "answer": votes[config.vote]["answer"], "correct": votes[config.vote]["correct"], "votes": votes,
             "kept": sum(not t.pruned for t in traces), "pruned": sum(t.pruned for t in traces),
             "output_tokens": sum(t.num_tokens for t in traces),

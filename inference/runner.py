@@ -41,20 +41,26 @@ class TraceResult:
     num_preemptions: int = 0
     queued_s: float | None = None
     logprobs: list[float] | None = None  # chosen-token logprob per token (confidence)
-    confidence: list[float] | None = None  # mean top-k logprob per token (DeepConf)
+    confidence: list[float] | None = None  # minus the mean logprob of the returned tokens (DeepConf)
     features: list[Any] | None = None
+    prompt_tokens: int = 0
+    stop_confidence: list[float] | None = None  # per token, as the scheduler's confidence policy sees it
+    seed: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, token_confidence: bool = False) -> dict[str, Any]:
+        """The trace for results.jsonl; ``token_confidence`` keeps both per-token confidence
+        lists (what ``stepprobe replay`` needs for the confidence baseline)."""
         d = dataclasses.asdict(self)
-        d.pop("features", None)
-        d.pop("token_ids", None)
-        d.pop("confidence", None)
-        d.pop("logprobs", None)
+        for k in ("features", "token_ids", "confidence", "logprobs", "stop_confidence"):
+            d.pop(k, None)
         d["num_tokens"] = self.num_tokens
+        if token_confidence:
+            d["token_confidence"] = [round(x, 4) for x in self.confidence or []]
+            d["stop_confidence"] = [round(x, 4) for x in self.stop_confidence or []]
         return d
 
 
@@ -209,12 +215,12 @@ class StepRunner:
             if ids is not None:
                 by_request[ids[0]] = rec
         results: list[list[TraceResult]] = [[] for _ in prompts]
-        for o, (k, i) in zip(outs, owners):
+        for j, (o, (k, i)) in enumerate(zip(outs, owners)):
             metrics = getattr(o, "metrics", None)
             c = o.outputs[0]
             rec = by_request.get(o.request_id, {})
             scores = list(rec.get("scores", []))
-            lp, conf = _token_confidence(c)
+            lp, conf, stop_conf = _token_confidence(c, logprobs)
             results[k].append(TraceResult(
                 index=i, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
                 pruned=c.stop_reason == PRUNED,
@@ -222,7 +228,8 @@ class StepRunner:
                 step_scores=scores, step_positions=list(rec.get("positions", [])),
                 num_preemptions=int(getattr(metrics, "num_preemptions", 0) or 0),
                 queued_s=_queued(metrics), logprobs=lp, confidence=conf,
-                features=rec.get("features") or None))
+                features=rec.get("features") or None, prompt_tokens=len(o.prompt_token_ids or []),
+                stop_confidence=stop_conf, seed=params[j].seed))
         return results
 
     def preemptions(self) -> int:
@@ -256,20 +263,26 @@ def _queued(metrics: Any) -> float | None:
     return float(s - q) if q and s else None
 
 
-def _token_confidence(completion: Any) -> tuple[list[float] | None, list[float] | None]:
-    """Per token: the chosen token's logprob, and the mean of the top-k logprobs (DeepConf's
-    token confidence is minus that mean)."""
+def _token_confidence(completion: Any, k: int | None = None
+                      ) -> tuple[list[float] | None, list[float] | None, list[float] | None]:
+    """Per token: the chosen token's logprob; minus the mean of the returned logprobs (the
+    top-k, plus the chosen token when it is not among them: DeepConf's token confidence as
+    ``trace_confidence`` reads it); and minus the mean of the top-k alone, which is what the
+    scheduler's online ``confidence`` policy compares with its threshold."""
     lps = getattr(completion, "logprobs", None)
     if not lps:
-        return None, None
-    chosen, conf = [], []
+        return None, None, None
+    chosen, conf, stop = [], [], []
     for tid, d in zip(completion.token_ids, lps):
         if not d:
             continue
         vals = [v.logprob for v in d.values()]
         chosen.append(d[tid].logprob if tid in d else min(vals))
         conf.append(-sum(vals) / len(vals))
-    return chosen, conf
+        top = sorted(vals, reverse=True)[: k or len(vals)]
+        top = [v for v in top if v > -1e30]
+        stop.append(-sum(top) / len(top) if top else float("nan"))
+    return chosen, conf, stop
 
 
 def check_scorer_for_model(scorer_dir: str, model_path: str) -> Any:

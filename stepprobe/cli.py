@@ -36,6 +36,7 @@ STAGES: dict[str, tuple[str, str]] = {
                          "convert STEP-paper hidden-state dumps (*_hiddenstates_*.pt) into the HDF5 file"),
     "run": ("stepprobe.inference.run", "generate with vLLM, score steps and prune traces"),
     "bench": ("stepprobe.inference.bench", "self-consistency vs. STEP pruning vs. confidence, side by side"),
+    "replay": ("stepprobe.inference.replay", "replay every policy offline on the traces of one SC run (paired)"),
     "serve": ("stepprobe.inference.serve", "vllm serve with scoring and pruning (OpenAI-compatible endpoint)"),
     "pipeline": ("stepprobe.pipeline", "the whole pipeline end to end into one run directory"),
 }

@@ -1,0 +1,638 @@
+"""Replay every pruning policy offline on the traces of one self-consistency run.
+
+Example::
+
+    stepprobe run --scorer runs/x/scorer --problems heldout.jsonl --policy none --record-confidence \\
+        --output runs/x/sc
+    stepprobe replay --results runs/x/sc --kv-blocks 0,16,32,64 --output runs/x/replay
+
+A ``run`` with policy ``none`` (and ``--record-confidence``) keeps, for every trace, its step
+scores at their token positions, its per-token confidences, its answer and whether it is
+right. ``replay`` decides, on those same traces, what each policy would have pruned and
+when, so every policy is compared on identical samples (paired), and hundreds of problems
+cost seconds instead of hours:
+
+- ``threshold``, ``top_fraction``, ``confidence``: decided exactly as the live scheduler
+  decides (the same functions of :mod:`stepprobe.inference.policies` and the same
+  step-by-step order), with one assumption: a problem's traces advance in lockstep (one token
+  per engine step each, from the same start), which holds unless the KV cache is full. A
+  score for the boundary token at generated index ``g`` arrives after engine step ``g + 1``;
+  a trace flagged after step ``s`` has generated ``s + 1`` tokens when it is finished.
+- ``memory``: a model of vLLM's scheduler on a KV cache of ``kv_blocks`` blocks of
+  ``block_size`` tokens: FCFS admission (not while a preemption happened in the step),
+  chunked prefill within ``max_num_batched_tokens``, the prompt's full blocks shared by a
+  problem's traces (prefix caching), and vLLM's victim rule (the **last** running request is
+  preempted; the memory policy first sorts running traces so that the last is the
+  lowest-scoring prunable one, and finishes it instead). A preempted trace frees its blocks
+  and recomputes its prompt and generated tokens when readmitted.
+- time: engine steps and computed tokens of that same model, as
+  ``steps * step_cost_tokens + computed tokens`` (token units; a ratio to self-consistency
+  at the same budget is what is reported). Every policy, SC included, goes through the
+  scheduler model at every budget, with its pruning points.
+
+Beside each pruning policy: ``random`` prunes the same number of traces per problem at the
+same points (which traces: uniformly at random; mean over ``random_draws`` draws) and
+``oracle`` prunes wrong traces first (by the true labels). Every accuracy difference to SC
+carries a paired bootstrap 95% interval over problems (:mod:`stepprobe.stats`).
+
+Votes: pruned traces do not vote; a trace without an answer does not vote; answers are
+merged into classes of equivalent answers once per problem (math-verify, as
+:func:`~stepprobe.inference.voting.merge_answers` does); **ties go to the answer class seen
+first in trace-index order**, the rule of :func:`~stepprobe.inference.voting.vote`.
+
+Writes ``replay.json`` (``stepprobe-replay``), ``replay.md`` (bench's table with intervals
+and the baselines) and ``replay.png`` (accuracy vs. output tokens and vs. model time, one
+line per policy across KV budgets).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from stepprobe.config import StageConfig, option
+from stepprobe.errors import ArtifactMismatch, StepprobeError
+from stepprobe.io import atomic_write_json, atomic_write_text
+from stepprobe.provenance import check_schema, package_versions
+from stepprobe.stats import paired_bootstrap
+
+from .policies import TraceScore, below_threshold, memory_rank_key, top_fraction_losers
+
+log = logging.getLogger(__name__)
+
+KIND = "stepprobe-replay"
+SCHEMA_VERSION = 1
+POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence")
+DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
+
+
+@dataclasses.dataclass
+class Config(StageConfig):
+    SECTION = "replay"
+
+    results: str | None = option(None, "a run's output directory or results.jsonl (policy none, --record-confidence)")
+    policies: list[str] = option(factory=lambda: list(POLICIES), help="policies to replay; 'none' is SC")
+    kv_blocks: list[int] = option(factory=lambda: [0, 16, 32, 64], help="KV budgets in blocks (0 = unlimited)")
+    block_size: int = option(128, "KV block size in tokens (vLLM's CPU backend: 128)")
+    max_num_batched_tokens: int = option(4096, "tokens per engine step (vLLM's CPU default for LLM)")
+    max_num_seqs: int = option(256, "running requests at most (vLLM's CPU default for LLM)")
+    step_cost_tokens: float = option(64.0, "time model: one engine step costs as much as this many computed tokens")
+    step_vote: str = option("score", "vote for the STEP policies: majority, score")
+    threshold: float | None = option(None, "threshold policy (default: the run's, else the scorer's)")
+    warmup_steps: int | None = option(None, "threshold warm-up steps (default: the run's)")
+    keep_fraction: float | None = option(None, "top_fraction keep fraction (default: the run's)")
+    keep_step: int | None = option(None, "top_fraction ranking step (default: the run's)")
+    aggregate: str | None = option(None, "trace score aggregate (default: the run's)")
+    protect_last: bool = option(True, "memory: never prune a problem's last live trace (as the scheduler)")
+    random_draws: int = option(200, "draws for the random-pruning baseline")
+    seed: int = option(0, "seed of the random baseline and the bootstrap")
+    limit: int | None = option(None, "only the first N problems")
+    output: str | None = option(None, "output directory (default: <results dir>/replay)")
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad:
+            raise StepprobeError(f"unknown policies {bad}; known: {', '.join(POLICIES)}")
+        if "none" not in self.policies:
+            self.policies = ["none", *self.policies]
+        if self.block_size < 1 or self.max_num_batched_tokens < 1:
+            raise StepprobeError("block_size and max_num_batched_tokens must be positive")
+
+
+# ---------------------------------------------------------------------------------- data
+@dataclasses.dataclass
+class Trace:
+    index: int
+    num_tokens: int
+    answer: str | None
+    correct: bool
+    step_gen: list[int]  # generated index of each scored boundary token
+    step_scores: list[float]
+    score: float | None = None  # aggregate of all step scores
+    confidence: float | None = None  # trace confidence (lowest window mean), for the confidence vote
+    token_confidence: list[float] | None = None
+    stop_confidence: list[float] | None = None
+
+
+@dataclasses.dataclass
+class Problem:
+    problem_id: str
+    prompt_tokens: int
+    traces: list[Trace]
+    classes: list[int]  # answer class per trace (-1: no answer)
+
+
+@dataclasses.dataclass
+class Params:
+    threshold: float
+    warmup_steps: int
+    keep_fraction: float
+    keep_step: int
+    aggregate: str
+    ema_alpha: float
+    conf_window: int
+    conf_percentile: float
+    conf_warmup: int
+
+
+def load_run(path: str | Path, limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The header and problem records of a run's results.jsonl (schema checked)."""
+    from .run import RESULTS_KIND, RESULTS_SCHEMA_VERSION
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.jsonl"
+    if not p.is_file():
+        raise StepprobeError(f"no run results at {p}")
+    with open(p, encoding="utf-8") as fh:
+        lines = [ln for ln in fh if ln.strip()]
+    if not lines:
+        raise ArtifactMismatch(f"{p} is empty")
+    header = json.loads(lines[0])
+    check_schema(header, RESULTS_KIND, RESULTS_SCHEMA_VERSION, str(p))
+    records = []
+    for ln in lines[1:]:
+        try:
+            records.append(json.loads(ln))
+        except json.JSONDecodeError:
+            break  # a torn last line of a killed run
+    if header.get("config", {}).get("policy") != "none" or any(r.get("pruned") for r in records):
+        raise ArtifactMismatch(f"{p} is not a self-consistency run (policy none, nothing pruned); replay needs "
+                               "every trace in full")
+    return header, records[:limit] if limit else records
+
+
+def build_problems(records: list[dict[str, Any]]) -> list[Problem]:
+    from .voting import merge_answers
+
+    out = []
+    for r in records:
+        plen = int(r.get("prompt_tokens") or 0)
+        traces = []
+        for t in sorted(r["traces"], key=lambda t: t["index"]):
+            pos = [int(p) for p in t.get("step_positions", [])]
+            traces.append(Trace(
+                index=int(t["index"]), num_tokens=int(t["num_tokens"]), answer=t.get("answer"),
+                correct=bool(t.get("correct")), step_gen=[p - plen for p in pos],
+                step_scores=[float(s) for s in t.get("step_scores", [])], score=t.get("score"),
+                confidence=t.get("confidence"), token_confidence=t.get("token_confidence"),
+                stop_confidence=t.get("stop_confidence")))
+        answered = [k for k, t in enumerate(traces) if t.answer is not None]
+        classes = [-1] * len(traces)
+        for c, members in enumerate(merge_answers([traces[k].answer for k in answered])):  # type: ignore[misc]
+            for m in members:
+                classes[answered[m]] = c
+        out.append(Problem(r["problem_id"], plen, traces, classes))
+    return out
+
+
+# ---------------------------------------------------------------------------------- votes
+def vote_correct(problem: Problem, pruned: Sequence[bool], method: str) -> bool:
+    """Whether the vote of the unpruned traces is right: the rule of ``voting.vote`` (weights,
+    ties to the class seen first in trace order) on the problem's precomputed answer classes."""
+    tally: dict[int, float] = {}
+    order: list[int] = []
+    for t, c, p in zip(problem.traces, problem.classes, pruned):
+        if p or c < 0:
+            continue
+        if method == "majority":
+            w = 1.0
+        else:
+            v = t.score if method == "score" else t.confidence
+            w = 1.0 if v is None else max(float(v), 0.0)
+        if c not in tally:
+            tally[c] = 0.0
+            order.append(c)
+        tally[c] += w
+    if not order:
+        return False
+    best = max(range(len(order)), key=lambda k: (tally[order[k]], -k))
+    winner = order[best]
+    return next(t.correct for t, c in zip(problem.traces, problem.classes) if c == winner)
+
+
+# ---------------------------------------------------------------------------------- policies
+def decide_threshold(problem: Problem, p: Params) -> list[int | None]:
+    """Tokens generated when each trace is pruned (``None``: not pruned)."""
+    out: list[int | None] = []
+    for t in problem.traces:
+        ts = TraceScore(p.aggregate, p.ema_alpha)
+        cut = None
+        for g, s in zip(t.step_gen, t.step_scores):
+            ts.add(s)
+            if below_threshold(ts.value, ts.n, p.threshold, p.warmup_steps):
+                if g + 2 < t.num_tokens:  # flagged after step g+1, finished before step g+2
+                    cut = g + 2
+                break
+        out.append(cut)
+    return out
+
+
+def decide_top_fraction(problem: Problem, p: Params) -> list[int | None]:
+    traces = problem.traces
+    arrivals: dict[int, list[tuple[int, float]]] = collections.defaultdict(list)
+    finish: dict[int, list[int]] = collections.defaultdict(list)
+    for k, t in enumerate(traces):
+        for g, s in zip(t.step_gen, t.step_scores):
+            arrivals[g + 1].append((k, s))
+        finish[t.num_tokens - 1].append(k)
+    scores = [TraceScore(p.aggregate, p.ema_alpha) for _ in traces]
+    done = [False] * len(traces)
+    for step in sorted(set(arrivals) | set(finish)):
+        for k, s in arrivals.get(step, []):
+            if not done[k]:
+                scores[k].add(s)
+        for k in finish.get(step, []):
+            done[k] = True
+        members = {k: (scores[k].value, scores[k].n) for k in range(len(traces)) if not done[k]}
+        if not members:
+            break
+        losers = top_fraction_losers(members, p.keep_fraction, p.keep_step)
+        if losers is not None:
+            out: list[int | None] = [None] * len(traces)
+            for k in losers:
+                out[k] = step + 1
+            return out
+    return [None] * len(traces)
+
+
+def confidence_threshold(problem: Problem, p: Params) -> float | None:
+    warm = [t.confidence for t in problem.traces[: p.conf_warmup] if t.confidence is not None]
+    return float(np.percentile(warm, p.conf_percentile)) if warm else None
+
+
+def decide_confidence(problem: Problem, p: Params) -> list[int | None]:
+    thr = confidence_threshold(problem, p)
+    out: list[int | None] = []
+    for k, t in enumerate(problem.traces):
+        cut = None
+        c = t.stop_confidence
+        if k >= p.conf_warmup and thr is not None and c and len(c) >= p.conf_window:
+            cs = np.concatenate([[0.0], np.cumsum(np.asarray(c, dtype=np.float64))])
+            means = (cs[p.conf_window:] - cs[:-p.conf_window]) / p.conf_window  # window ending at token w-1+j
+            hit = np.nonzero(means < thr)[0]
+            if len(hit):
+                s = int(hit[0]) + p.conf_window - 1  # flagged after step s
+                if s + 1 < t.num_tokens:
+                    cut = s + 1
+        out.append(cut)
+    return out
+
+
+DECIDERS = {"threshold": decide_threshold, "top_fraction": decide_top_fraction, "confidence": decide_confidence}
+
+
+# ---------------------------------------------------------------------------------- scheduler model
+@dataclasses.dataclass
+class _Req:
+    prob: int
+    k: int
+    plen: int
+    target: int  # tokens it will generate (finish, or its pruning point)
+    step_pos: list[int]
+    step_scores: list[float]
+    score: TraceScore
+    gen: int = 0
+    computed: int = 0
+    own_blocks: int = 0
+    shares: bool = False
+    n_scored: int = 0
+    preemptions: int = 0
+    done: bool = False
+    pruned_by_memory: bool = False
+
+
+@dataclasses.dataclass
+class SimResult:
+    tokens: list[list[int]]  # generated tokens per problem and trace
+    memory_pruned: list[list[bool]]
+    preemptions: list[list[int]]
+    steps: int
+    computed_tokens: int
+
+
+def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: int, block_size: int,
+             max_num_batched_tokens: int, max_num_seqs: int, memory: bool, params: Params,
+             protect_last: bool = True, phases: list[list[tuple[int, int]]] | None = None) -> SimResult:
+    """vLLM's scheduler on the traces (see module docstring). ``targets[i][k]``: tokens trace k
+    of problem i generates; ``phases``: groups of (problem, trace) submitted one after another
+    (the confidence baseline's warm-up and rest), default one phase with everything."""
+    bs = block_size
+    free = math.inf if not kv_blocks else int(kv_blocks)
+    shared_blocks = [pr.prompt_tokens // bs for pr in problems]
+    shared_refs = [0] * len(problems)
+    live_in_group = [0] * len(problems)
+    reqs = {(i, k): _Req(i, k, pr.prompt_tokens, targets[i][k], [pr.prompt_tokens + g for g in t.step_gen],
+                         t.step_scores, TraceScore(params.aggregate, params.ema_alpha))
+            for i, pr in enumerate(problems) for k, t in enumerate(pr.traces)}
+    phases = phases or [[(i, k) for i, pr in enumerate(problems) for k in range(len(pr.traces))]]
+    steps = computed_total = 0
+
+    def blocks_of(r: _Req, total: int) -> int:
+        return max(0, math.ceil(total / bs) - (shared_blocks[r.prob] if r.shares else 0))
+
+    def release(r: _Req) -> None:
+        nonlocal free
+        free += r.own_blocks
+        r.own_blocks = 0
+        if r.shares:
+            r.shares = False
+            shared_refs[r.prob] -= 1
+            if shared_refs[r.prob] == 0:
+                free += shared_blocks[r.prob]
+
+    def prunable(r: _Req) -> bool:
+        if r.done or r.score.value is None:
+            return False
+        return live_in_group[r.prob] > 1 if protect_last else True
+
+    for phase in phases:
+        waiting = collections.deque(reqs[key] for key in phase)
+        for r in waiting:
+            live_in_group[r.prob] += 1
+        running: list[_Req] = []
+        while waiting or running:
+            if memory and running:
+                running.sort(key=lambda r: memory_rank_key(r.score.value, prunable(r)))
+            budget = max_num_batched_tokens
+            scheduled: list[tuple[_Req, int]] = []
+            preempted = False
+            i = 0
+            while i < len(running) and budget > 0:
+                r = running[i]
+                n_new = min(r.plen + r.gen - r.computed, budget)
+                need = blocks_of(r, r.computed + n_new) - r.own_blocks
+                while need > free:
+                    victim = running.pop()
+                    preempted = True
+                    release(victim)
+                    if memory and prunable(victim):
+                        victim.done = victim.pruned_by_memory = True
+                        live_in_group[victim.prob] -= 1
+                    else:
+                        victim.computed = 0
+                        victim.preemptions += 1
+                        waiting.appendleft(victim)
+                    if victim is r:
+                        break
+                if i >= len(running) or running[i] is not r:
+                    break  # r itself was the victim
+                free -= need
+                r.own_blocks += need
+                scheduled.append((r, n_new))
+                budget -= n_new
+                i += 1
+            if not preempted:
+                while waiting and budget > 0 and len(running) < max_num_seqs:
+                    r = waiting[0]
+                    sb = shared_blocks[r.prob]
+                    hit = sb > 0 and shared_refs[r.prob] > 0  # the prompt's full blocks are cached
+                    start = min(sb * bs, r.plen + r.gen - 1) if hit else 0
+                    n_new = min(r.plen + r.gen - start, budget)
+                    own = max(0, math.ceil((start + n_new) / bs) - sb)
+                    cost = own + (0 if hit else sb)
+                    if cost > free:
+                        break
+                    waiting.popleft()
+                    free -= cost
+                    r.own_blocks = own
+                    if sb:
+                        r.shares = True
+                        shared_refs[r.prob] += 1
+                    r.computed = start
+                    running.append(r)
+                    scheduled.append((r, n_new))
+                    budget -= n_new
+            if not scheduled:
+                if running or waiting:
+                    raise StepprobeError(f"replay: a KV budget of {kv_blocks} blocks cannot hold one trace")
+                break
+            steps += 1
+            for r, n_new in scheduled:
+                r.computed += n_new
+                computed_total += n_new
+                while r.n_scored < len(r.step_pos) and r.step_pos[r.n_scored] < r.computed:
+                    r.score.add(r.step_scores[r.n_scored])
+                    r.n_scored += 1
+                if r.computed == r.plen + r.gen:
+                    r.gen += 1
+                    if r.gen >= r.target:
+                        r.done = True
+                        live_in_group[r.prob] -= 1
+                        release(r)
+            running = [r for r in running if not r.done]
+    tokens = [[reqs[(i, k)].gen for k in range(len(pr.traces))] for i, pr in enumerate(problems)]
+    mem = [[reqs[(i, k)].pruned_by_memory for k in range(len(pr.traces))] for i, pr in enumerate(problems)]
+    pre = [[reqs[(i, k)].preemptions for k in range(len(pr.traces))] for i, pr in enumerate(problems)]
+    return SimResult(tokens, mem, pre, steps, computed_total)
+
+
+# ---------------------------------------------------------------------------------- replay
+@dataclasses.dataclass
+class Outcome:
+    """One policy at one budget: per problem, which traces were pruned and at how many tokens."""
+
+    policy: str
+    kv_blocks: int
+    vote: str
+    pruned: list[list[bool]]
+    tokens: list[list[int]]
+    preemptions: int
+    steps: int
+    computed_tokens: int
+    correct: list[bool]
+
+
+def run_policy(problems: list[Problem], policy: str, kv_blocks: int, config: Config, params: Params) -> Outcome:
+    full = [[t.num_tokens for t in pr.traces] for pr in problems]
+    if policy in DECIDERS:
+        cuts = [DECIDERS[policy](pr, params) for pr in problems]
+        targets = [[c if c is not None else n for c, n in zip(cs, ns)] for cs, ns in zip(cuts, full)]
+    else:
+        cuts = [[None] * len(pr.traces) for pr in problems]
+        targets = full
+    phases = None
+    if policy == "confidence":
+        w = params.conf_warmup
+        phases = [[(i, k) for i, pr in enumerate(problems) for k in range(min(w, len(pr.traces)))],
+                  [(i, k) for i, pr in enumerate(problems) for k in range(w, len(pr.traces))]]
+        phases = [ph for ph in phases if ph]
+    sim = simulate(problems, targets, kv_blocks=kv_blocks, block_size=config.block_size,
+                   max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+                   memory=policy == "memory", params=params, protect_last=config.protect_last, phases=phases)
+    pruned = [[(c is not None) or m for c, m in zip(cs, ms)] for cs, ms in zip(cuts, sim.memory_pruned)]
+    vote = DEFAULT_VOTE.get(policy, config.step_vote)
+    correct = [vote_correct(pr, pm, vote) for pr, pm in zip(problems, pruned)]
+    return Outcome(policy, kv_blocks, vote, pruned, sim.tokens, sum(map(sum, sim.preemptions)), sim.steps,
+                   sim.computed_tokens, correct)
+
+
+def baselines(problems: list[Problem], outcome: Outcome, draws: int, seed: int) -> dict[str, list[float]]:
+    """Random and oracle pruning of the same number of traces per problem at the same points."""
+    rng = np.random.default_rng(seed)
+    rand, oracle = [], []
+    for pr, pm, toks in zip(problems, outcome.pruned, outcome.tokens):
+        n = len(pr.traces)
+        points = [toks[k] for k in range(n) if pm[k]]
+        if not points:
+            c = vote_correct(pr, [False] * n, outcome.vote)
+            rand.append(float(c))
+            oracle.append(float(c))
+            continue
+        hits = 0
+        for _ in range(draws):
+            who = rng.permutation(n)[: len(points)]
+            mask = [False] * n
+            for k, cut in zip(who, points):
+                mask[k] = cut < pr.traces[k].num_tokens  # a trace shorter than the point finished on its own
+            hits += vote_correct(pr, mask, outcome.vote)
+        rand.append(hits / draws)
+        order = sorted(range(n), key=lambda k: (pr.traces[k].correct, k))  # wrong traces first
+        mask = [False] * n
+        for k, cut in zip(order[: len(points)], sorted(points)):
+            mask[k] = cut < pr.traces[k].num_tokens
+        oracle.append(float(vote_correct(pr, mask, outcome.vote)))
+    return {"random": rand, "oracle": oracle}
+
+
+def params_from(config: Config, header: dict[str, Any]) -> Params:
+    rc = header.get("config", {})
+    thr = config.threshold if config.threshold is not None else rc.get("threshold")
+    if thr is None and rc.get("scorer"):
+        from stepprobe.probes.checkpoint import read_scorer_meta
+
+        try:
+            thr = read_scorer_meta(rc["scorer"]).get("threshold")
+        except Exception as e:  # noqa: BLE001 - a moved scorer: say what to pass
+            raise StepprobeError(f"replay: cannot read the run's scorer for its threshold ({e}); pass --threshold")
+    return Params(
+        threshold=float(0.5 if thr is None else thr),
+        warmup_steps=int(config.warmup_steps if config.warmup_steps is not None else rc.get("warmup_steps", 2)),
+        keep_fraction=float(config.keep_fraction if config.keep_fraction is not None else rc.get("keep_fraction", 0.5)),
+        keep_step=int(config.keep_step if config.keep_step is not None else rc.get("keep_step", 3)),
+        aggregate=str(config.aggregate or rc.get("aggregate", "mean")), ema_alpha=0.3,
+        conf_window=int(rc.get("confidence_window", 64)), conf_percentile=float(rc.get("confidence_percentile", 10.0)),
+        conf_warmup=int(rc.get("confidence_warmup", 4)))
+
+
+def replay(problems: list[Problem], config: Config, params: Params) -> dict[str, Any]:
+    """Every policy at every budget: rows of bench's table plus intervals and baselines."""
+    rows = []
+    for kv in config.kv_blocks:
+        sc = run_policy(problems, "none", kv, config, params)
+        sc_time = sc.steps * config.step_cost_tokens + sc.computed_tokens
+        sc_tokens = sum(map(sum, sc.tokens))
+        for policy in config.policies:
+            o = sc if policy == "none" else run_policy(problems, policy, kv, config, params)
+            t = o.steps * config.step_cost_tokens + o.computed_tokens
+            toks = sum(map(sum, o.tokens))
+            row = {"kv_blocks": kv, "policy": policy, "vote": o.vote, "problems": len(problems),
+                   "accuracy": float(np.mean(o.correct)), "model_time": t, "time_ratio": t / sc_time,
+                   "output_tokens": toks, "token_ratio": toks / sc_tokens if sc_tokens else float("nan"),
+                   "preemptions": o.preemptions, "pruned": sum(map(sum, o.pruned)),
+                   "traces": sum(len(p.traces) for p in problems), "steps": o.steps,
+                   "computed_tokens": o.computed_tokens, "correct": [bool(c) for c in o.correct]}
+            if policy != "none":
+                row["vs_sc"] = paired_bootstrap(sc.correct, o.correct, seed=config.seed).to_dict()
+                if row["pruned"]:
+                    base = baselines(problems, o, config.random_draws, config.seed)
+                    for name, vals in base.items():
+                        row[name] = {"accuracy": float(np.mean(vals)),
+                                     "vs_sc": paired_bootstrap(sc.correct, vals, seed=config.seed).to_dict(),
+                                     "policy_minus": paired_bootstrap(vals, o.correct, seed=config.seed).to_dict()}
+            rows.append(row)
+    return {"rows": rows}
+
+
+def _iv(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "–"
+    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| KV blocks | policy | vote | accuracy | Δ vs SC [95% CI] | random | oracle | x SC time (model) "
+            "| output tokens | x SC tokens | preemptions | pruned |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        rnd = f"{r['random']['accuracy']:.3f}" if "random" in r else "–"
+        orc = f"{r['oracle']['accuracy']:.3f}" if "oracle" in r else "–"
+        lines.append(f"| {r['kv_blocks'] or 'unlimited'} | {r['policy']} | {r['vote']} | {r['accuracy']:.3f} | "
+                     f"{_iv(r.get('vs_sc'))} | {rnd} | {orc} | {r['time_ratio']:.2f} | {r['output_tokens']} | "
+                     f"{r['token_ratio']:.2f} | {r['preemptions']} | {r['pruned']}/{r['traces']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    for policy in policies:
+        sub = [r for r in rows if r["policy"] == policy]
+        for ax, key, label in ((axes[0], "output_tokens", "output tokens"), (axes[1], "model_time", "model time (token units)")):
+            xs = [r[key] for r in sub]
+            ax.plot(xs, [r["accuracy"] for r in sub], marker="o", label=policy)
+            for r in sub:
+                ax.annotate(str(r["kv_blocks"] or "∞"), (r[key], r["accuracy"]), fontsize=6)
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy")
+    axes[0].set_title("accuracy vs. output tokens (labels: KV blocks)")
+    axes[1].set_title("accuracy vs. model time")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: Config) -> Path:
+    if not config.results:
+        raise StepprobeError("replay needs --results (a run's output directory or results.jsonl)")
+    t0 = time.perf_counter()
+    header, records = load_run(config.results, config.limit)
+    if not records:
+        raise StepprobeError(f"{config.results} has no problems")
+    if "confidence" in config.policies and not any(t.get("stop_confidence") for r in records for t in r["traces"]):
+        raise StepprobeError("replay of the confidence policy needs a run with --record-confidence "
+                             "(per-token confidences); drop 'confidence' from --policies or rerun")
+    res = Path(config.results)
+    out = Path(config.output) if config.output else (res if res.is_dir() else res.parent) / "replay"
+    out.mkdir(parents=True, exist_ok=True)
+    problems = build_problems(records)
+    params = params_from(config, header)
+    result = replay(problems, config, params)
+    doc = {"kind": KIND, "schema_version": SCHEMA_VERSION, "config": config.to_dict(),
+           "params": dataclasses.asdict(params), "package_versions": package_versions(),
+           "source": {"results": str(Path(config.results).resolve()), "run_config": header.get("config"),
+                      "model": header.get("model"), "scorer": header.get("scorer")},
+           "problems": len(problems), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "seconds": time.perf_counter() - t0, **result}
+    atomic_write_json(out / "replay.json", doc)
+    table = markdown(result["rows"])
+    atomic_write_text(out / "replay.md", f"Replay on {len(problems)} problems (paired: the same traces for every "
+                      "policy; Δ vs SC with a paired bootstrap 95% interval over problems; random/oracle prune the "
+                      "same number of traces per problem at the same points).\n\n" + table)
+    plot(result["rows"], out / "replay.png")
+    log.info("replay: %d problems in %.1f s\n%s", len(problems), time.perf_counter() - t0, table)
+    return out
+
+
+def read_replay(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "replay.json"
+    data = json.loads(p.read_text(encoding="utf-8"))
+    check_schema(data, KIND, SCHEMA_VERSION, str(p))
+    return data

@@ -1,0 +1,139 @@
+"""stepprobe replay on a synthetic run whose table is computed by hand (see the comments)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepprobe.inference import replay as rp
+from stepprobe.inference.run import RESULTS_KIND, RESULTS_SCHEMA_VERSION
+
+PLEN = 10
+RUN_CONFIG = {"policy": "none", "threshold": 0.5, "warmup_steps": 1, "keep_fraction": 0.5, "keep_step": 1,
+              "aggregate": "mean", "confidence_window": 2, "confidence_percentile": 50.0, "confidence_warmup": 2}
+
+
+def _trace(i, answer, correct, n, gens=(), scores=(), conf=None, stop=None):
+    return {"index": i, "answer": answer, "correct": correct, "num_tokens": n, "pruned": False,
+            "step_positions": [PLEN + g for g in gens], "step_scores": list(scores),
+            "score": sum(scores) / len(scores) if scores else None, "confidence": conf,
+            "token_confidence": stop or [], "stop_confidence": stop or []}
+
+
+def synthetic_records():
+    # Problem A (gold 1): two right, two wrong, 6 tokens each, one step at generated index 1.
+    a = [_trace(0, "1", True, 6, [1], [0.9], 2.0, [2.0] * 6),
+         _trace(1, "2", False, 6, [1], [0.1], 1.0, [2.0] * 6),
+         _trace(2, "2", False, 6, [1], [0.2], 5.0, [2, 2, 1, 1, 2, 2]),
+         _trace(3, "1", True, 6, [1], [0.8], 3.0, [2.0] * 6)]
+    # Problem B (gold 7): t1's mean score is 0.52 after one step and 0.41 after two.
+    b = [_trace(0, "5", False, 8, [2, 4], [0.6, 0.6], 1.0, [3.0] * 8),
+         _trace(1, "7", True, 8, [2, 4], [0.52, 0.3], 3.0, [3.0] * 8),
+         _trace(2, "7", True, 3, [], [], 0.5, [1.0] * 3),
+         _trace(3, "5", False, 8, [2], [0.55], 2.5, [3.0] * 8)]
+    return [{"problem_id": "A", "gold": "1", "prompt_tokens": PLEN, "pruned": 0, "traces": a},
+            {"problem_id": "B", "gold": "7", "prompt_tokens": PLEN, "pruned": 0, "traces": b}]
+
+
+def write_run(tmp_path, records, config=RUN_CONFIG):
+    d = tmp_path / "sc"
+    d.mkdir()
+    with open(d / "results.jsonl", "w") as fh:
+        fh.write(json.dumps({"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION, "config": config}) + "\n")
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    return d
+
+
+# Hand-computed, unlimited KV (every trace runs from step 1; no preemption):
+#   none (majority): A ties 2-2, the first-seen answer "1" wins (right); B ties 2-2, "5" wins (wrong).
+#   memory (score vote, nothing to prune): A 1.7 vs 0.3 right; B "7" = 0.41 + 1.0 (t2 unscored votes 1)
+#     beats "5" = 1.15: right.
+#   threshold: A t1, t2 score < 0.5 after their step at g=1 -> flagged after step 2, 3 tokens;
+#     B t1 falls to 0.41 at its second step (g=4) -> 6 tokens. B's vote: "5" 1.15 vs "7" 1.0: wrong.
+#   top_fraction (keep 1/2 at step 1): A decided at step 2: t1, t2 lose -> 3 tokens.
+#     B: t2 finishes at step 2; at step 3 t0 .6, t1 .52, t3 .55 keep 2 -> t1 cut at 4 tokens.
+#   confidence (warm-up t0, t1; threshold = median of their confidences; window 2):
+#     A thr 1.5: t2's window (1, 1) after token 3 -> 4 tokens. B thr 2.0: t2 window (1, 1) after
+#     token 1 -> 2 tokens (of 3). Votes by confidence: A "1" 5.0 vs 1.0 right; B "5" 3.5 vs 3.0 wrong.
+EXPECTED = {  # policy: (accuracy, output tokens, pruned)
+    "none": (0.5, 51, 0), "memory": (1.0, 51, 0), "threshold": (0.5, 43, 3),
+    "top_fraction": (0.5, 41, 3), "confidence": (0.5, 48, 2)}
+
+
+def test_replay_reproduces_the_hand_computed_table(tmp_path):
+    d = write_run(tmp_path, synthetic_records())
+    out = rp.run(rp.Config(results=str(d), kv_blocks=[0], random_draws=6000, step_cost_tokens=64))
+    data = rp.read_replay(out)
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert set(rows) == set(EXPECTED)
+    for policy, (acc, tokens, pruned) in EXPECTED.items():
+        r = rows[policy]
+        assert (r["accuracy"], r["output_tokens"], r["pruned"], r["preemptions"]) == (acc, tokens, pruned, 0), policy
+        # time model: 80 prompt tokens + every generated token but each trace's last; 8 steps
+        # (the confidence baseline runs two phases of 8 steps).
+        assert r["computed_tokens"] == 80 + tokens - 8
+        assert r["steps"] == (16 if policy == "confidence" else 8)
+    assert rows["none"]["time_ratio"] == 1.0
+    assert rows["threshold"]["time_ratio"] == pytest.approx((8 * 64 + 115) / (8 * 64 + 123))
+    assert rows["memory"]["vs_sc"]["diff"] == 0.5
+    # Baselines for threshold: A prunes 2 of 4; oracle drops the two wrong traces (right);
+    # random keeps one of the 6 pairs, 5 of which vote right -> 5/6. B prunes 1 of 4 at 6 tokens
+    # (t2 has only 3, so drawing it prunes nothing): drop t0 -> "7" 1.41 vs .55 right; t1 -> wrong;
+    # t2 -> all vote, "7" 1.41 vs 1.15 right; t3 -> right (1.41 vs .6): random 3/4; oracle drops t0: right.
+    th = rows["threshold"]
+    assert th["oracle"]["accuracy"] == 1.0
+    assert th["random"]["accuracy"] == pytest.approx((5 / 6 + 3 / 4) / 2, abs=0.02)
+    md = (out / "replay.md").read_text()
+    assert "| unlimited | threshold | score | 0.500 | +0.000" in md
+    assert (out / "replay.png").is_file()
+
+
+def test_memory_policy_on_a_tight_cache_by_hand():
+    # One problem, 3-token prompt, 3 traces of 6 tokens, a step at generated index 0 (position 3,
+    # scored once 4 tokens are computed, i.e. after step 2); 5 KV blocks of 4 tokens.
+    recs = [{"problem_id": "M", "prompt_tokens": 3, "traces": [
+        _trace(0, "1", True, 6, [0], [0.9]), _trace(1, "2", False, 6, [0], [0.2]),
+        _trace(2, "1", True, 6, [0], [0.5])]}]
+    for t in recs[0]["traces"]:
+        t["step_positions"] = [3]
+    problems = rp.build_problems(recs)
+    params = rp.Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2)
+    cfg = rp.Config(block_size=4, kv_blocks=[5], max_num_batched_tokens=100)
+    # SC: step 3 needs a second block for each trace; 2 are free: t2 (last) is preempted,
+    # readmitted after t0 and t1 finish at step 6 (recomputing 5 tokens), done at step 10.
+    # Computed tokens: 9 + 3 + 2 + 2 + 2 + 2 + 5 + 1 + 1 + 1 = 28.
+    sc = rp.run_policy(problems, "none", 5, cfg, params)
+    assert (sc.steps, sc.computed_tokens, sc.preemptions, sc.tokens) == (10, 28, 1, [[6, 6, 6]])
+    # memory: at step 3 the running traces are sorted t0 (.9), t2 (.5), t1 (.2); t1 is the victim
+    # and is pruned at 2 tokens instead of preempted; t0 and t2 finish at step 6.
+    mem = rp.run_policy(problems, "memory", 5, cfg, params)
+    assert (mem.steps, mem.computed_tokens, mem.preemptions, mem.tokens) == (6, 20, 0, [[6, 2, 6]])
+    assert mem.pruned == [[False, True, False]] and mem.correct == [True]
+
+
+def test_fast_vote_equals_the_voting_module(tmp_path):
+    from stepprobe.inference.voting import Ballot, vote
+
+    problems = rp.build_problems(synthetic_records())
+    for pr in problems:
+        for mask in range(16):
+            pruned = [bool(mask >> k & 1) for k in range(4)]
+            for method in ("majority", "score", "confidence"):
+                ballots = [Ballot(t.answer, p, t.score, t.confidence) for t, p in zip(pr.traces, pruned)]
+                v = vote(ballots, method)
+                expect = v.answer is not None and any(t.correct for t in pr.traces if t.answer == v.answer)
+                assert rp.vote_correct(pr, pruned, method) == expect
+
+
+def test_replay_refuses_a_pruned_run_and_a_missing_file(tmp_path):
+    from stepprobe.errors import StepprobeError
+
+    recs = synthetic_records()
+    recs[0]["pruned"] = 1
+    d = write_run(tmp_path, recs)
+    with pytest.raises(StepprobeError, match="not a self-consistency run"):
+        rp.run(rp.Config(results=str(d)))
+    with pytest.raises(StepprobeError, match="no run results"):
+        rp.run(rp.Config(results=str(tmp_path / "nope")))
