@@ -35,7 +35,7 @@ from . import run as run_stage
 log = logging.getLogger(__name__)
 
 BENCH_KIND = "stepprobe-bench"
-BENCH_SCHEMA_VERSION = 2  # 2: model and scorer provenance; resumable by KV budget
+BENCH_SCHEMA_VERSION = 3  # 2: model and scorer provenance; resumable by KV budget; 3: paired intervals, per-trace seeds
 DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 
@@ -89,18 +89,30 @@ def _run_config(config: Config, policy: str, kv_blocks: int) -> run_stage.Config
         dtype=config.dtype, num_kv_blocks=kv_blocks or None, enforce_eager=config.enforce_eager,
         confidence_topk=config.confidence_topk, confidence_window=config.confidence_window,
         confidence_percentile=config.confidence_percentile, confidence_warmup=config.confidence_warmup,
-        limit=config.limit)
+        record_confidence=policy == "none", limit=config.limit)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| KV blocks | policy | vote | accuracy | wall s | x SC time | output tokens | x SC tokens "
-            "| preemptions | pruned |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| KV blocks | policy | vote | accuracy | Δ vs SC [95% CI] | wall s | x SC time | output tokens | x SC tokens "
+            "| preemptions | pruned |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        lines.append(f"| {r['kv_blocks'] or 'default'} | {r['policy']} | {r['vote']} | {r['accuracy']:.3f} | "
+        d = r.get("vs_sc")
+        iv = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–"
+        lines.append(f"| {r['kv_blocks'] or 'default'} | {r['policy']} | {r['vote']} | {r['accuracy']:.3f} | {iv} | "
                      f"{r['wall_s']:.1f} | {r['time_ratio']:.2f} | {r['output_tokens']} | {r['token_ratio']:.2f} | "
                      f"{r['preemptions']} | {r['pruned']}/{r['traces']} |")
     return head + "\n".join(lines) + "\n"
+
+
+def paired_vs_sc(sc: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy difference to SC on the same problems, with its paired bootstrap interval."""
+    from stepprobe.stats import paired_bootstrap
+
+    theirs = {r["problem_id"]: bool(r["correct"]) for r in other}
+    ids = [r["problem_id"] for r in sc if r["problem_id"] in theirs]
+    mine = {r["problem_id"]: bool(r["correct"]) for r in sc}
+    return paired_bootstrap([mine[i] for i in ids], [theirs[i] for i in ids]).to_dict()
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -210,7 +222,11 @@ def run(config: Config) -> Path:
         sc = next(x for x in rows if x["kv_blocks"] == r["kv_blocks"] and x["policy"] == "none")
         r["time_ratio"] = r["wall_s"] / sc["wall_s"] if sc["wall_s"] else float("nan")
         r["token_ratio"] = r["output_tokens"] / sc["output_tokens"] if sc["output_tokens"] else float("nan")
-    table = markdown_table(rows)
+        r["problems"] = len(details[f"{r['kv_blocks']}/{r['policy']}"])
+        if r["policy"] != "none":
+            r["vs_sc"] = paired_vs_sc(details[f"{r['kv_blocks']}/none"], details[f"{r['kv_blocks']}/{r['policy']}"])
+    table = f"{len(problems)} problems, n={config.n}; Δ vs SC: paired bootstrap 95% interval over problems.\n\n" + \
+        markdown_table(rows)
     atomic_write_json(out / "bench.json", {**header, "rows": rows, "problems": details})
     (out / "bench.partial.json").unlink(missing_ok=True)
     atomic_write_text(out / "bench.md", table)

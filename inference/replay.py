@@ -95,6 +95,8 @@ class Config(StageConfig):
     random_draws: int = option(200, "draws for the random-pruning baseline")
     seed: int = option(0, "seed of the random baseline and the bootstrap")
     limit: int | None = option(None, "only the first N problems")
+    live_bench: str | None = option(None, "a bench output directory: also replay its SC traces at its KV budgets "
+                                          "and compare with what its live policies did (replay vs. live)")
     output: str | None = option(None, "output directory (default: <results dir>/replay)")
 
     def __post_init__(self) -> None:
@@ -552,6 +554,77 @@ def replay(problems: list[Problem], config: Config, params: Params) -> dict[str,
     return {"rows": rows}
 
 
+def load_bench(path: str | Path) -> dict[str, Any]:
+    from .bench import BENCH_KIND, BENCH_SCHEMA_VERSION
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "bench.json"
+    if not p.is_file():
+        raise StepprobeError(f"no bench results at {p}")
+    data = json.loads(p.read_text(encoding="utf-8"))
+    check_schema(data, BENCH_KIND, BENCH_SCHEMA_VERSION, str(p))
+    return data
+
+
+def live_check(config: Config, bench: dict[str, Any]) -> list[dict[str, Any]]:
+    """Replay the bench's own SC traces at each of its KV budgets and put each live policy's
+    row beside the replayed one: accuracy, token and preemption counts, and how many traces
+    the replay prunes exactly as the live engine did."""
+    header = {"config": {**bench["config"], "policy": "none"}}
+    params = params_from(config, header)
+    out = []
+    for kv in bench["config"]["kv_blocks"]:
+        sc_records = bench["problems"].get(f"{kv}/none")
+        if not sc_records:
+            continue
+        problems = build_problems(sc_records)
+        ids = [pr.problem_id for pr in problems]
+        for policy in bench["config"]["policies"]:
+            live_rows = [r for r in bench["rows"] if r["kv_blocks"] == kv and r["policy"] == policy]
+            if not live_rows or policy not in POLICIES:
+                continue
+            live = live_rows[0]
+            o = run_policy(problems, policy, kv, config, params)
+            sc = run_policy(problems, "none", kv, config, params) if policy != "none" else o
+            by_id = {r["problem_id"]: r for r in bench["problems"][f"{kv}/{policy}"]}
+            same_pruned = same_correct = n_traces = 0
+            for pr, pm, c in zip(problems, o.pruned, o.correct):
+                rec = by_id.get(pr.problem_id)
+                if rec is None:
+                    continue
+                live_pruned = {t["index"]: bool(t["pruned"]) for t in rec["traces"]}
+                same_pruned += sum(live_pruned.get(t.index) == p for t, p in zip(pr.traces, pm))
+                n_traces += len(pr.traces)
+                same_correct += bool(rec["correct"]) == bool(c)
+            toks = sum(map(sum, o.tokens))
+            out.append({
+                "kv_blocks": kv, "policy": policy, "problems": len(ids),
+                "live": {"accuracy": live["accuracy"], "token_ratio": live["token_ratio"],
+                         "time_ratio": live["time_ratio"], "preemptions": live["preemptions"], "pruned": live["pruned"]},
+                "replay": {"accuracy": float(np.mean(o.correct)), "token_ratio": toks / max(sum(map(sum, sc.tokens)), 1),
+                           "time_ratio": (o.steps * config.step_cost_tokens + o.computed_tokens)
+                           / (sc.steps * config.step_cost_tokens + sc.computed_tokens),
+                           "preemptions": o.preemptions, "pruned": sum(map(sum, o.pruned))},
+                "traces_pruned_alike": same_pruned / max(n_traces, 1),
+                "problems_voted_alike": same_correct / max(len(ids), 1)})
+    return out
+
+
+def live_markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| KV blocks | policy | accuracy live / replay | x SC tokens live / replay | x SC time live / model "
+            "| preemptions live / replay | pruned live / replay | traces pruned alike | problems right/wrong alike |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        a, b = r["live"], r["replay"]
+        lines.append(f"| {r['kv_blocks'] or 'default'} | {r['policy']} | {a['accuracy']:.3f} / {b['accuracy']:.3f} | "
+                     f"{a['token_ratio']:.2f} / {b['token_ratio']:.2f} | {a['time_ratio']:.2f} / {b['time_ratio']:.2f} | "
+                     f"{a['preemptions']} / {b['preemptions']} | {a['pruned']} / {b['pruned']} | "
+                     f"{r['traces_pruned_alike']:.3f} | {r['problems_voted_alike']:.3f} |")
+    return head + "\n".join(lines) + "\n"
+
+
 def _iv(d: dict[str, Any] | None) -> str:
     if not d:
         return "–"
@@ -619,13 +692,17 @@ def run(config: Config) -> Path:
                       "model": header.get("model"), "scorer": header.get("scorer")},
            "problems": len(problems), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "seconds": time.perf_counter() - t0, **result}
+    text = (f"Replay on {len(problems)} problems (paired: the same traces for every policy; Δ vs SC with a paired "
+            "bootstrap 95% interval over problems; random/oracle prune the same number of traces per problem at the "
+            "same points; time from the scheduler model).\n\n" + markdown(result["rows"]))
+    if config.live_bench:
+        doc["live_check"] = live_check(config, load_bench(config.live_bench))
+        text += ("\nReplay vs. live: the bench's own SC traces replayed at its KV budgets, beside what its live "
+                 "policies did on the same problems.\n\n" + live_markdown(doc["live_check"]))
     atomic_write_json(out / "replay.json", doc)
-    table = markdown(result["rows"])
-    atomic_write_text(out / "replay.md", f"Replay on {len(problems)} problems (paired: the same traces for every "
-                      "policy; Δ vs SC with a paired bootstrap 95% interval over problems; random/oracle prune the "
-                      "same number of traces per problem at the same points).\n\n" + table)
+    atomic_write_text(out / "replay.md", text)
     plot(result["rows"], out / "replay.png")
-    log.info("replay: %d problems in %.1f s\n%s", len(problems), time.perf_counter() - t0, table)
+    log.info("replay: %d problems in %.1f s\n%s", len(problems), time.perf_counter() - t0, text)
     return out
 
 

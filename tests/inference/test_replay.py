@@ -137,3 +137,31 @@ def test_replay_refuses_a_pruned_run_and_a_missing_file(tmp_path):
         rp.run(rp.Config(results=str(d)))
     with pytest.raises(StepprobeError, match="no run results"):
         rp.run(rp.Config(results=str(tmp_path / "nope")))
+
+
+def test_live_check_compares_a_bench_trace_by_trace(tmp_path):
+    import copy
+
+    from stepprobe.inference.bench import BENCH_KIND, BENCH_SCHEMA_VERSION
+
+    sc = synthetic_records()
+    live = copy.deepcopy(sc)
+    for rec, pruned in zip(live, ([1, 2], [1, 3])):  # the live engine pruned A's t1, t2 and B's t1, t3
+        for t in rec["traces"]:
+            t["pruned"] = t["index"] in pruned
+        rec["correct"] = rec["problem_id"] == "A"
+    for rec, ok in zip(sc, (True, False)):
+        rec["correct"] = ok
+    row = {"kv_blocks": 0, "accuracy": 0.5, "token_ratio": 1.0, "time_ratio": 1.0, "preemptions": 0}
+    bench = {"kind": BENCH_KIND, "schema_version": BENCH_SCHEMA_VERSION,
+             "config": {**RUN_CONFIG, "kv_blocks": [0], "policies": ["none", "threshold"]},
+             "rows": [{**row, "policy": "none", "pruned": 0}, {**row, "policy": "threshold", "pruned": 4}],
+             "problems": {"0/none": sc, "0/threshold": live}}
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "bench.json").write_text(json.dumps(bench))
+    rows = rp.live_check(rp.Config(), rp.load_bench(tmp_path / "bench"))
+    th = next(r for r in rows if r["policy"] == "threshold")
+    # replay prunes A's t1, t2 and B's t1: 7 of 8 traces alike (B's t3 differs); both problems vote alike
+    assert th["traces_pruned_alike"] == 7 / 8 and th["problems_voted_alike"] == 1.0
+    assert th["replay"]["pruned"] == 3 and th["live"]["pruned"] == 4
+    assert "| default | threshold | 0.500 / 0.500 |" in rp.live_markdown(rows)

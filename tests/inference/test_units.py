@@ -110,10 +110,15 @@ def test_bench_table_plot_and_config(tmp_path):
     rows = [{"kv_blocks": 0, "policy": "none", "vote": "majority", "accuracy": 0.5, "wall_s": 10.0, "time_ratio": 1.0,
              "output_tokens": 1000, "token_ratio": 1.0, "preemptions": 3, "pruned": 0, "traces": 16},
             {"kv_blocks": 16, "policy": "memory", "vote": "score", "accuracy": 0.5625, "wall_s": 6.0,
-             "time_ratio": 0.6, "output_tokens": 700, "token_ratio": 0.7, "preemptions": 0, "pruned": 5, "traces": 16}]
+             "time_ratio": 0.6, "output_tokens": 700, "token_ratio": 0.7, "preemptions": 0, "pruned": 5, "traces": 16,
+             "vs_sc": {"diff": 0.0625, "low": -0.125, "high": 0.25}}]
     table = bench.markdown_table(rows)
-    assert "| default | none | majority | 0.500 | 10.0 | 1.00 | 1000 | 1.00 | 3 | 0/16 |" in table
-    assert "| 16 | memory | score | 0.562 | 6.0 | 0.60 | 700 | 0.70 | 0 | 5/16 |" in table
+    assert "| default | none | majority | 0.500 | – | 10.0 | 1.00 | 1000 | 1.00 | 3 | 0/16 |" in table
+    assert "| 16 | memory | score | 0.562 | +0.062 [-0.125, +0.250] | 6.0 | 0.60 | 700 | 0.70 | 0 | 5/16 |" in table
+    sc = [{"problem_id": f"p{i}", "correct": i < 2} for i in range(4)]
+    other = [{"problem_id": f"p{i}", "correct": i < 3} for i in reversed(range(4))]  # matched by id, not order
+    d = bench.paired_vs_sc(sc, other)
+    assert d["diff"] == 0.25 and d["n"] == 4 and d["low"] == 0.0
     bench.plot(rows, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
     with pytest.raises(StepprobeError, match="baseline"):
