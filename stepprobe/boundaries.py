@@ -20,9 +20,11 @@ Two modes (``BoundaryRule.mode``):
   paper's own artifacts (``stepprobe import-step-scorer`` / ``import-step-dump``): a token is
   a boundary when **its own text** contains the delimiter; nothing is carried between
   tokens, so ``"\n"`` + ``"\n"`` is no boundary and ``"a\n\nb\n\nc"`` in one token is one.
-  With ``end_text`` (the paper: ``"</think>"``), no token at or after the first token whose
-  own text contains ``end_text`` is a boundary (the paper forwards only the text before
-  ``</think>``). :func:`step_paper_rule` builds it.
+  With ``end_text`` (the paper: ``"</think>"``), nothing after the first occurrence of
+  ``end_text`` is a boundary (the paper forwards only the text before ``</think>``); the
+  occurrence is found across tokens too (a tokenizer without a ``</think>`` token), and the
+  token that completes it is a boundary only when its text *before* ``end_text`` holds the
+  delimiter. :func:`step_paper_rule` builds it.
 
 What the paper's rule covers that no detector here does: the paper also counted the blank
 lines of the *prompt* (its hidden states include those rows); a detector here only ever
@@ -93,9 +95,10 @@ class BoundaryDetector:
         self.pieces = list(pieces)
         self._contains = rule.mode == MODE_TOKEN_CONTAINS
         if self._contains:
-            # Only a token that holds the delimiter (or the end text) on its own matters.
+            # Only a token that holds the delimiter, or can take part in an end_text occurrence, matters.
+            end = rule.end_text
             self.relevant_ids = frozenset(i for i, p in enumerate(self.pieces) if rule.delimiter in p
-                                          or (rule.end_text is not None and rule.end_text in p))
+                                          or (end is not None and _touches(p, end)))
         else:
             chars = set(rule.delimiter)
             # Tokens that can contribute to a delimiter occurrence (contain any of its chars).
@@ -123,14 +126,21 @@ class BoundaryDetector:
         return end > len(carry), rest[-self._keep:] if self._keep else ""
 
     def _step_contains(self, carry: str, token_id: int) -> tuple[bool, str]:
-        # The carry only says whether end_text has been seen (then nothing is a boundary).
-        if carry == _STOPPED or token_id not in self.relevant_ids:
+        # The carry is the tail of the text that may begin an end_text occurrence, or _STOPPED
+        # once end_text was seen (then nothing is a boundary).
+        if carry == _STOPPED:
             return False, carry
+        if token_id not in self.relevant_ids:
+            return False, ""  # such a token cannot be part of an end_text occurrence
         piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else ""
         end = self.rule.end_text
-        if end is not None and end in piece:
-            return False, _STOPPED
-        return self.rule.delimiter in piece, ""
+        if end is None:
+            return self.rule.delimiter in piece, ""
+        text = carry + piece
+        at = text.find(end)
+        if at != -1:  # the reasoning ends inside this token: only its text before end_text counts
+            return self.rule.delimiter in piece[:max(0, at - len(carry))], _STOPPED
+        return self.rule.delimiter in piece, text[-(len(end) - 1):] if len(end) > 1 else ""
 
     def find(self, token_ids: Iterable[int]) -> list[int]:
         """Positions (indices into ``token_ids``) of boundary tokens in a generated sequence."""
@@ -145,6 +155,15 @@ class BoundaryDetector:
     def boundary_token_ids(self) -> list[int]:
         """Token ids that can complete a delimiter on their own or with the carry (for the record)."""
         return sorted(self.relevant_ids)
+
+
+def _touches(piece: str, text: str) -> bool:
+    """Whether ``piece`` can be part of an occurrence of ``text`` spread over several tokens."""
+    if not piece:
+        return False
+    if text in piece or piece in text:
+        return True
+    return any(piece.endswith(text[:k]) or piece.startswith(text[-k:]) for k in range(1, len(text)))
 
 
 def token_pieces(tokenizer: Any) -> list[str]:

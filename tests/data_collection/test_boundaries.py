@@ -83,7 +83,12 @@ PAPER_TABLE = [
     (["x", ".\n\nY", "z", "\n\n\n"], [1, 3]),
     (["a\n\nb\n\nc"], [0]),                            # two in one token: one boundary
     (["a", "\n\n", "</think>", "\n\n", "B", "\n\n"], [1]),  # nothing after </think>
-    (["a", "\n\n</think>", "\n\n"], []),               # the token holding </think> is no boundary
+    (["a", "\n\n</think>", "\n\n"], [1]),              # its text before </think> holds "\n\n"
+    (["a", "</think>\n\n", "\n\n"], []),               # ... here it does not
+    (["x\n\n", "</", "think", ">", "\n\n"], [0]),       # </think> split over tokens
+    (["x\n\n</", "think>\n\nB", "\n\n"], [0]),        # split, with blank lines around it
+    (["</", "b>", "\n\n", "<", "/think", "\n\n"], [2, 5]),  # partial matches that never complete
+    (["think", "\n\n", "</", "x", "think>", "\n\n"], [1, 5]),  # a token in between breaks "</" + "think>"
 ]
 
 
