@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..boundaries import DEFAULT_DELIMITER, BoundaryDetector, BoundaryRule
+from ..boundaries import DEFAULT_DELIMITER, BoundaryDetector, BoundaryRule, step_paper_rule
 from ..config import StageConfig, option
 from ..errors import ArtifactMismatch, StepprobeError
 from ..layers import FINAL_NORM, EMBED, all_sites, layer_name
@@ -63,6 +63,9 @@ class Config(StageConfig):
     batch_size: int = option(8, "traces per forward pass")
     max_batch_tokens: int = option(32768, "upper bound on batch_size x padded length per forward pass")
     delimiter: str = option(DEFAULT_DELIMITER, "step delimiter, escapes like \\n decoded (the default is a blank line, \\n\\n)")
+    boundary_rule: str = option("default", "default (a token that completes the delimiter, text carried across "
+                                           "tokens) | step-paper (the STEP paper's: a token whose own text holds "
+                                           "\\n\\n, nothing after </think>; docs/coming_from_step.md)")
     shard: str | None = option(None, "i/k: record only problems i, i+k, i+2k, ... (file order), into <output>.shard-i-of-k.h5")
     merge: list[str] = option(factory=list, help="instead of recording, merge these HDF5 files into --output")
     overwrite: bool = option(False, "replace an existing output file instead of resuming it")
@@ -247,6 +250,17 @@ class _Source:
 
 # -- the stage -----------------------------------------------------------------------------
 
+def _boundary_rule(config: Config) -> BoundaryRule:
+    delimiter = decode_delimiter(config.delimiter)
+    if config.boundary_rule == "default":
+        return BoundaryRule(delimiter)
+    if config.boundary_rule == "step-paper":
+        if delimiter != DEFAULT_DELIMITER:
+            raise StepprobeError(f"the step-paper boundary rule splits at \\n\\n; drop --delimiter {config.delimiter!r}")
+        return step_paper_rule()
+    raise StepprobeError(f"unknown boundary rule {config.boundary_rule!r}; known: default, step-paper")
+
+
 def _default_output(traces: Path) -> Path:
     return traces.with_name("hidden_states.h5")
 
@@ -269,7 +283,7 @@ def run(config: Config) -> Path:
     hdf5.parse_compression(config.compression)
     if config.batch_size < 1 or config.max_batch_tokens < 1:
         raise StepprobeError("batch_size and max_batch_tokens must be positive")
-    rule = BoundaryRule(decode_delimiter(config.delimiter))
+    rule = _boundary_rule(config)
 
     # Model: the one the traces were generated with, unless told otherwise.
     traces_header = read_traces(traces_path)[0] if fmt == "stepprobe" else {}

@@ -171,6 +171,40 @@ def test_step_format_import(tmp_path, tiny_model_path, record_detector):
         _run(bad, tmp_path / "bad.h5", model=tiny_model_path, input_format="step")
 
 
+def test_step_format_import_with_the_papers_rule(tmp_path, tiny_model_path):
+    """--boundary-rule step-paper: the paper's segmentation (own-text "\\n\\n", nothing after </think>)."""
+    from transformers import AutoTokenizer
+
+    from stepprobe.boundaries import step_paper_rule
+    from stepprobe.step_paper import STEP_SYSTEM_PROMPT
+
+    lines = [{"question": "What is 2 + 2?", "ground_truth": "4", "extracted_answer": "4",
+              "response": "<think>\nTwo plus two.\n\nThat is 4.\n\nYes.\n</think>\n\nSo.\n\n\\boxed{4}"},
+             {"question": "What is 2 + 2?", "ground_truth": "4", "extracted_answer": "5",
+              "response": "<think>\nHmm.\n\n\n\nFive?\n\n</think>\n\n\\boxed{5}"}]
+    src = tmp_path / "step.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = _run(src, tmp_path / "hs.h5", model=tiny_model_path, storage_dtype="float32", batch_size=1,
+               boundary_rule="step-paper", system_prompt=STEP_SYSTEM_PROMPT)
+    hs = HiddenStates(out)
+    assert {k: hs.boundary_rule[k] for k in ("delimiter", "mode", "end_text")} == step_paper_rule().to_dict()
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    paper = BoundaryDetector.from_tokenizer(step_paper_rule(), tok)
+    default = BoundaryDetector.from_tokenizer(BoundaryRule(), tok)
+    for t, line in enumerate(lines):
+        ids = tok(line["response"], add_special_tokens=False)["input_ids"]
+        got = list(hs.steps["position"][hs.trace_rows(t)])
+        assert got == paper.find(ids)
+        end = tok.decode(ids).index("</think>")
+        assert all(len(tok.decode(ids[:p + 1])) <= end + 1 for p in got)  # nothing after </think>
+        assert len(default.find(ids)) > len(got)  # the default also counts the answer's blank lines
+    assert hs.num_steps > 0
+    with pytest.raises(StepprobeError, match="unknown boundary rule 'paper'"):
+        _run(src, tmp_path / "x.h5", model=tiny_model_path, boundary_rule="paper")
+    with pytest.raises(StepprobeError, match="step-paper boundary rule splits"):
+        _run(src, tmp_path / "y.h5", model=tiny_model_path, boundary_rule="step-paper", delimiter="Step ")
+
+
 def test_cli_help_and_one_line_errors(capsys, tmp_path):
     from stepprobe.cli import main
 
