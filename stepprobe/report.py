@@ -93,13 +93,22 @@ def _probe_section(root: Path) -> list[str]:
               f"threshold {_fmt(m.get('threshold'))}.", ""]
     parts = [p for p in ("val", "test", "reference_test") if p in metrics]
     names = ["auroc", "auprc", "accuracy", "f1", "ece", "trace_auroc", "early25_auroc", "early50_auroc",
-             "early75_auroc"]
+             "early75_auroc", "within_auroc", "within_rank25", "within_rank50", "within_rank75"]
     label = {"val": "probe (val)", "test": "probe (test)", "reference_test": "logistic regression (test)"}
     lines += ["| metric | " + " | ".join(label[p] for p in parts) + " |", "|---|" + "---|" * len(parts)]
+    def cell(d: dict, n: str) -> str:
+        lo, hi = d.get(f"{n}_lo"), d.get(f"{n}_hi")
+        return _fmt(d.get(n)) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
+
     for n in names:
         if any(n in metrics[p] for p in parts):
-            lines.append(f"| {n} | " + " | ".join(_fmt(metrics[p].get(n)) for p in parts) + " |")
+            lines.append(f"| {n} | " + " | ".join(cell(metrics[p], n) for p in parts) + " |")
     lines.append("")
+    within = (metrics.get("test") or {}).get("within_problems")
+    if within is not None:
+        lines += [f"within_*: problems ranked on their own (mean over the {int(within)} test problems with both "
+                  "outcomes; 95% bootstrap interval over problems); within_rankF: share of (correct, wrong) trace "
+                  "pairs of a problem ordered right by the running-mean score after F% of their steps.", ""]
     lines += _img(root, "scorer/plots/score_vs_step.png", "score trajectories of correct and incorrect traces")
     lines += _img(root, "scorer/plots/roc.png", "ROC")
     lines += _img(root, "scorer/plots/calibration.png", "calibration")

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import lightning.pytorch as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler, TensorDataset, WeightedRandomSampler
 
 from stepprobe.errors import StepprobeError
 from stepprobe.probes.features import FeatureSpec
@@ -192,15 +192,49 @@ def split_arrays(hs, cache: FeatureCache, sites: Sequence[str], rows: np.ndarray
     )
 
 
+class ProblemBatchSampler(Sampler):
+    """Batches of whole problems: each epoch the problems are shuffled and dealt, in that
+    order, into a fixed number of batches (about ``batch_size`` steps each, a problem never
+    split), so a within-problem loss sees every pair of a problem's steps in one batch. The
+    number of batches is the same every epoch (Lightning counts them once)."""
+
+    def __init__(self, problem: np.ndarray, batch_size: int, seed: int = 0):
+        self.groups = [np.sort(g) for g in _group_rows(problem)]
+        total = sum(len(g) for g in self.groups)
+        self.num_batches = max(1, min(len(self.groups), int(round(total / max(1, int(batch_size))))))
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        self.epoch += 1
+        for chunk in np.array_split(rng.permutation(len(self.groups)), self.num_batches):
+            yield np.concatenate([self.groups[i] for i in chunk]).tolist()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def _group_rows(values: np.ndarray) -> list[np.ndarray]:
+    values = np.asarray(values)
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    bounds = np.flatnonzero(np.r_[True, v[1:] != v[:-1], True]) if len(v) else np.array([0])
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class ProbeDataModule(L.LightningDataModule):
     """Train / val / test tensors for one feature spec, built over a :class:`HiddenStates`.
 
     ``imbalance="sampler"`` draws training batches with class-balanced weights; otherwise
-    batches are shuffled uniformly (``pos_weight`` is handled by the loss).
+    batches are shuffled uniformly (``pos_weight`` is handled by the loss). With
+    ``group_batches`` (the within-problem losses) each training batch holds whole problems
+    (:class:`ProblemBatchSampler`) and carries each row's problem index and relative position.
     """
 
     def __init__(self, hs, spec: FeatureSpec, split: SplitRows, *, cache: FeatureCache | None = None,
-                 batch_size: int = 256, imbalance: str = "pos_weight", seed: int = 0, include_test: bool = True):
+                 batch_size: int = 256, imbalance: str = "pos_weight", seed: int = 0, include_test: bool = True,
+                 group_batches: bool = False):
         super().__init__()
         self.hs = hs
         self.spec = spec
@@ -210,6 +244,7 @@ class ProbeDataModule(L.LightningDataModule):
         self.imbalance = imbalance
         self.seed = seed
         self.include_test = include_test
+        self.group_batches = group_batches
         self.arrays: dict[str, SplitArrays] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -231,6 +266,12 @@ class ProbeDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset(TRAIN)
         g = torch.Generator().manual_seed(self.seed)
+        if self.group_batches:
+            a = self.arrays[TRAIN]
+            _, pidx = np.unique(a.problem, return_inverse=True)
+            ds = TensorDataset(torch.from_numpy(a.x), torch.from_numpy(a.y).float(), torch.from_numpy(pidx.astype(np.int64)),
+                               torch.from_numpy(a.rel_position.astype(np.float32)))
+            return DataLoader(ds, batch_sampler=ProblemBatchSampler(a.problem, self.batch_size, self.seed))
         if self.imbalance == "sampler":
             y = self.arrays[TRAIN].y
             n_neg, n_pos = self.class_counts()

@@ -132,7 +132,8 @@ def export_from_study(cfg: Config, out: Path) -> dict[str, Any]:
         for s in (M.TEST,):
             p = result.predictions[s]
             result.metrics[s] = M.compute_metrics(p["scores"], p["labels"], trace=p["trace"],
-                                                  rel_position=p["rel_position"], threshold=result.threshold)
+                                                  rel_position=p["rel_position"], threshold=result.threshold,
+                                                  problem=p["problem"], bootstrap=tcfg.bootstrap)
     extra = {"export": {"source": "study", "storage": url, "study_name": study.study_name, "trial": trial.number,
                         "objective": meta["objective"], "trial_value": trial.value, "params": trial.params,
                         "refit": cfg.refit}}

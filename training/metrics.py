@@ -11,6 +11,23 @@ Scores are probabilities that the trace ends **correct** (label 1). On a split:
 - ``early25_auroc``, ``early50_auroc``, ``early75_auroc``: step-level AUROC using only steps
   whose ``rel_position`` (step index / number of steps) is at most 0.25 / 0.5 / 0.75.
 
+Within-problem metrics (what a vote needs: which of *one problem's* traces are right; how
+hard a problem is does not matter). Only problems with at least one correct and one wrong
+trace count, and each such problem weighs the same:
+
+- ``within_auroc``: per problem, the step-level AUROC of its steps (every step of a correct
+  trace against every step of a wrong trace of the same problem); the **mean over problems**.
+  (Not the pooled pairwise fraction: that would let a problem with many long traces dominate,
+  while a vote is decided once per problem.)
+- ``within_rank25``, ``within_rank50``, ``within_rank75``: per problem, the fraction of
+  (correct, wrong) trace pairs that the traces' running-mean scores at 25 / 50 / 75 % of
+  their steps (the mean of the scores of steps with ``rel_position`` at most that fraction:
+  what the runner's default aggregate sees at that point) order correctly, ties counting one
+  half; the mean over problems.
+
+:func:`within_problem_ci` gives a percentile bootstrap interval of these means, resampling
+problems; :func:`compute_metrics` adds ``<metric>_lo`` / ``<metric>_hi`` when asked.
+
 Logged names are ``<split>_<metric>``, e.g. :data:`VAL_AUROC` = ``"val_auroc"``.
 An AUROC on one class only is ``nan``.
 """
@@ -30,9 +47,14 @@ ECE = "ece"
 TRACE_AUROC = "trace_auroc"
 EARLY_FRACTIONS = (0.25, 0.5, 0.75)
 EARLY_AUROC = {f: f"early{int(f * 100)}_auroc" for f in EARLY_FRACTIONS}
+WITHIN_AUROC = "within_auroc"
+WITHIN_RANK = {f: f"within_rank{int(f * 100)}" for f in EARLY_FRACTIONS}
+WITHIN_METRICS = (WITHIN_AUROC, *WITHIN_RANK.values())
 LOSS = "loss"
+#: What every split gets; the within-problem metrics need the problem of each row as well.
 METRICS = (AUROC, AUPRC, ACCURACY, F1, ECE, TRACE_AUROC, *EARLY_AUROC.values())
-HIGHER_IS_BETTER = {m: m != ECE for m in METRICS} | {LOSS: False}
+ALL_METRICS = (*METRICS, *WITHIN_METRICS)
+HIGHER_IS_BETTER = {m: m != ECE for m in ALL_METRICS} | {LOSS: False}
 
 TRAIN, VAL, TEST = "train", "val", "test"
 
@@ -46,6 +68,8 @@ VAL_LOSS = key(VAL, LOSS)
 VAL_AUROC = key(VAL, AUROC)
 VAL_EARLY50_AUROC = key(VAL, EARLY_AUROC[0.5])
 VAL_TRACE_AUROC = key(VAL, TRACE_AUROC)
+VAL_WITHIN_AUROC = key(VAL, WITHIN_AUROC)
+VAL_WITHIN_RANK50 = key(VAL, WITHIN_RANK[0.5])
 #: What early stopping, checkpointing and the tuner maximize unless told otherwise.
 DEFAULT_MONITOR = VAL_AUROC
 DEFAULT_TUNE_OBJECTIVE = VAL_EARLY50_AUROC
@@ -63,7 +87,7 @@ def mode_of(name: str) -> str:
         from stepprobe.errors import StepprobeError
 
         raise StepprobeError(f"unknown metric {name!r}; known: "
-                             + ", ".join(key(VAL, m) for m in (*METRICS, LOSS)))
+                             + ", ".join(key(VAL, m) for m in (*ALL_METRICS, LOSS)))
     return "max" if HIGHER_IS_BETTER[metric] else "min"
 
 
@@ -158,10 +182,115 @@ def trace_scores(scores: np.ndarray, labels: np.ndarray, trace: np.ndarray) -> t
     return sums / np.maximum(counts, 1), lab
 
 
+def _groups(values: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each distinct value (sorted by value)."""
+    values = np.asarray(values)
+    if values.size == 0:
+        return []
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    bounds = np.flatnonzero(np.r_[True, v[1:] != v[:-1], True])
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def within_problem_auroc(scores: np.ndarray, labels: np.ndarray, problem: np.ndarray) -> dict[str, float]:
+    """Per problem with both outcomes: the AUROC of its steps (``{problem: auroc}``)."""
+    scores, labels, problem = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool), np.asarray(problem)
+    out: dict[str, float] = {}
+    for idx in _groups(problem):
+        y = labels[idx]
+        if y.any() and not y.all():
+            out[str(problem[idx[0]])] = auroc(scores[idx], y)
+    return out
+
+
+def running_mean_at(scores: np.ndarray, trace: np.ndarray, rel_position: np.ndarray,
+                    fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each trace's running-mean score at ``fraction`` of its steps: the mean of its step scores
+    with ``rel_position <= fraction``. Returns (trace ids, means); traces with no such step are left out."""
+    m = np.asarray(rel_position, dtype=np.float64) <= fraction + 1e-9
+    if not m.any():
+        return np.zeros(0, dtype=np.asarray(trace).dtype), np.zeros(0)
+    uniq, inv = np.unique(np.asarray(trace)[m], return_inverse=True)
+    sums = np.bincount(inv, weights=np.asarray(scores, dtype=np.float64)[m], minlength=len(uniq))
+    return uniq, sums / np.bincount(inv, minlength=len(uniq))
+
+
+def pairwise_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of (correct, wrong) pairs with the correct one scored higher (ties: one half)
+    = the AUROC of these items; ``nan`` without both outcomes."""
+    return auroc(scores, labels)
+
+
+def within_problem_rank(scores: np.ndarray, labels: np.ndarray, trace: np.ndarray, problem: np.ndarray,
+                        rel_position: np.ndarray, fraction: float) -> dict[str, float]:
+    """Per problem with both outcomes among its traces: the pairwise ranking accuracy of the
+    traces' running-mean scores at ``fraction`` of their steps (``{problem: accuracy}``)."""
+    trace, problem, labels = np.asarray(trace), np.asarray(problem), np.asarray(labels).astype(bool)
+    ids, means = running_mean_at(scores, trace, rel_position, fraction)
+    if ids.size == 0:
+        return {}
+    # one row per trace: its problem and label (constant within a trace)
+    uniq_all, first_row = np.unique(trace, return_index=True)
+    rows = first_row[np.searchsorted(uniq_all, ids)]
+    t_prob, t_lab = problem[rows], labels[rows]
+    out: dict[str, float] = {}
+    for idx in _groups(t_prob):
+        y = t_lab[idx]
+        if y.any() and not y.all():
+            out[str(t_prob[idx[0]])] = pairwise_accuracy(means[idx], y)
+    return out
+
+
+def _mean(per_problem: dict[str, float]) -> float:
+    v = [x for x in per_problem.values() if np.isfinite(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def within_problem_ci(per_problem: dict[str, float], *, n: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-problem values, resampling problems."""
+    v = np.array([x for x in per_problem.values() if np.isfinite(x)], dtype=np.float64)
+    if n <= 0 or v.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def within_problem_metrics(scores: np.ndarray, labels: np.ndarray, *, trace: np.ndarray, problem: np.ndarray,
+                           rel_position: np.ndarray, bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
+    """``within_auroc`` and ``within_rank25/50/75`` (with ``_lo``/``_hi`` when ``bootstrap`` > 0),
+    plus ``within_problems``: how many problems have both outcomes."""
+    per = {WITHIN_AUROC: within_problem_auroc(scores, labels, problem)}
+    for frac, name in WITHIN_RANK.items():
+        per[name] = within_problem_rank(scores, labels, trace, problem, rel_position, frac)
+    out: dict[str, float] = {}
+    for name, d in per.items():
+        out[name] = _mean(d)
+        if bootstrap > 0:
+            out[f"{name}_lo"], out[f"{name}_hi"] = within_problem_ci(d, n=bootstrap, seed=seed)
+    out[WITHIN_PROBLEMS] = float(len(per[WITHIN_AUROC]))
+    return out
+
+
+WITHIN_PROBLEMS = "within_problems"
+
+
+def within_names(intervals: bool = True) -> set[str]:
+    """Every name :func:`within_problem_metrics` writes (with or without the interval bounds)."""
+    names = {*WITHIN_METRICS, WITHIN_PROBLEMS}
+    return names | ({f"{m}_{b}" for m in WITHIN_METRICS for b in ("lo", "hi")} if intervals else set())
+
+
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, *, trace: np.ndarray | None = None,
                     rel_position: np.ndarray | None = None, threshold: float = 0.5,
-                    prefix: str | None = None) -> dict[str, float]:
-    """All metrics of one split; names prefixed ``<prefix>_`` when given."""
+                    prefix: str | None = None, problem: np.ndarray | None = None,
+                    bootstrap: int = 0) -> dict[str, float]:
+    """All metrics of one split; names prefixed ``<prefix>_`` when given. The within-problem
+    metrics need ``problem``, ``trace`` and ``rel_position``; ``bootstrap`` > 0 adds their
+    intervals (``<metric>_lo``, ``<metric>_hi``)."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64)
     pred = scores >= threshold
@@ -184,6 +313,9 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, *, trace: np.ndarray
         for frac, name in EARLY_AUROC.items():
             m = rp <= frac + 1e-9
             out[name] = auroc(scores[m], labels[m])
+    if problem is not None and trace is not None and rel_position is not None:
+        out.update(within_problem_metrics(scores, labels, trace=trace, problem=problem, rel_position=rel_position,
+                                          bootstrap=bootstrap))
     if prefix:
         out = {key(prefix, k): v for k, v in out.items()}
     return out

@@ -78,7 +78,10 @@ class Config(StageConfig):
 COLUMNS = ["site", "depth", "val_auroc", "val_auroc_lo", "val_auroc_hi", "test_auroc", "test_auroc_lo",
            "test_auroc_hi", "val_early50_auroc", "test_early50_auroc", "val_trace_auroc", "test_trace_auroc",
            "val_auprc", "test_auprc", "test_ece", "reference_val_auroc", "reference_test_auroc",
-           "reference_test_early50_auroc", "best_epoch", "seconds"]
+           "reference_test_early50_auroc", "val_within_auroc", "test_within_auroc", "test_within_auroc_lo",
+           "test_within_auroc_hi", "test_within_rank25", "test_within_rank50", "test_within_rank50_lo",
+           "test_within_rank50_hi", "test_within_rank75", "reference_test_within_auroc", "reference_test_within_rank50",
+           "best_epoch", "seconds"]
 
 
 def _train_config(cfg: Config, site: str) -> TrainConfig:
@@ -87,6 +90,7 @@ def _train_config(cfg: Config, site: str) -> TrainConfig:
                        patience=cfg.patience, monitor=cfg.monitor, imbalance=cfg.imbalance,
                        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
                        seed=cfg.seed, max_steps_per_trace=cfg.max_steps_per_trace, reference=cfg.reference,
+                       bootstrap=cfg.bootstrap,
                        plots=False, progress=False)
 
 
@@ -135,6 +139,13 @@ def sweep_site(cfg: Config, hs, site: str, split, cache: FeatureCache) -> dict[s
         row[f"reference_{s}_auroc"] = ref[M.AUROC] if ref else float("nan")
     ref_t = result.metrics.get("reference_test")
     row["reference_test_early50_auroc"] = ref_t[M.EARLY_AUROC[0.5]] if ref_t else float("nan")
+    row["val_within_auroc"] = result.metrics[M.VAL][M.WITHIN_AUROC]
+    test = result.metrics[M.TEST]
+    for name in ("within_auroc", "within_auroc_lo", "within_auroc_hi", "within_rank25", "within_rank50",
+                 "within_rank50_lo", "within_rank50_hi", "within_rank75"):
+        row[f"test_{name}"] = test.get(name, float("nan"))
+    for name in ("within_auroc", "within_rank50"):
+        row[f"reference_test_{name}"] = ref_t.get(name, float("nan")) if ref_t else float("nan")
     row["best_epoch"] = float(result.best_epoch if result.best_epoch is not None else -1)
     row["seconds"] = time.perf_counter() - t0
     return row

@@ -67,12 +67,17 @@ class Config(StageConfig):
     monitor: str = option(M.DEFAULT_MONITOR, "validation metric for early stopping and checkpointing")
     imbalance: str = option("pos_weight", "class imbalance: pos_weight (negatives/positives, the paper's), "
                                           "sampler (balanced batches), none")
+    loss: str = option("bce", "training loss: bce (label of each step), pairwise (rank a problem's correct steps "
+                              "above its wrong ones at similar relative positions), mixed (both)")
+    pair_weight: float = option(0.5, "mixed loss: weight of the pairwise part (1 - weight on BCE)")
+    pair_window: float = option(0.25, "pairwise loss: largest relative-position gap of a (correct, wrong) step pair")
     val_fraction: float = option(0.15, "fraction of problems in the validation split")
     test_fraction: float = option(0.15, "fraction of problems in the test split")
     split_seed: int = option(0, "seed of the problem split")
     seed: int = option(0, "seed of initialization, shuffling and subsampling")
     max_steps_per_trace: int = option(0, "keep at most this many random steps per training trace (0: all)")
     reference: bool = option(True, "also fit the scikit-learn logistic-regression reference")
+    bootstrap: int = option(1000, "bootstrap resamples (of problems) for the within-problem metrics' intervals (0: none)")
     plots: bool = option(True, "write ROC, calibration and score-vs-step plots")
     overwrite: bool = option(False, "replace an existing run directory")
     progress: bool = option(True, "show Lightning's progress bar")
@@ -110,6 +115,16 @@ def resolve_spec(config: Config, num_layers: int) -> FeatureSpec:
 def check_config(config: Config) -> None:
     if config.imbalance not in IMBALANCE:
         raise StepprobeError(f"unknown imbalance handling {config.imbalance!r}; known: {', '.join(IMBALANCE)}")
+    from .module import LOSSES
+
+    if config.loss not in LOSSES:
+        raise StepprobeError(f"unknown loss {config.loss!r}; known: {', '.join(LOSSES)}")
+    if config.loss != "bce" and config.imbalance == "sampler":
+        raise StepprobeError(f"loss {config.loss!r} batches whole problems; it cannot use imbalance=sampler "
+                             "(use pos_weight or none)")
+    if not 0 <= config.pair_weight <= 1 or config.pair_window < 0:
+        raise StepprobeError(f"pair_weight must be in [0, 1] and pair_window >= 0 (got {config.pair_weight}, "
+                             f"{config.pair_window})")
     M.mode_of(config.monitor)
     if not config.monitor.startswith(M.VAL + "_"):
         raise StepprobeError(f"monitor must be a validation metric (val_...), got {config.monitor!r}")
@@ -149,7 +164,7 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
                                 subsample_seed=config.seed)
     batch_size = config.batch_size or auto_batch_size(len(split.rows[M.TRAIN]))
     dm = ProbeDataModule(hs, spec, split, cache=cache, batch_size=batch_size, imbalance=config.imbalance,
-                         seed=config.seed, include_test=evaluate_test)
+                         seed=config.seed, include_test=evaluate_test, group_batches=config.loss != "bce")
     dm.setup("fit")
     n_neg, n_pos = dm.class_counts()
     if n_pos == 0 or n_neg == 0:
@@ -159,7 +174,8 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
     probe = ProbeModel(spec, config.arch, hs.hidden_size, dict(config.params))
     probe.norm.fit(dm.arrays[M.TRAIN].x)
     pos_weight = n_neg / n_pos if config.imbalance == "pos_weight" else None
-    module = ProbeLightningModule(probe, lr=config.lr, weight_decay=config.weight_decay, pos_weight=pos_weight)
+    module = ProbeLightningModule(probe, lr=config.lr, weight_decay=config.weight_decay, pos_weight=pos_weight,
+                                  loss=config.loss, pair_weight=config.pair_weight, pair_window=config.pair_window)
 
     mode = M.mode_of(config.monitor)
     with tempfile.TemporaryDirectory(prefix="stepprobe-ckpt-") as tmp:
@@ -199,7 +215,8 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
     result_metrics: dict[str, dict[str, float]] = {}
     for s, p in preds.items():
         result_metrics[s] = M.compute_metrics(p["scores"], p["labels"], trace=p["trace"],
-                                              rel_position=p["rel_position"], threshold=threshold)
+                                              rel_position=p["rel_position"], threshold=threshold,
+                                              problem=p["problem"], bootstrap=config.bootstrap)
     if config.reference:
         ref = fit_reference_for(dm, spec, config.seed)
         ref_val = ref(dm.arrays[M.VAL].x)
@@ -210,7 +227,8 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
             sc = ref_val if s == M.VAL else ref(arr.x)
             preds[s]["reference_scores"] = sc
             result_metrics[f"reference_{s}"] = M.compute_metrics(sc, arr.y, trace=arr.trace,
-                                                                 rel_position=arr.rel_position, threshold=ref_threshold)
+                                                                 rel_position=arr.rel_position, threshold=ref_threshold,
+                                                                 problem=arr.problem, bootstrap=config.bootstrap)
     return TrainResult(probe=probe, spec=spec, split=split, metrics=result_metrics, threshold=threshold,
                        best_epoch=best_epoch, best_score=best_score, epochs_run=int(trainer.current_epoch),
                        predictions=preds)
@@ -286,7 +304,8 @@ def summary_line(result: TrainResult) -> str:
         d = result.metrics.get(part)
         if d:
             parts.append(f"{part} AUROC {d[M.AUROC]:.3f} (early50 {d[M.EARLY_AUROC[0.5]]:.3f}, "
-                         f"trace {d[M.TRACE_AUROC]:.3f})")
+                         f"trace {d[M.TRACE_AUROC]:.3f}, within {d.get(M.WITHIN_AUROC, float('nan')):.3f}, "
+                         f"rank50 {d.get(M.WITHIN_RANK[0.5], float('nan')):.3f})")
     return f"{result.spec.label} {result.probe.arch}: " + "; ".join(parts)
 
 

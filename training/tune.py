@@ -74,6 +74,8 @@ class Config(StageConfig):
     max_window: int = option(4, "most consecutive sites a mean/concat/mixture trial reads")
     archs: str = option("linear,mlp,deep_mlp", "candidate architectures (mixture is used when combine=mixture)")
     imbalances: str = option("pos_weight,none", "candidate imbalance handlings: " + ",".join(IMBALANCE))
+    losses: str = option("bce", "candidate training losses: bce, pairwise, mixed (within-problem ranking; "
+                                "mixed also tunes pair_weight); e.g. bce,pairwise with --objective val_within_auroc")
     lr_min: float = option(1e-4, "learning-rate range (log scale)")
     lr_max: float = option(1e-2, "")
     max_epochs: int = option(25, "maximum epochs per trial")
@@ -142,7 +144,11 @@ def trial_config(trial, cfg: Config, candidates: list[str]) -> TrainConfig:
     wd = trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True)
     imbalances = _csv(cfg.imbalances)
     imbalance = trial.suggest_categorical("imbalance", imbalances) if len(imbalances) > 1 else imbalances[0]
+    losses = _csv(cfg.losses)
+    loss = trial.suggest_categorical("loss", losses) if len(losses) > 1 else losses[0]
+    pair_weight = trial.suggest_float("pair_weight", 0.1, 0.9) if loss == "mixed" else 0.5
     return TrainConfig(data=cfg.data, sites=",".join(sites), combine=combine, arch=arch, params=params, lr=lr,
+                       loss=loss, pair_weight=pair_weight,
                        weight_decay=wd, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience,
                        monitor=cfg.objective, imbalance=imbalance, val_fraction=cfg.val_fraction,
                        test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, seed=cfg.seed,
@@ -161,9 +167,17 @@ def _check_space(cfg: Config) -> None:
     for i in _csv(cfg.imbalances):
         if i not in IMBALANCE:
             raise StepprobeError(f"unknown imbalance handling {i!r}; known: {', '.join(IMBALANCE)}")
+    from .module import LOSSES
+
+    for loss in _csv(cfg.losses):
+        if loss not in LOSSES:
+            raise StepprobeError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+    if set(_csv(cfg.losses)) - {"bce"} and "sampler" in _csv(cfg.imbalances):
+        raise StepprobeError("the pairwise and mixed losses batch whole problems and cannot use imbalance=sampler; "
+                             "drop sampler from --imbalances")
     if M.mode_of(cfg.objective) != "max" or not cfg.objective.startswith(M.VAL + "_"):
         raise StepprobeError(f"the objective must be a validation metric to maximize (val_auroc, val_early50_auroc, "
-                             f"...), got {cfg.objective!r}")
+                             f"val_within_auroc, val_within_rank50, ...), got {cfg.objective!r}")
 
 
 def load_study(cfg: Config, out: Path, fingerprint: dict[str, Any], create: bool = True):
