@@ -39,7 +39,9 @@ WORKER_CLS = "stepprobe.inference.worker.StepprobeWorker"
 SCHEDULER_CLS = "stepprobe.inference.scheduler.StepprobeScheduler"
 TESTED_VLLM = ("0.32.0",)
 
-POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence")
+POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence", "relative")
+#: Per-request settings (``extra_args={"stepprobe": {...}}``) besides ``policy`` and ``group``.
+REQUEST_SETTINGS = ("min_live", "relative_margin", "conf_threshold", "conf_window")
 AGGREGATES = ("mean", "last", "min", "ema")
 
 
@@ -55,10 +57,21 @@ class PluginSettings:
       ``top_fraction`` (when every running trace of a group has ``keep_step`` steps, keep the
       best ``keep_fraction`` of them), ``confidence`` (the DeepConf-style baseline: finish a
       trace when the mean token confidence over its last ``conf_window`` tokens falls below
-      the request's ``conf_threshold``; needs ``logprobs`` in the request).
+      the request's ``conf_threshold``; needs ``logprobs`` in the request), ``relative`` (the
+      within-problem threshold: finish a trace whose score is more than ``relative_margin``
+      below the best other live trace of its problem, after ``warmup_steps`` steps).
+    - ``memory_victim``: which trace the memory policy finishes when the KV cache is full:
+      ``score`` (the paper's: the lowest score over all running traces, whatever their problem),
+      ``group_gap`` (the trace furthest below the best live trace of its own problem),
+      ``group_largest`` (the lowest trace of the problem with the most live traces). It compares
+      problems with each other, so it is an engine setting, not a per-request one.
+    - ``min_live``: every policy leaves each group (problem) at least this many live traces;
+      a prune that would go below it is not carried out (the memory policy then preempts as
+      vLLM would). A request may set its own (``extra_args``), as it may ``relative_margin``.
     - ``aggregate``: a trace's score from its step scores: ``mean`` (the paper's), ``last``,
       ``min``, ``ema`` (with ``ema_alpha``).
-    - ``protect_last``: never prune the last running trace of a group (memory policy).
+    - ``protect_last``: never prune the last live trace of a group under the memory policy
+      (the memory policy's ``min_live`` is at least 1 while it is on).
     - ``keep_records``: the worker keeps every request's step scores until the client takes
       them (``collective_rpc("stepprobe_take_records")``); off for a server.
     - ``record_features``: also keep the raw features (parity tests, debugging).
@@ -74,6 +87,9 @@ class PluginSettings:
     keep_fraction: float = 0.5
     keep_step: int = 3
     protect_last: bool = True
+    memory_victim: str = "score"
+    min_live: int = 0
+    relative_margin: float = 0.1
     keep_records: bool = False
     record_features: bool = False
     canary: bool = True
@@ -84,6 +100,14 @@ class PluginSettings:
             raise StepprobeError(f"unknown score aggregate {self.aggregate!r}; known: {', '.join(AGGREGATES)}")
         if not 0 < self.keep_fraction <= 1:
             raise StepprobeError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        from .policies import VICTIM_RULES
+
+        if self.memory_victim not in VICTIM_RULES:
+            raise StepprobeError(f"unknown memory victim rule {self.memory_victim!r}; known: {', '.join(VICTIM_RULES)}")
+        if int(self.min_live) < 0:
+            raise StepprobeError(f"min_live must be >= 0, got {self.min_live}")
+        if not 0 <= self.relative_margin <= 1:
+            raise StepprobeError(f"relative_margin must be in [0, 1], got {self.relative_margin}")
         if not 0 < self.ema_alpha <= 1:
             raise StepprobeError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
         if self.policy not in ("none", "confidence") and not self.scorer:

@@ -14,11 +14,18 @@ blocks freed, its partial text delivered to the client.
 - ``memory``: before each ``schedule()``, running traces are ordered so that vLLM's
   preemption victim (the last one) is the lowest-scoring prunable trace, and
   ``_preempt_request`` finishes that trace instead of sending it back to the waiting queue.
-  This compares traces **across problems** (they share one KV cache); a group's last running
-  trace is protected (``protect_last``) and unscored traces are never pruned, so when only
-  those are left vLLM preempts as usual.
+  Which trace is the victim is ``memory_victim``: ``score`` (the paper's rule) compares raw
+  scores **across problems** (they share one KV cache), so a hard problem loses traces first;
+  ``group_gap`` and ``group_largest`` compare each trace with the other live traces of its own
+  problem (:func:`~stepprobe.inference.policies.memory_victim_keys`). A group's last live
+  trace is protected (``protect_last``), no group goes below ``min_live`` live traces, and
+  unscored traces are never pruned, so when no trace may go vLLM preempts as usual.
+- ``relative``: a trace more than ``relative_margin`` below the best other live trace of its
+  group is finished (after ``warmup_steps``); decided when scores arrive, like threshold.
 - ``threshold`` and ``top_fraction``: decided when scores arrive (within one problem's
-  group for top_fraction), carried out at the start of the next ``schedule()``.
+  group for top_fraction), carried out at the start of the next ``schedule()``, where every
+  flagged prune is capped so each group keeps ``min_live`` live traces
+  (:func:`~stepprobe.inference.policies.cap_to_min_live`).
 - ``none``: scores are still collected; nothing is pruned (plain self-consistency).
 
 A group is the set of children of one ``n > 1`` request (vLLM names them ``{i}_{parent}``),
@@ -34,7 +41,8 @@ from collections import defaultdict
 from typing import Any
 
 from .plugin import PluginSettings, check_policy, request_overrides
-from .policies import TraceScore, below_threshold, memory_rank_key, top_fraction_losers
+from .policies import (Live, TraceScore, below_group_best, below_threshold, cap_to_min_live, effective_min_keep,
+                       memory_victim_keys, top_fraction_losers)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,8 @@ class _Trace:
     conf_threshold: float | None = None
     conf_window: int = 64
     conf: Any = None  # deque of recent token confidences (confidence policy)
+    min_live: int = 0
+    relative_margin: float = 0.1
 
 
 class PruningMixin:
@@ -78,7 +88,9 @@ class PruningMixin:
         policy = check_policy(over.get("policy", self._sp.policy))
         m = _CHILD_RE.match(request.request_id)
         group = str(over.get("group") or (m.group(1) if m else request.request_id))
-        trace = _Trace(TraceScore(self._sp.aggregate, self._sp.ema_alpha), policy, group)
+        trace = _Trace(TraceScore(self._sp.aggregate, self._sp.ema_alpha), policy, group,
+                       min_live=int(over.get("min_live", self._sp.min_live)),
+                       relative_margin=float(over.get("relative_margin", self._sp.relative_margin)))
         if policy == "confidence":
             from collections import deque
 
@@ -92,14 +104,27 @@ class PruningMixin:
         t = self._sp_traces.get(rid)
         return t is not None and not t.done
 
+    def _sp_min_keep(self, t: _Trace) -> int:
+        return effective_min_keep(t.policy, t.min_live, self._sp.protect_last)
+
+    def _sp_group_view(self, groups: Any) -> list[Live]:
+        """The live traces of ``groups`` as the pure group rules see them (``prunable`` = memory policy)."""
+        out = []
+        for g in groups:
+            for r in self._sp_groups.get(g, ()):
+                t = self._sp_traces.get(r)
+                if t is not None and not t.done:
+                    out.append(Live(r, g, t.score.value, t.policy == "memory", self._sp_min_keep(t)))
+        return out
+
     def _sp_prunable(self, rid: str) -> bool:
+        """Safety check at the moment of a memory prune: scored, and its group keeps its minimum."""
         t = self._sp_traces.get(rid)
         if t is None or t.done or t.score.value is None:
             return False
-        if self._sp.protect_last:
-            others = [r for r in self._sp_groups.get(t.group, ()) if r != rid and self._sp_live(r)]
-            return bool(others)
-        return True
+        members = [self._sp_traces[r] for r in self._sp_groups.get(t.group, ()) if self._sp_live(r)]
+        keep = max((self._sp_min_keep(m) for m in members), default=0)
+        return len(members) - 1 >= keep
 
     # ---------------------------------------------------------------- pruning
     def _sp_finish(self, request: Any, *, from_running: bool) -> None:
@@ -126,19 +151,21 @@ class PruningMixin:
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         if self._sp_flagged:
             flagged, self._sp_flagged = self._sp_flagged, {}
-            for rid in flagged:
+            flagged = [r for r in flagged if self._sp_live(r)]
+            groups = {self._sp_traces[r].group for r in flagged}
+            for rid in cap_to_min_live(flagged, self._sp_group_view(groups)):
                 req = self.requests.get(rid)  # type: ignore[attr-defined]
                 if req is not None and not req.is_finished():
                     self._sp_finish(req, from_running=False)
         running = self.running  # type: ignore[attr-defined]
-        if any(self._sp_traces.get(r.request_id, None) is not None
-               and self._sp_traces[r.request_id].policy == "memory" for r in running):
-            keys = {r.request_id: memory_rank_key(
-                self._sp_traces[r.request_id].score.value if r.request_id in self._sp_traces else None,
-                self._sp_traces.get(r.request_id) is not None
-                and self._sp_traces[r.request_id].policy == "memory" and self._sp_prunable(r.request_id))
-                for r in running}
-            running.sort(key=lambda r: keys[r.request_id])  # stable: unscored keep FCFS order
+        self._sp_mem_allowed: set[str] = set()
+        mem_groups = {t.group for t in (self._sp_traces.get(r.request_id) for r in running)
+                      if t is not None and t.policy == "memory"}
+        if mem_groups:
+            keys = memory_victim_keys(self._sp_group_view(mem_groups), self._sp.memory_victim)
+            zero = (0, 0.0, 0.0)
+            self._sp_mem_allowed = {r for r, k in keys.items() if k[0] == 1}
+            running.sort(key=lambda r: keys.get(r.request_id, zero))  # stable: the rest keep vLLM's order
         # Only preemptions for lack of KV space inside schedule() become prunes (not, e.g.,
         # the preempt-everything of reset_prefix_cache).
         self._sp_in_schedule = True
@@ -150,7 +177,7 @@ class PruningMixin:
     def _preempt_request(self, request: Any, timestamp: float, drop_stale_output: bool = False) -> None:
         t = self._sp_traces.get(request.request_id)
         if (getattr(self, "_sp_in_schedule", False) and t is not None and t.policy == "memory"
-                and self._sp_prunable(request.request_id)):
+                and request.request_id in getattr(self, "_sp_mem_allowed", ()) and self._sp_prunable(request.request_id)):
             self._sp_finish(request, from_running=True)
             return
         self.stepprobe_counts["preempted"] += 1
@@ -171,7 +198,7 @@ class PruningMixin:
                 if t.policy == "threshold" and below_threshold(t.score.value, t.score.n, self._sp_threshold,
                                                                self._sp.warmup_steps):
                     self._sp_flagged[rid] = "threshold"
-                elif t.policy == "top_fraction":
+                elif t.policy in ("top_fraction", "relative"):
                     touched_groups.add(t.group)
         logprobs = getattr(model_runner_output, "logprobs", None)
         if logprobs is not None:
@@ -216,11 +243,16 @@ class PruningMixin:
                 self._sp_flagged[rid] = "confidence"
 
     def _sp_decide_group(self, group: str) -> None:
-        if group in self._sp_decided_groups:
-            return
         members = self._sp_groups.get(group, set())
         live = {r: self._sp_traces[r] for r in members if self._sp_live(r)}
-        if not live or any(t.policy != "top_fraction" for t in live.values()):
+        if not live:
+            return
+        for r, t in live.items():
+            if t.policy == "relative" and r not in self._sp_flagged and below_group_best(
+                    t.score.value, t.score.n, (o.score.value for q, o in live.items() if q != r),
+                    t.relative_margin, self._sp.warmup_steps):
+                self._sp_flagged[r] = "relative"
+        if group in self._sp_decided_groups or any(t.policy != "top_fraction" for t in live.values()):
             return
         losers = top_fraction_losers({r: (t.score.value, t.score.n) for r, t in live.items()},
                                      self._sp.keep_fraction, self._sp.keep_step)

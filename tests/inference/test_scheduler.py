@@ -21,7 +21,7 @@ MAX_TOKENS = 24  # 32 tokens = two blocks per request; four requests need 8 bloc
 NUM_BLOCKS = 7
 
 
-def make_scheduler(model_path: str, *, async_scheduling: bool, settings: dict):
+def make_scheduler(model_path: str, *, async_scheduling: bool, settings: dict, num_blocks: int = NUM_BLOCKS):
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
@@ -35,8 +35,8 @@ def make_scheduler(model_path: str, *, async_scheduling: bool, settings: dict):
     config = VllmConfig(scheduler_config=sched, model_config=ModelConfig(model=model_path, dtype="float32", seed=0),
                         cache_config=cache, additional_config={"stepprobe": settings})
     config.scheduler_config.async_scheduling = async_scheduling  # the CPU platform forces it off
-    cache.num_gpu_blocks = NUM_BLOCKS
-    kv = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(
+    cache.num_gpu_blocks = num_blocks
+    kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(
         ["layer"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=32, dtype=torch.float32))])
     return StepprobeScheduler(config, kv_cache_config=kv, structured_output_manager=StructuredOutputManager(config),
                               block_size=BLOCK, log_stats=True)
@@ -125,3 +125,85 @@ def test_threshold_policy_under_async_scheduling(tiny_model_path):
     done = drive(s, {"r0": 0.9, "r1": 0.2}, in_flight=2)
     assert done["r0"] == ("length", None, MAX_TOKENS)
     assert done["r1"][:2] == ("stop", "pruned") and 3 <= done["r1"][2] < MAX_TOKENS
+
+
+def add_grouped(scheduler, requests: list[tuple[str, str]], extra: dict | None = None) -> None:
+    """Add requests ``(request_id, group)`` in this order (the last one is vLLM's default victim)."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(BLOCK, sha256)
+    for i, (rid, group) in enumerate(requests):
+        sp = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True,
+                            extra_args={"stepprobe": {"group": group, **(extra or {})}})
+        scheduler.add_request(Request(request_id=rid, prompt_token_ids=[100 + i] * PROMPT, sampling_params=sp,
+                                      pooling_params=None, block_hasher=hasher))
+
+
+# Problem B is easy (its traces score high), A is hard. Added B first, so A's last trace is
+# both the lowest overall and the last added (vLLM's own victim).
+GROUPED = [("b0", "B"), ("b1", "B"), ("a0", "A"), ("a1", "A")]
+GROUPED_SCORES = {"b0": 0.9, "b1": 0.5, "a0": 0.30, "a1": 0.25}
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize("rule,victim", [("score", "a1"), ("group_gap", "b1"), ("group_largest", "b1")])
+def test_memory_victim_rule_picks_within_its_own_problem(tiny_model_path, async_scheduling, rule, victim):
+    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling,
+                       settings={"policy": "memory", "scorer": "unused", "threshold": 0.5, "memory_victim": rule})
+    add_grouped(s, GROUPED)
+    done = drive(s, GROUPED_SCORES, in_flight=2 if async_scheduling else 1)
+    assert done[victim][:2] == ("stop", "pruned") and 0 < done[victim][2] < MAX_TOKENS
+    assert all(done[r] == ("length", None, MAX_TOKENS) for r in GROUPED_SCORES if r != victim)
+    assert s.stepprobe_counts["pruned"] == 1 and s.stepprobe_counts["preempted"] == 0
+    if rule != "score":
+        # The lowest of its own problem (0.5 < 0.9), not the lowest overall, not the last added.
+        assert victim != GROUPED[-1][0] and GROUPED_SCORES[victim] > min(GROUPED_SCORES.values())
+    assert not s.requests and not s._sp_traces
+
+
+SIX = [("a0", "A"), ("a1", "A"), ("a2", "A"), ("b0", "B"), ("b1", "B"), ("b2", "B")]
+SIX_SCORES = {"a0": 0.9, "a1": 0.8, "a2": 0.5, "b0": 0.3, "b1": 0.25, "b2": 0.2}
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_min_live_holds_under_memory_pressure(tiny_model_path, async_scheduling):
+    """Six traces need 12 blocks, 7 exist: three must go. With min_live=2 each problem gives up
+    one trace (its lowest: a2 scores above all of B), then vLLM preempts instead."""
+    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, num_blocks=7,
+                       settings={"policy": "memory", "scorer": "unused", "threshold": 0.5,
+                                 "memory_victim": "group_gap", "min_live": 2})
+    add_grouped(s, SIX)
+    done = drive(s, SIX_SCORES, in_flight=2 if async_scheduling else 1)
+    pruned = {r for r, d in done.items() if d[1] == "pruned"}
+    assert pruned == {"a2", "b2"}
+    for g in "ab":
+        assert sum(done[f"{g}{i}"] == ("length", None, MAX_TOKENS) for i in range(3)) == 2
+    assert s.stepprobe_counts["preempted"] > 0  # the third victim was preempted, not pruned
+    assert not s.requests and not s._sp_traces
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_relative_policy_and_min_live_for_flagged_prunes(tiny_model_path, async_scheduling):
+    """Relative: a2 and a1 fall more than 0.1 below a0; B's traces are within 0.1 of each other.
+    min_live=2 lets A lose only one, its lowest."""
+    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32,
+                       settings={"policy": "relative", "scorer": "unused", "threshold": 0.5, "relative_margin": 0.1,
+                                 "warmup_steps": 2, "min_live": 2})
+    add_grouped(s, [("a0", "A"), ("a1", "A"), ("a2", "A"), ("b0", "B"), ("b1", "B")])
+    done = drive(s, {"a0": 0.9, "a1": 0.7, "a2": 0.6, "b0": 0.3, "b1": 0.25}, in_flight=2 if async_scheduling else 1)
+    assert done["a2"][:2] == ("stop", "pruned") and 2 <= done["a2"][2] < MAX_TOKENS
+    assert all(done[r] == ("length", None, MAX_TOKENS) for r in ("a0", "a1", "b0", "b1"))
+
+
+def test_threshold_policy_keeps_min_live_per_request_override(tiny_model_path):
+    """min_live applies to every policy and a request may set it: both traces are below the
+    threshold, one is kept."""
+    s = make_scheduler(tiny_model_path, async_scheduling=True, num_blocks=32,
+                       settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 2})
+    add_grouped(s, [("t0", "T"), ("t1", "T")], extra={"min_live": 1})
+    done = drive(s, {"t0": 0.2, "t1": 0.1}, in_flight=2)
+    assert done["t1"][:2] == ("stop", "pruned") and done["t0"] == ("length", None, MAX_TOKENS)
