@@ -64,13 +64,23 @@ from stepprobe.io import atomic_write_json, atomic_write_text
 from stepprobe.provenance import check_schema, package_versions
 from stepprobe.stats import paired_bootstrap
 
-from .policies import TraceScore, below_threshold, memory_rank_key, top_fraction_losers
+from .policies import (VICTIM_RULES, Live, TraceScore, below_group_best, below_threshold, cap_to_min_live,
+                       effective_min_keep, memory_victim_keys, top_fraction_losers)
 
 log = logging.getLogger(__name__)
 
 KIND = "stepprobe-replay"
 SCHEMA_VERSION = 1
-POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence")
+POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence", "relative")
+
+
+def parse_policy(name: str, default_rule: str = "score") -> tuple[str, str]:
+    """``"memory:group_gap"`` -> ``("memory", "group_gap")``; other names keep ``default_rule``."""
+    base, _, rule = name.partition(":")
+    if base not in POLICIES or (rule and (base != "memory" or rule not in VICTIM_RULES)):
+        raise StepprobeError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}, memory:<rule> with rule one of "
+                             f"{', '.join(VICTIM_RULES)}")
+    return base, rule or default_rule
 DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 
@@ -79,7 +89,8 @@ class Config(StageConfig):
     SECTION = "replay"
 
     results: str | None = option(None, "a run's output directory or results.jsonl (policy none, --record-confidence)")
-    policies: list[str] = option(factory=lambda: list(POLICIES), help="policies to replay; 'none' is SC")
+    policies: list[str] = option(factory=lambda: ["none", "memory", "threshold", "top_fraction", "confidence"],
+                                 help="policies to replay; 'none' is SC; also relative, memory:<victim rule>")
     kv_blocks: list[int] = option(factory=lambda: [0, 16, 32, 64], help="KV budgets in blocks (0 = unlimited)")
     block_size: int = option(128, "KV block size in tokens (vLLM's CPU backend: 128)")
     max_num_batched_tokens: int = option(4096, "tokens per engine step (vLLM's CPU default for LLM)")
@@ -92,6 +103,10 @@ class Config(StageConfig):
     keep_step: int | None = option(None, "top_fraction ranking step (default: the run's)")
     aggregate: str | None = option(None, "trace score aggregate (default: the run's)")
     protect_last: bool = option(True, "memory: never prune a problem's last live trace (as the scheduler)")
+    memory_victim: str = option("score", "memory victim rule for 'memory' (memory:<rule> names one): "
+                                         + ", ".join(VICTIM_RULES))
+    min_live: int = option(0, "every policy keeps at least this many live traces per problem (as the scheduler)")
+    relative_margin: float | None = option(None, "relative policy: margin below the group's best (default: the run's, else 0.1)")
     random_draws: int = option(200, "draws for the random-pruning baseline")
     seed: int = option(0, "seed of the random baseline and the bootstrap")
     limit: int | None = option(None, "only the first N problems")
@@ -100,9 +115,10 @@ class Config(StageConfig):
     output: str | None = option(None, "output directory (default: <results dir>/replay)")
 
     def __post_init__(self) -> None:
-        bad = [p for p in self.policies if p not in POLICIES]
-        if bad:
-            raise StepprobeError(f"unknown policies {bad}; known: {', '.join(POLICIES)}")
+        for p in self.policies:
+            parse_policy(p)
+        if self.memory_victim not in VICTIM_RULES:
+            raise StepprobeError(f"unknown memory victim rule {self.memory_victim!r}; known: {', '.join(VICTIM_RULES)}")
         if "none" not in self.policies:
             self.policies = ["none", *self.policies]
         if self.block_size < 1 or self.max_num_batched_tokens < 1:
@@ -143,6 +159,8 @@ class Params:
     conf_window: int
     conf_percentile: float
     conf_warmup: int
+    relative_margin: float = 0.1
+    min_live: int = 0
 
 
 def load_run(path: str | Path, limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -289,7 +307,55 @@ def decide_confidence(problem: Problem, p: Params) -> list[int | None]:
     return out
 
 
-DECIDERS = {"threshold": decide_threshold, "top_fraction": decide_top_fraction, "confidence": decide_confidence}
+def decide_relative(problem: Problem, p: Params) -> list[int | None]:
+    """The within-problem relative threshold, step by step as the scheduler decides it: after
+    each engine step, every live trace more than ``relative_margin`` below the best other live
+    trace of the problem is flagged; the flagged are cut, lowest first, while the problem keeps
+    ``min_live`` live traces (refused ones stay live and may be flagged again)."""
+    traces = problem.traces
+    arrivals: dict[int, list[tuple[int, float]]] = collections.defaultdict(list)
+    for k, t in enumerate(traces):
+        for g, s in zip(t.step_gen, t.step_scores):
+            arrivals[g + 1].append((k, s))
+    scores = [TraceScore(p.aggregate, p.ema_alpha) for _ in traces]
+    out: list[int | None] = [None] * len(traces)
+    keep = effective_min_keep("relative", p.min_live, False)
+    for step in sorted(arrivals):
+        for k, s in arrivals[step]:
+            if out[k] is None and step <= traces[k].num_tokens:
+                scores[k].add(s)
+        live = [k for k in range(len(traces)) if out[k] is None and traces[k].num_tokens > step]
+        flagged = [k for k in live if below_group_best(scores[k].value, scores[k].n,
+                                                       (scores[q].value for q in live if q != k),
+                                                       p.relative_margin, p.warmup_steps)]
+        if not flagged:
+            continue
+        view = [Live(str(k), "g", scores[k].value, True, keep) for k in live]
+        for r in cap_to_min_live([str(k) for k in flagged], view):
+            k = int(r)
+            if step + 1 < traces[k].num_tokens:
+                out[k] = step + 1
+    return out
+
+
+def apply_min_live(problem: Problem, cuts: list[int | None], min_live: int) -> list[int | None]:
+    """Drop the cuts that would leave the problem with fewer than ``min_live`` live traces, in
+    time order (simultaneous cuts: lowest-scored first), as the scheduler's cap does."""
+    if min_live <= 0:
+        return cuts
+    traces = problem.traces
+    out: list[int | None] = [None] * len(traces)
+    for c in sorted({c for c in cuts if c is not None}):
+        live = [k for k in range(len(traces)) if out[k] is None and traces[k].num_tokens > c]
+        at = [str(k) for k in range(len(traces)) if cuts[k] == c]
+        view = [Live(str(k), "g", traces[k].score, True, min_live) for k in live]
+        for r in cap_to_min_live(at, view):
+            out[int(r)] = c
+    return out
+
+
+DECIDERS = {"threshold": decide_threshold, "top_fraction": decide_top_fraction, "confidence": decide_confidence,
+            "relative": decide_relative}
 
 
 # ---------------------------------------------------------------------------------- scheduler model
@@ -323,7 +389,8 @@ class SimResult:
 
 def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: int, block_size: int,
              max_num_batched_tokens: int, max_num_seqs: int, memory: bool, params: Params,
-             protect_last: bool = True, phases: list[list[tuple[int, int]]] | None = None) -> SimResult:
+             protect_last: bool = True, phases: list[list[tuple[int, int]]] | None = None,
+             memory_rule: str = "score") -> SimResult:
     """vLLM's scheduler on the traces (see module docstring). ``targets[i][k]``: tokens trace k
     of problem i generates; ``phases``: groups of (problem, trace) submitted one after another
     (the confidence baseline's warm-up and rest), default one phase with everything."""
@@ -351,10 +418,23 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
             if shared_refs[r.prob] == 0:
                 free += shared_blocks[r.prob]
 
+    keep = effective_min_keep("memory", params.min_live, protect_last)
+    allowed: set[tuple[int, int]] = set()
+
     def prunable(r: _Req) -> bool:
-        if r.done or r.score.value is None:
+        if r.done or r.score.value is None or (r.prob, r.k) not in allowed:
             return False
-        return live_in_group[r.prob] > 1 if protect_last else True
+        return live_in_group[r.prob] - 1 >= keep
+
+    def victim_order(running: list[_Req], waiting: Any) -> None:
+        """The scheduler's sort: the memory victim rule over each problem's live traces."""
+        probs = {r.prob for r in running}
+        view = [Live(f"{r.prob}/{r.k}", str(r.prob), r.score.value, True, keep)
+                for r in (*running, *waiting) if r.prob in probs and not r.done]
+        keys = memory_victim_keys(view, memory_rule)
+        allowed.clear()
+        allowed.update((r.prob, r.k) for r in running if keys[f"{r.prob}/{r.k}"][0] == 1)
+        running.sort(key=lambda r: keys[f"{r.prob}/{r.k}"])
 
     for phase in phases:
         waiting = collections.deque(reqs[key] for key in phase)
@@ -363,7 +443,7 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
         running: list[_Req] = []
         while waiting or running:
             if memory and running:
-                running.sort(key=lambda r: memory_rank_key(r.score.value, prunable(r)))
+                victim_order(running, waiting)
             budget = max_num_batched_tokens
             scheduled: list[tuple[_Req, int]] = []
             preempted = False
@@ -455,8 +535,12 @@ class Outcome:
 
 def run_policy(problems: list[Problem], policy: str, kv_blocks: int, config: Config, params: Params) -> Outcome:
     full = [[t.num_tokens for t in pr.traces] for pr in problems]
+    name = policy
+    policy, rule = parse_policy(policy, config.memory_victim)
     if policy in DECIDERS:
         cuts = [DECIDERS[policy](pr, params) for pr in problems]
+        if policy != "relative":
+            cuts = [apply_min_live(pr, c, params.min_live) for pr, c in zip(problems, cuts)]
         targets = [[c if c is not None else n for c, n in zip(cs, ns)] for cs, ns in zip(cuts, full)]
     else:
         cuts = [[None] * len(pr.traces) for pr in problems]
@@ -469,11 +553,12 @@ def run_policy(problems: list[Problem], policy: str, kv_blocks: int, config: Con
         phases = [ph for ph in phases if ph]
     sim = simulate(problems, targets, kv_blocks=kv_blocks, block_size=config.block_size,
                    max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                   memory=policy == "memory", params=params, protect_last=config.protect_last, phases=phases)
+                   memory=policy == "memory", params=params, protect_last=config.protect_last, phases=phases,
+                   memory_rule=rule)
     pruned = [[(c is not None) or m for c, m in zip(cs, ms)] for cs, ms in zip(cuts, sim.memory_pruned)]
     vote = DEFAULT_VOTE.get(policy, config.step_vote)
     correct = [vote_correct(pr, pm, vote) for pr, pm in zip(problems, pruned)]
-    return Outcome(policy, kv_blocks, vote, pruned, sim.tokens, sum(map(sum, sim.preemptions)), sim.steps,
+    return Outcome(name, kv_blocks, vote, pruned, sim.tokens, sum(map(sum, sim.preemptions)), sim.steps,
                    sim.computed_tokens, correct)
 
 
@@ -522,7 +607,10 @@ def params_from(config: Config, header: dict[str, Any]) -> Params:
         keep_step=int(config.keep_step if config.keep_step is not None else rc.get("keep_step", 3)),
         aggregate=str(config.aggregate or rc.get("aggregate", "mean")), ema_alpha=0.3,
         conf_window=int(rc.get("confidence_window", 64)), conf_percentile=float(rc.get("confidence_percentile", 10.0)),
-        conf_warmup=int(rc.get("confidence_warmup", 4)))
+        conf_warmup=int(rc.get("confidence_warmup", 4)),
+        relative_margin=float(config.relative_margin if config.relative_margin is not None
+                              else rc.get("relative_margin", 0.1)),
+        min_live=int(config.min_live))
 
 
 def replay(problems: list[Problem], config: Config, params: Params) -> dict[str, Any]:

@@ -165,3 +165,53 @@ def test_live_check_compares_a_bench_trace_by_trace(tmp_path):
     assert th["traces_pruned_alike"] == 7 / 8 and th["problems_voted_alike"] == 1.0
     assert th["replay"]["pruned"] == 3 and th["live"]["pruned"] == 4
     assert "| default | threshold | 0.500 / 0.500 |" in rp.live_markdown(rows)
+
+
+def test_relative_policy_and_min_live_by_hand(tmp_path):
+    # relative (margin 0.15, warm-up 1): A's scores arrive after step 2: t1 (.1) and t2 (.2) are
+    # more than .15 below the best other (.9, .8) -> cut at 3 tokens; t3 (.8 vs .9) is not.
+    # B: after step 3, t0 .6, t1 .52, t3 .55 (t2 finished): none below .45; after step 5 t1's
+    # mean is .41 -> cut at 6. The same cuts as threshold here: 43 tokens, 3 pruned.
+    # With min_live 3: A keeps 3 of 4 (t1, the lowest, goes); B has 3 live at step 5 -> t1 stays.
+    d = write_run(tmp_path, synthetic_records())
+    problems = rp.build_problems(rp.load_run(d)[1])
+    params = rp.Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2, relative_margin=0.15)
+    cfg = rp.Config(kv_blocks=[0])
+    rel = rp.run_policy(problems, "relative", 0, cfg, params)
+    assert rel.pruned == [[False, True, True, False], [False, True, False, False]]
+    assert sum(map(sum, rel.tokens)) == 43
+    capped = rp.run_policy(problems, "relative", 0, cfg, rp.Params(**{**params.__dict__, "min_live": 3}))
+    assert capped.pruned == [[False, True, False, False], [False] * 4]
+    assert sum(map(sum, capped.tokens)) == 48
+    # min_live caps the other deciders too: threshold would cut A's t1, t2 and B's t1.
+    th = rp.run_policy(problems, "threshold", 0, cfg, rp.Params(**{**params.__dict__, "min_live": 3}))
+    assert th.pruned == [[False, True, False, False], [False] * 4]
+
+
+def test_memory_victim_rules_in_the_scheduler_model():
+    # Two problems on a tight cache (3-token prompt, 6 tokens each, blocks of 4, 7 blocks: 5
+    # traces hold 5, and when every trace needs its second block, two must go). M is easy (.9, .2, .5), H hard (.15, .1).
+    # The paper's rule takes the lowest scores overall: H's t1, then M's t1 (H's t0 is its last).
+    # group_gap takes the traces furthest below their own problem's best: M's t1 (-.7), t2 (-.4).
+    recs = [{"problem_id": "M", "prompt_tokens": 3, "traces": [
+        _trace(0, "1", True, 6, [0], [0.9]), _trace(1, "2", False, 6, [0], [0.2]),
+        _trace(2, "1", True, 6, [0], [0.5])]},
+        {"problem_id": "H", "prompt_tokens": 3, "traces": [
+            _trace(0, "3", True, 6, [0], [0.15]), _trace(1, "4", False, 6, [0], [0.1])]}]
+    for r in recs:
+        for t in r["traces"]:
+            t["step_positions"] = [3]
+    problems = rp.build_problems(recs)
+    params = rp.Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2)
+    cfg = rp.Config(block_size=4, kv_blocks=[7], max_num_batched_tokens=100, memory_victim="group_gap")
+    sc = rp.run_policy(problems, "none", 7, cfg, params)
+    assert sc.preemptions == 2 and sc.pruned == [[False] * 3, [False] * 2]
+    paper = rp.run_policy(problems, "memory:score", 7, cfg, params)
+    assert paper.pruned == [[False, True, False], [False, True]] and paper.preemptions == 0
+    group = rp.run_policy(problems, "memory", 7, cfg, params)  # the config's rule: group_gap
+    assert group.policy == "memory" and group.pruned == [[False, True, True], [False, False]]
+    # min_live 2: each problem may lose one trace at most; the rest is preempted.
+    capped = rp.run_policy(problems, "memory:group_gap", 7, cfg, rp.Params(**{**params.__dict__, "min_live": 2}))
+    assert capped.pruned == [[False, True, False], [False, False]] and capped.preemptions > 0
+    with pytest.raises(Exception, match="unknown policy"):
+        rp.Config(policies=["none", "memory:bogus"])
