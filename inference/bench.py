@@ -63,6 +63,11 @@ class Config(StageConfig):
     warmup_steps: int = option(2, "threshold policy warm-up steps")
     keep_fraction: float = option(0.5, "top_fraction policy")
     keep_step: int = option(3, "top_fraction policy")
+    memory_victim: str = option("score", "memory policy: which trace goes when the KV cache is full: score (the paper's: "
+                                         "lowest score of all), group_gap (furthest below its own problem's best), "
+                                         "group_largest (lowest of the problem with most live traces)")
+    min_live: int = option(0, "every policy keeps at least this many live traces per problem")
+    relative_margin: float = option(0.1, "relative policy: prune a trace this far below its problem's best live trace")
     aggregate: str = option("mean", "trace score aggregate")
     confidence_topk: int = option(5, "confidence baseline top-k")
     confidence_window: int = option(64, "confidence baseline window")
@@ -84,6 +89,7 @@ def _run_config(config: Config, policy: str, kv_blocks: int) -> run_stage.Config
         problems=config.problems, scorer=config.scorer, model=config.model, n=config.n, policy=policy,
         aggregate=config.aggregate, threshold=config.threshold, warmup_steps=config.warmup_steps,
         keep_fraction=config.keep_fraction, keep_step=config.keep_step, vote=vote, max_tokens=config.max_tokens,
+        memory_victim=config.memory_victim, min_live=config.min_live, relative_margin=config.relative_margin,
         temperature=config.temperature, top_p=config.top_p, seed=config.seed, per_trace_seeds=config.per_trace_seeds,
         max_model_len=config.max_model_len,
         dtype=config.dtype, num_kv_blocks=kv_blocks or None, enforce_eager=config.enforce_eager,
@@ -122,7 +128,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    markers = {"none": "o", "memory": "s", "threshold": "^", "top_fraction": "D", "confidence": "x"}
+    markers = {"none": "o", "memory": "s", "threshold": "^", "top_fraction": "D", "confidence": "x", "relative": "v"}
     for kv in sorted({r["kv_blocks"] for r in rows}):
         sub = [r for r in rows if r["kv_blocks"] == kv]
         for r in sub:

@@ -44,12 +44,17 @@ class Config(StageConfig):
     scorer: str | None = option(None, "scorer checkpoint directory (stepprobe export); none = no scoring")
     model: str | None = option(None, "model name or path (default: the embedded SmolLM2-135M-Instruct)")
     n: int = option(8, "traces sampled per problem")
-    policy: str = option("memory", "pruning policy: none, memory, threshold, top_fraction, confidence")
+    policy: str = option("memory", "pruning policy: none, memory, threshold, top_fraction, confidence, relative")
     aggregate: str = option("mean", "trace score from step scores: mean, last, min, ema")
     threshold: float | None = option(None, "threshold policy: prune below this score (default: the scorer's)")
     warmup_steps: int = option(2, "threshold policy: steps before a trace can be pruned")
     keep_fraction: float = option(0.5, "top_fraction policy: fraction of each problem's traces kept")
     keep_step: int = option(3, "top_fraction policy: the step at which traces are ranked")
+    memory_victim: str = option("score", "memory policy: which trace goes when the KV cache is full: score (the paper's: "
+                                         "lowest score of all), group_gap (furthest below its own problem's best), "
+                                         "group_largest (lowest of the problem with most live traces)")
+    min_live: int = option(0, "every policy keeps at least this many live traces per problem")
+    relative_margin: float = option(0.1, "relative policy: prune a trace this far below its problem's best live trace")
     vote: str = option("score", "voting method for the reported answer: majority, score, confidence")
     include_pruned: bool = option(False, "let pruned traces vote")
     max_tokens: int = option(256, "max generated tokens per trace")
@@ -86,7 +91,9 @@ class Config(StageConfig):
     def settings(self) -> PluginSettings:
         return PluginSettings(scorer=self.scorer, policy="none" if self.policy == "confidence" else self.policy,
                               aggregate=self.aggregate, threshold=self.threshold, warmup_steps=self.warmup_steps,
-                              keep_fraction=self.keep_fraction, keep_step=self.keep_step, keep_records=True)
+                              keep_fraction=self.keep_fraction, keep_step=self.keep_step, keep_records=True,
+                              memory_victim=self.memory_victim, min_live=self.min_live,
+                              relative_margin=self.relative_margin)
 
 
 def load_problems(config: Config) -> list[Any]:

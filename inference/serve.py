@@ -47,12 +47,17 @@ class Config(StageConfig):
 
     scorer: str | None = option(None, "scorer checkpoint directory (stepprobe export); none = no scoring")
     model: str | None = option(None, "model name or path (default: the embedded SmolLM2-135M-Instruct)")
-    policy: str = option("memory", "default pruning policy: none, memory, threshold, top_fraction")
+    policy: str = option("memory", "default pruning policy: none, memory, threshold, top_fraction, relative")
     aggregate: str = option("mean", "trace score from step scores: mean, last, min, ema")
     threshold: float | None = option(None, "threshold policy: prune below this score (default: the scorer's)")
     warmup_steps: int = option(2, "threshold policy: steps before a trace can be pruned")
     keep_fraction: float = option(0.5, "top_fraction policy: fraction of each request's traces kept")
     keep_step: int = option(3, "top_fraction policy: the step at which traces are ranked")
+    memory_victim: str = option("score", "memory policy: which trace goes when the KV cache is full: score (the paper's: "
+                                         "lowest score of all), group_gap (furthest below its own problem's best), "
+                                         "group_largest (lowest of the problem with most live traces)")
+    min_live: int = option(0, "every policy keeps at least this many live traces per problem")
+    relative_margin: float = option(0.1, "relative policy: prune a trace this far below its problem's best live trace")
     protect_last: bool = option(True, "memory policy: never prune the last running trace of a request")
     kv_cache_gib: float | None = option(None, "KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE, default 2 "
                                               "unless set; GPU: kv_cache_memory_bytes)")
@@ -67,6 +72,8 @@ class Config(StageConfig):
         return PluginSettings(scorer=scorer, policy=self.policy, aggregate=self.aggregate,
                               threshold=self.threshold, warmup_steps=self.warmup_steps,
                               keep_fraction=self.keep_fraction, keep_step=self.keep_step,
+                              memory_victim=self.memory_victim, min_live=self.min_live,
+                              relative_margin=self.relative_margin,
                               protect_last=self.protect_last, keep_records=False, canary=False)
 
 

@@ -76,3 +76,24 @@ def test_relative_losers_and_cap():
     assert sorted(cap_to_min_live(["a1", "a2", "b0"], _live([(r, g, s) for r, g, s in
                                                                [("a0", "A", .9), ("a1", "A", .7), ("a2", "A", .6),
                                                                 ("b0", "B", .1)]], min_keep=0))) == ["a1", "a2", "b0"]
+
+
+def test_settings_carry_the_group_options_and_refuse_bad_ones():
+    from stepprobe.errors import StepprobeError
+    from stepprobe.inference import bench, run, serve
+    from stepprobe.inference.plugin import PluginSettings, request_overrides
+
+    s = run.Config(policy="relative", scorer="x", memory_victim="group_gap", min_live=2, relative_margin=0.2).settings()
+    assert (s.policy, s.memory_victim, s.min_live, s.relative_margin) == ("relative", "group_gap", 2, 0.2)
+    assert serve.Config(scorer="x", memory_victim="group_largest").settings().memory_victim == "group_largest"
+    b = bench._run_config(bench.Config(scorer="x", policies=["none", "relative"], min_live=3), "relative", 16)
+    assert b.settings().min_live == 3 and b.settings().policy == "relative"
+    with pytest.raises(StepprobeError, match="memory victim"):
+        PluginSettings(policy="memory", scorer="x", memory_victim="lowest")
+    with pytest.raises(StepprobeError, match="min_live"):
+        PluginSettings(min_live=-1)
+
+    class SP:
+        extra_args = {"stepprobe": {"min_live": 2}, "stepprobe_relative_margin": 0.3}
+
+    assert request_overrides(SP()) == {"min_live": 2, "relative_margin": 0.3}
