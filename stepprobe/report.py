@@ -72,7 +72,8 @@ def _sweep_section(root: Path) -> list[str]:
         lines += [f"Best site by validation AUROC: **{best if isinstance(best, str) else json.dumps(best)}**.", ""]
     lines += _img(root, "sweep/sweep.png", "AUROC vs. layer")
     if rows:
-        cols = [c for c in ("site", "val_auroc", "test_auroc", "test_auroc_lo", "test_auroc_hi", "reference_test_auroc")
+        cols = [c for c in ("site", "val_auroc", "test_auroc", "test_auroc_lo", "test_auroc_hi", "reference_test_auroc",
+                            "test_within_auroc", "test_within_rank50", "reference_test_within_auroc")
                 if c in rows[0]]
         top = sorted(rows, key=lambda r: -(r.get("val_auroc") or 0))[:5]
         lines += ["Top five sites by validation AUROC:", "", "| " + " | ".join(cols) + " |",

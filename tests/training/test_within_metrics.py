@@ -88,3 +88,19 @@ def test_bootstrap_interval_over_problems():
 def test_within_metrics_are_objectives():
     for name in (M.VAL_WITHIN_AUROC, M.VAL_WITHIN_RANK50, "val_within_rank25", "val_within_rank75"):
         assert M.mode_of(name) == "max"
+
+
+def test_report_shows_within_metrics_with_intervals(tmp_path):
+    import json
+
+    from stepprobe.report import render_markdown
+
+    (tmp_path / "scorer").mkdir()
+    m = {"test": {"auroc": 0.7, "within_auroc": 0.6, "within_auroc_lo": 0.5, "within_auroc_hi": 0.7,
+                  "within_rank50": 0.65, "within_rank50_lo": 0.55, "within_rank50_hi": 0.75, "within_problems": 12},
+         "reference_test": {"auroc": 0.66, "within_auroc": 0.58, "within_auroc_lo": 0.48, "within_auroc_hi": 0.68}}
+    (tmp_path / "scorer" / "metrics.json").write_text(json.dumps({"metrics": m, "architecture": "mlp"}))
+    md = render_markdown(tmp_path)
+    assert "| within_auroc | 0.600 [0.500, 0.700] | 0.580 [0.480, 0.680] |" in md
+    assert "| within_rank50 | 0.650 [0.550, 0.750] | None |" in md  # the reference row lacks it
+    assert "the 12 test problems with both outcomes" in md
