@@ -56,7 +56,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "scheduler": (("stepprobe.inference.scheduler",),
                   ("tests/inference/test_scheduler.py", "tests/inference/test_scheduler_rules.py")),
     "voting": (("stepprobe.voting", "stepprobe.inference.voting"),
-               ("tests/inference/test_units.py", "tests/test_voting_rules.py", "tests/test_voting.py")),
+               ("tests/inference/test_units.py", "tests/core/test_voting_rules.py")),
     "metrics": (("stepprobe.training.metrics",),
                 ("tests/training/test_data_metrics.py", "tests/training/test_metrics_rules.py")),
     "boundaries": (("stepprobe.boundaries",), ("tests/data_collection/test_boundaries.py",)),

@@ -37,8 +37,10 @@ _ANSWER_PHRASE = re.compile(
 _LETTER_RE = re.compile(r"^\s*(?:\*\*)?\(?\s*([A-Z])\s*\)?(?:\*\*)?(?=$|[\s.,:;)*])")
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Raised by the alarm. Not an ``Exception``: math-verify and sympy catch ``Exception``
+    internally, and an alarm that fires while they parse must not be swallowed there (the
+    comparison would then run on without a limit)."""
 
 
 @contextmanager

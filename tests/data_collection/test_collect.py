@@ -73,7 +73,8 @@ def test_collect_writes_graded_traces(collect_tiny_run, tiny_model_path):
     assert saved["sample_accuracy"] == round(n_correct / 18, 4)
     assert saved["pass_at_n"] == round(sum(any(t.correct for t in p.traces) for p in probs) / 6, 4)
     assert saved["tokens_total"] == sum(t.num_tokens for p in probs for t in p.traces)
-    assert saved["this_run"]["traces_generated"] == 18 and saved["this_run"]["traces_per_s"] > 0
+    assert saved["this_run"]["traces_generated"] == 18  # this run generated every trace, so
+    assert saved["this_run"]["output_tokens"] == saved["tokens_total"]  # also every token
     assert summary["sample_accuracy"] == saved["sample_accuracy"]
 
 
