@@ -52,13 +52,14 @@ FAST = "not vllm and not e2e"
 #: A module that moved keeps working as long as one of its names imports.
 MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "policies": (("stepprobe.inference.policies",),
-                 ("tests/inference/test_units.py", "tests/inference/test_scheduler_rules.py")),
+                 ("tests/inference/test_units.py", "tests/inference/test_group_policies.py")),
     "scheduler": (("stepprobe.inference.scheduler",),
                   ("tests/inference/test_scheduler.py", "tests/inference/test_scheduler_rules.py")),
     "voting": (("stepprobe.voting", "stepprobe.inference.voting"),
                ("tests/inference/test_units.py", "tests/core/test_voting_rules.py")),
     "metrics": (("stepprobe.training.metrics",),
-                ("tests/training/test_data_metrics.py", "tests/training/test_metrics_rules.py")),
+                ("tests/training/test_data_metrics.py", "tests/training/test_metrics_rules.py",
+                 "tests/training/test_within_metrics.py")),
     "boundaries": (("stepprobe.boundaries",), ("tests/data_collection/test_boundaries.py",)),
     "grading": (("stepprobe.data_collection.grading",), ("tests/data_collection/test_grading.py",)),
 }
