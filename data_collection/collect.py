@@ -32,13 +32,14 @@ from typing import Any, Iterable
 from ..config import StageConfig, option
 from ..errors import StepprobeError
 from ..io import atomic_write_json
-from ..engine import prepare_engine
+from ..engine import engine_kwargs, make_llm, shutdown  # noqa: F401  (make_llm: tests and the pipeline)
 from ..models import DEFAULT_MODEL, model_display_name, resolve_model
 from ..paths import runs_dir
+from ..options import BUILTIN_PROMPT, BUILTIN_SAMPLING, PromptOptions, SamplingOptions, EngineOptions, resume_keys
 from ..provenance import model_identity, package_versions
 from .grading import answers_equivalent, extract_answer, is_correct
 from .problems import Problem, load_problem_source
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from .prompts import build_prompts
 from .traces import ProblemTraces, Trace, TraceWriter, make_header, read_traces
 
 log = logging.getLogger(__name__)
@@ -46,47 +47,46 @@ log = logging.getLogger(__name__)
 SUMMARY_KIND = "stepprobe-collect-summary"
 SUMMARY_SCHEMA_VERSION = 1
 
-# Config fields a resumed run must share with the file it continues.
-# ``limit`` is not one: a rerun with a larger limit extends the file.
-RESUME_KEYS = ("model", "problems", "question_field", "answer_field", "id_field", "choices_field",
-               "n", "temperature", "top_p", "top_k", "max_tokens", "seed", "system_prompt",
-               "answer_instruction", "use_chat_template")
-
 
 @dataclasses.dataclass
-class Config(StageConfig):
-    """``stepprobe collect`` options."""
+class Config(StageConfig, PromptOptions, SamplingOptions, EngineOptions):
+    """``stepprobe collect`` options (prompt, sampling and engine groups: ``stepprobe.options``).
+
+    ``None`` prompt and sampling fields become the built-in defaults here, so the traces
+    file (and every artifact made from it) records the values the data was made with.
+    """
 
     SECTION = "collect"
 
-    model: str = option(DEFAULT_MODEL, "model name, HF id or checkpoint directory")
     problems: str = option("builtin", "problem file (.jsonl/.json/.csv/.parquet) or builtin[:n=400,seed=0,"
                                       "families=add+sub,levels=1+2]")
     question_field: str | None = option(None, "question field name in the problem file (default: detected)")
     answer_field: str | None = option(None, "answer field name in the problem file (default: detected)")
     id_field: str | None = option(None, "id field name in the problem file (default: detected, else line index)")
     choices_field: str | None = option(None, "multiple-choice options field (default: detected)")
-    limit: int | None = option(None, "use only the first LIMIT problems")
-    n: int = option(8, "traces sampled per problem")
-    temperature: float = option(0.7, "sampling temperature")
-    top_p: float = option(0.95, "nucleus sampling p")
-    top_k: int = option(0, "top-k sampling (0: off)")
-    max_tokens: int = option(256, "maximum generated tokens per trace")
-    seed: int = option(0, "engine seed (LLM(seed=...); per-request seeds crash vLLM's CPU build)")
-    system_prompt: str = option(DEFAULT_SYSTEM_PROMPT, "system prompt ('' for the chat template's default)")
-    answer_instruction: str | None = option(
-        None, "instruction appended to every question (default: 'The answer is N.' form; for multiple "
-              "choice the letter form); '' for none")
-    use_chat_template: bool = option(True, "apply the tokenizer's chat template")
+    # A rerun with a larger limit extends the file.
+    limit: int | None = option(None, "use only the first LIMIT problems", resume_ok=True)
     output: str | None = option(None, "traces file (default: $STEPPROBE_HOME/runs/collect/<model>_<problems>_"
-                                      "n<N>_s<seed>/traces.jsonl)")
-    overwrite: bool = option(False, "start afresh instead of resuming an existing traces file")
-    chunk_size: int = option(32, "problems per vLLM generate call (all of a chunk go to the engine at once)")
-    kv_cache_gib: float | None = option(None, "KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE, default 2 "
-                                              "unless set; GPU: kv_cache_memory_bytes, default: vLLM's)")
-    max_model_len: int | None = option(2048, "engine context length (prompt + output)")
-    dtype: str = option("auto", "model dtype for vLLM (auto, float32, bfloat16, float16)")
-    grade_timeout_s: float = option(5.0, "time limit per math-verify comparison (seconds)")
+                                      "n<N>_s<seed>/traces.jsonl)", resume_ok=True)
+    overwrite: bool = option(False, "start afresh instead of resuming an existing traces file", resume_ok=True)
+    chunk_size: int = option(32, "problems per vLLM generate call (all of a chunk go to the engine at once)",
+                             resume_ok=True)
+    grade_timeout_s: float = option(5.0, "time limit per math-verify comparison (seconds)", resume_ok=True)
+
+    def check(self) -> None:
+        # collect makes the data: "from the data" means the built-in defaults here.
+        if self.model is None:
+            self.model = DEFAULT_MODEL
+        for name, value in {**BUILTIN_PROMPT, **BUILTIN_SAMPLING}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.chunk_size < 1:
+            raise StepprobeError(f"chunk_size must be at least 1, got {self.chunk_size}")
+        if self.limit is not None and self.limit < 1:
+            raise StepprobeError(f"limit must be at least 1, got {self.limit}")
+
+
+RESUME_KEYS = resume_keys(Config)
 
 
 def _slug(text: str) -> str:
@@ -104,28 +104,6 @@ def summary_path(traces_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".summary.json")
 
 
-def make_llm(model_path: str, *, seed: int = 0, kv_cache_gib: float | None = None, max_model_len: int | None = None,
-             dtype: str = "auto", **engine_kwargs: Any):
-    """Start a ``vllm.LLM`` (shared by ``collect``, tests and the pipeline)."""
-    for k, v in prepare_engine(kv_cache_gib).items():
-        engine_kwargs.setdefault(k, v)
-    from vllm import LLM
-
-    kwargs: dict[str, Any] = {"seed": seed, "dtype": dtype, **engine_kwargs}
-    if max_model_len:
-        kwargs["max_model_len"] = max_model_len
-    log.info("starting vLLM on %s", model_path)
-    return LLM(model=model_path, **kwargs)
-
-
-def _shutdown(llm: Any) -> None:
-    """Stop an engine's core process now instead of whenever the garbage collector gets to it."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception as exc:  # noqa: BLE001 - best effort at teardown
-        log.debug("engine shutdown: %s", exc)
-
-
 def _llm_model_path(llm: Any) -> str | None:
     try:
         return str(llm.llm_engine.model_config.model)
@@ -136,23 +114,7 @@ def _llm_model_path(llm: Any) -> str | None:
 def sampling_params(config: Config):
     from vllm import SamplingParams
 
-    return SamplingParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
-                          top_k=max(0, config.top_k), max_tokens=config.max_tokens)
-
-
-def _validate(config: Config) -> None:
-    if config.n < 1:
-        raise StepprobeError(f"n must be at least 1, got {config.n}")
-    if config.max_tokens < 1:
-        raise StepprobeError(f"max_tokens must be at least 1, got {config.max_tokens}")
-    if config.chunk_size < 1:
-        raise StepprobeError(f"chunk_size must be at least 1, got {config.chunk_size}")
-    if config.temperature < 0:
-        raise StepprobeError(f"temperature must be >= 0, got {config.temperature}")
-    if not 0 < config.top_p <= 1:
-        raise StepprobeError(f"top_p must be in (0, 1], got {config.top_p}")
-    if config.limit is not None and config.limit < 1:
-        raise StepprobeError(f"limit must be at least 1, got {config.limit}")
+    return SamplingParams(n=config.n, **config.sampling_kwargs())
 
 
 def load_config_problems(config: Config) -> list[Problem]:
@@ -244,7 +206,6 @@ def summarize(problems: Iterable[ProblemTraces]) -> dict[str, Any]:
 
 def run(config: Config, llm: Any = None) -> dict[str, Any]:
     """Collect (or resume) the traces file for ``config``; returns the summary."""
-    _validate(config)
     problems = load_config_problems(config)
     out = Path(config.output) if config.output else default_output(config)
     model_path = resolve_model(config.model)
@@ -269,8 +230,7 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
         own_llm = None
         if todo:
             if llm is None:
-                llm = own_llm = make_llm(model_path, seed=config.seed, kv_cache_gib=config.kv_cache_gib,
-                                         max_model_len=config.max_model_len, dtype=config.dtype)
+                llm = own_llm = make_llm(model_path, **engine_kwargs(config, seed=config.seed))
             else:
                 given = _llm_model_path(llm)
                 if given is not None and os.path.realpath(given) != os.path.realpath(model_path) and given != model_path:
@@ -279,7 +239,7 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
                 stats = _generate(config, llm, tokenizer, todo, writer, total=len(problems))
             finally:
                 if own_llm is not None:  # an engine we started must not outlive the stage (pipeline)
-                    _shutdown(own_llm)
+                    shutdown(own_llm)
         else:
             log.info("%s already holds all %d problems; nothing to generate", out, len(problems))
 
@@ -313,9 +273,7 @@ def _generate(config: Config, llm: Any, tokenizer: Any, todo: list[Problem], wri
     try:
         for start in range(0, len(todo), config.chunk_size):
             chunk = todo[start:start + config.chunk_size]
-            prompts = [build_prompt(p, tokenizer, system_prompt=config.system_prompt,
-                                    answer_instruction=config.answer_instruction,
-                                    use_chat_template=config.use_chat_template) for p in chunk]
+            prompts = build_prompts(chunk, tokenizer, config)
             t0 = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
             dt = time.perf_counter() - t0

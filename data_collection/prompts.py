@@ -8,11 +8,10 @@ template of the model's tokenizer is applied when it has one (the default does).
 from __future__ import annotations
 
 import string
-from typing import Any
+from typing import Any, Sequence
 
+from ..options import DEFAULT_SYSTEM_PROMPT
 from .problems import Problem
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step by step."
 # Small models copy placeholders ("The answer is N."), so the instructions name none.
 DEFAULT_ANSWER_INSTRUCTION = "Solve it step by step. Finish with \"The answer is\" followed by the final number."
 DEFAULT_CHOICE_INSTRUCTION = ("Solve it step by step. Finish with \"The answer is\" followed by the letter "
@@ -77,3 +76,10 @@ def prompt_preset(name: str) -> dict[str, Any]:
 
         raise StepprobeError(f"unknown prompt preset {name!r}; known: {', '.join(presets)}")
     return dict(presets[name])
+
+
+def build_prompts(problems: Sequence[Problem], tokenizer: Any, options: Any) -> list[str]:
+    """The prompts of ``problems`` with a config's prompt options
+    (:class:`~stepprobe.options.PromptOptions`; ``None`` fields take the built-in defaults)."""
+    kwargs = options.prompt_kwargs()
+    return [build_prompt(p, tokenizer, **kwargs) for p in problems]

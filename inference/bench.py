@@ -24,10 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stepprobe.config import StageConfig, option
+from stepprobe.config import StageConfig, option, stage_defaults
 from stepprobe.errors import StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text
 from stepprobe.paths import runs_dir
+from stepprobe.options import (
+    ConfidenceOptions, EngineOptions, PromptOptions, PruningOptions, SamplingOptions, TraceSeedOption, check_policy,
+    config_diff, group_values, resume_view, with_scorer_generation,
+)
 from stepprobe.provenance import package_versions
 
 from . import run as run_stage
@@ -40,62 +44,44 @@ DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 
 @dataclasses.dataclass
-class Config(StageConfig):
+@stage_defaults(max_model_len=1024)
+class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, PruningOptions, EngineOptions,
+             ConfidenceOptions):
+    """``stepprobe bench`` options. The prompt, sampling, pruning, engine and confidence groups
+    are :mod:`stepprobe.options` and reach every policy's ``run`` config unchanged; prompt
+    and sampling fields left unset take the scorer's."""
+
     SECTION = "bench"
 
     problems: str = option("builtin:n=20", "problem file or builtin[:n=..,seed=..]")
-    scorer: str | None = option(None, "scorer checkpoint directory (required)")
-    model: str | None = option(None, "model name or path (default: the embedded SmolLM2-135M-Instruct)")
-    n: int = option(8, "traces per problem (equal for every policy)")
     policies: list[str] = option(factory=lambda: ["none", "memory", "threshold", "top_fraction", "confidence"],
                                  help="policies to compare; 'none' is the self-consistency baseline")
     kv_blocks: list[int] = option(factory=lambda: [0, 64], help="KV-cache budgets in blocks (0 = vLLM's default)")
     step_vote: str = option("score", "vote used for the STEP policies: majority, score")
-    max_tokens: int = option(256, "max generated tokens per trace")
-    temperature: float = option(0.7, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling")
-    seed: int = option(0, "engine seed, and the run seed of every trace's seed")
-    per_trace_seeds: bool = option(True, "each trace samples with its own seed (see run)")
-    max_model_len: int = option(1024, "vLLM max_model_len")
-    dtype: str = option("auto", "model dtype in vLLM")
-    enforce_eager: bool = option(False, "run vLLM without compilation")
-    threshold: float | None = option(None, "threshold policy (default: the scorer's)")
-    warmup_steps: int = option(2, "threshold policy warm-up steps")
-    keep_fraction: float = option(0.5, "top_fraction policy")
-    keep_step: int = option(3, "top_fraction policy")
-    memory_victim: str = option("score", "memory policy: which trace goes when the KV cache is full: score (the paper's: "
-                                         "lowest score of all), group_gap (furthest below its own problem's best), "
-                                         "group_largest (lowest of the problem with most live traces)")
-    min_live: int = option(0, "every policy keeps at least this many live traces per problem")
-    relative_margin: float = option(0.1, "relative policy: prune a trace this far below its problem's best live trace")
-    aggregate: str = option("mean", "trace score aggregate")
-    confidence_topk: int = option(5, "confidence baseline top-k")
-    confidence_window: int = option(64, "confidence baseline window")
-    confidence_percentile: float = option(10.0, "confidence baseline threshold percentile")
-    confidence_warmup: int = option(4, "confidence baseline warm-up traces per problem")
     limit: int | None = option(None, "only the first N problems")
-    output: str | None = option(None, "output directory (default: $STEPPROBE_HOME/runs/bench-<time>)")
+    output: str | None = option(None, "output directory (default: $STEPPROBE_HOME/runs/bench-<time>)", resume_ok=True)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        for p in self.policies:
+            check_policy(p)
         if "none" not in self.policies:
             raise StepprobeError("bench needs the 'none' policy (self-consistency) as its baseline")
         if not self.scorer and any(p not in ("none", "confidence") for p in self.policies):
             raise StepprobeError("bench needs --scorer DIR for the STEP policies")
+        if self.num_kv_blocks is not None:
+            raise StepprobeError("bench sets the KV blocks per budget: use kv_blocks, not num_kv_blocks")
+        if self.step_vote not in ("majority", "score"):
+            raise StepprobeError(f"step_vote must be majority or score, got {self.step_vote!r}")
 
 
 def _run_config(config: Config, policy: str, kv_blocks: int) -> run_stage.Config:
-    vote = DEFAULT_VOTE.get(policy, config.step_vote)
-    return run_stage.Config(
-        problems=config.problems, scorer=config.scorer, model=config.model, n=config.n, policy=policy,
-        aggregate=config.aggregate, threshold=config.threshold, warmup_steps=config.warmup_steps,
-        keep_fraction=config.keep_fraction, keep_step=config.keep_step, vote=vote, max_tokens=config.max_tokens,
-        memory_victim=config.memory_victim, min_live=config.min_live, relative_margin=config.relative_margin,
-        temperature=config.temperature, top_p=config.top_p, seed=config.seed, per_trace_seeds=config.per_trace_seeds,
-        max_model_len=config.max_model_len,
-        dtype=config.dtype, num_kv_blocks=kv_blocks or None, enforce_eager=config.enforce_eager,
-        confidence_topk=config.confidence_topk, confidence_window=config.confidence_window,
-        confidence_percentile=config.confidence_percentile, confidence_warmup=config.confidence_warmup,
-        record_confidence=policy == "none", limit=config.limit)
+    """One policy's ``run`` config: every shared group as bench has it."""
+    shared = group_values(config, PromptOptions, SamplingOptions, TraceSeedOption, PruningOptions, EngineOptions,
+                          ConfidenceOptions)
+    shared["num_kv_blocks"] = kv_blocks or None
+    return run_stage.Config(**shared, problems=config.problems, policy=policy,
+                            vote=DEFAULT_VOTE.get(policy, config.step_vote), record_confidence=policy == "none",
+                            limit=config.limit)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -143,13 +129,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _warm_up(runner: Any, problems: list[Any]) -> None:
+def _warm_up(runner: Any, problems: list[Any], config: Config) -> None:
     """An untimed short generation, so the first timed policy (self-consistency) does not pay
     the engine's first-batch costs alone."""
-    from stepprobe.data_collection.prompts import build_prompt
+    from stepprobe.data_collection.prompts import build_prompts
 
-    prompts = [build_prompt(p, runner.tokenizer) for p in problems[:4]]
-    runner.generate(prompts, n=2, max_tokens=32, policy="none")
+    prompts = build_prompts(problems[:4], runner.tokenizer, config)
+    runner.generate(prompts, n=2, policy="none", **{**config.sampling_kwargs(), "max_tokens": 32})
 
 
 def _resume(partial: Path, config: Config, prov: dict[str, Any]) -> dict[int, tuple[list, dict]]:
@@ -166,11 +152,9 @@ def _resume(partial: Path, config: Config, prov: dict[str, Any]) -> dict[int, tu
         log.warning("bench: %s is unreadable; starting over", partial)
         return {}
     check_schema(data, BENCH_KIND, BENCH_SCHEMA_VERSION, str(partial))
-    ignore = ("output", "stepprobe_version")
-    mine = {k: v for k, v in config.to_dict().items() if k not in ignore}
-    theirs = {k: v for k, v in data.get("config", {}).items() if k not in ignore}
+    mine, theirs = resume_view(config.to_dict(), Config), resume_view(data.get("config", {}), Config)
     if mine != theirs:
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        diff = config_diff(mine, theirs)
         raise StepprobeError(f"{partial} is from a bench with another config ({', '.join(diff)}); "
                              "delete it or pass another --output")
     run_stage.check_provenance(data, prov, str(partial), remedy="delete it or pass another --output")
@@ -187,6 +171,7 @@ def run(config: Config) -> Path:
 
     out = Path(config.output) if config.output else runs_dir() / time.strftime("bench-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
+    config = with_scorer_generation(config)
     base = _run_config(config, "none", 0)
     problems = run_stage.load_problems(base)
     rows: list[dict[str, Any]] = []
@@ -207,7 +192,7 @@ def run(config: Config) -> Path:
                 continue
             runner = run_stage.make_runner(_run_config(config, "none", kv))
             try:
-                _warm_up(runner, problems)
+                _warm_up(runner, problems, config)
                 for policy in config.policies:
                     rc = _run_config(config, policy, kv)
                     records, stats = run_stage.solve(runner, problems, rc, policy=policy)

@@ -30,7 +30,9 @@ import json
 import logging
 from typing import Any, Mapping
 
+from stepprobe.config import stage_defaults
 from stepprobe.errors import StepprobeError
+from stepprobe.options import AGGREGATES, POLICIES, PolicyOption, PruningOptions, check_policy  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +41,17 @@ WORKER_CLS = "stepprobe.inference.worker.StepprobeWorker"
 SCHEDULER_CLS = "stepprobe.inference.scheduler.StepprobeScheduler"
 TESTED_VLLM = ("0.32.0",)
 
-POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence", "relative")
 #: Per-request settings (``extra_args={"stepprobe": {...}}``) besides ``policy`` and ``group``.
 REQUEST_SETTINGS = ("min_live", "relative_margin", "conf_threshold", "conf_window")
-AGGREGATES = ("mean", "last", "min", "ema")
 
 
 @dataclasses.dataclass
-class PluginSettings:
-    """What the worker and scheduler read from ``additional_config["stepprobe"]``.
+@stage_defaults(policy="none")
+class PluginSettings(PruningOptions, PolicyOption):
+    """What the worker and scheduler read from ``additional_config["stepprobe"]``: the
+    pruning group of :mod:`stepprobe.options` (``scorer``, ``policy``, ``aggregate``, ...;
+    described in ``docs/options.md``) and three switches of its own.
 
-    - ``scorer``: scorer checkpoint directory (``stepprobe export``); ``None`` = no scoring.
     - ``policy``: default pruning policy of requests (a request can override it):
       ``none`` (plain self-consistency), ``memory`` (when the KV cache cannot hold the next
       step, finish the lowest-scoring trace instead of preempting), ``threshold`` (finish a
@@ -68,8 +70,6 @@ class PluginSettings:
     - ``min_live``: every policy leaves each group (problem) at least this many live traces;
       a prune that would go below it is not carried out (the memory policy then preempts as
       vLLM would). A request may set its own (``extra_args``), as it may ``relative_margin``.
-    - ``aggregate``: a trace's score from its step scores: ``mean`` (the paper's), ``last``,
-      ``min``, ``ema`` (with ``ema_alpha``).
     - ``protect_last``: never prune the last live trace of a group under the memory policy
       (the memory policy's ``min_live`` is at least 1 while it is on).
     - ``keep_records``: the worker keeps every request's step scores until the client takes
@@ -78,38 +78,11 @@ class PluginSettings:
     - ``canary``: the client runs a start-up self-test generation (see runner.py).
     """
 
-    scorer: str | None = None
-    policy: str = "none"
-    aggregate: str = "mean"
-    ema_alpha: float = 0.3
-    threshold: float | None = None
-    warmup_steps: int = 2
-    keep_fraction: float = 0.5
-    keep_step: int = 3
-    protect_last: bool = True
-    memory_victim: str = "score"
-    min_live: int = 0
-    relative_margin: float = 0.1
     keep_records: bool = False
     record_features: bool = False
     canary: bool = True
 
-    def __post_init__(self) -> None:
-        check_policy(self.policy)
-        if self.aggregate not in AGGREGATES:
-            raise StepprobeError(f"unknown score aggregate {self.aggregate!r}; known: {', '.join(AGGREGATES)}")
-        if not 0 < self.keep_fraction <= 1:
-            raise StepprobeError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
-        from .policies import VICTIM_RULES
-
-        if self.memory_victim not in VICTIM_RULES:
-            raise StepprobeError(f"unknown memory victim rule {self.memory_victim!r}; known: {', '.join(VICTIM_RULES)}")
-        if int(self.min_live) < 0:
-            raise StepprobeError(f"min_live must be >= 0, got {self.min_live}")
-        if not 0 <= self.relative_margin <= 1:
-            raise StepprobeError(f"relative_margin must be in [0, 1], got {self.relative_margin}")
-        if not 0 < self.ema_alpha <= 1:
-            raise StepprobeError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+    def check(self) -> None:
         if self.policy not in ("none", "confidence") and not self.scorer:
             raise StepprobeError(f"policy {self.policy!r} needs a scorer (give --scorer DIR)")
 
@@ -131,12 +104,6 @@ class PluginSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise StepprobeError(f"unknown pruning policy {policy!r}; known: {', '.join(POLICIES)}")
-    return policy
 
 
 def engine_kwargs(settings: PluginSettings) -> dict[str, Any]:

@@ -27,7 +27,12 @@ from stepprobe.io import atomic_write_json
 from stepprobe.paths import runs_dir
 from stepprobe.provenance import package_versions
 
-from .plugin import PluginSettings, check_policy
+from stepprobe.options import (
+    ConfidenceOptions, EngineOptions, PolicyOption, PromptOptions, PruningOptions, SamplingOptions, TraceSeedOption,
+    config_diff, resume_view, with_scorer_generation,
+)
+
+from .plugin import PluginSettings
 from .voting import METHODS, Ballot, vote
 
 log = logging.getLogger(__name__)
@@ -37,63 +42,30 @@ RESULTS_SCHEMA_VERSION = 3  # 2: model and scorer provenance; 3: per-trace seeds
 
 
 @dataclasses.dataclass
-class Config(StageConfig):
+class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, PruningOptions, PolicyOption,
+             EngineOptions, ConfidenceOptions):
+    """``stepprobe run`` options. The prompt, sampling, pruning and engine groups are
+    :mod:`stepprobe.options`; prompt and sampling fields left unset take the scorer's."""
+
     SECTION = "run"
 
     problems: str = option("builtin:n=20", "problem file (JSONL/JSON/CSV) or builtin[:n=..,seed=..]")
-    scorer: str | None = option(None, "scorer checkpoint directory (stepprobe export); none = no scoring")
-    model: str | None = option(None, "model name or path (default: the embedded SmolLM2-135M-Instruct)")
-    n: int = option(8, "traces sampled per problem")
-    policy: str = option("memory", "pruning policy: none, memory, threshold, top_fraction, confidence, relative")
-    aggregate: str = option("mean", "trace score from step scores: mean, last, min, ema")
-    threshold: float | None = option(None, "threshold policy: prune below this score (default: the scorer's)")
-    warmup_steps: int = option(2, "threshold policy: steps before a trace can be pruned")
-    keep_fraction: float = option(0.5, "top_fraction policy: fraction of each problem's traces kept")
-    keep_step: int = option(3, "top_fraction policy: the step at which traces are ranked")
-    memory_victim: str = option("score", "memory policy: which trace goes when the KV cache is full: score (the paper's: "
-                                         "lowest score of all), group_gap (furthest below its own problem's best), "
-                                         "group_largest (lowest of the problem with most live traces)")
-    min_live: int = option(0, "every policy keeps at least this many live traces per problem")
-    relative_margin: float = option(0.1, "relative policy: prune a trace this far below its problem's best live trace")
     vote: str = option("score", "voting method for the reported answer: majority, score, confidence")
     include_pruned: bool = option(False, "let pruned traces vote")
-    max_tokens: int = option(256, "max generated tokens per trace")
-    temperature: float = option(0.7, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling")
-    seed: int = option(0, "engine seed, and with per_trace_seeds the run seed every trace's seed derives from")
-    per_trace_seeds: bool = option(True, "give each trace its own seed from (seed, problem id, trace index), so what "
-                                         "it samples does not depend on the batch or on pruning")
-    max_model_len: int = option(2048, "vLLM max_model_len")
-    dtype: str = option("auto", "model dtype in vLLM (float32 matches the recorder on CPU)")
-    kv_cache_gib: float | None = option(None, "KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE, default 2 unless set; GPU: kv_cache_memory_bytes)")
-    num_kv_blocks: int | None = option(None, "exact number of KV-cache blocks (tight budgets)")
-    max_num_seqs: int | None = option(None, "vLLM max_num_seqs")
-    enforce_eager: bool = option(False, "run vLLM without compilation (hooks work either way)")
     record_confidence: bool = option(False, "keep every trace's per-token confidences in results.jsonl (what "
                                             "stepprobe replay needs for the confidence baseline; asks for top-k logprobs)")
-    confidence_topk: int = option(5, "top-k log-probabilities per token for confidence voting / baseline")
-    confidence_window: int = option(64, "confidence baseline: sliding window (tokens)")
-    confidence_percentile: float = option(10.0, "confidence baseline: threshold percentile of warm-up traces")
-    confidence_warmup: int = option(4, "confidence baseline: warm-up traces per problem")
     batch_problems: int = option(0, "problems per generate call (0 = all at once; they share the KV cache)")
-    limit: int | None = option(None, "only the first N problems")
-    output: str | None = option(None, "output directory (default: $STEPPROBE_HOME/runs/run-<time>)")
-    overwrite: bool = option(False, "start over in a non-empty output directory")
+    limit: int | None = option(None, "only the first N problems", resume_ok=True)
+    output: str | None = option(None, "output directory (default: $STEPPROBE_HOME/runs/run-<time>)", resume_ok=True)
+    overwrite: bool = option(False, "start over in a non-empty output directory", resume_ok=True)
 
-    def __post_init__(self) -> None:
-        if self.policy != "confidence":
-            check_policy(self.policy)
+    def check(self) -> None:
         if self.vote not in METHODS:
             raise StepprobeError(f"unknown voting method {self.vote!r}; known: {', '.join(METHODS)}")
-        if self.n < 1:
-            raise StepprobeError("n must be at least 1")
 
     def settings(self) -> PluginSettings:
-        return PluginSettings(scorer=self.scorer, policy="none" if self.policy == "confidence" else self.policy,
-                              aggregate=self.aggregate, threshold=self.threshold, warmup_steps=self.warmup_steps,
-                              keep_fraction=self.keep_fraction, keep_step=self.keep_step, keep_records=True,
-                              memory_victim=self.memory_victim, min_live=self.min_live,
-                              relative_margin=self.relative_margin)
+        return PluginSettings(**self.pruning_values(), policy="none" if self.policy == "confidence" else self.policy,
+                              keep_records=True)
 
 
 def load_problems(config: Config) -> list[Any]:
@@ -106,21 +78,20 @@ def load_problems(config: Config) -> list[Any]:
 def make_runner(config: Config, **overrides: Any) -> Any:
     from .runner import StepRunner
 
-    return StepRunner(config.model, config.settings(), seed=config.seed, max_model_len=config.max_model_len,
-                      dtype=config.dtype, kv_cache_gib=config.kv_cache_gib, num_kv_blocks=config.num_kv_blocks,
-                      enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, **overrides)
+    return StepRunner(config.model, config.settings(), engine=config, seed=config.seed, **overrides)
 
 
 def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | None = None) -> tuple[list[dict], dict]:
     """Run one policy over ``problems`` (one generate call); per-problem records and batch stats."""
     from stepprobe.data_collection.grading import extract_answer, is_correct
-    from stepprobe.data_collection.prompts import build_prompt
+    from stepprobe.data_collection.prompts import build_prompts
 
     from .confidence import ConfidenceFilter
     from .seeds import trace_seed
 
     policy = policy or config.policy
-    prompts = [build_prompt(p, runner.tokenizer) for p in problems]
+    prompts = build_prompts(problems, runner.tokenizer, config)
+    sampling = config.sampling_kwargs()
     seeds = ([[trace_seed(config.seed, p.problem_id, i) for i in range(config.n)] for p in problems]
              if config.per_trace_seeds else None)
     use_conf = policy == "confidence" or config.vote == "confidence" or config.record_confidence
@@ -129,12 +100,10 @@ def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | Non
     if policy == "confidence":
         filt = ConfidenceFilter(window=config.confidence_window, percentile=config.confidence_percentile,
                                 warmup=config.confidence_warmup, topk=config.confidence_topk)
-        results = filt.generate(runner, prompts, n=config.n, max_tokens=config.max_tokens,
-                                temperature=config.temperature, top_p=config.top_p, seeds=seeds)
+        results = filt.generate(runner, prompts, n=config.n, seeds=seeds, **sampling)
     else:
-        results = runner.generate(prompts, n=config.n, max_tokens=config.max_tokens, temperature=config.temperature,
-                                  top_p=config.top_p, policy=policy, seeds=seeds,
-                                  logprobs=config.confidence_topk if use_conf else None)
+        results = runner.generate(prompts, n=config.n, policy=policy, seeds=seeds,
+                                  logprobs=config.confidence_topk if use_conf else None, **sampling)
     wall = time.perf_counter() - t0
     preempted = runner.preemptions() - pre0
     from .confidence import trace_confidence
@@ -236,10 +205,9 @@ def _resume(out: Path, config: Config, prov: dict[str, Any]) -> dict[str, dict]:
     from stepprobe.provenance import check_schema
 
     check_schema(header, RESULTS_KIND, RESULTS_SCHEMA_VERSION, str(path))
-    mine = {k: v for k, v in config.to_dict().items() if k not in ("output", "overwrite", "limit")}
-    theirs = {k: v for k, v in header.get("config", {}).items() if k not in ("output", "overwrite", "limit")}
+    mine, theirs = resume_view(config.to_dict(), Config), resume_view(header.get("config", {}), Config)
     if mine != theirs:
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        diff = config_diff(mine, theirs)
         raise ArtifactMismatch(f"{path} was written with a different config ({', '.join(diff)}); "
                                "pass --overwrite or another --output")
     check_provenance(header, prov, str(path))
@@ -259,6 +227,7 @@ def run(config: Config, runner: Any = None) -> Path:
 
     out = Path(config.output) if config.output else runs_dir() / time.strftime("run-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
+    config = with_scorer_generation(config)
     problems = load_problems(config)
     prov = provenance(config.model, config.scorer)
     done = _resume(out, config, prov)

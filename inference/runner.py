@@ -18,10 +18,12 @@ import re
 import time
 from typing import Any, Sequence
 
-from stepprobe.engine import prepare_engine
+from stepprobe.engine import engine_kwargs, shutdown
 from stepprobe.errors import StepprobeError
+from stepprobe.options import EngineOptions
 
-from .plugin import PluginSettings, check_policy, check_vllm_version, engine_kwargs
+from .plugin import PluginSettings, check_policy, check_vllm_version
+from .plugin import engine_kwargs as plugin_engine_kwargs
 from .policies import aggregate_scores
 from .scheduler import PRUNED
 
@@ -83,10 +85,12 @@ def _engine_ids(key: str, ext_ids: set[str], n: int) -> tuple[str, int] | None:
 class StepRunner:
     """A vLLM engine with stepprobe's scoring and pruning installed."""
 
-    def __init__(self, model: str | None, settings: PluginSettings, *, seed: int = 0, max_model_len: int = 2048,
-                 dtype: str = "auto", kv_cache_gib: float | None = None, num_kv_blocks: int | None = None,
-                 enforce_eager: bool = False, max_num_seqs: int | None = None, plugin: bool = True,
-                 **llm_kwargs: Any):
+    def __init__(self, model: str | None, settings: PluginSettings, *, engine: Any = None, seed: int = 0,
+                 max_model_len: int | None = 2048, dtype: str = "auto", kv_cache_gib: float | None = None,
+                 num_kv_blocks: int | None = None, enforce_eager: bool = False, max_num_seqs: int | None = None,
+                 plugin: bool = True, **llm_kwargs: Any):
+        """``engine``: a config with :class:`~stepprobe.options.EngineOptions` (``run``'s);
+        without one, the keyword arguments build it."""
         from stepprobe.models import resolve_model
 
         check_vllm_version()
@@ -98,14 +102,10 @@ class StepRunner:
             self.scorer = check_scorer_for_model(settings.scorer, self.model_path)
         from vllm import LLM
 
-        kwargs = dict(seed=seed, max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
-                      disable_log_stats=False, **prepare_engine(kv_cache_gib), **llm_kwargs)
-        if num_kv_blocks is not None:
-            kwargs["num_gpu_blocks_override"] = int(num_kv_blocks)
-        if max_num_seqs is not None:
-            kwargs["max_num_seqs"] = int(max_num_seqs)
-        if plugin:
-            kwargs.update(engine_kwargs(settings))
+        if engine is None:
+            engine = EngineOptions(model=model, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                                   num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs)
+        kwargs = llm_kwargs_for(engine, settings, seed=seed, plugin=plugin, **llm_kwargs)
         t0 = time.perf_counter()
         self.llm = LLM(self.model_path, **kwargs)
         self.startup_s = time.perf_counter() - t0
@@ -184,26 +184,10 @@ class StepRunner:
         prompt's cached KV blocks); sent this way, every trace keeps its own request metrics
         (preemptions, queueing time), which vLLM collapses into one for an ``n > 1`` request.
         """
-        from vllm import SamplingParams
-
-        call = next(self._calls)
-        params, flat_prompts, owners = [], [], []
-        for k, prompt in enumerate(prompts):
-            extra = dict(per_prompt[k] or {}) if per_prompt is not None else {}
-            if policy is not None:
-                extra["policy"] = check_policy(policy)
-            extra["group"] = f"g{call}-{k}"
-            sp = SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                logprobs=logprobs, extra_args={"stepprobe": extra}, **sampling)
-            if seeds is not None and len(seeds[k]) != n:
-                raise StepprobeError(f"generate: {len(seeds[k])} seeds for prompt {k}, expected n={n}")
-            for i in range(n):
-                one = sp.clone()
-                if seeds is not None:
-                    one.seed = int(seeds[k][i])
-                params.append(one)
-                flat_prompts.append(prompt)
-                owners.append((k, i))
+        params, flat_prompts, owners = request_params(prompts, n=n, group=f"g{next(self._calls)}", policy=policy,
+                                                      logprobs=logprobs, per_prompt=per_prompt, seeds=seeds,
+                                                      max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                      **sampling)
         if self.plugin and self.scorer is not None:
             self.llm.collective_rpc("stepprobe_take_records")  # start clean
         outs = self.llm.generate(flat_prompts, params, use_tqdm=use_tqdm)
@@ -240,13 +224,46 @@ class StepRunner:
             return 0
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
-            self.llm = None
+        shutdown(getattr(self, "llm", None))
+        self.llm = None
+
+
+def llm_kwargs_for(engine: Any, settings: PluginSettings, *, seed: int = 0, plugin: bool = True,
+                   **extra: Any) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments (without the model) for an engine config and the
+    plugin's settings: what :class:`StepRunner` starts vLLM with."""
+    kwargs = {"disable_log_stats": False, **engine_kwargs(engine, seed=seed), **extra}
+    if plugin:
+        kwargs.update(plugin_engine_kwargs(settings))
+    return kwargs
+
+
+def request_params(prompts: Sequence[str], *, n: int, group: str = "g0", policy: str | None = None,
+                   logprobs: int | None = None, per_prompt: Sequence[dict[str, Any]] | None = None,
+                   seeds: Sequence[Sequence[int]] | None = None,
+                   **sampling: Any) -> tuple[list[Any], list[str], list[tuple[int, int]]]:
+    """The ``SamplingParams`` of one generate call: ``n`` single-trace requests per prompt
+    (one group each; ``seeds[k][i]``: trace ``i`` of prompt ``k``'s own seed), with the
+    prompts and (prompt, trace) owners in the same order."""
+    from vllm import SamplingParams
+
+    params, flat_prompts, owners = [], [], []
+    for k, prompt in enumerate(prompts):
+        extra = dict(per_prompt[k] or {}) if per_prompt is not None else {}
+        if policy is not None:
+            extra["policy"] = check_policy(policy)
+        extra["group"] = f"{group}-{k}"
+        sp = SamplingParams(n=1, logprobs=logprobs, extra_args={"stepprobe": extra}, **sampling)
+        if seeds is not None and len(seeds[k]) != n:
+            raise StepprobeError(f"generate: {len(seeds[k])} seeds for prompt {k}, expected n={n}")
+        for i in range(n):
+            one = sp.clone()
+            if seeds is not None:
+                one.seed = int(seeds[k][i])
+            params.append(one)
+            flat_prompts.append(prompt)
+            owners.append((k, i))
+    return params, flat_prompts, owners
 
 
 def captured_boundaries(detector: Any, token_ids: Sequence[int]) -> list[int]:

@@ -30,10 +30,12 @@ import shlex
 import sys
 from typing import Any
 
-from stepprobe.config import StageConfig, option
+from stepprobe.config import StageConfig, option, stage_defaults
+from stepprobe.engine import engine_cli_args, engine_kwargs
 from stepprobe.errors import StepprobeError
+from stepprobe.options import EngineOptions, PolicyOption, PruningOptions
 
-from .plugin import PluginSettings, check_policy, check_vllm_version, serve_args
+from .plugin import PluginSettings, check_vllm_version, serve_args
 
 log = logging.getLogger(__name__)
 
@@ -42,46 +44,45 @@ PASSTHROUGH = "vllm_args"
 
 
 @dataclasses.dataclass
-class Config(StageConfig):
+@stage_defaults(max_model_len=None)
+class Config(StageConfig, PruningOptions, PolicyOption, EngineOptions):
+    """``stepprobe serve`` options: the pruning and engine groups of :mod:`stepprobe.options`
+    (engine fields become ``vllm serve`` flags; ``max_model_len`` defaults to the model's)."""
+
     SECTION = "serve"
 
-    scorer: str | None = option(None, "scorer checkpoint directory (stepprobe export); none = no scoring")
-    model: str | None = option(None, "model name or path (default: the embedded SmolLM2-135M-Instruct)")
-    policy: str = option("memory", "default pruning policy: none, memory, threshold, top_fraction, relative")
-    aggregate: str = option("mean", "trace score from step scores: mean, last, min, ema")
-    threshold: float | None = option(None, "threshold policy: prune below this score (default: the scorer's)")
-    warmup_steps: int = option(2, "threshold policy: steps before a trace can be pruned")
-    keep_fraction: float = option(0.5, "top_fraction policy: fraction of each request's traces kept")
-    keep_step: int = option(3, "top_fraction policy: the step at which traces are ranked")
-    memory_victim: str = option("score", "memory policy: which trace goes when the KV cache is full: score (the paper's: "
-                                         "lowest score of all), group_gap (furthest below its own problem's best), "
-                                         "group_largest (lowest of the problem with most live traces)")
-    min_live: int = option(0, "every policy keeps at least this many live traces per problem")
-    relative_margin: float = option(0.1, "relative policy: prune a trace this far below its problem's best live trace")
-    protect_last: bool = option(True, "memory policy: never prune the last running trace of a request")
-    kv_cache_gib: float | None = option(None, "KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE, default 2 "
-                                              "unless set; GPU: kv_cache_memory_bytes)")
     print_command: bool = option(False, "print the equivalent `vllm serve` command line and exit")
     vllm_args: list[str] = option(factory=list, help="arguments for `vllm serve` (on the command line: after --)")
 
-    def __post_init__(self) -> None:
-        check_policy(self.policy)
-
     def settings(self) -> PluginSettings:
         scorer = os.path.abspath(self.scorer) if self.scorer else None  # the server may run elsewhere
-        return PluginSettings(scorer=scorer, policy=self.policy, aggregate=self.aggregate,
-                              threshold=self.threshold, warmup_steps=self.warmup_steps,
-                              keep_fraction=self.keep_fraction, keep_step=self.keep_step,
-                              memory_victim=self.memory_victim, min_live=self.min_live,
-                              relative_margin=self.relative_margin,
-                              protect_last=self.protect_last, keep_records=False, canary=False)
+        return PluginSettings(**{**self.pruning_values(), "scorer": scorer}, policy=self.policy,
+                              keep_records=False, canary=False)
 
 
-def vllm_serve_argv(config: Config, model_path: str) -> list[str]:
-    """``vllm serve`` argv (without the program name) for this config."""
+def _given(argv: list[str], name: str) -> bool:
+    flag = "--" + name.replace("_", "-")
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def vllm_serve_argv(config: Config, model_path: str, generation: dict | None = None) -> list[str]:
+    """``vllm serve`` argv (without the program name) for this config. ``generation``: the
+    scorer's record; its sampling settings become the server's default sampling
+    (``--override-generation-config``) unless the arguments set one."""
     if any(a == "--model" or a.startswith("--model=") for a in config.vllm_args):
         raise StepprobeError("give the model with --model before `--`, not to vllm serve")
-    return ["serve", model_path, *serve_args(config.settings()), *config.vllm_args]
+    engine = {k: v for k, v in engine_kwargs(config).items() if k != "seed"}
+    for name, default in (("dtype", "auto"), ("enforce_eager", False)):
+        if engine.get(name) == default:
+            engine.pop(name)
+    clash = sorted(k for k in engine if _given(config.vllm_args, k))
+    if clash:
+        raise StepprobeError(f"{', '.join(clash)} given twice: as a stepprobe option and after `--`")
+    sampling = dict((generation or {}).get("sampling") or {})
+    if sampling and not _given(config.vllm_args, "override_generation_config") \
+            and "override_generation_config" not in engine:
+        engine["override_generation_config"] = sampling
+    return ["serve", model_path, *serve_args(config.settings()), *engine_cli_args(engine), *config.vllm_args]
 
 
 def _version_with_cpu_wheel_fallback(original: Any) -> Any:
@@ -108,21 +109,22 @@ def run_vllm_cli(argv: list[str]) -> None:
 
 
 def run(config: Config) -> None:
-    from stepprobe.engine import prepare_engine
     from stepprobe.models import resolve_model
 
     check_vllm_version()
     model_path = resolve_model(config.model)
-    argv = vllm_serve_argv(config, model_path)
+    generation = None
     if config.scorer:
         from .runner import check_scorer_for_model
 
-        check_scorer_for_model(config.scorer, model_path)
+        generation = check_scorer_for_model(config.scorer, model_path).meta.get("generation")
+    argv = vllm_serve_argv(config, model_path, generation)
     if config.print_command:
         print(shlex.join(["vllm", *argv]))  # noqa: T201  (the command's output)
         return
-    extra = prepare_engine(config.kv_cache_gib)
-    if "kv_cache_memory_bytes" in extra and "--kv-cache-memory-bytes" not in config.vllm_args:
-        argv += ["--kv-cache-memory-bytes", str(extra["kv_cache_memory_bytes"])]
+    prompt = (generation or {}).get("prompt")
+    if prompt:
+        log.info("serve: the scorer was trained on prompts with %s; clients should send the same",
+                 ", ".join(f"{k}={v!r}" for k, v in prompt.items()))
     log.info("serve: vllm %s", shlex.join(argv))
     run_vllm_cli(argv)

@@ -82,6 +82,11 @@ class Scorer:
         return dict(self.meta["boundary_rule"])
 
     @property
+    def generation(self) -> dict[str, Any]:
+        """The prompt and sampling settings of the data the probe was trained on ({} if unknown)."""
+        return dict(self.meta.get("generation") or {})
+
+    @property
     def config(self) -> dict[str, Any]:
         return dict(self.meta.get("config") or {})
 
@@ -148,8 +153,12 @@ def linear_probe(sites: Sequence[str], weight: Any, bias: float = 0.0, *, combin
 def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mapping[str, Any],
                 boundary_rule: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
                 config: Mapping[str, Any] | None = None, threshold: float = 0.5,
-                provenance: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+                provenance: Mapping[str, Any] | None = None, generation: Mapping[str, Any] | None = None,
+                overwrite: bool = False) -> Path:
     """Write ``probe`` as a scorer directory; returns its path.
+
+    ``generation``: the prompt and sampling settings of the data the probe was trained on
+    (``stepprobe.options.generation_of``); ``run``, ``bench`` and ``serve`` default to them.
 
     ``model`` is the model identity the features came from (``stepprobe.provenance.model_identity``
     or ``HiddenStates.model``); its ``hidden_size``, if given, must equal the probe's.
@@ -185,6 +194,7 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
         "metrics": _jsonable(metrics or {}),
         "config": _jsonable(config or {}),
         "provenance": _jsonable(provenance or {}),
+        "generation": _jsonable(generation or {}),
         "package_versions": package_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights_file": WEIGHTS_FILE,

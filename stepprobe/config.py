@@ -25,9 +25,15 @@ C = TypeVar("C", bound="StageConfig")
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING) -> Any:  # noqa: A002
-    """A config field with help text (``factory`` for mutable defaults)."""
-    meta = {"help": help}
+def option(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, resume_ok: bool = False,  # noqa: A002
+           blank: bool = False) -> Any:
+    """A config field with help text (``factory`` for mutable defaults).
+
+    ``resume_ok``: the field may differ between a run and the run it resumes (paths,
+    progress flags); readers compare everything else. ``blank``: an empty string is a value
+    of its own (e.g. ``system_prompt: ""``), not "none".
+    """
+    meta = {"help": help, "resume_ok": resume_ok, "blank": blank}
     if factory is not _MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -42,10 +48,11 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def coerce(value: Any, tp: Any, name: str) -> Any:
+def coerce(value: Any, tp: Any, name: str, *, blank: bool = False) -> Any:
     """Turn a value from a file or a command line into the field's type."""
     inner, optional = _unwrap_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+    nulls = ("none", "null") if blank else ("none", "null", "")
+    if value is None or (optional and isinstance(value, str) and value.lower() in nulls):
         if optional or value is None:
             return None
     origin = typing.get_origin(inner)
@@ -79,8 +86,51 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 @dataclasses.dataclass
-class StageConfig:
-    """Base of every stage config. Subclasses add fields with :func:`option`."""
+class OptionGroup:
+    """Base of the option groups (``stepprobe.options``) and of every stage config.
+
+    Validation lives in one ``check()`` per class: building a config runs the ``check`` of
+    every class in its bases, groups first, so a config cannot exist unchecked.
+    """
+
+    def __post_init__(self) -> None:
+        for klass in reversed(type(self).__mro__):
+            check = klass.__dict__.get("check")
+            if check is not None:
+                check(self)
+
+
+def stage_defaults(**values: Any):
+    """Class decorator (put it *below* ``@dataclass``): a stage's own defaults for fields a
+    group declares. Help text, type and checks stay the group's."""
+
+    def deco(cls: type) -> type:
+        inherited: dict[str, dataclasses.Field] = {}
+        for base in reversed(cls.__mro__[1:]):
+            for f in getattr(base, "__dataclass_fields__", {}).values():
+                inherited[f.name] = f
+        ann = cls.__dict__.get("__annotations__")
+        if ann is None:
+            ann = {}
+            cls.__annotations__ = ann
+        for name, value in values.items():
+            if name not in inherited:
+                raise TypeError(f"{cls.__name__}: no inherited option {name!r}")
+            f = inherited[name]
+            ann[name] = f.type
+            if callable(value) and not isinstance(value, (int, float, str, bool)):
+                setattr(cls, name, dataclasses.field(default_factory=value, metadata=f.metadata))
+            else:
+                setattr(cls, name, dataclasses.field(default=value, metadata=f.metadata))
+        return cls
+
+    return deco
+
+
+@dataclasses.dataclass
+class StageConfig(OptionGroup):
+    """Base of every stage config. Subclasses add fields with :func:`option` and take the
+    shared groups of :mod:`stepprobe.options` as bases."""
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:
@@ -93,7 +143,8 @@ class StageConfig:
         unknown = sorted(set(data) - known - {"stepprobe_version", "stage"})
         if unknown:
             raise StepprobeError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        kwargs = {k: coerce(v, hints[k], k) for k, v in data.items() if k in known}
+        blank = {f.name for f in cls.fields() if f.metadata.get("blank")}
+        kwargs = {k: coerce(v, hints[k], k, blank=k in blank) for k, v in data.items() if k in known}
         try:
             return cls(**kwargs)
         except TypeError as exc:  # a required field is missing

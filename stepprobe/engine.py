@@ -1,7 +1,11 @@
-"""How every stage starts vLLM: CPU cores and the KV-cache size, in one place.
+"""How every stage starts and stops vLLM, in one place.
 
-``collect``, ``run``, ``bench``, ``serve`` and the benchmarks call :func:`prepare_engine`
-before they create an engine; it returns the engine keyword arguments to add.
+:func:`engine_kwargs` turns a config's :class:`~stepprobe.options.EngineOptions` into
+``vllm.LLM`` / ``EngineArgs`` keyword arguments (with ``engine_args`` passed through after
+:func:`check_engine_args`), :func:`make_llm` starts an engine, :func:`shutdown` stops one,
+and :func:`engine_cli_args` writes the same settings as ``vllm serve`` flags. ``collect``,
+``run``, ``bench``, ``serve`` and the benchmarks all go through here.
+:func:`prepare_engine` sets what the engine reads from the environment:
 
 - CPU cores: vLLM's CPU backend (``VLLM_CPU_OMP_THREADS_BIND=auto``) keeps one core for the
   front-end process; on a 2-core machine that halves generation. Measured here
@@ -22,7 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any
+import json
+from typing import Any, Mapping
 
 from .errors import StepprobeError
 
@@ -54,3 +59,90 @@ def prepare_engine(kv_cache_gib: float | None = None, *, cpu_default_gib: int | 
     if kv_cache_gib is not None:
         return {"kv_cache_memory_bytes": int(kv_cache_gib * (1 << 30))}
     return {}
+
+
+# Engine arguments stepprobe sets itself: an ``engine_args`` entry may not set them.
+OWN_ENGINE_ARGS = {
+    "model": "model", "seed": "seed", "dtype": "dtype", "max_model_len": "max_model_len",
+    "num_gpu_blocks_override": "num_kv_blocks", "max_num_seqs": "max_num_seqs", "enforce_eager": "enforce_eager",
+    "kv_cache_memory_bytes": "kv_cache_gib", "worker_cls": "the plugin", "scheduler_cls": "the plugin",
+    "additional_config": "the plugin",
+}
+
+
+def engine_arg_names() -> set[str]:
+    """The fields of vLLM's ``EngineArgs`` (what ``vllm.LLM`` and ``vllm serve`` accept)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def check_engine_args(engine_args: Mapping[str, Any] | None) -> None:
+    """Refuse, in one line, ``engine_args`` keys vLLM does not know or stepprobe sets itself."""
+    if not engine_args:
+        return
+    if not isinstance(engine_args, Mapping):
+        raise StepprobeError(f"engine_args must be a mapping of vLLM engine arguments, got {engine_args!r}")
+    own = sorted(k for k in engine_args if k in OWN_ENGINE_ARGS)
+    if own:
+        raise StepprobeError("engine_args: " + ", ".join(f"{k} is set by {OWN_ENGINE_ARGS[k]}" for k in own))
+    unknown = sorted(set(engine_args) - engine_arg_names())
+    if unknown:
+        raise StepprobeError(f"engine_args: unknown vLLM engine argument(s) {', '.join(unknown)} "
+                             "(see vllm.engine.arg_utils.EngineArgs)")
+
+
+def engine_kwargs(options: Any, *, seed: int = 0) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments (without the model) for a config with
+    :class:`~stepprobe.options.EngineOptions`. Sets the environment the engine reads."""
+    check_engine_args(options.engine_args)
+    kwargs: dict[str, Any] = {"seed": seed, "dtype": options.dtype, "enforce_eager": bool(options.enforce_eager)}
+    if options.max_model_len:
+        kwargs["max_model_len"] = int(options.max_model_len)
+    if options.num_kv_blocks is not None:
+        kwargs["num_gpu_blocks_override"] = int(options.num_kv_blocks)
+    if options.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = int(options.max_num_seqs)
+    kwargs.update(prepare_engine(options.kv_cache_gib))
+    kwargs.update(options.engine_args or {})
+    return kwargs
+
+
+def make_llm(model_path: str, *, seed: int = 0, kv_cache_gib: float | None = None, max_model_len: int | None = None,
+             dtype: str = "auto", **engine_kwargs: Any):
+    """Start a ``vllm.LLM`` (``collect``, tests and the pipeline; ``run`` via its runner)."""
+    for k, v in prepare_engine(kv_cache_gib).items():
+        engine_kwargs.setdefault(k, v)
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = {"seed": seed, "dtype": dtype, **engine_kwargs}
+    if max_model_len:
+        kwargs["max_model_len"] = max_model_len
+    log.info("starting vLLM on %s", model_path)
+    return LLM(model=model_path, **kwargs)
+
+
+def shutdown(llm: Any) -> None:
+    """Stop an engine's core process now instead of whenever the garbage collector gets to it."""
+    if llm is None:
+        return
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as exc:  # noqa: BLE001 - best effort at teardown
+        log.debug("engine shutdown: %s", exc)
+
+
+def engine_cli_args(kwargs: Mapping[str, Any]) -> list[str]:
+    """The ``vllm serve`` flags for engine keyword arguments (``--max-model-len 2048`` ...)."""
+    argv: list[str] = []
+    for k, v in kwargs.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, (dict, list)):
+            argv += [flag, json.dumps(v)]
+        elif v is not None:
+            argv += [flag, str(v)]
+    return argv

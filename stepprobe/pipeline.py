@@ -184,18 +184,43 @@ def _stage_overwrites(stage: str) -> dict[str, Any]:
     return {"export": {"overwrite": True}, "bench": {}}.get(stage, {})
 
 
+def stage_configs(cfg: Config, paths: Paths, state: dict[str, Any] | None = None) -> dict[str, tuple[dict, StageConfig]]:
+    """Every stage's settings and built (so validated) config, before any stage runs: a
+    mistake in the last stage's section is refused before the first stage starts."""
+    out: dict[str, tuple[dict, StageConfig]] = {}
+    stages = (state or {}).get("stages", {})
+    for stage in cfg.stages:
+        settings = stage_settings(stage, cfg, paths)
+        entry = stages.get(stage)
+        if entry and entry.get("status") == "started":  # an interrupted stage resumes
+            settings_run = {**settings, **_stage_overwrites(stage)}
+        else:
+            settings_run = settings
+        module = importlib.import_module(_MODULES[stage])
+        source = f"pipeline {stage}"
+        try:
+            out[stage] = (settings, module.Config.from_dict(settings_run, source=source))
+        except StepprobeError as exc:
+            if str(exc).startswith(source):
+                raise
+            raise type(exc)(f"{source}: {exc}") from None
+    return out
+
+
 def run(cfg: Config) -> Path:
     root = Path(cfg.out) if cfg.out else runs_dir() / f"pipeline-{Path(cfg.model).name}"
     paths = Paths(root)
+    stage_configs(cfg, paths)  # refuse a bad section before anything is cleared or written
     if cfg.restart and root.exists():
         log.info("--restart: clearing %s", root)
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     state = _load_state(paths, cfg)
     state["config"] = cfg.to_dict()
+    configs = stage_configs(cfg, paths, state)
     t_all = time.perf_counter()
     for i, stage in enumerate(cfg.stages, start=1):
-        settings = stage_settings(stage, cfg, paths)
+        settings, stage_cfg = configs[stage]
         entry = state["stages"].get(stage)
         if entry and entry.get("status") == "done":
             if entry.get("settings") != json.loads(json.dumps(settings)):
@@ -208,10 +233,6 @@ def run(cfg: Config) -> Path:
         module = importlib.import_module(_MODULES[stage])
         if entry and entry.get("status") == "started":
             log.info("[%d/%d] %s: resuming an interrupted run", i, len(cfg.stages), stage)
-            settings_run = {**settings, **_stage_overwrites(stage)}
-        else:
-            settings_run = settings
-        stage_cfg = module.Config.from_dict(settings_run, source=f"pipeline {stage}")
         state["stages"][stage] = {"status": "started", "settings": settings,
                                   "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         atomic_write_json(paths.state, state)

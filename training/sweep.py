@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from stepprobe.config import StageConfig, option
+from stepprobe.config import StageConfig, option, stage_defaults
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text, read_json
+from stepprobe.options import FitOptions, TrainingOptions, group_values, resume_view
 from stepprobe.layers import parse_sites, site_depth
 from stepprobe.probes.registry import known_probes
 from stepprobe.provenance import package_versions
@@ -41,38 +42,23 @@ log = logging.getLogger(__name__)
 
 SWEEP_KIND = "stepprobe-sweep"
 SWEEP_SCHEMA_VERSION = 1
-# Config fields that do not change results (a resumed sweep may differ in them).
-_VOLATILE = {"out", "overwrite", "progress", "plots", "stepprobe_version"}
-
-
 @dataclasses.dataclass
-class Config(StageConfig):
+@stage_defaults(lr=1e-2, weight_decay=1e-3, batch_size=0, max_epochs=30, patience=5)
+class Config(StageConfig, FitOptions, TrainingOptions):
     """Layer sweep."""
 
     SECTION = "sweep"
 
     data: str = option("", "HDF5 file written by `stepprobe record`")
-    out: str = option("", "output directory (default: <STEPPROBE_HOME>/runs/sweep-<time>)")
+    out: str = option("", "output directory (default: <STEPPROBE_HOME>/runs/sweep-<time>)", resume_ok=True)
     sites: str = option("all", "sites to sweep: all, layers, 0-29, layer_10,final_norm, ...")
     arch: str = option("linear", "probe architecture per site: " + ", ".join(a for a in known_probes() if a != "mixture"))
     params: dict = option(help="architecture parameters as JSON", factory=dict)
-    lr: float = option(1e-2, "AdamW learning rate")
-    weight_decay: float = option(1e-3, "AdamW weight decay")
-    batch_size: int = option(0, "training batch size (0: auto, about 16 batches per epoch)")
-    max_epochs: int = option(30, "maximum epochs per site")
-    patience: int = option(5, "early-stopping patience")
-    monitor: str = option(M.DEFAULT_MONITOR, "validation metric for early stopping")
-    imbalance: str = option("pos_weight", "pos_weight, sampler or none")
-    val_fraction: float = option(0.15, "fraction of problems in validation")
-    test_fraction: float = option(0.15, "fraction of problems in test")
-    split_seed: int = option(0, "seed of the problem split")
-    seed: int = option(0, "training seed")
-    max_steps_per_trace: int = option(0, "subsample training steps per trace (0: all)")
     bootstrap: int = option(1000, "bootstrap resamples (of problems) for the confidence intervals")
     reference: bool = option(True, "fit the scikit-learn reference per site too")
-    overwrite: bool = option(False, "start over in an existing sweep directory")
-    plots: bool = option(True, "write sweep.png")
-    progress: bool = option(True, "progress bar over sites")
+    overwrite: bool = option(False, "start over in an existing sweep directory", resume_ok=True)
+    plots: bool = option(True, "write sweep.png", resume_ok=True)
+    progress: bool = option(True, "progress bar over sites", resume_ok=True)
 
 
 COLUMNS = ["site", "depth", "val_auroc", "val_auroc_lo", "val_auroc_hi", "test_auroc", "test_auroc_lo",
@@ -85,17 +71,13 @@ COLUMNS = ["site", "depth", "val_auroc", "val_auroc_lo", "val_auroc_hi", "test_a
 
 
 def _train_config(cfg: Config, site: str) -> TrainConfig:
-    return TrainConfig(data=cfg.data, sites=site, combine="single", arch=cfg.arch, params=dict(cfg.params),
-                       lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs,
-                       patience=cfg.patience, monitor=cfg.monitor, imbalance=cfg.imbalance,
-                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
-                       seed=cfg.seed, max_steps_per_trace=cfg.max_steps_per_trace, reference=cfg.reference,
-                       bootstrap=cfg.bootstrap,
+    return TrainConfig(**group_values(cfg, TrainingOptions, FitOptions), data=cfg.data, sites=site, combine="single",
+                       arch=cfg.arch, params=dict(cfg.params), reference=cfg.reference, bootstrap=cfg.bootstrap,
                        plots=False, progress=False)
 
 
 def _stable(cfg: Config) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE}
+    return resume_view(cfg.to_dict(), Config)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ import torch
 from stepprobe.config import StageConfig, option
 from stepprobe.errors import StepprobeError
 from stepprobe.io import atomic_write_json
+from stepprobe.options import FitOptions, TrainingOptions, generation_of
 from stepprobe.probes.checkpoint import save_scorer
 from stepprobe.probes.features import FeatureSpec, ProbeModel
 from stepprobe.probes.registry import known_probes
@@ -47,8 +48,8 @@ IMBALANCE = ("pos_weight", "none", "sampler")
 
 
 @dataclasses.dataclass
-class Config(StageConfig):
-    """Train one probe."""
+class Config(StageConfig, FitOptions, TrainingOptions):
+    """Train one probe (the training and fit groups: :mod:`stepprobe.options`)."""
 
     SECTION = "train"
 
@@ -59,28 +60,15 @@ class Config(StageConfig):
     combine: str = option("auto", "how several sites combine: single, mean, concat, mixture (auto: single/mean)")
     arch: str = option("mlp", "probe architecture: " + ", ".join(known_probes()))
     params: dict = option(help="architecture parameters as JSON, e.g. '{\"width\": 256}'", factory=dict)
-    lr: float = option(1e-3, "AdamW learning rate")
-    weight_decay: float = option(1e-4, "AdamW weight decay")
-    batch_size: int = option(256, "training batch size (0: auto, about 16 batches per epoch, 32..1024)")
-    max_epochs: int = option(40, "maximum epochs")
-    patience: int = option(6, "early-stopping patience (validation epochs without improvement)")
-    monitor: str = option(M.DEFAULT_MONITOR, "validation metric for early stopping and checkpointing")
-    imbalance: str = option("pos_weight", "class imbalance: pos_weight (negatives/positives, the paper's), "
-                                          "sampler (balanced batches), none")
     loss: str = option("bce", "training loss: bce (label of each step), pairwise (rank a problem's correct steps "
                               "above its wrong ones at similar relative positions), mixed (both)")
     pair_weight: float = option(0.5, "mixed loss: weight of the pairwise part (1 - weight on BCE)")
     pair_window: float = option(0.25, "pairwise loss: largest relative-position gap of a (correct, wrong) step pair")
-    val_fraction: float = option(0.15, "fraction of problems in the validation split")
-    test_fraction: float = option(0.15, "fraction of problems in the test split")
-    split_seed: int = option(0, "seed of the problem split")
-    seed: int = option(0, "seed of initialization, shuffling and subsampling")
-    max_steps_per_trace: int = option(0, "keep at most this many random steps per training trace (0: all)")
     reference: bool = option(True, "also fit the scikit-learn logistic-regression reference")
     bootstrap: int = option(1000, "bootstrap resamples (of problems) for the within-problem metrics' intervals (0: none)")
     plots: bool = option(True, "write ROC, calibration and score-vs-step plots")
-    overwrite: bool = option(False, "replace an existing run directory")
-    progress: bool = option(True, "show Lightning's progress bar")
+    overwrite: bool = option(False, "replace an existing run directory", resume_ok=True)
+    progress: bool = option(True, "show Lightning's progress bar", resume_ok=True)
     accelerator: str = option("cpu", "Lightning accelerator (cpu, gpu, auto)")
 
 
@@ -280,7 +268,8 @@ def write_run(out: Path, config: Config, hs, result: TrainResult, *, plots: bool
     flat = M.clean(result.flat_metrics())
     save_scorer(scorer_dir or out / "scorer", result.probe, model=hs.model, boundary_rule=hs.boundary_rule, metrics=flat,
                 config=config.to_dict(), threshold=result.threshold,
-                provenance={"data": fingerprint, "split": result.split.info, **(extra or {})}, overwrite=True)
+                provenance={"data": fingerprint, "split": result.split.info, **(extra or {})},
+                generation=generation_of((hs.header.get("config") or {}).get("collect")), overwrite=True)
     metrics_doc = {"kind": "stepprobe-train-metrics", "schema_version": RUN_SCHEMA_VERSION,
                    "feature_spec": result.spec.to_dict(), "architecture": config.arch,
                    "threshold": result.threshold, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,

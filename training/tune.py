@@ -32,9 +32,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from stepprobe.config import StageConfig, option
+from stepprobe.config import StageConfig, option, stage_defaults
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, read_json
+from stepprobe.options import TrainingOptions, group_values, resume_view
 from stepprobe.layers import parse_sites
 from stepprobe.probes.registry import COMBINES, known_probes
 from stepprobe.provenance import package_versions
@@ -51,23 +52,19 @@ TUNE_KIND = "stepprobe-tune"
 TUNE_SCHEMA_VERSION = 1
 STUDY_ATTR = "stepprobe"
 WIDTHS = (32, 64, 128, 256, 512)
-# Config fields that may change between resumptions without changing the study.
-_VOLATILE = {"data", "out", "n_trials", "timeout", "progress", "plots", "storage", "stepprobe_version", "cache_gb",
-             "heartbeat_interval", "grace_period"}
-
-
 @dataclasses.dataclass
-class Config(StageConfig):
+@stage_defaults(batch_size=0, max_epochs=25, patience=4)
+class Config(StageConfig, TrainingOptions):
     """Optuna study."""
 
     SECTION = "tune"
 
-    data: str = option("", "HDF5 file written by `stepprobe record`")
-    out: str = option("", "study directory (default: <STEPPROBE_HOME>/runs/tune-<time>)")
-    storage: str = option("", "Optuna storage URL (default: sqlite:///<out>/study.db)")
+    data: str = option("", "HDF5 file written by `stepprobe record`", resume_ok=True)
+    out: str = option("", "study directory (default: <STEPPROBE_HOME>/runs/tune-<time>)", resume_ok=True)
+    storage: str = option("", "Optuna storage URL (default: sqlite:///<out>/study.db)", resume_ok=True)
     study_name: str = option("stepprobe", "study name in the storage")
-    n_trials: int = option(30, "finished trials (complete + pruned) the study should reach")
-    timeout: float = option(0.0, "stop starting new trials after this many seconds (0: no limit)")
+    n_trials: int = option(30, "finished trials (complete + pruned) the study should reach", resume_ok=True)
+    timeout: float = option(0.0, "stop starting new trials after this many seconds (0: no limit)", resume_ok=True)
     objective: str = option(M.DEFAULT_TUNE_OBJECTIVE, "validation metric to maximize (also early stopping and pruning)")
     sites: str = option("layers", "candidate sites: layers, all, 10-29, layer_12,layer_20, ...")
     combines: str = option("single", "candidate feature combinations: " + ",".join(COMBINES))
@@ -78,21 +75,13 @@ class Config(StageConfig):
                                 "mixed also tunes pair_weight); e.g. bce,pairwise with --objective val_within_auroc")
     lr_min: float = option(1e-4, "learning-rate range (log scale)")
     lr_max: float = option(1e-2, "")
-    max_epochs: int = option(25, "maximum epochs per trial")
-    patience: int = option(4, "early-stopping patience per trial")
-    batch_size: int = option(0, "batch size (0: auto, about 16 batches per epoch)")
-    val_fraction: float = option(0.15, "fraction of problems in validation")
-    test_fraction: float = option(0.15, "fraction of problems in test (never seen while tuning)")
-    split_seed: int = option(0, "seed of the problem split")
-    seed: int = option(0, "seed of the sampler and of training")
-    max_steps_per_trace: int = option(0, "subsample training steps per trace (0: all)")
     pruner_startup_trials: int = option(5, "trials before the median pruner starts pruning")
     pruner_warmup_epochs: int = option(3, "epochs of each trial before it may be pruned")
-    heartbeat_interval: int = option(30, "seconds between trial heartbeats (stale-trial detection)")
-    grace_period: int = option(120, "a RUNNING trial without heartbeat this long is marked failed")
-    cache_gb: float = option(4.0, "memory for sites kept in RAM across trials (GiB)")
-    plots: bool = option(True, "write history.png and importance.png")
-    progress: bool = option(True, "progress bar over trials")
+    heartbeat_interval: int = option(30, "seconds between trial heartbeats (stale-trial detection)", resume_ok=True)
+    grace_period: int = option(120, "a RUNNING trial without heartbeat this long is marked failed", resume_ok=True)
+    cache_gb: float = option(4.0, "memory for sites kept in RAM across trials (GiB)", resume_ok=True)
+    plots: bool = option(True, "write history.png and importance.png", resume_ok=True)
+    progress: bool = option(True, "progress bar over trials", resume_ok=True)
 
 
 def _csv(s: str) -> list[str]:
@@ -100,7 +89,7 @@ def _csv(s: str) -> list[str]:
 
 
 def _stable(cfg: Config) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE}
+    return resume_view(cfg.to_dict(), Config)
 
 
 def storage_url(cfg: Config, out: Path) -> str:
@@ -147,12 +136,9 @@ def trial_config(trial, cfg: Config, candidates: list[str]) -> TrainConfig:
     losses = _csv(cfg.losses)
     loss = trial.suggest_categorical("loss", losses) if len(losses) > 1 else losses[0]
     pair_weight = trial.suggest_float("pair_weight", 0.1, 0.9) if loss == "mixed" else 0.5
-    return TrainConfig(data=cfg.data, sites=",".join(sites), combine=combine, arch=arch, params=params, lr=lr,
-                       loss=loss, pair_weight=pair_weight,
-                       weight_decay=wd, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience,
-                       monitor=cfg.objective, imbalance=imbalance, val_fraction=cfg.val_fraction,
-                       test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, seed=cfg.seed,
-                       max_steps_per_trace=cfg.max_steps_per_trace, reference=False, plots=False, progress=False)
+    return TrainConfig(**group_values(cfg, TrainingOptions), data=cfg.data, sites=",".join(sites), combine=combine,
+                       arch=arch, params=params, lr=lr, weight_decay=wd, monitor=cfg.objective, imbalance=imbalance,
+                       loss=loss, pair_weight=pair_weight, reference=False, plots=False, progress=False)
 
 
 def _check_space(cfg: Config) -> None:
