@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install pipeline test bench mutation
+.PHONY: install pipeline test test-fast bench mutation
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,10 @@ pipeline: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The fast tier: no vLLM engine, no end-to-end run (every engine test is marked `vllm`).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not vllm and not e2e" tests
 
 bench: install
 	$(BIN)/python benchmarks/collect_throughput.py

@@ -33,11 +33,12 @@ from ..config import StageConfig, option
 from ..errors import StepprobeError
 from ..io import atomic_write_json
 from ..engine import engine_kwargs, make_llm, shutdown  # noqa: F401  (make_llm: tests and the pipeline)
-from ..models import DEFAULT_MODEL, model_display_name, resolve_model
+from ..models import DEFAULT_MODEL, identify_model, model_display_name
 from ..paths import runs_dir
 from ..options import BUILTIN_PROMPT, BUILTIN_SAMPLING, PromptOptions, SamplingOptions, EngineOptions, resume_keys
-from ..provenance import model_identity, package_versions
-from .grading import answers_equivalent, extract_answer, is_correct
+from ..provenance import package_versions
+from ..voting import Ballot, vote
+from .grading import extract_answer, is_correct
 from .problems import Problem, load_problem_source
 from .prompts import build_prompts
 from .traces import ProblemTraces, Trace, TraceWriter, make_header, read_traces
@@ -125,20 +126,9 @@ def load_config_problems(config: Config) -> list[Problem]:
 
 
 def majority_vote(answers: Iterable[str | None]) -> str | None:
-    """The most common answer, merging math-equivalent ones; ties go to the first seen."""
-    groups: list[list[str]] = []
-    for a in answers:
-        if a is None:
-            continue
-        for g in groups:
-            if answers_equivalent(g[0], a):
-                g.append(a)
-                break
-        else:
-            groups.append([a])
-    if not groups:
-        return None
-    return max(groups, key=len)[0]  # max keeps the first of equal lengths
+    """The most common answer, merging math-equivalent ones; ties go to the first seen
+    (:func:`stepprobe.voting.vote`, the vote ``run`` and ``bench`` report)."""
+    return vote([Ballot(a) for a in answers], "majority").answer
 
 
 def grade_problem(problem: Problem, prompt_text: str, output: Any, *, timeout_s: float,
@@ -208,13 +198,7 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
     """Collect (or resume) the traces file for ``config``; returns the summary."""
     problems = load_config_problems(config)
     out = Path(config.output) if config.output else default_output(config)
-    model_path = resolve_model(config.model)
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    hf_config = AutoConfig.from_pretrained(model_path)
-    identity = model_identity(model_display_name(config.model), hf_config, tokenizer)
+    model_path, identity, tokenizer = identify_model(config.model)
     header = make_header(config.to_dict(), identity, model_path=model_path, num_problems=len(problems))
 
     with TraceWriter(out, header, overwrite=config.overwrite, match_keys=RESUME_KEYS) as writer:

@@ -38,8 +38,8 @@ from ..boundaries import DEFAULT_DELIMITER, BoundaryDetector, BoundaryRule, step
 from ..config import StageConfig, option
 from ..errors import ArtifactMismatch, StepprobeError
 from ..layers import FINAL_NORM, EMBED, all_sites, layer_name
-from ..models import model_display_name, resolve_model
-from ..provenance import check_model_identity, model_identity
+from ..models import identify_model
+from ..provenance import check_model_identity
 from . import hdf5
 from .traces import ProblemTraces, read_traces
 
@@ -289,11 +289,7 @@ def run(config: Config) -> Path:
     traces_header = read_traces(traces_path)[0] if fmt == "stepprobe" else {}
     traces_model = traces_header.get("model") or {}
     model_name = config.model or traces_model.get("name")
-    model_path = resolve_model(model_name)
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    identity = model_identity(model_display_name(model_name), AutoConfig.from_pretrained(model_path), tokenizer)
+    model_path, identity, tokenizer = identify_model(model_name)
     if traces_model:
         check_model_identity(traces_model, identity, f"traces {traces_path}")
     source = _Source(traces_path, fmt, tokenizer, identity, config.system_prompt)

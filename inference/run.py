@@ -26,6 +26,7 @@ from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json
 from stepprobe.paths import runs_dir
 from stepprobe.provenance import package_versions
+from stepprobe.voting import METHODS, Ballot, vote
 
 from stepprobe.options import (
     ConfidenceOptions, EngineOptions, PolicyOption, PromptOptions, PruningOptions, SamplingOptions, TraceSeedOption,
@@ -33,7 +34,6 @@ from stepprobe.options import (
 )
 
 from .plugin import PluginSettings
-from .voting import METHODS, Ballot, vote
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,10 @@ def summarize(records: list[dict], config: Config, extra: dict | None = None) ->
 
 def provenance(model: str | None, scorer: str | None) -> dict[str, Any]:
     """What produced a run's or bench's results: the model's identity and the scorer's."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from stepprobe.models import model_display_name, resolve_model
+    from stepprobe.models import identify_model
     from stepprobe.probes.checkpoint import read_scorer_meta
-    from stepprobe.provenance import model_identity
 
-    path = resolve_model(model)
-    out: dict[str, Any] = {"model": model_identity(model_display_name(model), AutoConfig.from_pretrained(path),
-                                                   AutoTokenizer.from_pretrained(path)),
-                           "scorer": None, "package_versions": package_versions()}
+    out: dict[str, Any] = {"model": identify_model(model)[1], "scorer": None, "package_versions": package_versions()}
     if scorer:
         meta = read_scorer_meta(scorer)
         out["scorer"] = {"path": str(Path(scorer).resolve()), "weights_sha256": meta["weights_sha256"],

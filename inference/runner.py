@@ -304,11 +304,7 @@ def _token_confidence(completion: Any, k: int | None = None
 
 def check_scorer_for_model(scorer_dir: str, model_path: str) -> Any:
     """Load a scorer and refuse it (one line) if it was not made for this model."""
-    from transformers import AutoConfig, AutoTokenizer
-
+    from stepprobe.models import identify_model
     from stepprobe.probes.checkpoint import load_scorer
-    from stepprobe.provenance import model_identity
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    ident = model_identity(model_path, AutoConfig.from_pretrained(model_path), tok)
-    return load_scorer(scorer_dir, expected_model=ident)
+    return load_scorer(scorer_dir, expected_model=identify_model(model_path)[1])

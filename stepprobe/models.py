@@ -115,6 +115,21 @@ def model_display_name(name_or_path: str | None) -> str:
     return name_or_path or DEFAULT_MODEL
 
 
+def identify_model(name_or_path: str | None, *, tokenizer: Any = None) -> tuple[str, dict[str, Any], Any]:
+    """A model as a user names it -> (loadable path, identity, tokenizer): the one place a
+    model's identity (``stepprobe.provenance.model_identity``) is computed from its name or
+    path. ``tokenizer``: one already loaded from that path (else it is loaded here)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .provenance import model_identity
+
+    path = resolve_model(name_or_path)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    identity = model_identity(model_display_name(name_or_path), AutoConfig.from_pretrained(path), tokenizer)
+    return path, identity, tokenizer
+
+
 def build_random_llama(out: str | Path, *, tokenizer_from: str | None = None, hidden_size: int = 64,
                        num_layers: int = 2, num_heads: int = 2, intermediate_size: int | None = None,
                        seed: int = 0, **config_overrides: Any) -> Path:

@@ -308,3 +308,20 @@ def _same(name: str, a: Any, b: Any) -> bool:
 def declared_in(groups: Iterable[type]) -> dict[str, type]:
     """field name -> the group that declares it (for tests and docs)."""
     return {f.name: g for g in groups for f in dataclasses.fields(g)}
+
+
+GROUPS: dict[str, type] = {
+    "PromptOptions": PromptOptions, "SamplingOptions": SamplingOptions, "PolicyOption": PolicyOption,
+    "PruningOptions": PruningOptions, "EngineOptions": EngineOptions, "ConfidenceOptions": ConfidenceOptions,
+    "TrainingOptions": TrainingOptions, "FitOptions": FitOptions,
+}
+
+
+def markdown_table(group: type) -> str:
+    """A group's fields as the Markdown table in ``docs/options.md`` (a test keeps them equal)."""
+    rows = ["| flag / YAML key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(group):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f.metadata.get("help", "").replace("|", "\\|")
+        rows.append(f"| `--{f.name.replace('_', '-')}` / `{f.name}` | `{default!r}` | {text} |")
+    return "\n".join(rows) + "\n"

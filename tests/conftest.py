@@ -41,3 +41,16 @@ def tiny_model_path(tmp_path_factory, default_model_path) -> str:
 
     return str(build_random_llama(tmp_path_factory.mktemp("models") / "tiny-llama",
                                   tokenizer_from=default_model_path))
+
+
+# Fixtures that start a vLLM engine: a test using one must be marked `vllm`, so that the
+# fast tier (`make test-fast`: -m "not vllm and not e2e") never starts an engine.
+ENGINE_FIXTURES = {"collect_tiny_llm", "collect_default_llm", "collect_tiny_run", "plugin_runner", "plain_llm",
+                   "bf16_case"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("vllm") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests that start a vLLM engine must be marked vllm: {', '.join(unmarked)}")

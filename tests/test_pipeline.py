@@ -22,7 +22,6 @@ import yaml
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.pipeline import STAGES, Config, Paths, stage_settings
 
-pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +73,8 @@ def test_pipeline_owned_fields_are_refused():
         stage_settings("collect", cfg, Paths(Path("x")))
 
 
+@pytest.mark.vllm
+@pytest.mark.e2e
 def test_pipeline_end_to_end_with_resume(tmp_path):
     root = tmp_path / "run"
     cfg_path = tmp_path / "pipeline.yaml"

@@ -272,3 +272,10 @@ def test_blank_prompt_options_stay_blank_from_files_and_flags(tmp_path):
     assert collect.Config.from_dict({}).system_prompt == O.DEFAULT_SYSTEM_PROMPT
     assert run.Config.from_dict({"system_prompt": "none"}).system_prompt is None
     assert collect.Config.from_dict({"top_k": -1}).top_k == 0
+
+
+def test_docs_describe_each_group_once_as_declared():
+    text = (REPO / "docs" / "options.md").read_text()
+    for name, group in O.GROUPS.items():
+        assert text.count(f"## {name}\n") == 1
+        assert O.markdown_table(group) in text, f"docs/options.md: the {name} table differs from its declaration"
