@@ -311,7 +311,8 @@ def declared_in(groups: Iterable[type]) -> dict[str, type]:
 
 
 GROUPS: dict[str, type] = {
-    "PromptOptions": PromptOptions, "SamplingOptions": SamplingOptions, "PolicyOption": PolicyOption,
+    "PromptOptions": PromptOptions, "SamplingOptions": SamplingOptions, "TraceSeedOption": TraceSeedOption,
+    "PolicyOption": PolicyOption,
     "PruningOptions": PruningOptions, "EngineOptions": EngineOptions, "ConfidenceOptions": ConfidenceOptions,
     "TrainingOptions": TrainingOptions, "FitOptions": FitOptions,
 }
