@@ -17,7 +17,8 @@ RULE = {"delimiter": "\n\n", "mode": "completes-occurrence-nonoverlapping", "tok
 
 
 def make_synthetic(path: Path, *, n_problems: int = 60, traces_per_problem: int = 4, signal_site: str = SIGNAL_SITE,
-                   signal: float = 1.2, seed: int = 0, hidden: int = HIDDEN, model: dict | None = None) -> Path:
+                   signal: float = 1.2, seed: int = 0, hidden: int = HIDDEN, model: dict | None = None,
+                   config: dict | None = None) -> Path:
     """Every site is Gaussian noise; ``signal_site`` adds ``signal * (2 * label - 1)`` along one
     direction, where label = the trace ends correct. Only that site predicts the label."""
     from stepprobe.data_collection.hdf5 import write_arrays
@@ -54,7 +55,7 @@ def make_synthetic(path: Path, *, n_problems: int = 60, traces_per_problem: int 
                 "finish_reason": ["stop"] * len(t_label)},
         problems={"problem_id": [f"p{p:03d}" for p in range(n_problems)],
                   "question": [f"q{p}" for p in range(n_problems)], "gold": [str(p) for p in range(n_problems)]},
-        model=model, boundary_rule=RULE, config={"synthetic": True, "signal_site": signal_site})
+        model=model, boundary_rule=RULE, config=config or {"synthetic": True, "signal_site": signal_site})
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,26 @@ def test_scorer_refuses_other_model(synthetic_h5, tmp_path):
         load_scorer(run / "scorer").check_compatible({**IDENTITY, "config_hash": "zzz"})
 
 
+def test_scorer_records_the_prompt_and_sampling_of_its_data(tmp_path):
+    """The HDF5 file carries collect's config; the exported scorer records its prompt and
+    sampling settings, which run/bench/serve default to (issue 10)."""
+    from stepprobe.data_collection.collect import Config as CollectConfig
+
+    collect_cfg = CollectConfig(system_prompt="", top_k=20, top_p=0.9, temperature=0.6).to_dict()
+    data = make_synthetic(tmp_path / "c.h5", n_problems=12, config={"collect": collect_cfg, "record": {}})
+    run = train.run(train.Config(data=str(data), out=str(tmp_path / "r"), arch="linear", sites=SIGNAL_SITE,
+                                 plots=False, reference=False, **{**FAST, "max_epochs": 1}))
+    scorer = load_scorer(run / "scorer")
+    assert scorer.generation == {
+        "prompt": {"system_prompt": "", "answer_instruction": None, "use_chat_template": True},
+        "sampling": {"temperature": 0.6, "top_p": 0.9, "top_k": 20}}
+    # data that did not come from collect: nothing recorded, run falls back to the built-in defaults
+    plain = train.run(train.Config(data=str(make_synthetic(tmp_path / "p.h5", n_problems=12)), out=str(tmp_path / "q"),
+                                   arch="linear", sites=SIGNAL_SITE, plots=False, reference=False,
+                                   **{**FAST, "max_epochs": 1}))
+    assert load_scorer(plain / "scorer").generation == {}
+
+
 def test_bad_inputs_are_one_line_errors(synthetic_h5, tmp_path):
     with pytest.raises(StepprobeError, match="not found"):
         train.run(train.Config(data=str(tmp_path / "missing.h5")))
