@@ -326,3 +326,16 @@ def markdown_table(group: type) -> str:
         text = f.metadata.get("help", "").replace("|", "\\|")
         rows.append(f"| `--{f.name.replace('_', '-')}` / `{f.name}` | `{default!r}` | {text} |")
     return "\n".join(rows) + "\n"
+
+
+def write_docs_tables(path: str = "docs/options.md") -> None:
+    """Rewrite the group tables of ``docs/options.md`` from the declarations
+    (``python -c "from stepprobe.options import write_docs_tables; write_docs_tables()"``)."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    head = text[:text.index("## PromptOptions\n")]
+    body = "".join(f"## {name}\n\n{(g.__doc__ or '').strip().splitlines()[0]}\n\n{markdown_table(g)}\n"
+                   for name, g in GROUPS.items())
+    p.write_text(head + body.rstrip() + "\n", encoding="utf-8")
