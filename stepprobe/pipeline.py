@@ -1,4 +1,5 @@
-"""The whole pipeline, end to end, into one run directory: collect -> record -> sweep -> tune -> export -> bench.
+"""The whole pipeline, end to end, into one run directory:
+collect -> record -> sweep -> tune -> export -> sc -> bench -> replay.
 
 Each stage is the same module the stage's own command runs; this only chooses its paths
 and sizes and calls ``run(config)``. The run directory holds one folder per stage and
@@ -8,7 +9,15 @@ stages and lets the interrupted one resume where it stopped (collect and record 
 finished problem, sweep every finished site, tune every finished trial). A finished stage
 whose settings changed is refused with one line unless ``--restart``.
 
-The defaults are sized for the embedded default model on a 2-core CPU (about 15 minutes).
+The evaluation uses held-out problems the probe never saw (``bench_problems``, minus any
+question also in ``problems``): ``sc`` samples them once with self-consistency (a ``run``
+with policy ``none`` that keeps every trace's step scores and token confidences), ``replay``
+replays every policy on those same traces across KV budgets (paired, with bootstrap
+intervals and random/oracle baselines), and ``bench`` runs SC and memory pruning live on
+the first ``bench`` ``limit`` of them at a tight KV budget where SC preempts, which replay
+also checks itself against (``replay vs. live``).
+
+The defaults are sized for the embedded default model on a 2-core CPU (about 20 minutes).
 For a real model on a GPU, see configs/pipeline-gpu-example.yaml. It ends with
 ``report.md`` and ``report.html`` in the run directory.
 """
@@ -37,29 +46,39 @@ log = logging.getLogger(__name__)
 
 KIND = "stepprobe-pipeline"
 SCHEMA_VERSION = 1
-STAGES = ["collect", "record", "sweep", "tune", "export", "bench"]
+STAGES = ["collect", "record", "sweep", "tune", "export", "sc", "bench", "replay"]
 _MODULES = {
     "collect": "stepprobe.data_collection.collect",
     "record": "stepprobe.data_collection.record",
     "sweep": "stepprobe.training.sweep",
     "tune": "stepprobe.training.tune",
     "export": "stepprobe.training.export",
+    "sc": "stepprobe.inference.run",
     "bench": "stepprobe.inference.bench",
+    "replay": "stepprobe.inference.replay",
 }
 
 # Stage settings for the embedded default on 2 CPU cores (~15 min in all). A config file's
 # per-stage sections are merged over these; paths are always the pipeline's.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "collect": {"n": 8, "max_tokens": 192, "temperature": 0.7, "dtype": "bfloat16"},
+    # top_p 1.0 everywhere: on the CPU backend top_p < 1 doubles generation time (vLLM sorts the
+    # vocabulary per token), and the probe trains on the sampling it is evaluated with.
+    "collect": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16"},
     "record": {"dtype": "bfloat16", "storage_dtype": "float16"},
     "sweep": {"sites": "all", "arch": "linear"},
     "tune": {"n_trials": 12, "sites": "layers", "archs": "linear,mlp", "max_epochs": 15, "patience": 4},
     "export": {},
     # Eager engines: on this CPU build torch.compile costs minutes per engine, more than the
-    # short bench runs themselves (the compiled path is what tests/inference checks).
-    # 16 blocks of 128 tokens is tight enough that self-consistency preempts.
-    "bench": {"n": 8, "max_tokens": 192, "temperature": 0.7, "dtype": "bfloat16", "enforce_eager": True,
-              "policies": ["none", "memory", "threshold", "confidence"], "kv_blocks": [0, 16]},
+    # short runs themselves (the compiled path is what tests/inference checks).
+    # sc: one self-consistency pass over every held-out problem, keeping what replay needs.
+    "sc": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16", "enforce_eager": True,
+           "policy": "none", "vote": "majority", "record_confidence": True, "batch_problems": 40},
+    # bench: live and paired (per-trace seeds) on the first 60 held-out problems, at 16 blocks of
+    # 128 tokens, tight enough that self-consistency preempts; replay covers the other policies
+    # and budgets on all of them.
+    "bench": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16",
+              "enforce_eager": True, "policies": ["none", "memory"], "kv_blocks": [16], "limit": 60},
+    "replay": {"kv_blocks": [0, 12, 16, 24, 32, 48, 64]},
 }
 
 
@@ -70,7 +89,8 @@ class Config(StageConfig):
     out: str = option("", "run directory (default: $STEPPROBE_HOME/runs/pipeline-<model>)")
     model: str = option(DEFAULT_MODEL, "model name or path, used by every stage")
     problems: str = option("builtin:n=160,seed=0", "problems to collect and train on (file or builtin spec)")
-    bench_problems: str = option("builtin:n=24,seed=1", "held-out problems for the bench (never trained on)")
+    bench_problems: str = option("builtin:n=320,seed=1", "held-out problems for sc/replay and the bench (never "
+                                 "trained on; questions also in `problems` are dropped)")
     stages: list[str] = option(help="stages to run, in order", factory=lambda: list(STAGES))
     restart: bool = option(False, "forget the run directory's finished stages and start again")
     report: bool = option(True, "write report.md and report.html at the end")
@@ -79,7 +99,10 @@ class Config(StageConfig):
     sweep: dict = option(help="settings for sweep", factory=dict)
     tune: dict = option(help="settings for tune", factory=dict)
     export: dict = option(help="settings for export", factory=dict)
+    sc: dict = option(help="settings for sc (a `stepprobe run` with policy none on the held-out problems)",
+                      factory=dict)
     bench: dict = option(help="settings for bench", factory=dict)
+    replay: dict = option(help="settings for replay", factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
@@ -118,6 +141,14 @@ class Paths:
         return self.root / "bench"
 
     @property
+    def sc(self) -> Path:
+        return self.root / "sc"
+
+    @property
+    def replay(self) -> Path:
+        return self.root / "replay"
+
+    @property
     def bench_problems(self) -> Path:
         return self.root / "bench_problems.jsonl"
 
@@ -134,8 +165,12 @@ def _wiring(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
         "sweep": {"data": str(paths.hidden_states), "out": str(paths.sweep)},
         "tune": {"data": str(paths.hidden_states), "out": str(paths.tune)},
         "export": {"source": str(paths.tune), "out": str(paths.scorer)},
+        "sc": {"model": cfg.model, "problems": str(paths.bench_problems), "scorer": str(paths.scorer),
+               "output": str(paths.sc)},
         "bench": {"model": cfg.model, "problems": str(paths.bench_problems), "scorer": str(paths.scorer),
                   "output": str(paths.bench)},
+        "replay": {"results": str(paths.sc), "output": str(paths.replay),
+                   **({"live_bench": str(paths.bench)} if "bench" in cfg.stages else {})},
     }[stage]
 
 
@@ -228,7 +263,7 @@ def run(cfg: Config) -> Path:
                     f"{root}: stage {stage} finished with other settings; pass --restart or another --out")
             log.info("[%d/%d] %s: done before, skipped", i, len(cfg.stages), stage)
             continue
-        if stage == "bench":
+        if stage in ("sc", "bench"):
             write_heldout_problems(cfg, paths)
         module = importlib.import_module(_MODULES[stage])
         if entry and entry.get("status") == "started":

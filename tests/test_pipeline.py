@@ -35,8 +35,10 @@ TINY = {
     "tune": {"n_trials": 8, "sites": "layer_15,layer_29", "archs": "linear", "max_epochs": 4,
              "pruner_startup_trials": 1},
     "export": {},
+    "sc": {"n": 4, "max_tokens": 48, "max_model_len": 256, "batch_problems": 4},
     "bench": {"n": 4, "max_tokens": 48, "policies": ["none", "memory"], "kv_blocks": [4],
               "max_model_len": 256},
+    "replay": {"kv_blocks": [0, 4]},
 }
 
 
@@ -133,8 +135,15 @@ def test_pipeline_end_to_end_with_resume(tmp_path):
     for row in bench["rows"]:  # per-trace preemption counts add up to vLLM's own counter
         assert row["preemptions"] == row["engine_preemptions"], row
     assert (paths.bench / "bench.md").is_file()
+    for row in bench["rows"]:
+        assert row["policy"] == "none" or "vs_sc" in row
+    from stepprobe.inference.replay import read_replay
+
+    replay = read_replay(paths.replay)
+    assert replay["problems"] == 6 and {r["policy"] for r in replay["rows"]} >= {"none", "memory", "threshold"}
+    assert {r["policy"] for r in replay["live_check"]} == {"none", "memory"}
     report = (root / "report.md").read_text()
-    for section in ("## Data", "## Layer sweep", "## Tuned probe", "## Bench"):
+    for section in ("## Data", "## Layer sweep", "## Tuned probe", "## Bench", "## Replay"):
         assert section in report
     assert "has not run" not in report
     assert (root / "report.html").read_text().startswith("<!doctype html>")

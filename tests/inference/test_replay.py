@@ -215,3 +215,16 @@ def test_memory_victim_rules_in_the_scheduler_model():
     assert capped.pruned == [[False, True, False], [False, False]] and capped.preemptions > 0
     with pytest.raises(Exception, match="unknown policy"):
         rp.Config(policies=["none", "memory:bogus"])
+
+
+def test_report_shows_the_replay_and_checks_its_schema(tmp_path):
+    from stepprobe.report import _replay_section
+
+    assert "replay has not run." in _replay_section(tmp_path)
+    d = write_run(tmp_path, synthetic_records())
+    out = rp.run(rp.Config(results=str(d), kv_blocks=[0], random_draws=10, output=str(tmp_path / "replay")))
+    text = "\n".join(_replay_section(tmp_path))
+    assert "2 held-out problems" in text and "| unlimited | memory | score | 1.000 | +0.500" in text
+    data = json.loads((out / "replay.json").read_text())
+    (out / "replay.json").write_text(json.dumps({**data, "schema_version": 0}))
+    assert "rerun the replay stage" in "\n".join(_replay_section(tmp_path))
