@@ -695,8 +695,25 @@ def live_check(config: Config, bench: dict[str, Any]) -> list[dict[str, Any]]:
                            / (sc.steps * config.step_cost_tokens + sc.computed_tokens),
                            "preemptions": o.preemptions, "pruned": sum(map(sum, o.pruned))},
                 "traces_pruned_alike": same_pruned / max(n_traces, 1),
-                "problems_voted_alike": same_correct / max(len(ids), 1)})
+                "problems_voted_alike": same_correct / max(len(ids), 1),
+                "model": {"steps": o.steps, "computed_tokens": o.computed_tokens, "live_wall_s": live.get("wall_s")}})
     return out
+
+
+def fit_step_cost(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Least-squares ``wall_s = a * steps + b * computed_tokens`` over the live rows; ``a / b`` is
+    the ``step_cost_tokens`` that makes the time model match this machine."""
+    pts = [(r["model"]["steps"], r["model"]["computed_tokens"], r["model"]["live_wall_s"]) for r in rows
+           if r.get("model", {}).get("live_wall_s")]
+    if len(pts) < 3:
+        return None
+    x = np.array([[s, c] for s, c, _ in pts], dtype=np.float64)
+    y = np.array([w for *_, w in pts], dtype=np.float64)
+    (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
+    pred = x @ np.array([a, b])
+    return {"seconds_per_step": float(a), "seconds_per_token": float(b),
+            "step_cost_tokens": float(a / b) if b > 0 else float("nan"),
+            "max_relative_error": float(np.max(np.abs(pred - y) / y)), "points": len(pts)}
 
 
 def live_markdown(rows: list[dict[str, Any]]) -> str:
@@ -785,8 +802,14 @@ def run(config: Config) -> Path:
             "same points; time from the scheduler model).\n\n" + markdown(result["rows"]))
     if config.live_bench:
         doc["live_check"] = live_check(config, load_bench(config.live_bench))
+        doc["time_fit"] = fit_step_cost(doc["live_check"])
         text += ("\nReplay vs. live: the bench's own SC traces replayed at its KV budgets, beside what its live "
                  "policies did on the same problems.\n\n" + live_markdown(doc["live_check"]))
+        if doc["time_fit"]:
+            f = doc["time_fit"]
+            text += (f"\nTime model fitted to the live wall times ({f['points']} runs): {f['seconds_per_step'] * 1e3:.1f} ms "
+                     f"per engine step + {f['seconds_per_token'] * 1e3:.2f} ms per computed token "
+                     f"(= step_cost_tokens {f['step_cost_tokens']:.0f}; largest error {f['max_relative_error']:.0%}).\n")
     atomic_write_json(out / "replay.json", doc)
     atomic_write_text(out / "replay.md", text)
     plot(result["rows"], out / "replay.png")
