@@ -111,6 +111,8 @@ def stage(name: str, dotted: str, tests: list[str], dirs: dict[str, Path], workd
         "pytest_add_cli_args": ["-m", FAST, "-p", "no:cacheprovider"],
         "pytest_add_cli_args_test_selection": tests,
         "max_stack_depth": max_stack_depth,
+        # Log calls are not rules: their messages and arguments are not mutated.
+        "do_not_mutate_patterns": [r"^\s*log\.(debug|info|warning|error)\("],
         "use_git_change_detection": False,
         "track_dependencies": False,
     }
@@ -251,14 +253,14 @@ def markdown(report: dict) -> str:
              f"Commit `{report['commit']}`, mutmut {report['versions'].get('mutmut')}, "
              f"coverage {report['versions'].get('coverage')}, {report['machine']}; "
              f"tests `-m \"{FAST}\"`. Score = mutants detected (killed or timed out) / all mutants.", "",
-             "| module | file | tests | mutants | killed | survived | no tests | timeout | score | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| module | file | tests | mutants | killed | survived | no tests | timeout | score | wall s | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["modules"].values():
         c = r["counts"]
         sc = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
         lines.append(f"| `{r['module']}` | {r['file']} | {', '.join(Path(t).name for t in r['tests'])} | "
                      f"{r['mutants']} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
-                     f"{c.get('timeout', 0)} | {sc} | {r['wall_s']:.0f} |")
+                     f"{c.get('timeout', 0)} | {sc} | {r['wall_s']:.0f} | {r.get('commit', '')[:7]} |")
     cov = report.get("coverage")
     if cov:
         lines += ["", "## Coverage (whole package, fast tier)", "",
@@ -302,6 +304,9 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--no-coverage", action="store_true")
     ap.add_argument("--coverage-tests", default="", help="test paths for coverage (default: tests)")
+    ap.add_argument("--merge", nargs="*", default=None, metavar="DIR",
+                    help="run no mutants: combine the mutation.json of these folders (runs done in parallel) "
+                         "into --out, then coverage unless --no-coverage")
     args = ap.parse_args()
     names = [m.strip() for m in args.modules.split(",") if m.strip()]
     unknown = [m for m in names if m not in MODULES]
@@ -322,6 +327,11 @@ def main() -> None:
         report["modules"] = {k: v for k, v in old.get("modules", {}).items() if k not in names}
         if args.no_coverage and old.get("coverage"):
             report["coverage"] = old["coverage"]
+    if args.merge is not None:
+        names = []
+        for d in args.merge:
+            part = json.loads((Path(d) / "mutation.json").read_text())
+            report["modules"].update(part.get("modules", {}))
     for name in names:
         res = run_module(name, args, dirs, out)
         res["commit"] = report["commit"]
