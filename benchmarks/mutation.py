@@ -114,6 +114,10 @@ def stage(name: str, dotted: str, tests: list[str], dirs: dict[str, Path], workd
         # Log calls are not rules: their messages and arguments are not mutated.
         "do_not_mutate_patterns": [r"^\s*log\.(debug|info|warning|error)\("],
         "use_git_change_detection": False,
+        # mutmut's limit is CPU seconds from the tests' measured time; a fork that sets up
+        # fixtures anew can exceed a tight one without looping. A mutant that really hangs
+        # still stops: the scheduler drivers give up after 1000 steps.
+        "timeout_constant": 120.0,
         "track_dependencies": False,
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in mutmut_cfg.items()]
@@ -167,10 +171,25 @@ def run_module(name: str, args: argparse.Namespace, dirs: dict[str, Path], out: 
     log_path = ROOT / "build" / "mutation" / f"{name}.log"
     t0 = time.monotonic()
     print(f"[{name}] {dotted} ({src.relative_to(ROOT)}) against {', '.join(present)}", flush=True)
+    sample: list[str] | None = None
     with open(log_path, "w") as log:
+        if args.sample:
+            # Generate every mutant and the test map (mutmut stops: no mutant has this name),
+            # then run a seeded random sample of them by name.
+            subprocess.run(cmd + ["__generate_only__"], cwd=staged, env=env, stdout=log, stderr=subprocess.STDOUT)
+            every = sorted(read_results(staged, rel))
+            import random
+
+            sample = sorted(random.Random(args.seed).sample(every, min(args.sample, len(every))))
+            print(f"[{name}] {len(every)} mutants; running a random sample of {len(sample)} (seed {args.seed})",
+                  flush=True)
+            cmd = cmd + sample
         rc = subprocess.run(cmd, cwd=staged, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.monotonic() - t0
     status = read_results(staged, rel)
+    generated = len(status)
+    if sample is not None:
+        status = {k: status[k] for k in sample}
     counts: dict[str, int] = {}
     for s in status.values():
         counts[s] = counts.get(s, 0) + 1
@@ -186,8 +205,10 @@ def run_module(name: str, args: argparse.Namespace, dirs: dict[str, Path], out: 
             survivors.append({"mutant": m, "status": s, "diff": mutant_diff(staged, m, env)})
     res = {
         "module": dotted, "file": str(src.relative_to(ROOT)), "tests": present, "mutmut_exit_code": rc,
-        "mutants": total, "checked": checked, "detected": detected, "counts": counts,
-        "score": (detected / total) if total else None, "wall_s": round(wall, 1), "survivors": survivors,
+        "mutants": total, "generated": generated, "sampled": sample is not None,
+        "checked": checked, "detected": detected, "counts": counts,
+        "score": (detected / total) if total else None, "score_95ci": wilson(detected, total),
+        "wall_s": round(wall, 1), "survivors": survivors,
         "log": str(log_path.relative_to(ROOT)) if log_path.is_relative_to(ROOT) else str(log_path),
     }
     score = "n/a" if res["score"] is None else f"{100 * res['score']:.1f}%"
@@ -196,6 +217,17 @@ def run_module(name: str, args: argparse.Namespace, dirs: dict[str, Path], out: 
     if rc != 0 and not total:
         raise SystemExit(f"mutation.py: error: [{name}] mutmut failed (exit {rc}); see {log_path}")
     return res
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson interval of a proportion (the score's uncertainty when mutants are sampled)."""
+    if n == 0:
+        return None
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return [round(c - h, 3), round(c + h, 3)]
 
 
 def _mutant_order(mutant: str) -> tuple[str, int]:
@@ -253,13 +285,17 @@ def markdown(report: dict) -> str:
              f"Commit `{report['commit']}`, mutmut {report['versions'].get('mutmut')}, "
              f"coverage {report['versions'].get('coverage')}, {report['machine']}; "
              f"tests `-m \"{FAST}\"`. Score = mutants detected (killed or timed out) / all mutants.", "",
-             "| module | file | tests | mutants | killed | survived | no tests | timeout | score | wall s | commit |",
+             "| module | file | tests | mutants run (of generated) | killed | survived | no tests | timeout | score "
+             "[95% interval] | wall s | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["modules"].values():
         c = r["counts"]
         sc = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        if r.get("score_95ci"):
+            sc += f" [{100 * r['score_95ci'][0]:.0f}, {100 * r['score_95ci'][1]:.0f}]"
+        run_of = f"{r['mutants']}" + (f" (sample of {r['generated']})" if r.get("sampled") else "")
         lines.append(f"| `{r['module']}` | {r['file']} | {', '.join(Path(t).name for t in r['tests'])} | "
-                     f"{r['mutants']} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
+                     f"{run_of} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
                      f"{c.get('timeout', 0)} | {sc} | {r['wall_s']:.0f} | {r.get('commit', '')[:7]} |")
     cov = report.get("coverage")
     if cov:
@@ -302,6 +338,10 @@ def main() -> None:
                     help="mutmut's max_stack_depth (tests that reach a function deeper than this do not run "
                          "for its mutants; -1 = any depth)")
     ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--sample", type=int, default=0,
+                    help="run only a seeded random sample of N mutants per module (0 = all); the score then "
+                         "carries a 95%% interval")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
     ap.add_argument("--no-coverage", action="store_true")
     ap.add_argument("--coverage-tests", default="", help="test paths for coverage (default: tests)")
     ap.add_argument("--merge", nargs="*", default=None, metavar="DIR",
@@ -332,6 +372,8 @@ def main() -> None:
         for d in args.merge:
             part = json.loads((Path(d) / "mutation.json").read_text())
             report["modules"].update(part.get("modules", {}))
+            if args.no_coverage and part.get("coverage"):
+                report["coverage"] = part["coverage"]
     for name in names:
         res = run_module(name, args, dirs, out)
         res["commit"] = report["commit"]

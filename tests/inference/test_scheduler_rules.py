@@ -42,10 +42,13 @@ def add(scheduler, specs: dict[str, dict], *, logprobs: int | None = None) -> No
 
 
 def drive(scheduler, *, in_flight: int, scores: dict[str, float | None] | None = None,
-          rows: dict[str, list[float]] | None = None) -> dict[str, tuple]:
+          rows: dict[str, list[float]] | None = None, at_step: dict | None = None,
+          events: dict | None = None) -> dict[str, tuple]:
     """Run to completion; every token is a step boundary scored ``scores[rid]`` (``None``:
     no step completed) and comes with the log-probability row ``rows[rid]`` (the sampled
-    token's, then the top-k). Returns each request's (finish_reason, stop_reason, tokens)."""
+    token's, then the top-k). ``at_step[i]`` is called before step ``i``; ``events`` (a dict)
+    receives the number of each engine-core event type the outputs carried. Returns each
+    request's (finish_reason, stop_reason, tokens)."""
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
 
     pending: deque = deque()
@@ -70,13 +73,18 @@ def drive(scheduler, *, in_flight: int, scores: dict[str, float | None] | None =
     def deliver(outputs):
         for eco in outputs.values():
             for o in eco.outputs:
+                if events is not None:
+                    for e in o.events or ():
+                        events[e.type.name] = events.get(e.type.name, 0) + 1
                 tokens[o.request_id] = tokens.get(o.request_id, 0) + len(o.new_token_ids)
                 if o.finish_reason is not None:
                     done[o.request_id] = (str(o.finish_reason), o.stop_reason, tokens[o.request_id])
 
-    for _ in range(1000):
+    for i in range(1000):
         if not scheduler.has_requests():
             break
+        if at_step and i in at_step:
+            at_step[i]()
         so = scheduler.schedule()
         if so.total_num_scheduled_tokens:
             pending.append(so)
@@ -156,6 +164,29 @@ def test_protect_last_with_singleton_groups_falls_back_to_preemption(tiny_model_
 
 
 @MODES
+def test_preemption_count_equals_vllms_preempted_events(tiny_model_path, async_scheduling):
+    scores = {"r0": 0.1, "r1": 0.9, "r2": 0.8, "r3": 0.7}
+    s = memory_scheduler(tiny_model_path, async_scheduling)
+    add(s, {r: {"group": r} for r in scores})  # all protected: vLLM preempts
+    events: dict = {}
+    drive(s, in_flight=2 if async_scheduling else 1, scores=scores, events=events)
+    assert events.get("PREEMPTED", 0) == s.stepprobe_counts["preempted"] > 0
+
+
+@MODES
+def test_preempt_everything_outside_schedule_is_never_a_prune(tiny_model_path, async_scheduling):
+    # reset_prefix_cache(reset_running_requests=True) preempts every running request; that is
+    # not a shortage of KV blocks, so even scored, unprotected memory traces are not pruned.
+    s = memory_scheduler(tiny_model_path, async_scheduling, protect_last=False)
+    add(s, {"r0": {"group": "g"}, "r1": {"group": "g"}})
+    events: dict = {}
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.1, "r1": 0.9}, events=events,
+                 at_step={4: lambda: s.reset_prefix_cache(reset_running_requests=True)})
+    assert done == {"r0": FULL, "r1": FULL}
+    assert s.stepprobe_counts["pruned"] == 0 and s.stepprobe_counts["preempted"] == 2 == events["PREEMPTED"]
+
+
+@MODES
 def test_unscored_traces_are_never_memory_victims(tiny_model_path, async_scheduling):
     s = memory_scheduler(tiny_model_path, async_scheduling)
     add(s, {r: {"group": "g"} for r in ("r0", "r1", "r2", "r3")})
@@ -179,7 +210,7 @@ def test_a_scored_trace_goes_before_unscored_ones(tiny_model_path, async_schedul
 WINDOW = 4
 THRESHOLD = 2.0
 #: log-probability rows: [sampled token, top-1, top-2]; confidence = -mean(top-k).
-SURE = [-0.01, -5.0, -5.0]  # confidence 5.0
+SURE = [-0.01, -5.0, -0.5]  # confidence 2.75 (the sampled token's own -0.01 is not counted)
 UNSURE = [-0.7, -0.5, -1.0]  # confidence 0.75
 AT_THRESHOLD = [-0.1, -2.0, -2.0]  # confidence exactly 2.0: not below
 UNSURE_WITH_FILLER = [-0.7, -0.5, -np.inf]  # vLLM's filler for a missing entry; confidence 0.5
