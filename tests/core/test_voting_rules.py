@@ -6,10 +6,7 @@ import pytest
 
 from stepprobe.errors import StepprobeError
 
-try:  # voting is moving from stepprobe.inference to the core package
-    from stepprobe.voting import METHODS, Ballot, merge_answers, vote
-except ImportError:  # pragma: no cover - before the move
-    from stepprobe.inference.voting import METHODS, Ballot, merge_answers, vote
+from stepprobe.voting import METHODS, Ballot, merge_answers, vote
 
 
 @pytest.mark.parametrize("method", ["majority", "score", "confidence"])
