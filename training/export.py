@@ -61,6 +61,10 @@ class Config(StageConfig):
     plots: bool = option(True, "write ROC, calibration and score-vs-step plots")
     overwrite: bool = option(False, "replace an existing export directory")
 
+    def check(self) -> None:
+        if self.refit not in REFITS:
+            raise StepprobeError(f"unknown refit {self.refit!r}; known: {', '.join(REFITS)}")
+
 
 def _check_data(hs, expected: dict[str, Any], what: str) -> None:
     got = data_fingerprint(hs)
@@ -163,8 +167,6 @@ def export_from_run(cfg: Config, src: Path, out: Path) -> dict[str, Any]:
 
 
 def run(cfg: Config) -> Path:
-    if cfg.refit not in REFITS:
-        raise StepprobeError(f"unknown refit {cfg.refit!r}; known: {', '.join(REFITS)}")
     if not cfg.source and not cfg.storage:
         raise StepprobeError("--source (a tune or train directory) or --storage is required")
     src = Path(cfg.source) if cfg.source else None

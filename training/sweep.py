@@ -60,6 +60,9 @@ class Config(StageConfig, FitOptions, TrainingOptions):
     plots: bool = option(True, "write sweep.png", resume_ok=True)
     progress: bool = option(True, "progress bar over sites", resume_ok=True)
 
+    def check(self) -> None:
+        _train_config(self, "layer_00")  # every site's train config is checked when it is built
+
 
 COLUMNS = ["site", "depth", "val_auroc", "val_auroc_lo", "val_auroc_hi", "test_auroc", "test_auroc_lo",
            "test_auroc_hi", "val_early50_auroc", "test_early50_auroc", "val_trace_auroc", "test_trace_auroc",
@@ -134,11 +137,10 @@ def sweep_site(cfg: Config, hs, site: str, split, cache: FeatureCache) -> dict[s
 
 
 def run(cfg: Config) -> Path:
-    from .train import check_config, prepare_out_dir
+    from .train import prepare_out_dir
 
     if not cfg.data:
         raise StepprobeError("--data (an HDF5 file from `stepprobe record`) is required")
-    check_config(_train_config(cfg, "layer_00"))
     hs = open_hidden_states(cfg.data)
     sites = parse_sites(cfg.sites, hs.num_layers)
     missing = [s for s in sites if s not in hs.sites]

@@ -71,6 +71,9 @@ class Config(StageConfig, FitOptions, TrainingOptions):
     progress: bool = option(True, "show Lightning's progress bar", resume_ok=True)
     accelerator: str = option("cpu", "Lightning accelerator (cpu, gpu, auto)")
 
+    def check(self) -> None:
+        check_config(self)
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -101,6 +104,7 @@ def resolve_spec(config: Config, num_layers: int) -> FeatureSpec:
 
 
 def check_config(config: Config) -> None:
+    """The checks of a train config (run when it is built: ``Config.check``)."""
     if config.imbalance not in IMBALANCE:
         raise StepprobeError(f"unknown imbalance handling {config.imbalance!r}; known: {', '.join(IMBALANCE)}")
     from .module import LOSSES
@@ -143,7 +147,6 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    check_config(config)
     quiet_lightning()
     spec = resolve_spec(config, hs.num_layers)
     cache = cache or FeatureCache(hs)
@@ -301,7 +304,6 @@ def summary_line(result: TrainResult) -> str:
 def run(config: Config) -> Path:
     if not config.data:
         raise StepprobeError("--data (an HDF5 file from `stepprobe record`) is required")
-    check_config(config)
     hs = open_hidden_states(config.data)
     out = prepare_out_dir(config.out, "train", config.overwrite, "run.json")
     log.info("training %s on %s (%d steps, %d traces) -> %s", config.arch, config.data, hs.num_steps, hs.num_traces, out)

@@ -83,6 +83,9 @@ class Config(StageConfig, TrainingOptions):
     plots: bool = option(True, "write history.png and importance.png", resume_ok=True)
     progress: bool = option(True, "progress bar over trials", resume_ok=True)
 
+    def check(self) -> None:
+        _check_space(self)
+
 
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in str(s).split(",") if x.strip()]
@@ -209,7 +212,6 @@ def run(cfg: Config) -> Path:
 
     if not cfg.data:
         raise StepprobeError("--data (an HDF5 file from `stepprobe record`) is required")
-    _check_space(cfg)
     hs = open_hidden_states(cfg.data)
     candidates = [s for s in parse_sites(cfg.sites, hs.num_layers)]
     missing = [s for s in candidates if s not in hs.sites]

@@ -131,6 +131,10 @@ def test_pipeline_with_a_typo_in_its_last_section_is_refused_before_any_stage(tm
         run(cfg)
     with pytest.raises(StepprobeError, match="pipeline bench: top_p must be in"):
         run(cfg.replace(bench={"top_p": 2.0}))
+    with pytest.raises(StepprobeError, match="pipeline tune: unknown probe architecture 'transformer'"):
+        run(cfg.replace(bench={}, tune={"archs": "linear,transformer"}))
+    with pytest.raises(StepprobeError, match="pipeline export: unknown refit 'all'"):
+        run(cfg.replace(bench={}, export={"refit": "all"}))
     assert not (tmp_path / "run").exists()
 
 
