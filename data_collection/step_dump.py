@@ -282,7 +282,11 @@ def run(config: Config) -> Path:
     import_cfg.update({"dumps": [str(f) for f in files], "storage_dtype": storage, "positions": origin})
     writer = hdf5.HiddenStatesWriter(
         output, sites=[FINAL_NORM], hidden_size=hidden, model=identity, boundary_rule=rule,
-        config={"import_step_dump": import_cfg, "prompt": dict(STEP_PROMPT)}, dtype=storage,
+        # "collect": what the traces were made with, as far as known (the paper's prompt; its
+        # sampling is not in a dump): a scorer exported from this file records it.
+        config={"import_step_dump": import_cfg,
+                "collect": {**STEP_PROMPT, "sampling_known": False, "source": "STEP paper hidden-state dumps"}},
+        dtype=storage,
         compression=config.compression, overwrite=config.overwrite, num_layers=identity["num_hidden_layers"],
         commit_interval_s=config.commit_interval_s,
         extra_attrs={"source": {"format": "step-hiddenstates-pt", "files": [str(f) for f in files]},

@@ -14,7 +14,9 @@ named model: architecture ``mlp`` with the checkpoint's width, site ``final_norm
 identity normalization (mean 0, std 1: the paper normalizes nothing), and the paper's
 boundary rule (:func:`stepprobe.boundaries.step_paper_rule`: a token whose own text holds
 ``"\\n\\n"``, nothing after ``</think>``) recorded as such, so ``stepprobe run`` and
-``stepprobe serve`` segment like the paper. ``net.i.*`` maps to the probe's ``head.i.*``: the
+``stepprobe serve`` segment like the paper, and the paper's prompt as the scorer's
+``generation`` record, so ``run`` and ``bench`` build the paper's prompts unless told
+otherwise (the sampling settings are not in a checkpoint: pass them). ``net.i.*`` maps to the probe's ``head.i.*``: the
 layers are the same, and on the same float32 features the scores are the paper's forward.
 
 Safety: the checkpoint is read with ``torch.load(weights_only=True)`` only
@@ -223,7 +225,9 @@ def convert_step_scorer(checkpoint: str | Path, out: str | Path, *, model: Mappi
                   "source_format": f"STEP train_scorer.py checkpoint ({form})"}
     path = save_scorer(out, probe, model=dict(model), boundary_rule=paper_boundary_rule(tokenizer),
                        metrics={f"step_checkpoint.{k}": v for k, v in metrics.items()}, config=meta_config,
-                       threshold=threshold, provenance=provenance, overwrite=overwrite)
+                       threshold=threshold, provenance=provenance, overwrite=overwrite,
+                       # run/bench default to the paper's prompt; its sampling is not in the checkpoint
+                       generation={"prompt": dict(STEP_PROMPT)})
     log.info("converted %s (%s, D=%d, width %d, %s) -> %s for model %r", checkpoint, form, d, width,
              "/".join(dtypes), path, model.get("name"))
     return path

@@ -61,6 +61,19 @@ class PromptOptions(OptionGroup):
         None, "instruction appended to every question; '' for none (default: the scorer's, else the "
               "'The answer is N.' form, the letter form for multiple choice)", blank=True)
     use_chat_template: bool | None = option(None, "apply the tokenizer's chat template (default: the scorer's, else yes)")
+    prompt_preset: str | None = option(
+        None, "named prompt settings for the fields not given: step-paper (the STEP paper's system prompt 'Please "
+              "reason step by step, and put your final answer within \\boxed{}', the question as the whole user "
+              "turn); the fields it sets are recorded like given ones", resume_ok=True)
+
+    def check(self) -> None:
+        # A preset fills the prompt fields the user left unset; given fields win.
+        if self.prompt_preset:
+            from .data_collection.prompts import prompt_preset
+
+            for name, value in prompt_preset(self.prompt_preset).items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
 
     def prompt_kwargs(self) -> dict[str, Any]:
         """``build_prompt`` keyword arguments (``None`` fields take the built-in default)."""
@@ -261,8 +274,12 @@ def generation_of(collect_config: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = dict(collect_config or {})
     if not cfg:
         return {}
+    # Sampling keys a converted source does not know (STEP dumps) stay out: run/bench then
+    # take their own defaults instead of a made-up record of the data.
+    sampling_known = cfg.get("sampling_known", True)
     return {"prompt": {k: cfg.get(k, BUILTIN_PROMPT[k]) for k in PROMPT_FIELDS},
-            "sampling": {k: cfg.get(k, BUILTIN_SAMPLING[k]) for k in TRAINED_SAMPLING_FIELDS}}
+            "sampling": {k: cfg.get(k, BUILTIN_SAMPLING[k]) for k in TRAINED_SAMPLING_FIELDS
+                         if sampling_known or k in cfg}}
 
 
 def resolve_generation(config: Any, generation: Mapping[str, Any] | None, *, what: str = "run") -> dict[str, Any]:

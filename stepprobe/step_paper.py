@@ -45,16 +45,11 @@ def paper_boundary_rule(tokenizer: Any | None = None, *, scope: str = "prompt+re
 
 def model_identity_for(name: str) -> tuple[dict[str, Any], Any]:
     """``(identity, tokenizer)`` of a model by name, path or HF id (config and tokenizer only)."""
-    from .models import model_display_name, resolve_model
-    from .provenance import model_identity
+    from .models import identify_model
 
-    path = resolve_model(name)
     try:
-        from transformers import AutoConfig, AutoTokenizer
-
-        cfg = AutoConfig.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
+        _, identity, tok = identify_model(name)
     except (OSError, ValueError) as exc:
         raise StepprobeError(f"cannot read the config and tokenizer of model {name!r} "
                              f"({str(exc).strip().splitlines()[0][:160]})") from None
-    return model_identity(model_display_name(name), cfg, tok), tok
+    return identity, tok

@@ -198,3 +198,28 @@ def test_sweep_tune_export_train_run_on_converted_dumps(tmp_path, tiny):
     # Scorers trained on converted dumps segment like the paper at run time.
     for sc in (scorer, exported):
         assert sc.boundary_rule["mode"] == "token-contains" and sc.boundary_rule["end_text"] == "</think>"
+        # ... and record the paper's prompt (the dumps do not know the sampling settings)
+        assert sc.generation == {"prompt": STEP_PROMPT, "sampling": {}}
+
+
+def test_prompt_preset_step_paper():
+    from stepprobe.data_collection import collect
+    from stepprobe.step_paper import STEP_SYSTEM_PROMPT
+
+    cfg = collect.Config(prompt_preset="step-paper")
+    assert (cfg.system_prompt, cfg.answer_instruction, cfg.use_chat_template) == (STEP_SYSTEM_PROMPT, "", True)
+    # A field given explicitly wins over the preset; the rest come from it.
+    cfg = collect.Config(prompt_preset="step-paper", system_prompt="")
+    assert cfg.system_prompt == "" and cfg.answer_instruction == ""
+    with pytest.raises(StepprobeError, match="unknown prompt preset 'paper'; known: step-paper"):
+        collect.Config(prompt_preset="paper")
+    # The text: the paper's system turn, the question alone as the user turn.
+    from transformers import AutoTokenizer
+
+    from stepprobe.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    text = build_prompt(Problem("p", "What is 2 + 3?", "5"), tok, **STEP_PROMPT)
+    assert text == tok.apply_chat_template([{"role": "system", "content": STEP_SYSTEM_PROMPT},
+                                            {"role": "user", "content": "What is 2 + 3?"}],
+                                           tokenize=False, add_generation_prompt=True)

@@ -185,3 +185,26 @@ def test_not_a_checkpoint_and_other_layouts_refused(tmp_path):
     sd = {f"module.{k}": v for k, v in _sd().items()}
     assert check_step_state_dict(sd, "dp.pt") == (8, 512)
     assert set(STEP_KEYS) == set(_sd())
+
+
+def test_converted_scorer_gives_run_the_papers_prompt(tmp_path, tiny, caplog):
+    """run/bench fill unset prompt fields from the scorer: a converted one gives the paper's."""
+    from stepprobe.inference import run as run_stage
+    from stepprobe.options import BUILTIN_SAMPLING, with_scorer_generation
+    from stepprobe.step_paper import STEP_PROMPT, STEP_SYSTEM_PROMPT
+
+    model_path, identity, tok = tiny
+    clf, ckpt = _paper_checkpoint(identity["hidden_size"])
+    torch.save(ckpt, tmp_path / "best.pt")
+    out = convert_step_scorer(tmp_path / "best.pt", tmp_path / "s", model=identity, tokenizer=tok)
+    assert load_scorer(out).generation == {"prompt": STEP_PROMPT}
+    cfg = with_scorer_generation(run_stage.Config(scorer=str(out), model=model_path))
+    assert cfg.system_prompt == STEP_SYSTEM_PROMPT and cfg.answer_instruction == "" and cfg.use_chat_template
+    # The checkpoint says nothing about sampling: run's own defaults, not a made-up record.
+    assert (cfg.temperature, cfg.top_p, cfg.top_k) == tuple(BUILTIN_SAMPLING[k] for k in ("temperature", "top_p", "top_k"))
+    # The preset names the same prompt: no warning; another system prompt is warned about.
+    caplog.clear()
+    with_scorer_generation(run_stage.Config(scorer=str(out), model=model_path, prompt_preset="step-paper"))
+    assert "trained on prompts" not in caplog.text
+    with_scorer_generation(run_stage.Config(scorer=str(out), model=model_path, system_prompt="Think hard."))
+    assert "but the scorer was trained on prompts with system_prompt=" in caplog.text
