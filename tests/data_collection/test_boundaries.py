@@ -140,3 +140,21 @@ def test_default_tokenizer_writes_blank_lines_both_ways(record_tokenizer, record
     pieces = [det.pieces[i] for i in det.find(ids)]
     single_token = [p for p in pieces if "\n\n" in p]
     assert len(pieces) > len(single_token)
+
+
+def test_token_pieces_keep_special_tokens_and_spacing(record_tokenizer):
+    """Each token's own text, exactly: special tokens are kept (a boundary rule may name one)
+    and no clean-up of spaces (" ." stays " .", or offsets across tokens would shift)."""
+    from stepprobe.boundaries import token_pieces
+
+    pieces = token_pieces(record_tokenizer)
+    assert len(pieces) == len(record_tokenizer)
+    eos = record_tokenizer.eos_token_id
+    assert pieces[eos] == record_tokenizer.eos_token != ""
+    dot = record_tokenizer.convert_tokens_to_ids("\u0120.")  # byte-level BPE: " ."
+    assert pieces[dot] == " ."
+    nl2 = record_tokenizer.convert_tokens_to_ids("\u010a\u010a")  # "\n\n"
+    assert pieces[nl2] == "\n\n"
+    det = BoundaryDetector(BoundaryRule(), pieces)
+    assert det.boundary_token_ids() == sorted(i for i, p in enumerate(pieces) if "\n" in p)
+    assert nl2 in det.boundary_token_ids() and dot not in det.boundary_token_ids()
