@@ -131,6 +131,88 @@ def request_overrides(sampling_params: Any) -> dict[str, Any]:
     return out
 
 
+def unsupported_features(vllm_config: Any) -> list[str]:
+    """What in this engine configuration the capture cannot score correctly (empty: fine).
+
+    - pipeline parallelism: the hooked layers of other stages are ``PPMissingLayer``s and
+      the output comes from the last stage;
+    - dual-batch overlap / micro-batching: the model runs once per micro-batch on sliced
+      inputs, so the capture buffers' rows are overwritten;
+    - speculative decoding: rejected draft tokens would advance the boundary detector;
+    - M-RoPE models: positions are ``[3, N]``;
+    - weight offloading (``--cpu-offload-gb``, prefetch offloading): not verified;
+    - prefill/decode context parallelism: rows are partitioned across ranks.
+    """
+    out = []
+    pc = getattr(vllm_config, "parallel_config", None)
+    if pc is not None:
+        if getattr(pc, "pipeline_parallel_size", 1) > 1:
+            out.append(f"pipeline parallelism (pipeline_parallel_size={pc.pipeline_parallel_size})")
+        if getattr(pc, "use_ubatching", False):
+            out.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size)")
+        if getattr(pc, "prefill_context_parallel_size", 1) > 1 or getattr(pc, "decode_context_parallel_size", 1) > 1:
+            out.append("context parallelism")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        out.append("speculative decoding")
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is not None and getattr(mc, "uses_mrope", False):
+        out.append("an M-RoPE model")
+    oc = getattr(vllm_config, "offload_config", None)
+    if oc is not None and (oc.uva.cpu_offload_gb > 0 or oc.prefetch.offload_group_size > 0):
+        out.append("weight offloading (cpu_offload_gb / offload_group_size)")
+    return out
+
+
+def check_supported(vllm_config: Any) -> None:
+    """Refuse, in one line, an engine configuration the capture cannot score correctly."""
+    bad = unsupported_features(vllm_config)
+    if bad:
+        raise StepprobeError(f"stepprobe cannot score with {', '.join(bad)}; run without it, or without a scorer")
+
+
+def engine_args_features(args: Mapping[str, Any], model_path: str | None = None) -> list[str]:
+    """:func:`unsupported_features` from ``EngineArgs`` field values (before an engine starts)."""
+    out = []
+    if int(args.get("pipeline_parallel_size") or 1) > 1:
+        out.append(f"pipeline parallelism (pipeline_parallel_size={args['pipeline_parallel_size']})")
+    if args.get("enable_dbo") or int(args.get("ubatch_size") or 0) > 1:
+        out.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size)")
+    if int(args.get("prefill_context_parallel_size") or 1) > 1 or int(args.get("decode_context_parallel_size") or 1) > 1:
+        out.append("context parallelism")
+    if args.get("speculative_config"):
+        out.append("speculative decoding")
+    if float(args.get("cpu_offload_gb") or 0) > 0 or int(args.get("offload_group_size") or 0) > 0:
+        out.append("weight offloading (cpu_offload_gb / offload_group_size)")
+    if model_path is not None:
+        from transformers import AutoConfig
+        from vllm.transformers_utils.config import uses_mrope
+
+        try:
+            hf = AutoConfig.from_pretrained(model_path, trust_remote_code=bool(args.get("trust_remote_code")))
+        except (OSError, ValueError):  # vLLM will say what is wrong with the model
+            hf = None
+        if hf is not None and uses_mrope(hf):
+            out.append("an M-RoPE model")
+    return out
+
+
+def check_engine_args(args: Mapping[str, Any], model_path: str | None = None) -> None:
+    """The client-side twin of :func:`check_supported`: refuse before the engine starts."""
+    bad = engine_args_features(args, model_path)
+    if bad:
+        raise StepprobeError(f"stepprobe cannot score with {', '.join(bad)}; run without it, or without a scorer")
+
+
+def parse_vllm_cli_engine_args(argv: list[str]) -> dict[str, Any]:
+    """``EngineArgs`` fields from ``vllm serve`` flags, parsed by vLLM's own argument parser."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser(add_help=False))
+    ns, _ = parser.parse_known_args(argv)
+    return vars(ns)
+
+
 def check_vllm_version() -> None:
     try:
         import vllm

@@ -22,7 +22,7 @@ from stepprobe.engine import engine_kwargs, shutdown
 from stepprobe.errors import StepprobeError
 from stepprobe.options import EngineOptions
 
-from .plugin import PluginSettings, check_policy, check_vllm_version
+from .plugin import PluginSettings, check_engine_args, check_policy, check_vllm_version
 from .plugin import engine_kwargs as plugin_engine_kwargs
 from .policies import aggregate_scores
 from .scheduler import PRUNED
@@ -106,6 +106,8 @@ class StepRunner:
             engine = EngineOptions(model=model, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                    num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs)
         kwargs = llm_kwargs_for(engine, settings, seed=seed, plugin=plugin, **llm_kwargs)
+        if plugin and settings.scorer:
+            check_engine_args(kwargs, self.model_path)  # one line, before the engine starts
         t0 = time.perf_counter()
         self.llm = LLM(self.model_path, **kwargs)
         self.startup_s = time.perf_counter() - t0
