@@ -40,7 +40,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from .plugin import PluginSettings, check_policy, request_overrides
+from .plugin import PluginSettings, check_policy, check_supported, request_overrides
 from .policies import (Live, TraceScore, below_group_best, below_threshold, cap_to_min_live, effective_min_keep,
                        memory_victim_keys, top_fraction_losers)
 
@@ -69,6 +69,8 @@ class PruningMixin:
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)  # type: ignore[call-arg]
         self._sp = PluginSettings.from_vllm_config(vllm_config)
+        if self._sp.scorer:
+            check_supported(vllm_config)
         self._sp_threshold = self._sp.threshold
         if self._sp_threshold is None and self._sp.scorer:
             from stepprobe.probes.checkpoint import read_scorer_meta
@@ -76,6 +78,12 @@ class PruningMixin:
             self._sp_threshold = float(read_scorer_meta(self._sp.scorer).get("threshold", 0.5))
         self._sp_traces: dict[str, _Trace] = {}
         self._sp_groups: dict[str, set[str]] = defaultdict(set)
+        # Per-step cost proportional to what changed: live traces counted per group, and the
+        # groups where a trace finished (every finish goes through _free_request) since the
+        # last update, instead of walking every trace and group each step.
+        self._sp_live_count: dict[str, int] = defaultdict(int)
+        self._sp_finished_groups: set[str] = set()
+        self._sp_touched_groups: set[str] = set()
         self._sp_decided_groups: set[str] = set()
         self._sp_flagged: dict[str, str] = {}
         self._sp_outputs: list[tuple[int, Any]] = []
@@ -97,8 +105,12 @@ class PruningMixin:
             trace.conf_threshold = over.get("conf_threshold")
             trace.conf_window = int(over.get("conf_window", 64))
             trace.conf = deque(maxlen=trace.conf_window)
+        old = self._sp_traces.get(request.request_id)
+        if old is not None and not old.done:  # the same id again: forget the old trace
+            self._sp_mark_done(request.request_id)
         self._sp_traces[request.request_id] = trace
         self._sp_groups[group].add(request.request_id)
+        self._sp_live_count[group] += 1
 
     def _sp_live(self, rid: str) -> bool:
         t = self._sp_traces.get(rid)
@@ -126,6 +138,19 @@ class PruningMixin:
         keep = max((self._sp_min_keep(m) for m in members), default=0)
         return len(members) - 1 >= keep
 
+    def _sp_mark_done(self, rid: str, pruned: bool = False) -> None:
+        t = self._sp_traces.get(rid)
+        if t is not None and not t.done:
+            t.done = True
+            self._sp_live_count[t.group] -= 1
+            self._sp_finished_groups.add(t.group)
+            if not pruned:  # finished on its own (stop, length, abort): its group's rules look again
+                self._sp_touched_groups.add(t.group)
+
+    def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        self._sp_mark_done(request.request_id)  # stopped, aborted, errored or pruned
+        return super()._free_request(request, *args, **kwargs)  # type: ignore[misc]
+
     # ---------------------------------------------------------------- pruning
     def _sp_finish(self, request: Any, *, from_running: bool) -> None:
         """Finish ``request`` as pruned and queue its final output for the client."""
@@ -133,6 +158,7 @@ class PruningMixin:
         from vllm.v1.request import RequestStatus
 
         request.stop_reason = PRUNED
+        self._sp_mark_done(request.request_id, pruned=True)
         if from_running:
             # Already popped from self.running by vLLM's preemption loop.
             request.status = RequestStatus.FINISHED_STOPPED
@@ -143,8 +169,6 @@ class PruningMixin:
             request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
             stop_reason=PRUNED, events=request.take_events(), trace_headers=request.trace_headers)))
         t = self._sp_traces.get(request.request_id)
-        if t is not None:
-            t.done = True
         self.stepprobe_counts["pruned"] += 1
         log.debug("stepprobe: pruned %s (score %s)", request.request_id, t.score.value if t else None)
 
@@ -204,12 +228,11 @@ class PruningMixin:
         if logprobs is not None:
             self._sp_confidence(model_runner_output, logprobs)
         outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
-        # Traces that finished on their own this step.
-        for rid, t in self._sp_traces.items():
-            req = self.requests.get(rid)  # type: ignore[attr-defined]
-            if not t.done and (req is None or req.is_finished()):
-                t.done = True
-                touched_groups.add(t.group)
+        # Groups where a trace finished since the last update: rules look again where one finished
+        # on its own (as before), and every group with a finish is a candidate for gc.
+        finished_groups, self._sp_finished_groups = self._sp_finished_groups, set()
+        touched_groups |= self._sp_touched_groups
+        self._sp_touched_groups = set()
         for g in touched_groups:
             self._sp_decide_group(g)
         if self._sp_outputs:
@@ -221,7 +244,7 @@ class PruningMixin:
                     outputs[client] = eco = EngineCoreOutputs(outputs=[])
                 eco.outputs.append(out)
             self._sp_outputs = []
-        self._sp_gc()
+        self._sp_gc(finished_groups)
         return outputs
 
     def _sp_confidence(self, mro: Any, logprobs: Any) -> None:
@@ -262,12 +285,14 @@ class PruningMixin:
         for r in losers:
             self._sp_flagged[r] = "top_fraction"
 
-    def _sp_gc(self) -> None:
-        """Forget groups whose traces have all finished (a server runs forever)."""
-        for g in [g for g, rs in self._sp_groups.items() if all(not self._sp_live(r) for r in rs)]:
-            for r in self._sp_groups.pop(g):
-                self._sp_traces.pop(r, None)
-            self._sp_decided_groups.discard(g)
+    def _sp_gc(self, groups: set[str]) -> None:
+        """Forget those of ``groups`` whose traces have all finished (a server runs forever)."""
+        for g in groups:
+            if self._sp_live_count.get(g, 0) <= 0 and g in self._sp_groups:
+                for r in self._sp_groups.pop(g):
+                    self._sp_traces.pop(r, None)
+                self._sp_decided_groups.discard(g)
+                self._sp_live_count.pop(g, None)
 
 
 def _make(base: type) -> type:
