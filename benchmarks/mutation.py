@@ -52,7 +52,8 @@ FAST = "not vllm and not e2e"
 #: A module that moved keeps working as long as one of its names imports.
 MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "policies": (("stepprobe.inference.policies",),
-                 ("tests/inference/test_units.py", "tests/inference/test_group_policies.py")),
+                 ("tests/inference/test_units.py", "tests/inference/test_group_policies.py",
+                  "tests/inference/test_policy_rules.py")),
     "scheduler": (("stepprobe.inference.scheduler",),
                   ("tests/inference/test_scheduler.py", "tests/inference/test_scheduler_rules.py")),
     "voting": (("stepprobe.voting", "stepprobe.inference.voting"),
