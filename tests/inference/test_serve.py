@@ -50,6 +50,8 @@ def test_vllm_serve_with_plugin_prunes_over_http(tiny_model_path, planted_scorer
                 pass
             assert time.time() < deadline, "vllm serve did not come up"
             time.sleep(2)
+        # the worker's start-up self-test ran in the server's engine before it served anything
+        assert "stepprobe start-up self-test passed" in (tmp_path / "serve.log").read_text()
         base = f"http://127.0.0.1:{port}/v1/completions"
         bad = _post(base, {"model": tiny_model_path, "prompt": "Bad:", "max_tokens": 30, "temperature": 1.0,
                            "n": 2, "logit_bias": {str(k): v for k, v in helpers.bad_bias().items()}})
@@ -90,3 +92,8 @@ def test_serve_prints_the_vllm_serve_command_and_refuses_bad_input(tiny_model_pa
     assert "unknown pruning policy 'best'" in capsys.readouterr().err
     assert main(["serve", "--model", tiny_model_path, "--print-command", "--", "--model", "x"]) == 2
     assert "--model before" in capsys.readouterr().err
+    # a configuration the capture cannot score (issue 15): refused before vLLM starts
+    assert main(["serve", "--model", tiny_model_path, "--scorer", planted_scorer, "--print-command", "--",
+                 "--pipeline-parallel-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot score with pipeline parallelism" in err and len(err.strip().splitlines()) == 1
