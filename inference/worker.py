@@ -66,6 +66,9 @@ from .plugin import PluginSettings, check_supported, check_vllm_version
 from .seeds import install_seed_rewind
 
 log = logging.getLogger(__name__)
+# Engine-side lines a user must see (vLLM configures only its own "vllm" logger in the engine
+# process, e.g. under `stepprobe serve` / `vllm serve`).
+engine_log = logging.getLogger("vllm.stepprobe")
 
 BUFFER_NAME = "_stepprobe_capture"
 VERIFY_BOUNDARIES = 8
@@ -692,7 +695,7 @@ class StepprobeWorkerMixin:
                 f"stepprobe start-up self-test: {got} step boundaries scored, {expected} in the {len(tokens)} "
                 f"tokens sampled, {unwritten} rows not written by the capture hooks; scores would be wrong or "
                 f"missing with this vLLM ({type(runner).__module__}); refusing to start")
-        log.info("stepprobe start-up self-test passed: %d/%d boundaries scored (%s)", got, expected,
+        engine_log.info("stepprobe start-up self-test passed: %d/%d boundaries scored (%s)", got, expected,
                  type(runner).__module__)
         return {"expected": expected, "captured": got}
 
