@@ -84,6 +84,7 @@ class PruningMixin:
         self._sp_live_count: dict[str, int] = defaultdict(int)
         self._sp_finished_groups: set[str] = set()
         self._sp_touched_groups: set[str] = set()
+        self._sp_live_memory = 0  # live traces under the memory policy
         self._sp_decided_groups: set[str] = set()
         self._sp_flagged: dict[str, str] = {}
         self._sp_outputs: list[tuple[int, Any]] = []
@@ -111,6 +112,7 @@ class PruningMixin:
         self._sp_traces[request.request_id] = trace
         self._sp_groups[group].add(request.request_id)
         self._sp_live_count[group] += 1
+        self._sp_live_memory += policy == "memory"
 
     def _sp_live(self, rid: str) -> bool:
         t = self._sp_traces.get(rid)
@@ -143,6 +145,7 @@ class PruningMixin:
         if t is not None and not t.done:
             t.done = True
             self._sp_live_count[t.group] -= 1
+            self._sp_live_memory -= t.policy == "memory"
             self._sp_finished_groups.add(t.group)
             if not pruned:  # finished on its own (stop, length, abort): its group's rules look again
                 self._sp_touched_groups.add(t.group)
@@ -183,8 +186,10 @@ class PruningMixin:
                     self._sp_finish(req, from_running=False)
         running = self.running  # type: ignore[attr-defined]
         self._sp_mem_allowed: set[str] = set()
-        mem_groups = {t.group for t in (self._sp_traces.get(r.request_id) for r in running)
-                      if t is not None and t.policy == "memory"}
+        # No live memory-policy trace (counted on add/finish): nothing to order, no O(running) scan.
+        mem_groups = set() if not self._sp_live_memory else {
+            t.group for t in (self._sp_traces.get(r.request_id) for r in running)
+            if t is not None and t.policy == "memory"}
         if mem_groups:
             keys = memory_victim_keys(self._sp_group_view(mem_groups), self._sp.memory_victim)
             zero = (0, 0.0, 0.0)
