@@ -8,7 +8,7 @@ import time
 import pytest
 
 from stepprobe.data_collection.collect import majority_vote
-from stepprobe.data_collection.grading import answers_equivalent, extract_answer, is_correct, last_boxed
+from stepprobe.data_collection.grading import answers_equivalent, extract_answer, gold_letter, is_correct, last_boxed
 
 # (model output, gold, expected extraction, expected verdict)
 FREE_FORM = [
@@ -152,3 +152,28 @@ def test_grading_off_the_main_thread():
     t.start()
     t.join()
     assert results == [True]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The answer is \\[ 42 \\].", "42"),        # display-math wrapper dropped
+    ("The answer is $7$.", "7"),
+    ("The answer is \\(x + 1\\)", "x + 1"),
+])
+def test_phrase_answers_lose_their_math_wrappers(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_multiple_choice_letters_and_option_texts():
+    choices = ["red", "green", "blue"]
+    assert gold_letter("b", choices) == "B" and gold_letter("2", choices) == "C"
+    assert gold_letter("green", choices) == "B"
+    assert gold_letter("Green.", choices) == "B"   # option text, trailing period ignored
+    assert gold_letter("D", choices) is None        # only three options
+    assert gold_letter("AB", choices) is None
+    assert is_correct("(C) blue", "blue", choices=choices) and is_correct("C", "2", choices=choices)
+    assert not is_correct("A", "blue", choices=choices)
+
+
+def test_thousands_separators_are_one_number():
+    assert answers_equivalent("1,000", "1000") and is_correct("12,345", "12345")
+    assert not answers_equivalent("1,000", "1")
