@@ -37,7 +37,7 @@ import numpy as np
 from ..boundaries import DEFAULT_DELIMITER, BoundaryDetector, BoundaryRule, step_paper_rule
 from ..config import StageConfig, option
 from ..errors import ArtifactMismatch, StepprobeError
-from ..layers import FINAL_NORM, EMBED, all_sites, layer_name
+from ..layers import FINAL_NORM, EMBED, all_sites, layer_name, mean_name, parse_sites
 from ..models import identify_model
 from ..provenance import check_model_identity
 from . import hdf5
@@ -73,6 +73,8 @@ class Config(StageConfig):
     commit_interval_s: float = option(30.0, "commit finished problems to disk at least this often (seconds)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     system_prompt: str | None = option(None, "STEP format only: system prompt for the rebuilt chat prompt")
+    step_mean: str = option("", "also store each step's mean over its tokens for these sites ('' none, all, "
+                                "layers, 10-20, layer_12,...): features <site>.mean")
 
 
 # -- hidden-state extraction -----------------------------------------------------------------
@@ -98,7 +100,8 @@ class SiteExtractor:
     Only the base model runs (no LM head), and only the requested positions leave the hook.
     """
 
-    def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto"):
+    def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto",
+                 mean_sites: Sequence[str] = ()):
         import torch
         from transformers import AutoModel
 
@@ -118,7 +121,9 @@ class SiteExtractor:
         self.num_layers = len(layers)
         self.hidden_size = int(self.model.config.hidden_size)
         self.sites = all_sites(self.num_layers)
+        self.mean_sites = list(mean_sites)
         self._index: tuple[Any, Any] | None = None
+        self._segments: tuple[Any, Any, Any, Any] | None = None  # token batch, token pos, row, row lengths
         self._out: dict[str, Any] = {}
         self._handles = [layers[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
         for i, layer in enumerate(layers):
@@ -132,6 +137,13 @@ class SiteExtractor:
             h = h[0]
         b, p = self._index
         self._out[site] = h[b, p].float()
+        if self._segments is not None and site in self.mean_sites:
+            tb, tp, row, counts = self._segments
+            import torch
+
+            sums = torch.zeros((counts.numel(), h.shape[-1]), dtype=torch.float32, device=h.device)
+            sums.index_add_(0, row, h[tb, tp].float())
+            self._out[mean_name(site)] = sums / counts[:, None]
 
     def _pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
         self._take(EMBED, args[0] if args else kwargs["hidden_states"])
@@ -142,8 +154,12 @@ class SiteExtractor:
         return hook
 
     def extract(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-                pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+                pad_id: int = 0, starts: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
         """For each sequence, ``{site: float32 [len(positions[i]), hidden]}`` at absolute positions.
+
+        With ``mean_sites``, also ``{<site>.mean: ...}``: the mean over each step's tokens,
+        from the token after the previous boundary (the first step: from ``starts[i]``, the
+        first generated token) up to and including the boundary token.
 
         Sequences are right-padded and run without an attention mask: with causal
         attention, padding after a position cannot change it.
@@ -160,15 +176,34 @@ class SiteExtractor:
         if p.numel() and int(p.max()) >= T:
             raise StepprobeError("a boundary position lies beyond its sequence")
         self._index, self._out = (b, p), {}
+        if self.mean_sites:
+            if starts is None:
+                raise StepprobeError("step means need the first generated position of each sequence")
+            tb, tp, row, counts, r = [], [], [], [], 0
+            for i, ps in enumerate(positions):
+                lo = int(starts[i])
+                for q in ps:
+                    span = range(lo, int(q) + 1)
+                    tb.extend([i] * len(span))
+                    tp.extend(span)
+                    row.extend([r] * len(span))
+                    counts.append(len(span))
+                    lo, r = int(q) + 1, r + 1
+            dev = self.device
+            self._segments = (torch.as_tensor(tb, dtype=torch.long, device=dev),
+                              torch.as_tensor(tp, dtype=torch.long, device=dev),
+                              torch.as_tensor(row, dtype=torch.long, device=dev),
+                              torch.as_tensor(counts, dtype=torch.float32, device=dev))
         try:
             with torch.inference_mode():
                 self.model(input_ids=ids.to(self.device), use_cache=False)
-            got = {s: self._out[s].cpu().numpy() for s in self.sites}
+            names = self.sites + [mean_name(s) for s in self.mean_sites]
+            got = {s: self._out[s].cpu().numpy() for s in names}
         finally:
-            self._index, self._out = None, {}
+            self._index, self._out, self._segments = None, {}, None
         result, lo = [], 0
         for ps in positions:
-            result.append({s: got[s][lo:lo + len(ps)] for s in self.sites})
+            result.append({s: got[s][lo:lo + len(ps)] for s in names})
             lo += len(ps)
         return result
 
@@ -302,7 +337,10 @@ def run(config: Config) -> Path:
     file_config = {"collect": source.header.get("config", {}), "record": record_cfg}
 
     # Counting pass: boundaries per trace decide the bytes to write.
-    sites_n = identity["num_hidden_layers"] + 2
+    mean_sites = parse_sites(config.step_mean, identity["num_hidden_layers"]) if config.step_mean else []
+    if any(s.endswith(".mean") for s in mean_sites):
+        raise StepprobeError(f"--step-mean takes sites (all, layers, 10-20, ...), got {config.step_mean!r}")
+    sites_n = identity["num_hidden_layers"] + 2 + len(mean_sites)
     hidden = identity["hidden_size"]
     n_problems = n_traces = n_steps = 0
     for prob in source.problems(shard):
@@ -322,8 +360,8 @@ def run(config: Config) -> Path:
     if output.exists() and not config.overwrite:
         old = hdf5.HiddenStates(output)
         old_rec = (old.header.get("config") or {}).get("record", {})
-        for key in ("dtype", "input_format", "shard", "traces"):
-            if old_rec.get(key) != record_cfg.get(key):
+        for key in ("dtype", "input_format", "shard", "traces", "step_mean"):
+            if old_rec.get(key, "" if key == "step_mean" else None) != record_cfg.get(key):
                 raise ArtifactMismatch(f"{output} exists and was recorded with {key}={old_rec.get(key)!r} "
                                        f"(this run: {record_cfg.get(key)!r}); pass --overwrite or a new --output")
         if old.complete and old.layout == hdf5.LAYOUT_SINGLE and old.num_problems >= n_problems:
@@ -335,7 +373,7 @@ def run(config: Config) -> Path:
                 return output
         old.close()
 
-    extractor = SiteExtractor(model_path, dtype=config.dtype, device=config.device)
+    extractor = SiteExtractor(model_path, dtype=config.dtype, device=config.device, mean_sites=mean_sites)
     if extractor.num_layers != identity["num_hidden_layers"] or extractor.hidden_size != hidden:
         raise ArtifactMismatch(f"model {model_path} has {extractor.num_layers} layers / hidden "
                                f"{extractor.hidden_size}, its config says {identity['num_hidden_layers']} / {hidden}")
@@ -344,7 +382,7 @@ def run(config: Config) -> Path:
     writer = hdf5.HiddenStatesWriter(
         output, sites=extractor.sites, hidden_size=hidden, model=identity, boundary_rule=boundary_rule,
         config=file_config, dtype=storage_dtype, compression=config.compression, overwrite=config.overwrite,
-        num_layers=extractor.num_layers, commit_interval_s=config.commit_interval_s,
+        num_layers=extractor.num_layers, commit_interval_s=config.commit_interval_s, mean_sites=mean_sites,
         extra_attrs={"shard": f"{shard[0]}/{shard[1]}" if shard else None,
                      "source": {"path": str(traces_path.resolve()), "format": fmt}},
         match_config_keys=("collect", "record.dtype", "record.input_format", "record.traces", "record.shard"))
@@ -402,7 +440,7 @@ def _chain(it: Iterator[ProblemTraces]) -> Iterator[ProblemTraces | None]:
 def _record_window(problems: list[ProblemTraces], extractor: SiteExtractor, detector: BoundaryDetector,
                    config: Config, pad_id: int) -> list[list[hdf5.TraceRecord]]:
     """Forward every trace with boundaries (length-sorted batches); TraceRecords per problem."""
-    jobs = []  # (problem idx, trace idx, full ids, absolute positions)
+    jobs = []  # (problem idx, trace idx, full ids, absolute positions, first generated position)
     out: list[list[Any]] = []
     for pi, prob in enumerate(problems):
         out.append([None] * len(prob.traces))
@@ -411,7 +449,7 @@ def _record_window(problems: list[ProblemTraces], extractor: SiteExtractor, dete
             pos = detector.find(t.output_token_ids)
             if pos:
                 jobs.append((pi, ti, list(prob.prompt_token_ids) + list(t.output_token_ids),
-                             [n_prompt + p for p in pos]))
+                             [n_prompt + p for p in pos], n_prompt))
             out[pi][ti] = (t, pos, None)
     jobs.sort(key=lambda j: len(j[2]))
     i = 0
@@ -421,8 +459,9 @@ def _record_window(problems: list[ProblemTraces], extractor: SiteExtractor, dete
                and (j - i + 1) * len(jobs[j][2]) <= config.max_batch_tokens):
             j += 1
         batch = jobs[i:j]
-        feats = extractor.extract([b[2] for b in batch], [b[3] for b in batch], pad_id=pad_id)
-        for (pi, ti, _, _), f in zip(batch, feats):
+        feats = extractor.extract([b[2] for b in batch], [b[3] for b in batch], pad_id=pad_id,
+                                  starts=[b[4] for b in batch])
+        for (pi, ti, _, _, _), f in zip(batch, feats):
             t, pos, _ = out[pi][ti]
             out[pi][ti] = (t, pos, f)
         i = j

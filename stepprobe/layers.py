@@ -13,6 +13,13 @@ Sites, for a decoder with ``n`` layers:
 
 The same strings name HDF5 datasets, probe feature specs, Optuna parameters and the
 runner's hooks.
+
+A *feature* is a site read one of two ways: ``layer_20`` is the hidden state at the step's
+boundary token; ``layer_20.mean`` (:func:`mean_name`) is the mean of that site's hidden
+states over the step's tokens (from the token after the previous boundary, or the first
+generated token, up to and including the boundary token). Step means are recorded only
+when asked for (``stepprobe record --step-mean``) and live capture in the runner does not
+compute them, so a scorer that reads one is refused there.
 """
 
 from __future__ import annotations
@@ -24,6 +31,23 @@ from .errors import StepprobeError
 EMBED = "embed"
 FINAL_NORM = "final_norm"
 _LAYER_RE = re.compile(r"^layer_(\d+)$")
+MEAN_SUFFIX = ".mean"
+
+
+def mean_name(site: str) -> str:
+    """The step-mean feature of ``site`` (``layer_20`` -> ``layer_20.mean``)."""
+    return site if site.endswith(MEAN_SUFFIX) else site + MEAN_SUFFIX
+
+
+def split_feature(name: str) -> tuple[str, bool]:
+    """``layer_20.mean`` -> ``("layer_20", True)``; ``layer_20`` -> ``("layer_20", False)``."""
+    if name.endswith(MEAN_SUFFIX):
+        return name[:-len(MEAN_SUFFIX)], True
+    return name, False
+
+
+def is_step_mean(name: str) -> bool:
+    return name.endswith(MEAN_SUFFIX)
 
 
 def layer_name(index: int) -> str:
@@ -43,7 +67,10 @@ def layer_index(name: str) -> int | None:
 
 
 def site_depth(name: str, num_layers: int) -> int:
-    """Position of a site in model order (embed 0, layer_i i+1, final_norm n+1); for plots."""
+    """Position of a site in model order (embed 0, layer_i i+1, final_norm n+1); for plots.
+
+    A step-mean feature (``layer_20.mean``) has the depth of its site."""
+    name = split_feature(name)[0]
     if name == EMBED:
         return 0
     if name == FINAL_NORM:
@@ -55,12 +82,18 @@ def site_depth(name: str, num_layers: int) -> int:
 
 
 def parse_sites(spec: str | list[str], num_layers: int) -> list[str]:
-    """Parse a user's site list: names, indices, ranges like ``10-20``, ``all``, ``layers``."""
+    """Parse a user's site list: names, indices, ranges like ``10-20``, ``all``, ``layers``.
+
+    Any item may end in ``.mean`` for the step-mean features of what it names
+    (``layers.mean``, ``10-14.mean``, ``layer_20.mean``)."""
     items = spec if isinstance(spec, list) else [s.strip() for s in spec.split(",") if s.strip()]
     out: list[str] = []
     for item in items:
         item = str(item)
-        if item == "all":
+        base, mean = split_feature(item)
+        if mean:
+            out.extend(mean_name(n) for n in parse_sites([base], num_layers))
+        elif item == "all":
             out.extend(all_sites(num_layers))
         elif item == "layers":
             out.extend(layer_name(i) for i in range(num_layers))

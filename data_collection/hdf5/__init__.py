@@ -1,16 +1,20 @@
 """The hidden-states HDF5 file: schema, crash-safe writer, lazy reader, shard merge.
 
-Schema ``stepprobe-hidden-states`` version 1 (documented in ``docs/hdf5_schema.md``)::
+Schema ``stepprobe-hidden-states`` version 2 (documented in ``docs/hdf5_schema.md``)::
 
     /                         attributes: kind, schema_version, layout, complete, sites,
                               num_layers, hidden_size, storage_dtype, model, boundary_rule,
                               config, packages, ... (dicts and lists as JSON strings)
     /features/<site>          [num_steps, hidden_size]  storage dtype (float16 by default),
                               chunked along the step axis; one dataset per site
+    /features_mean/<site>     optional (version 2): the mean of the site over each step's
+                              tokens, for the sites in attribute ``mean_sites``
     /steps/{trace, problem, step, position, rel_position, label}       one row per boundary
     /traces/{problem, sample_index, label, num_steps, num_tokens,
              finish_reason, step_start}                                one row per trace
     /problems/{problem_id, question, gold}                             one row per problem
+
+Version 1 (no step means) reads as version 2 with ``mean_sites`` empty.
 
 Two layouts share that schema. ``single``: one self-contained file (what a finished run,
 :func:`write_arrays` and :func:`merge` produce). ``parts``: what a run in progress
@@ -28,8 +32,9 @@ from __future__ import annotations
 
 from .merge import merge
 from .reader import HiddenStates, read_header
-from .schema import (JSON_ATTRS, KIND, LAYOUT_PARTS, LAYOUT_SINGLE, PROBLEM_FIELDS, SCHEMA_VERSION, STEP_FIELDS,
-                     STORAGE_DTYPES, TABLES, TRACE_FIELDS, _check_dtype, chunk_rows, estimate_bytes, human_bytes,
+from .schema import (FEATURE_GROUP, JSON_ATTRS, KIND, LAYOUT_PARTS, LAYOUT_SINGLE, MEAN_GROUP,  # noqa: F401
+                     PROBLEM_FIELDS, READABLE_VERSIONS, SCHEMA_VERSION, STEP_FIELDS, STORAGE_DTYPES, TABLES,
+                     TRACE_FIELDS, _check_dtype, chunk_rows, estimate_bytes, feature_names, feature_path, human_bytes,
                      parse_compression, parts_dir)
 from .writer import HiddenStatesWriter, TraceRecord, consolidate_file, write_arrays
 

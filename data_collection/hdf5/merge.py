@@ -13,7 +13,7 @@ from ...errors import ArtifactMismatch, StepprobeError
 from ...provenance import check_model_identity
 from .reader import HiddenStates
 from .schema import (LAYOUT_SINGLE, PROBLEM_FIELDS, STEP_FIELDS, TABLES, TRACE_FIELDS, _as_table, _now,
-                     _write_single, parse_compression)
+                     _write_single, feature_path, parse_compression)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ def merge(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
     first = files[0]
     for hs in files[1:]:
         check_model_identity(first.model, hs.model, f"hidden-states file {hs.path}")
-        for key in ("sites", "hidden_size", "storage_dtype", "boundary_rule"):
+        for key in ("sites", "mean_sites", "hidden_size", "storage_dtype", "boundary_rule"):
+            if key == "mean_sites" and hs.mean_sites == first.mean_sites:
+                continue
             if hs.header.get(key) != first.header.get(key):
                 raise ArtifactMismatch(f"cannot merge {hs.path}: {key}={hs.header.get(key)!r} differs from "
                                        f"{first.path} ({first.header.get(key)!r})")
@@ -81,7 +83,7 @@ def merge(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
         for hs, off in offsets:
             a, b = max(lo, off), min(hi, off + hs.num_steps)
             if a < b:
-                out.append(hs._h5()["features"][site][a - off:b - off])
+                out.append(hs._h5()[feature_path(site)][a - off:b - off])
         return np.concatenate(out, axis=0)
 
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ import numpy as np
 from ...errors import ArtifactMismatch, StepprobeError
 from ...layers import all_sites, site_depth
 from ...provenance import check_model_identity, check_schema
-from .schema import (_COPY_BLOCK_BYTES, KIND, LAYOUT_PARTS, LAYOUT_SINGLE, SCHEMA_VERSION, _check_consistency,
-                     _decode_attr, _h5py, _read_tables, chunk_rows, parts_dir)
+from .schema import (_COPY_BLOCK_BYTES, KIND, LAYOUT_PARTS, LAYOUT_SINGLE, READABLE_VERSIONS, _check_consistency,
+                     _decode_attr, _h5py, _read_tables, chunk_rows, feature_names, feature_path, parts_dir)
 
 
 class HiddenStates:
@@ -30,11 +30,18 @@ class HiddenStates:
         self._pid: int | None = None
         self._tables: dict[str, dict[str, np.ndarray]] | None = None
         self.header = read_header(self.path)
-        check_schema(self.header, KIND, SCHEMA_VERSION, f"hidden-states file {self.path}")
+        # Version 1 files are version 2 files without step means: read both.
+        check_schema({**self.header, "schema_version": READABLE_VERSIONS[-1]
+                      if self.header.get("schema_version") in READABLE_VERSIONS else self.header.get("schema_version")},
+                     KIND, READABLE_VERSIONS[-1], f"hidden-states file {self.path}")
         for key in ("sites", "hidden_size", "num_layers", "model", "boundary_rule", "storage_dtype"):
             if key not in self.header:
                 raise ArtifactMismatch(f"{self.path}: attribute {key!r} is missing")
         self.sites: list[str] = list(self.header["sites"])
+        # Sites whose step means (``<site>.mean``) the file holds; empty for version 1.
+        self.mean_sites: list[str] = list(self.header.get("mean_sites") or [])
+        # Every readable feature name: the boundary sites, then the step means.
+        self.feature_names: list[str] = feature_names(self.sites, self.mean_sites)
         self.hidden_size: int = int(self.header["hidden_size"])
         self.num_layers: int = int(self.header["num_layers"])
         self.model: dict[str, Any] = self.header["model"]
@@ -116,12 +123,17 @@ class HiddenStates:
 
     # -- features ------------------------------------------------------------------------
     def _dataset(self, site: str) -> Any:
-        if site not in self.sites:
-            raise StepprobeError(f"unknown site {site!r} in {self.path}; known sites: {', '.join(self.sites)}")
-        return self._h5()["features"][site]
+        if site not in self.feature_names:
+            hint = (" (step means are recorded with `stepprobe record --step-mean`)" if site.endswith(".mean")
+                    else "")
+            raise StepprobeError(f"unknown site {site!r} in {self.path}{hint}; known sites: {', '.join(self.feature_names)}")
+        return self._h5()[feature_path(site)]
 
     def features(self, site: str, rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
-        """float32 ``[len(rows), hidden]`` for step rows ``rows`` (any order), or all rows."""
+        """float32 ``[len(rows), hidden]`` for step rows ``rows`` (any order), or all rows.
+
+        ``site`` is a site (the boundary token's hidden state) or a step-mean feature
+        ``<site>.mean`` where the file has one (:attr:`feature_names`)."""
         ds = self._dataset(site)
         n = ds.shape[0]
         if rows is None:
@@ -170,12 +182,16 @@ class HiddenStates:
                 site_depth(s, self.num_layers)
         _check_consistency(self._load_tables(), what)
         f = self._h5()
-        for site in self.sites:
-            if f"features/{site}" not in f:
-                raise ArtifactMismatch(f"{what}: features for site {site!r} are missing")
-            shape = f["features"][site].shape
+        unknown = [s for s in self.mean_sites if s not in self.sites]
+        if unknown:
+            raise ArtifactMismatch(f"{what}: mean_sites lists {', '.join(unknown)}, which are not among its sites")
+        for site in self.feature_names:
+            path = feature_path(site)
+            if path not in f:
+                raise ArtifactMismatch(f"{what}: features for {site!r} are missing ({path})")
+            shape = f[path].shape
             if shape != (self.num_steps, self.hidden_size):
-                raise ArtifactMismatch(f"{what}: features/{site} has shape {shape}, "
+                raise ArtifactMismatch(f"{what}: {path} has shape {shape}, "
                                        f"expected {(self.num_steps, self.hidden_size)}")
 
 

@@ -17,16 +17,22 @@ from typing import Any, Sequence
 import numpy as np
 
 from ...errors import ArtifactMismatch, StepprobeError
+from ...layers import mean_name, split_feature
 from ...provenance import package_versions
 
 KIND = "stepprobe-hidden-states"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 adds the optional step means (attribute ``mean_sites``, datasets
+# ``/features_mean/<site>``); a version-1 file reads as a version-2 file without them.
+READABLE_VERSIONS = (1, 2)
+FEATURE_GROUP = "features"
+MEAN_GROUP = "features_mean"
 
 LAYOUT_SINGLE = "single"
 LAYOUT_PARTS = "parts"
 
 # Attributes stored as JSON strings (everything else is a plain HDF5 scalar).
-JSON_ATTRS = ("sites", "model", "boundary_rule", "config", "packages", "source", "merged_from", "extra")
+JSON_ATTRS = ("sites", "mean_sites", "model", "boundary_rule", "config", "packages", "source", "merged_from", "extra")
 
 STEP_FIELDS: dict[str, Any] = {
     "trace": np.int64, "problem": np.int64, "step": np.int32, "position": np.int32,
@@ -181,21 +187,37 @@ def _check_consistency(tables: dict[str, dict[str, np.ndarray]], what: str) -> N
         raise ArtifactMismatch(f"{what}: traces.problem points outside the {n_probs} problems")
 
 
-def _create_feature_dataset(f: Any, site: str, n: int, hidden: int, dtype: str, compression: dict[str, Any]) -> Any:
+def feature_path(name: str) -> str:
+    """HDF5 path of a feature: ``layer_20`` -> ``features/layer_20``, ``layer_20.mean`` -> ``features_mean/layer_20``."""
+    site, mean = split_feature(name)
+    return f"{MEAN_GROUP if mean else FEATURE_GROUP}/{site}"
+
+
+def feature_names(sites: Sequence[str], mean_sites: Sequence[str]) -> list[str]:
+    """Every feature a file holds: the boundary sites, then the step means."""
+    return [*sites, *(mean_name(s) for s in mean_sites)]
+
+
+def _create_feature_dataset(f: Any, name: str, n: int, hidden: int, dtype: str, compression: dict[str, Any]) -> Any:
     rows = chunk_rows(hidden, dtype)
     if n > 0:  # as few chunks as the target size allows, all the same size: no half-empty last chunk
         rows = -(-n // -(-n // rows))
-    return f.create_dataset(f"features/{site}", shape=(n, hidden), maxshape=(None, hidden), dtype=dtype,
+    return f.create_dataset(feature_path(name), shape=(n, hidden), maxshape=(None, hidden), dtype=dtype,
                             chunks=(rows, hidden), **compression)
 
 
 def _base_attrs(*, sites: Sequence[str], hidden_size: int, num_layers: int, model: dict, boundary_rule: dict,
-                config: dict | None, dtype: str, compression: str | None) -> dict[str, Any]:
+                config: dict | None, dtype: str, compression: str | None,
+                mean_sites: Sequence[str] = ()) -> dict[str, Any]:
+    unknown = [s for s in mean_sites if s not in sites]
+    if unknown:
+        raise StepprobeError(f"step means asked for site(s) {', '.join(unknown)} that are not recorded")
     return {
         "kind": KIND,
         "schema_version": SCHEMA_VERSION,
         "created": _now(),
         "sites": list(sites),
+        "mean_sites": list(mean_sites),
         "num_layers": int(num_layers),
         "hidden_size": int(hidden_size),
         "storage_dtype": dtype,
@@ -219,7 +241,8 @@ def _infer_num_layers(sites: Sequence[str]) -> int:
 
 def _write_single(path: Path, attrs: dict[str, Any], tables: dict[str, dict[str, np.ndarray]],
                   feature_source: Any, compression: dict[str, Any]) -> None:
-    """Write a self-contained file atomically. ``feature_source(site, lo, hi)`` yields rows."""
+    """Write a self-contained file atomically. ``feature_source(name, lo, hi)`` yields rows of a feature
+    (a site, or a site's step mean ``<site>.mean``)."""
     h5py = _h5py()
     n = len(tables["steps"]["trace"])
     hidden, dtype = attrs["hidden_size"], attrs["storage_dtype"]
@@ -230,12 +253,14 @@ def _write_single(path: Path, attrs: dict[str, Any], tables: dict[str, dict[str,
             for k, v in attrs.items():
                 f.attrs[k] = _encode_attr(k, v)
             _write_tables(f, tables)
-            f.create_group("features")
-            for site in attrs["sites"]:
-                ds = _create_feature_dataset(f, site, n, hidden, dtype, compression)
+            f.create_group(FEATURE_GROUP)
+            if attrs.get("mean_sites"):
+                f.create_group(MEAN_GROUP)
+            for name in feature_names(attrs["sites"], attrs.get("mean_sites") or []):
+                ds = _create_feature_dataset(f, name, n, hidden, dtype, compression)
                 for lo in range(0, n, block):
                     hi = min(n, lo + block)
-                    ds[lo:hi] = feature_source(site, lo, hi)
+                    ds[lo:hi] = feature_source(name, lo, hi)
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(path.parent)

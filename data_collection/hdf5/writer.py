@@ -21,12 +21,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ...errors import ArtifactMismatch, StepprobeError
-from ...layers import site_depth
+from ...layers import is_step_mean, site_depth, split_feature
 from ...provenance import check_model_identity
 from .reader import HiddenStates
-from .schema import (KIND, LAYOUT_PARTS, LAYOUT_SINGLE, _as_table, _base_attrs, _check_consistency, _check_dtype,
-                     _create_feature_dataset, _empty_tables, _encode_attr, _fsync_path, _h5py, _infer_num_layers,
-                     _step_start, _write_single, _write_tables, estimate_bytes, parse_compression, parts_dir)
+from .schema import (FEATURE_GROUP, KIND, LAYOUT_PARTS, LAYOUT_SINGLE, MEAN_GROUP, _as_table, _base_attrs,
+                     _check_consistency, _check_dtype, _create_feature_dataset, _empty_tables, _encode_attr,
+                     _fsync_path, _h5py, _infer_num_layers, _step_start, _write_single, _write_tables, estimate_bytes,
+                     feature_names, feature_path, parse_compression, parts_dir)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def write_arrays(path: str | os.PathLike, *, features: dict[str, np.ndarray], st
     """Write a whole file in one go (tests, synthetic data, small conversions).
 
     ``features`` maps site names (see :mod:`stepprobe.layers`) to ``[num_steps, hidden]``
-    arrays in step-row order. ``traces.step_start`` and ``steps.rel_position`` may be
+    arrays in step-row order; ``<site>.mean`` keys are the step means of recorded sites. ``traces.step_start`` and ``steps.rel_position`` may be
     left out; they are derived.
     """
     path = Path(path)
@@ -47,7 +48,8 @@ def write_arrays(path: str | os.PathLike, *, features: dict[str, np.ndarray], st
     dtype = _check_dtype(dtype)
     if not features:
         raise StepprobeError("write_arrays needs at least one feature site")
-    sites = list(features)
+    sites = [k for k in features if not is_step_mean(k)]
+    mean_sites = [split_feature(k)[0] for k in features if is_step_mean(k)]
     arrays = {s: np.asarray(a) for s, a in features.items()}
     shapes = {a.shape for a in arrays.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
@@ -66,7 +68,7 @@ def write_arrays(path: str | os.PathLike, *, features: dict[str, np.ndarray], st
     num_layers = int(model.get("num_hidden_layers") or _infer_num_layers(sites))
     for s in sites:
         site_depth(s, max(num_layers, 1))
-    attrs = _base_attrs(sites=sites, hidden_size=hidden, num_layers=num_layers, model=model,
+    attrs = _base_attrs(sites=sites, mean_sites=mean_sites, hidden_size=hidden, num_layers=num_layers, model=model,
                         boundary_rule=boundary_rule, config=config, dtype=dtype, compression=compression)
     attrs["complete"] = bool(complete)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,10 @@ class HiddenStatesWriter:
                     continue
                 w.add_problem(problem.id, problem.question, problem.gold, traces=[
                     TraceRecord(sample_index, label, num_tokens, finish_reason, positions,
-                                {site: array[num_steps, hidden]}), ...])
+                                {site: array[num_steps, hidden], ...}), ...])
+
+    ``mean_sites`` (a subset of ``sites``) also stores each step's mean over its tokens;
+    a trace then carries ``<site>.mean`` arrays beside ``<site>``.
             w.finish()
 
     A problem is the unit of resumption: it is written with all its traces or not at
@@ -102,12 +107,15 @@ class HiddenStatesWriter:
                  boundary_rule: dict[str, Any], config: dict[str, Any] | None = None, dtype: str = "float16",
                  compression: str | None = None, overwrite: bool = False, num_layers: int | None = None,
                  commit_interval_s: float = 30.0, block_bytes: int = 256 << 20,
-                 extra_attrs: dict[str, Any] | None = None, match_config_keys: Sequence[str] = ()):
+                 extra_attrs: dict[str, Any] | None = None, match_config_keys: Sequence[str] = (),
+                 mean_sites: Sequence[str] = ()):
         self.path = Path(path)
         self.dtype = _check_dtype(dtype)
         self.compression_spec = compression
         self.compression = parse_compression(compression)
         self.sites = list(sites)
+        self.mean_sites = list(mean_sites)
+        self.features = feature_names(self.sites, self.mean_sites)  # what each row stores, in file order
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers if num_layers is not None else
                               model.get("num_hidden_layers") or _infer_num_layers(self.sites))
@@ -115,7 +123,8 @@ class HiddenStatesWriter:
             site_depth(s, max(self.num_layers, 1))
         self.commit_interval_s = float(commit_interval_s)
         self.block_bytes = int(block_bytes)
-        self.attrs = _base_attrs(sites=self.sites, hidden_size=self.hidden_size, num_layers=self.num_layers,
+        self.attrs = _base_attrs(sites=self.sites, mean_sites=self.mean_sites, hidden_size=self.hidden_size,
+                                 num_layers=self.num_layers,
                                  model=model, boundary_rule=boundary_rule, config=config, dtype=self.dtype,
                                  compression=compression)
         self.attrs.update(extra_attrs or {})
@@ -123,7 +132,7 @@ class HiddenStatesWriter:
         self._parts: list[tuple[str, int, int]] = []  # (file relative to the index's folder, rows, merge level)
         self._seq = 0
         self._tables = _empty_tables()
-        self._buffer: dict[str, list[np.ndarray]] = {s: [] for s in self.sites}
+        self._buffer: dict[str, list[np.ndarray]] = {s: [] for s in self.features}
         self._buffered_rows = 0
         self._last_commit = time.monotonic()
         self._n_overflow = 0
@@ -144,10 +153,11 @@ class HiddenStatesWriter:
         old = HiddenStates(self.path)
         what = f"{self.path} (resuming)"
         check_model_identity(old.model, self.attrs["model"], what)
-        for key, mine in (("sites", self.sites), ("hidden_size", self.hidden_size),
+        for key, mine in (("sites", self.sites), ("mean_sites", self.mean_sites), ("hidden_size", self.hidden_size),
                           ("storage_dtype", self.dtype), ("boundary_rule", self.attrs["boundary_rule"])):
-            if old.header.get(key) != mine:
-                raise ArtifactMismatch(f"{self.path} was written with {key}={old.header.get(key)!r}, this run has "
+            theirs = old.mean_sites if key == "mean_sites" else old.header.get(key)
+            if theirs != mine:
+                raise ArtifactMismatch(f"{self.path} was written with {key}={theirs!r}, this run has "
                                        f"{key}={mine!r}; pass a new output or overwrite")
         for key in match_config_keys:
             a, b = _dig(old.header.get("config", {}), key), _dig(self.attrs["config"], key)
@@ -200,7 +210,7 @@ class HiddenStatesWriter:
             raise StepprobeError(f"problem {problem_id!r} is already in {self.path}")
         traces = list(traces)
         for t in traces:
-            t.check(self.sites, self.hidden_size)
+            t.check(self.features, self.hidden_size)
         T = self._tables
         p_idx = len(T["problems"]["problem_id"])
         T["problems"]["problem_id"].append(problem_id)
@@ -225,11 +235,11 @@ class HiddenStatesWriter:
                 S["rel_position"].append(k / n)
                 S["label"].append(int(bool(t.label)))
             if n:
-                for site in self.sites:
+                for site in self.features:
                     self._buffer[site].append(self._cast(t.features[site]))
                 self._buffered_rows += n
         self.done_problem_ids.add(problem_id)
-        buffered = self._buffered_rows * self.hidden_size * len(self.sites) * np.dtype(self.dtype).itemsize
+        buffered = self._buffered_rows * self.hidden_size * len(self.features) * np.dtype(self.dtype).itemsize
         if buffered >= self.block_bytes or time.monotonic() - self._last_commit >= self.commit_interval_s:
             self.commit()
         return p_idx
@@ -251,9 +261,9 @@ class HiddenStatesWriter:
         """Make every problem added so far durable (new part file + atomic index rewrite)."""
         obsolete: list[Path] = []
         if self._buffered_rows:
-            data = {site: np.concatenate(self._buffer[site], axis=0) for site in self.sites}
+            data = {site: np.concatenate(self._buffer[site], axis=0) for site in self.features}
             self._parts.append((self._write_part(data), self._buffered_rows, 0))
-            self._buffer = {s: [] for s in self.sites}
+            self._buffer = {s: [] for s in self.features}
             self._buffered_rows = 0
             obsolete = self._merge_small_parts()
         self._write_index()
@@ -272,7 +282,7 @@ class HiddenStatesWriter:
         tmp = pdir / f".{name}.tmp"
         with _h5py().File(tmp, "w") as f:
             f.attrs["kind"] = KIND + "-part"
-            for site in self.sites:
+            for site in self.features:
                 arr = data[site]
                 ds = _create_feature_dataset(f, site, arr.shape[0], self.hidden_size, self.dtype, self.compression)
                 ds[...] = arr
@@ -288,14 +298,14 @@ class HiddenStatesWriter:
         result stays under ``block_bytes``; bigger parts are never copied again.
         """
         obsolete: list[Path] = []
-        row_bytes = self.hidden_size * len(self.sites) * np.dtype(self.dtype).itemsize
+        row_bytes = self.hidden_size * len(self.features) * np.dtype(self.dtype).itemsize
         base = self.path.parent
         while (len(self._parts) >= 2 and self._parts[-1][2] == self._parts[-2][2]
                and (self._parts[-1][1] + self._parts[-2][1]) * row_bytes <= self.block_bytes):
             (a, ra, lvl), (b, rb, _) = self._parts[-2], self._parts[-1]
             h5py = _h5py()
             with h5py.File(base / a, "r") as fa, h5py.File(base / b, "r") as fb:
-                data = {s: np.concatenate([fa["features"][s][...], fb["features"][s][...]]) for s in self.sites}
+                data = {s: np.concatenate([fa[feature_path(s)][...], fb[feature_path(s)][...]]) for s in self.features}
             name = self._write_part(data)
             self._parts[-2:] = [(name, ra + rb, lvl + 1)]
             obsolete += [base / a, base / b]
@@ -322,17 +332,20 @@ class HiddenStatesWriter:
                 for k, v in attrs.items():
                     f.attrs[k] = _encode_attr(k, v)
                 _write_tables(f, tables)
-                g = f.create_group("features")
-                for site in self.sites:
+                groups = {FEATURE_GROUP: f.create_group(FEATURE_GROUP)}
+                if self.mean_sites:
+                    groups[MEAN_GROUP] = f.create_group(MEAN_GROUP)
+                for site in self.features:
                     if not self._parts:
                         _create_feature_dataset(f, site, 0, self.hidden_size, self.dtype, {})
                         continue
                     layout = h5py.VirtualLayout(shape=(n, self.hidden_size), dtype=self.dtype)
                     lo = 0
                     for rel, rows, _ in self._parts:
-                        layout[lo:lo + rows] = h5py.VirtualSource(rel, f"features/{site}", shape=(rows, self.hidden_size))
+                        layout[lo:lo + rows] = h5py.VirtualSource(rel, feature_path(site), shape=(rows, self.hidden_size))
                         lo += rows
-                    g.create_virtual_dataset(site, layout, fillvalue=np.nan)
+                    group, name = feature_path(site).split("/")
+                    groups[group].create_virtual_dataset(name, layout, fillvalue=np.nan)
             _fsync_path(tmp)
             os.replace(tmp, self.path)
             _fsync_path(self.path.parent)
@@ -364,7 +377,7 @@ class HiddenStatesWriter:
         self.close()
 
     def estimate_bytes(self, num_steps: int) -> int:
-        return estimate_bytes(num_steps, len(self.sites), self.hidden_size, self.dtype)
+        return estimate_bytes(num_steps, len(self.features), self.hidden_size, self.dtype)
 
 
 class TraceRecord:
@@ -388,7 +401,7 @@ class TraceRecord:
         for s in sites:
             a = self.features.get(s)
             if a is None:
-                raise StepprobeError(f"trace {self.sample_index}: no features for site {s!r}")
+                raise StepprobeError(f"trace {self.sample_index}: no features for {s!r}")
             if tuple(np.shape(a)) != (n, hidden):
                 raise StepprobeError(f"trace {self.sample_index}: features for {s!r} have shape {np.shape(a)}, "
                                      f"expected {(n, hidden)}")
@@ -418,7 +431,7 @@ def consolidate_file(path: str | os.PathLike) -> Path:
     attrs["extra"] = extra
     tables = hs._load_tables()
     f = hs._h5()
-    _write_single(path, attrs, tables, lambda site, lo, hi: f["features"][site][lo:hi],
+    _write_single(path, attrs, tables, lambda site, lo, hi: f[feature_path(site)][lo:hi],
                   parse_compression(attrs.get("compression")))
     hs.close()
     shutil.rmtree(parts_dir(path), ignore_errors=True)

@@ -302,3 +302,52 @@ def test_float16_overflow_is_clipped_and_counted(tmp_path, record_model_identity
     hs = HiddenStates(path)
     assert hs.features("layer_01")[0, 0] == np.finfo(np.float16).max
     assert hs.header["extra"]["float16_clipped_values"] == 1 and "clipped" in caplog.text
+
+
+def _mean_record(i, n_steps):
+    rec = _record(i, n_steps)
+    rng = np.random.default_rng(100 + i)
+    rec.features.update({f"{s}.mean": rng.standard_normal((n_steps, H)).astype(np.float32) for s in SITES[1:3]})
+    return rec
+
+
+def test_step_means_parts_consolidate_merge_and_version_1(tmp_path, record_model_identity):
+    """Schema 2's optional step means go through parts, resume, consolidation and merge; a
+    version-1 file (no means) still reads, and a resume with other mean sites is refused."""
+    import h5py
+
+    path = tmp_path / "hs.h5"
+    w = _writer(path, record_model_identity, mean_sites=SITES[1:3])
+    w.add_problem("p0", "q", "g", [_mean_record(0, 2), _mean_record(1, 0)])
+    mid = HiddenStates(path)
+    assert mid.mean_sites == SITES[1:3] and mid.feature_names == SITES + [f"{s}.mean" for s in SITES[1:3]]
+    np.testing.assert_array_equal(mid.features(f"{SITES[1]}.mean"), _mean_record(0, 2).features[f"{SITES[1]}.mean"])
+    with pytest.raises(ArtifactMismatch, match="mean_sites"):
+        _writer(path, record_model_identity)  # resuming without step means
+    w = _writer(path, record_model_identity, mean_sites=SITES[1:3])
+    w.add_problem("p1", "q", "g", [_mean_record(2, 3)])
+    w.finish()
+    hs = HiddenStates(path)
+    assert hs.layout == "single" and hs.header["schema_version"] == SCHEMA_VERSION == 2
+    hs.validate(record_model_identity)
+    want = np.concatenate([_mean_record(0, 2).features[f"{SITES[2]}.mean"], _mean_record(2, 3).features[f"{SITES[2]}.mean"]])
+    np.testing.assert_array_equal(hs.features(f"{SITES[2]}.mean"), want)
+    with pytest.raises(StepprobeError, match="--step-mean"):
+        hs.features(f"{SITES[0]}.mean")
+    other = tmp_path / "b.h5"
+    w = _writer(other, record_model_identity, mean_sites=SITES[1:3])
+    w.add_problem("p9", "q", "g", [_mean_record(9, 1)])
+    w.finish()
+    merged = merge([path, other], tmp_path / "m.h5")
+    m = HiddenStates(merged)
+    assert m.mean_sites == SITES[1:3] and m.num_steps == 6
+    np.testing.assert_array_equal(m.features(f"{SITES[2]}.mean")[5], _mean_record(9, 1).features[f"{SITES[2]}.mean"][0])
+    # a version-1 file: no mean_sites attribute, schema_version 1
+    v1 = tmp_path / "v1.h5"
+    _write(v1, record_model_identity)
+    with h5py.File(v1, "r+") as f:
+        f.attrs["schema_version"] = 1
+        del f.attrs["mean_sites"]
+    old = HiddenStates(v1)
+    old.validate(record_model_identity)
+    assert old.mean_sites == [] and old.feature_names == SITES

@@ -252,3 +252,39 @@ def test_killed_record_resumes_without_duplicates(tmp_path, tiny_model_path, rec
     expected_steps = sum(len(record_detector.find(t.output_token_ids)) for p in problems for t in p.traces)
     assert hs.complete and hs.num_problems == 24 and hs.num_traces == 96 and hs.num_steps == expected_steps
     assert list(hs.problems["problem_id"]) == [f"p{i:03d}" for i in range(24)]
+
+
+def test_step_mean_equals_mean_of_direct_forward(record_traces, tiny_model_path, record_detector, tmp_path):
+    """``--step-mean`` stores, per boundary, the mean of the site over the step's tokens (from
+    the token after the previous boundary, or the first generated token, to the boundary)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = _run(record_traces, tmp_path / "hs.h5", storage_dtype="float32", dtype="float32", batch_size=3,
+               step_mean="embed,0")
+    hs = HiddenStates(out)
+    hs.validate()
+    assert hs.mean_sites == ["embed", "layer_00"] and "layer_00.mean" in hs.feature_names
+    assert hs.header["config"]["record"]["step_mean"] == "embed,0"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    _, problems = read_traces(record_traces)
+    t_idx = checked = 0
+    for prob in problems:
+        for t in prob.traces:
+            rows = hs.trace_rows(t_idx)
+            t_idx += 1
+            if not rows.size:
+                continue
+            ref = _direct(model, prob.prompt_token_ids + t.output_token_ids)
+            n0 = len(prob.prompt_token_ids)
+            pos = [n0 + q for q in record_detector.find(t.output_token_ids)]
+            starts = [n0] + [q + 1 for q in pos[:-1]]
+            for site, h in (("embed", ref[0]), ("layer_00", ref[1])):
+                want = np.stack([h[0, a:b + 1].mean(0).numpy() for a, b in zip(starts, pos)])
+                np.testing.assert_allclose(hs.features(f"{site}.mean", rows), want, rtol=1e-4, atol=1e-4)
+                # the boundary token alone differs from the mean whenever a step has several tokens
+                assert not np.allclose(hs.features(site, rows), want)
+            checked += 1
+    assert checked == 9
+    with pytest.raises(ArtifactMismatch, match="step_mean"):
+        _run(record_traces, out, storage_dtype="float32", dtype="float32", batch_size=3)
