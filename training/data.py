@@ -148,8 +148,11 @@ class FeatureCache:
         if name in self._data:
             self._data.move_to_end(name)
             return self._data[name]
-        if name not in self.hs.sites:
-            raise StepprobeError(f"site {name!r} is not in {getattr(self.hs, 'path', 'the file')}; it has {', '.join(self.hs.sites)}")
+        known = getattr(self.hs, "feature_names", self.hs.sites)
+        if name not in known:
+            hint = " (step means are recorded with `stepprobe record --step-mean`)" if name.endswith(".mean") else ""
+            raise StepprobeError(f"site {name!r} is not in {getattr(self.hs, 'path', 'the file')}{hint}; "
+                                 f"it has {', '.join(known)}")
         arr = np.ascontiguousarray(self.hs.features(name), dtype=np.float32)
         self.reads += 1
         self._data[name] = arr

@@ -18,7 +18,8 @@ refuses to resume against other data.
 Output directory: tune.json (kind "stepprobe-tune"), study.db, trials.csv, best.json
 (best trial, its params and train config), history.png, importance.png.
 Search space: site in --sites; combine in --combines (mean/concat/mixture take a window
-of 2..--max-window consecutive sites); arch in --archs (mixture iff combine=mixture);
+of 2..--max-window consecutive sites); step feature in --step-features (the boundary
+token's state, the step's mean over its tokens, or both); arch in --archs (mixture iff combine=mixture);
 width, depth, dropout where the architecture has them; lr, weight_decay (log scale);
 imbalance in --imbalances.
 """
@@ -69,6 +70,9 @@ class Config(StageConfig, TrainingOptions):
     sites: str = option("layers", "candidate sites: layers, all, 10-29, layer_12,layer_20, ...")
     combines: str = option("single", "candidate feature combinations: " + ",".join(COMBINES))
     max_window: int = option(4, "most consecutive sites a mean/concat/mixture trial reads")
+    step_features: str = option("auto", "what a site contributes: boundary (the boundary token's state), mean (the "
+                                        "step's mean, `record --step-mean`), both; auto: all three where the file "
+                                        "has step means for every candidate site, else boundary")
     archs: str = option("linear,mlp,deep_mlp", "candidate architectures (mixture is used when combine=mixture)")
     imbalances: str = option("pos_weight,none", "candidate imbalance handlings: " + ",".join(IMBALANCE))
     losses: str = option("bce", "candidate training losses: bce, pairwise, mixed (within-problem ranking; "
@@ -109,7 +113,26 @@ def make_storage(url: str, cfg: Config):
     return url
 
 
-def trial_config(trial, cfg: Config, candidates: list[str]) -> TrainConfig:
+STEP_FEATURES = ("boundary", "mean", "both")
+
+
+def step_feature_kinds(cfg: Config, candidates: list[str], hs) -> list[str]:
+    """The step-feature kinds a study searches (see ``--step-features``)."""
+    has_means = bool(candidates) and all(s in getattr(hs, "mean_sites", []) for s in candidates)
+    kinds = _csv(cfg.step_features)
+    if kinds == ["auto"]:
+        return list(STEP_FEATURES) if has_means else ["boundary"]
+    bad = [k for k in kinds if k not in STEP_FEATURES]
+    if bad or not kinds:
+        raise StepprobeError(f"unknown step feature(s) {', '.join(bad) or '(none)'}; use auto or "
+                             f"{', '.join(STEP_FEATURES)}")
+    if set(kinds) - {"boundary"} and not has_means:
+        raise StepprobeError(f"--step-features {cfg.step_features} needs step means for every candidate site; "
+                             "record them with `stepprobe record --step-mean`")
+    return kinds
+
+
+def trial_config(trial, cfg: Config, candidates: list[str], kinds: list[str] | None = None) -> TrainConfig:
     """Translate a trial into a training config (the only thing the objective adds)."""
     combines = _csv(cfg.combines)
     combine = trial.suggest_categorical("combine", combines) if len(combines) > 1 else combines[0]
@@ -120,6 +143,14 @@ def trial_config(trial, cfg: Config, candidates: list[str]) -> TrainConfig:
         i = candidates.index(site)
         start = max(0, min(i, len(candidates) - window))
         sites = candidates[start:start + window]
+    kinds = kinds or ["boundary"]
+    kind = trial.suggest_categorical("step_feature", kinds) if len(kinds) > 1 else kinds[0]
+    if kind == "mean":
+        sites = [f"{s}.mean" for s in sites]
+    elif kind == "both":
+        sites = [x for s in sites for x in (s, f"{s}.mean")]
+        if combine == "single":
+            combine = "concat"
     if combine == "mixture":
         arch = "mixture"
     else:
@@ -214,9 +245,10 @@ def run(cfg: Config) -> Path:
         raise StepprobeError("--data (an HDF5 file from `stepprobe record`) is required")
     hs = open_hidden_states(cfg.data)
     candidates = [s for s in parse_sites(cfg.sites, hs.num_layers)]
-    missing = [s for s in candidates if s not in hs.sites]
+    missing = [s for s in candidates if s not in hs.feature_names]
     if missing:
         raise StepprobeError(f"{cfg.data} has no features for {', '.join(missing)}")
+    kinds = step_feature_kinds(cfg, candidates, hs)
     fingerprint = data_fingerprint(hs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if cfg.out and (Path(cfg.out) / "tune.json").is_file():
@@ -238,7 +270,7 @@ def run(cfg: Config) -> Path:
     cache = FeatureCache(hs, max_bytes=int(cfg.cache_gb * (1 << 30)))
 
     def objective(trial) -> float:
-        tcfg = trial_config(trial, cfg, candidates)
+        tcfg = trial_config(trial, cfg, candidates, kinds)
         trial.set_user_attr("train_config", tcfg.to_dict())
         t0 = time.perf_counter()
         result = train_probe(tcfg, hs, cache=cache, split=split, evaluate_test=False,
