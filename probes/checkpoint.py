@@ -7,8 +7,13 @@ A scorer is a directory with two files:
 - ``scorer.json``: ``kind = "stepprobe-scorer"``, ``schema_version``, ``architecture`` and
   its ``params``, ``feature_spec`` (sites + combine), ``hidden_size``, ``model`` (identity:
   name, config hash, vocabulary hash, hidden size, layers), ``boundary_rule`` (delimiter and
-  boundary token ids as recorded), ``threshold``, ``metrics``, ``config`` (the training
-  config), ``package_versions``, ``created``, and ``weights_sha256``.
+  boundary token ids as recorded), ``threshold`` (a calibrated probability), ``calibration``
+  (``{method, a, b}``, also the ``calibration`` tensor), ``features`` (``{step_mean: bool}``:
+  whether the probe reads step means, which live capture does not compute), ``metrics``,
+  ``config`` (the training config), ``package_versions``, ``created``, and ``weights_sha256``.
+
+A scorer written before calibration existed has no ``calibration`` tensor; it loads with
+the identity calibration ``(1, 0)``.
 
 :func:`load_scorer` never unpickles: it reads JSON, rebuilds the module from the probe
 registry, loads the tensors with safetensors and checks every name, shape and dtype, and
@@ -45,6 +50,7 @@ SCORER_KIND = "stepprobe-scorer"
 SCORER_SCHEMA_VERSION = 1
 WEIGHTS_FILE = "scorer.safetensors"
 CONFIG_FILE = "scorer.json"
+CARD_FILE = "README.md"  # the model card, where one is written
 _REQUIRED = ("architecture", "params", "feature_spec", "hidden_size", "model", "boundary_rule", "weights_sha256")
 
 
@@ -97,6 +103,24 @@ class Scorer:
     @property
     def threshold(self) -> float:
         return float(self.meta.get("threshold", 0.5))
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        a, b = (float(v) for v in self.module.calibration.tolist())
+        return {"method": (self.meta.get("calibration") or {}).get("method", "none"), "a": a, "b": b}
+
+    @property
+    def uses_step_mean(self) -> bool:
+        """The probe reads a step-mean feature (``<site>.mean``), which live capture does not compute."""
+        return self.module.uses_step_mean
+
+    def check_live(self) -> None:
+        """Refuse (one line) a scorer that the vLLM runner's live capture cannot feed."""
+        if self.uses_step_mean:
+            means = [s for s in self.sites if s.endswith(".mean")]
+            raise ArtifactMismatch(f"scorer {self.path or ''} reads step-mean features ({', '.join(means)}), which the "
+                                   "live runner does not capture (it reads the boundary token only); use a scorer "
+                                   "trained on boundary features")
 
     @torch.no_grad()
     def score(self, features: Mapping[str, torch.Tensor | np.ndarray]) -> torch.Tensor:
@@ -154,7 +178,8 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
                 boundary_rule: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
                 config: Mapping[str, Any] | None = None, threshold: float = 0.5,
                 provenance: Mapping[str, Any] | None = None, generation: Mapping[str, Any] | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, calibration: Mapping[str, Any] | None = None,
+                card: str | None = None) -> Path:
     """Write ``probe`` as a scorer directory; returns its path.
 
     ``generation``: the prompt and sampling settings of the data the probe was trained on
@@ -191,6 +216,9 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
         "model": dict(model),
         "boundary_rule": dict(boundary_rule),
         "threshold": float(threshold),
+        "calibration": {**_jsonable(calibration or {}), "method": (calibration or {}).get("method", "none"),
+                        "a": float(probe.calibration[0]), "b": float(probe.calibration[1])},
+        "features": {"step_mean": probe.uses_step_mean},
         "metrics": _jsonable(metrics or {}),
         "config": _jsonable(config or {}),
         "provenance": _jsonable(provenance or {}),
@@ -201,6 +229,8 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
         "weights_sha256": digest,
     }
     atomic_write_json(directory / CONFIG_FILE, meta)
+    if card is not None:
+        (directory / CARD_FILE).write_text(card, encoding="utf-8")
     return directory
 
 
@@ -251,6 +281,8 @@ def load_scorer(directory: str | os.PathLike, *, expected_model: Mapping[str, An
     except Exception as exc:  # safetensors raises its own error types
         raise ArtifactMismatch(f"{weights}: not a readable safetensors file ({exc})") from None
     expected = probe.state_dict()
+    if "calibration" not in tensors and "calibration" not in meta:
+        tensors["calibration"] = expected["calibration"].clone()  # written before calibration existed
     if set(tensors) != set(expected):
         extra, lacking = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
         raise ArtifactMismatch(f"{weights}: tensors do not match architecture {meta['architecture']!r} "

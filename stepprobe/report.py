@@ -80,6 +80,21 @@ def _sweep_section(root: Path) -> list[str]:
                   "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in top]
         lines.append("")
+    winners = s.get("winners") or []
+    if winners:
+        lines += ["Best candidate of each kind (by validation AUROC): boundary token, step mean (`.mean`), "
+                  "windows of layers (mean/concat). The difference is test AUROC minus the best boundary "
+                  "site's, on the same test steps, with a 95% interval from resampling problems "
+                  "(an interval holding 0 is no difference).", "",
+                  "| kind | candidate | val AUROC | test AUROC [95% CI] | test minus best boundary [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for w in winners:
+            d = w.get("test_auroc_minus_boundary") or {}
+            mark = " (best overall)" if w.get("overall_best_by_val") else ""
+            lines.append(f"| {w.get('kind')} | {w.get('site')}{mark} | {_fmt(w.get('val_auroc'))} | "
+                         f"{_fmt(w.get('test_auroc'))} [{_fmt(w.get('test_auroc_lo'))}, {_fmt(w.get('test_auroc_hi'))}] | "
+                         f"{_fmt(d.get('value'))} [{_fmt(d.get('lo'))}, {_fmt(d.get('hi'))}] |")
+        lines.append("")
     return lines
 
 
@@ -110,6 +125,14 @@ def _probe_section(root: Path) -> list[str]:
         lines += [f"within_*: problems ranked on their own (mean over the {int(within)} test problems with both "
                   "outcomes; 95% bootstrap interval over problems); within_rankF: share of (correct, wrong) trace "
                   "pairs of a problem ordered right by the running-mean score after F% of their steps.", ""]
+    cal = m.get("calibration") or {}
+    if cal.get("method") and cal.get("method") != "none":
+        before, after = cal.get("ece_before") or {}, cal.get("ece_after") or {}
+        lines += [f"Calibration: **{cal['method']}** scaling fitted on the validation split "
+                  f"(p = sigmoid({_fmt(cal.get('a'))} x logit + {_fmt(cal.get('b'))})); ECE on test "
+                  f"{_fmt(before.get('test'))} before, {_fmt(after.get('test'))} after (validation "
+                  f"{_fmt(before.get('val'))} -> {_fmt(after.get('val'))}). Scores and the threshold are calibrated "
+                  "probabilities.", ""]
     lines += _img(root, "scorer/plots/score_vs_step.png", "score trajectories of correct and incorrect traces")
     lines += _img(root, "scorer/plots/roc.png", "ROC")
     lines += _img(root, "scorer/plots/calibration.png", "calibration")

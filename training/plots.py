@@ -100,7 +100,8 @@ def plot_train_run(out: Path, result: Any) -> list[Path]:
 def plot_sweep(path: Path, rows: Sequence[dict[str, Any]], metric: str = "auroc") -> Path:
     """Metric against site depth, val and test with their CIs, and the sklearn reference."""
     plt = _plt()
-    rows = sorted(rows, key=lambda r: r["depth"])
+    others = [r for r in rows if r.get("kind", "boundary") != "boundary"]
+    rows = sorted([r for r in rows if r.get("kind", "boundary") == "boundary"], key=lambda r: r["depth"])
     x = np.array([r["depth"] for r in rows])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for split, color in (("val", "tab:blue"), ("test", "tab:orange")):
@@ -112,6 +113,13 @@ def plot_sweep(path: Path, rows: Sequence[dict[str, Any]], metric: str = "auroc"
         ref = np.array([_f(r.get(f"reference_{split}_{metric}")) for r in rows])
         if np.isfinite(ref).any():
             ax.plot(x, ref, "--", color=color, alpha=0.7, label=f"{split} sklearn LR")
+    markers = {"step-mean": "s", "range-mean": "^", "range-concat": "v", "range-mean-of-means": "P",
+               "range-concat-of-means": "X"}
+    for kind in sorted({r["kind"] for r in others}):
+        rs = sorted([r for r in others if r["kind"] == kind], key=lambda r: r["depth"])
+        ax.plot([r["depth"] for r in rs], [_f(r.get(f"test_{metric}")) for r in rs], markers.get(kind, "d"),
+                ls="-" if kind == "step-mean" else "none", color="tab:green" if kind == "step-mean" else None,
+                alpha=0.8, label=f"test, {kind}")
     ax.axhline(0.5, color="grey", ls=":")
     ax.set_xticks(x)
     ax.set_xticklabels([r["site"].replace("layer_", "") for r in rows], rotation=90, fontsize=7)

@@ -66,6 +66,8 @@ class Config(StageConfig, FitOptions, TrainingOptions):
     pair_window: float = option(0.25, "pairwise loss: largest relative-position gap of a (correct, wrong) step pair")
     reference: bool = option(True, "also fit the scikit-learn logistic-regression reference")
     bootstrap: int = option(1000, "bootstrap resamples (of problems) for the within-problem metrics' intervals (0: none)")
+    calibration: str = option("platt", "calibration fitted on the validation split and stored in the scorer: "
+                                       "platt (a * logit + b), temperature (logit / T), none")
     plots: bool = option(True, "write ROC, calibration and score-vs-step plots")
     overwrite: bool = option(False, "replace an existing run directory", resume_ok=True)
     progress: bool = option(True, "show Lightning's progress bar", resume_ok=True)
@@ -86,6 +88,7 @@ class TrainResult:
     best_score: float | None
     epochs_run: int
     predictions: dict[str, dict[str, np.ndarray]]  # split -> scores, labels, trace, step, rel_position
+    calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
 
     def flat_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -120,6 +123,10 @@ def check_config(config: Config) -> None:
     M.mode_of(config.monitor)
     if not config.monitor.startswith(M.VAL + "_"):
         raise StepprobeError(f"monitor must be a validation metric (val_...), got {config.monitor!r}")
+    from .evaluation import CALIBRATIONS
+
+    if config.calibration not in CALIBRATIONS:
+        raise StepprobeError(f"unknown calibration {config.calibration!r}; known: {', '.join(CALIBRATIONS)}")
     if config.arch not in known_probes():
         raise StepprobeError(f"unknown probe architecture {config.arch!r}; known: {', '.join(known_probes())}")
 
@@ -202,12 +209,23 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
             continue
         preds[s] = {"scores": predict(probe, arr.x), "labels": arr.y, "trace": arr.trace, "step": arr.step,
                     "rel_position": arr.rel_position, "problem": arr.problem}
+    # Calibration on validation (stored in the probe): scores, threshold and ECE are then
+    # calibrated probabilities; the uncalibrated ECE is kept beside for the report.
+    uncalibrated_ece = {s: M.ece(p["scores"], p["labels"]) for s, p in preds.items()}
+    calibration = fit_calibration_for(probe, preds[M.VAL], config.calibration)
+    if calibration is not None:
+        for s, arr in dm.arrays.items():
+            if s != M.TRAIN:
+                preds[s]["scores"] = predict(probe, arr.x)
     threshold = M.best_f1_threshold(preds[M.VAL]["scores"], preds[M.VAL]["labels"])
     result_metrics: dict[str, dict[str, float]] = {}
     for s, p in preds.items():
         result_metrics[s] = M.compute_metrics(p["scores"], p["labels"], trace=p["trace"],
                                               rel_position=p["rel_position"], threshold=threshold,
                                               problem=p["problem"], bootstrap=config.bootstrap)
+    calibration_doc = {**(calibration.to_dict() if calibration else {"method": "none", "a": 1.0, "b": 0.0}),
+                       "fitted_on": M.VAL, "ece_before": uncalibrated_ece,
+                       "ece_after": {s: result_metrics[s][M.ECE] for s in preds}}
     if config.reference:
         ref = fit_reference_for(dm, spec, config.seed)
         ref_val = ref(dm.arrays[M.VAL].x)
@@ -222,7 +240,22 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
                                                                  problem=arr.problem, bootstrap=config.bootstrap)
     return TrainResult(probe=probe, spec=spec, split=split, metrics=result_metrics, threshold=threshold,
                        best_epoch=best_epoch, best_score=best_score, epochs_run=int(trainer.current_epoch),
-                       predictions=preds)
+                       predictions=preds, calibration=M.clean(calibration_doc))
+
+
+def fit_calibration_for(probe: ProbeModel, val: dict[str, np.ndarray], method: str):
+    """Fit ``method`` on the validation scores and store it in ``probe``; ``None`` if not fitted."""
+    from .evaluation import fit_calibration
+
+    if method == "none":
+        return None
+    labels = np.asarray(val["labels"])
+    if labels.size == 0 or labels.min() == labels.max():
+        log.warning("validation has one class only: the scorer is left uncalibrated")
+        return None
+    cal = fit_calibration(val["scores"], labels, method)
+    probe.set_calibration(cal.a, cal.b)
+    return cal
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -265,17 +298,20 @@ def prepare_out_dir(out: str, prefix: str, overwrite: bool, marker: str) -> Path
 
 
 def write_run(out: Path, config: Config, hs, result: TrainResult, *, plots: bool = True,
-              extra: dict[str, Any] | None = None, scorer_dir: Path | None = None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, scorer_dir: Path | None = None,
+              card: str | None = None) -> dict[str, Any]:
     """Write the run directory of a finished training (shared by `train` and `export`)."""
     fingerprint = data_fingerprint(hs)
     flat = M.clean(result.flat_metrics())
     save_scorer(scorer_dir or out / "scorer", result.probe, model=hs.model, boundary_rule=hs.boundary_rule, metrics=flat,
-                config=config.to_dict(), threshold=result.threshold,
+                config=config.to_dict(), threshold=result.threshold, calibration=result.calibration,
                 provenance={"data": fingerprint, "split": result.split.info, **(extra or {})},
-                generation=generation_of((hs.header.get("config") or {}).get("collect")), overwrite=True)
+                generation=generation_of((hs.header.get("config") or {}).get("collect")), overwrite=True,
+                card=card)
     metrics_doc = {"kind": "stepprobe-train-metrics", "schema_version": RUN_SCHEMA_VERSION,
                    "feature_spec": result.spec.to_dict(), "architecture": config.arch,
-                   "threshold": result.threshold, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                   "threshold": result.threshold, "calibration": result.calibration,
+                   "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                    "monitor": config.monitor, "best_monitor_value": result.best_score,
                    "metrics": M.clean(result.metrics), "num_steps": {k: int(len(v)) for k, v in result.split.rows.items()}}
     atomic_write_json(out / "metrics.json", metrics_doc)

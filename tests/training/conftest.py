@@ -18,9 +18,13 @@ RULE = {"delimiter": "\n\n", "mode": "completes-occurrence-nonoverlapping", "tok
 
 def make_synthetic(path: Path, *, n_problems: int = 60, traces_per_problem: int = 4, signal_site: str = SIGNAL_SITE,
                    signal: float = 1.2, seed: int = 0, hidden: int = HIDDEN, model: dict | None = None,
-                   config: dict | None = None) -> Path:
+                   config: dict | None = None, step_means: bool = False) -> Path:
     """Every site is Gaussian noise; ``signal_site`` adds ``signal * (2 * label - 1)`` along one
-    direction, where label = the trace ends correct. Only that site predicts the label."""
+    direction, where label = the trace ends correct. Only that site predicts the label.
+
+    With ``step_means``, every site also has a step-mean feature (``<site>.mean``, noise too),
+    and ``signal_site`` may name one (``layer_02.mean``): then the signal lives only in that
+    step mean, and every boundary-token feature is noise."""
     from stepprobe.data_collection.hdf5 import write_arrays
     from stepprobe.layers import all_sites
 
@@ -40,7 +44,8 @@ def make_synthetic(path: Path, *, n_problems: int = 60, traces_per_problem: int 
     step = np.concatenate([np.arange(k) for k in t_steps])
     label = np.array(t_label)[trace]
     features = {}
-    for site in all_sites(NUM_LAYERS):
+    names = all_sites(NUM_LAYERS) + ([f"{s}.mean" for s in all_sites(NUM_LAYERS)] if step_means else [])
+    for site in names:
         x = rng.normal(size=(n, hidden)) * 1.0 + rng.normal(size=hidden) * 3.0  # offset: normalization matters
         if site == signal_site:
             x += signal * (2 * label - 1)[:, None] * direction[None]

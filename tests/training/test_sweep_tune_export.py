@@ -113,3 +113,29 @@ def test_tune_killed_and_resumed_continues_the_same_study_then_export(synthetic_
     assert metrics["val"]["early50_auroc"] == pytest.approx(study.best_value, abs=1e-9)
     assert scorer.metrics["test_auroc"] is not None and scorer.metrics["reference_test_auroc"] is not None
     assert scorer.sites[0] in ("layer_01", "layer_02", "layer_03")
+
+
+def test_sweep_finds_a_signal_that_lives_only_in_the_step_mean(tmp_path):
+    """Boundary-token features are all noise; only layer_02's step mean carries the label. The
+    sweep (step features auto, windows of 2 layers) must rank that step mean first and report
+    it as beating the best boundary site on test, with an interval above zero."""
+    from tests.training.conftest import make_synthetic
+
+    h5 = make_synthetic(tmp_path / "mean.h5", signal_site="layer_02.mean", step_means=True, seed=3)
+    cfg = sweep.Config(data=str(h5), out=str(tmp_path / "sw"), bootstrap=200, max_epochs=10, progress=False,
+                       ranges=2, reference=False, plots=True)
+    out = sweep.run(cfg)
+    doc = json.loads((out / "sweep.json").read_text())
+    kinds = {r["kind"] for r in doc["rows"]}
+    assert kinds == {"boundary", "step-mean", "range-mean", "range-concat", "range-mean-of-means",
+                     "range-concat-of-means"}
+    rows = {r["site"]: r for r in doc["rows"]}
+    # the best candidate reads layer_02's step mean (alone, or in a window of step means)
+    assert "layer_02.mean" in rows[doc["best_site_by_val"]]["sites"].split("+")
+    assert max(r["test_auroc"] for r in doc["rows"] if r["kind"] == "boundary") < 0.65
+    winners = {w["kind"]: w for w in doc["winners"]}
+    mean_win = winners["step-mean"]
+    assert mean_win["site"] == "layer_02.mean"
+    assert mean_win["test_auroc_minus_boundary"]["lo"] > 0.1
+    assert rows["layer_02.mean"]["test_auroc_lo"] > 0.75
+    assert (out / "predictions.npz").is_file() and (out / "sweep.png").is_file()
