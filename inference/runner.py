@@ -305,8 +305,11 @@ def _token_confidence(completion: Any, k: int | None = None
 
 
 def check_scorer_for_model(scorer_dir: str, model_path: str) -> Any:
-    """Load a scorer and refuse it (one line) if it was not made for this model."""
+    """Load a scorer and refuse it (one line) if it was not made for this model, or if it reads
+    features the live capture does not compute (step means)."""
     from stepprobe.models import identify_model
     from stepprobe.probes.checkpoint import load_scorer
 
-    return load_scorer(scorer_dir, expected_model=identify_model(model_path)[1])
+    scorer = load_scorer(scorer_dir, expected_model=identify_model(model_path)[1])
+    scorer.check_live()  # live capture reads boundary tokens only: refuse a step-mean scorer here
+    return scorer

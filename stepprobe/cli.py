@@ -30,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sweep": ("stepprobe.training.sweep", "layer sweep: one probe per layer, metric vs. layer"),
     "tune": ("stepprobe.training.tune", "Optuna study over layers and probe architecture"),
     "export": ("stepprobe.training.export", "export the best probe as a scorer checkpoint"),
+    "evaluate": ("stepprobe.training.evaluate", "evaluate a scorer on held-out recorded traces, with intervals"),
     "import-step-scorer": ("stepprobe.probes.step_scorer",
                            "convert a STEP-paper scorer checkpoint into a scorer (never unpickles code)"),
     "import-step-dump": ("stepprobe.data_collection.step_dump",

@@ -6,9 +6,8 @@
 - :func:`paired_difference`: the difference of one metric between two scorers on the same
   steps, with its interval from the same problem resamples (a difference whose interval
   holds 0 is "no difference").
-- :func:`pairwise_ranking`: within-problem ranking: of the (correct, wrong) trace pairs
-  of a problem, the share the score orders right, using each trace's score after a given
-  fraction of its steps.
+
+Within-problem ranking is :func:`stepprobe.training.metrics.within_problem_metrics`.
 """
 
 from __future__ import annotations
@@ -165,56 +164,3 @@ def paired_difference(name: str, scores_a: np.ndarray, scores_b: np.ndarray, lab
     diff = fn(scores_a, labels, None) - fn(scores_b, labels, None)
     lo, hi = bootstrap_ci(lambda w: fn(scores_a, labels, w) - fn(scores_b, labels, w), groups, n=n, seed=seed)
     return {"value": float(diff), "lo": lo, "hi": hi}
-
-
-def trace_score_at(scores: np.ndarray, trace: np.ndarray, step: np.ndarray, num_steps: np.ndarray,
-                   fraction: float) -> dict[int, float]:
-    """Each trace's score at the last step within the first ``fraction`` of its steps
-    (at least its first step): ``{trace: score}``."""
-    out: dict[int, tuple[int, float]] = {}
-    for s, t, k, n in zip(scores, trace, step, num_steps):
-        limit = max(0, int(np.ceil(fraction * n)) - 1)
-        if k <= limit and (t not in out or k > out[t][0]):
-            out[int(t)] = (int(k), float(s))
-    return {t: v for t, (_, v) in out.items()}
-
-
-def pairwise_ranking(trace_scores: dict[int, float], trace_label: dict[int, int], trace_problem: dict[int, Any],
-                     weights: dict[Any, float] | None = None) -> float:
-    """Share of within-problem (correct, wrong) trace pairs ordered right (ties count half)."""
-    by_problem: dict[Any, tuple[list[float], list[float]]] = {}
-    for t, s in trace_scores.items():
-        pos, neg = by_problem.setdefault(trace_problem[t], ([], []))
-        (pos if trace_label[t] else neg).append(s)
-    num = den = 0.0
-    for p, (pos, neg) in by_problem.items():
-        if not pos or not neg:
-            continue
-        w = 1.0 if weights is None else weights.get(p, 0.0)
-        if not w:
-            continue
-        a, b = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
-        num += w * float((a > b).sum() + 0.5 * (a == b).sum())
-        den += w * a.size * b.size
-    return num / den if den else float("nan")
-
-
-def ranking_with_ci(scores: np.ndarray, labels: np.ndarray, trace: np.ndarray, step: np.ndarray,
-                    num_steps: np.ndarray, problem: np.ndarray, fraction: float, *, n: int = 1000,
-                    seed: int = 0) -> dict[str, float]:
-    """:func:`pairwise_ranking` at ``fraction`` of the steps, with a problem-bootstrap interval."""
-    ts = trace_score_at(scores, trace, step, num_steps, fraction)
-    lab = {int(t): int(y) for t, y in zip(trace, labels)}
-    prob = {int(t): p for t, p in zip(trace, problem)}
-    value = pairwise_ranking(ts, lab, prob)
-    uniq = np.unique(np.asarray(problem))
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(max(0, n)):
-        drawn = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))
-        vals.append(pairwise_ranking(ts, lab, prob, dict(zip(uniq.tolist(), drawn.tolist()))))
-    v = np.asarray(vals, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    lo, hi = (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) if v.size else (float("nan"),) * 2
-    n_pairs_problems = len({prob[t] for t in ts if any(lab[u] != lab[t] and prob[u] == prob[t] for u in ts)})
-    return {"value": value, "lo": lo, "hi": hi, "problems_with_pairs": n_pairs_problems}

@@ -1,0 +1,188 @@
+"""Evaluate a scorer on recorded traces it never saw (e.g. the out-of-template test set).
+
+    stepprobe evaluate --scorer runs/x/scorer --data runs/ood/hidden_states.h5 \\
+        --reference-data runs/x/record/hidden_states.h5 --out runs/x/eval-ood
+
+Every step of every trace in ``--data`` is scored with the scorer exactly as exported
+(normalization and calibration included). Reported, each with a 95% bootstrap interval
+that resamples whole problems (``--bootstrap`` resamples):
+
+- step AUROC, early-50 AUROC, trace AUROC;
+- within-problem ranking (:func:`stepprobe.training.metrics.within_problem_metrics`):
+  ``within_rank25/50/75`` = mean over problems (with both outcomes) of the share of
+  (correct, wrong) trace pairs ordered right by the running-mean score after 25/50/75%
+  of their steps; ``within_auroc``;
+- ECE of the calibrated score, and of the same scorer without its calibration;
+- with ``--reference-data`` (the file the scorer was trained on), the scikit-learn
+  logistic-regression reference fitted on that file's training split (same split seed and
+  fractions as the scorer's) on the same features, scored on the same steps.
+
+The data must come from the scorer's model (identity checked) and boundary rule. Output:
+``eval.json`` (kind ``stepprobe-eval``: scorer, data fingerprint, numbers) and ``eval.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stepprobe.config import StageConfig, option
+from stepprobe.errors import ArtifactMismatch, StepprobeError
+from stepprobe.io import atomic_write_json, atomic_write_text
+from stepprobe.provenance import check_model_identity, package_versions
+
+from . import metrics as M
+from .data import FeatureCache, data_fingerprint, open_hidden_states, row_problem_ids
+from .evaluation import Calibration, metric_with_ci
+
+log = logging.getLogger(__name__)
+
+EVAL_KIND = "stepprobe-eval"
+EVAL_SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass
+class Config(StageConfig):
+    """Evaluate a scorer on held-out recorded traces."""
+
+    SECTION = "evaluate"
+
+    scorer: str = option("", "scorer directory (stepprobe export)")
+    data: str = option("", "HDF5 file of held-out traces (stepprobe record)")
+    reference_data: str = option("", "HDF5 file the scorer was trained on: fit the logistic-regression reference "
+                                     "on its training split and score it here too ('' to skip)")
+    out: str = option("", "output directory (default: next to --data, eval-<scorer name>)")
+    bootstrap: int = option(1000, "bootstrap resamples of problems for the intervals")
+    seed: int = option(0, "bootstrap seed")
+    overwrite: bool = option(False, "replace an existing eval.json")
+
+
+def _score(scorer, hs, cache: FeatureCache) -> np.ndarray:
+    from stepprobe.training.module import predict
+
+    rows = np.arange(hs.num_steps)
+    x = cache.stack(scorer.sites, rows)
+    return predict(scorer.module, x)
+
+
+def _block(scores: np.ndarray, hs, labels: np.ndarray, problem: np.ndarray, cfg: Config) -> dict[str, Any]:
+    steps = hs.steps
+    trace = np.asarray(steps["trace"])
+    rel = np.asarray(steps["rel_position"], dtype=np.float64)
+    out: dict[str, Any] = {}
+    for name in ("auroc", "ece"):
+        out[name] = metric_with_ci(name, scores, labels, problem, n=cfg.bootstrap, seed=cfg.seed)
+    early = rel <= 0.5 + 1e-9
+    out["early50_auroc"] = metric_with_ci("auroc", scores[early], labels[early], problem[early], n=cfg.bootstrap,
+                                          seed=cfg.seed)
+    ts, tl = M.trace_scores(scores, labels, trace)
+    t_problem = problem[np.unique(trace, return_index=True)[1]]
+    out["trace_auroc"] = metric_with_ci("auroc", ts, tl, t_problem, n=cfg.bootstrap, seed=cfg.seed)
+    within = M.within_problem_metrics(scores, labels, trace=trace, problem=problem, rel_position=rel,
+                                      bootstrap=cfg.bootstrap, seed=cfg.seed)
+    for name in (M.WITHIN_AUROC, *M.WITHIN_RANK.values()):
+        out[name] = {"value": within[name], "lo": within.get(f"{name}_lo"), "hi": within.get(f"{name}_hi")}
+    out["within_problems"] = int(within[M.WITHIN_PROBLEMS])
+    return out
+
+
+def run(cfg: Config) -> Path:
+    from stepprobe.probes.checkpoint import load_scorer
+
+    if not cfg.scorer or not cfg.data:
+        raise StepprobeError("--scorer and --data are required")
+    hs = open_hidden_states(cfg.data)
+    scorer = load_scorer(cfg.scorer, expected_model=hs.model)
+    if scorer.boundary_rule.get("delimiter") != hs.boundary_rule.get("delimiter"):
+        raise ArtifactMismatch(f"{cfg.data} was segmented with delimiter {hs.boundary_rule.get('delimiter')!r}, the "
+                               f"scorer with {scorer.boundary_rule.get('delimiter')!r}")
+    out = Path(cfg.out) if cfg.out else Path(cfg.data).parent / f"eval-{Path(cfg.scorer).name}"
+    if (out / "eval.json").exists() and not cfg.overwrite:
+        raise StepprobeError(f"{out}/eval.json exists; pass --overwrite or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(hs.steps["label"]).astype(np.int64)
+    problem = row_problem_ids(hs)
+    if labels.min() == labels.max():
+        raise StepprobeError(f"{cfg.data}: every step has the same label; nothing to evaluate")
+    cache = FeatureCache(hs)
+    scores = _score(scorer, hs, cache)
+    cal = Calibration.from_dict(scorer.meta.get("calibration"))
+    # the same scorer without its calibration: invert p = sigmoid(a z + b)
+    z = (np.log(np.clip(scores, 1e-12, 1)) - np.log(np.clip(1 - scores, 1e-12, 1)) - scorer.calibration["b"]) \
+        / scorer.calibration["a"]
+    uncal = 1.0 / (1.0 + np.exp(-z))
+    n_traces = int(hs.num_traces)
+    tr_labels = np.asarray(hs.traces["label"])
+    doc: dict[str, Any] = {
+        "kind": EVAL_KIND, "schema_version": EVAL_SCHEMA_VERSION, "config": cfg.to_dict(),
+        "scorer": {"path": str(Path(cfg.scorer).resolve()), "sites": scorer.sites,
+                   "architecture": scorer.architecture, "calibration": cal.to_dict(),
+                   "weights_sha256": scorer.meta.get("weights_sha256")},
+        "data": data_fingerprint(hs),
+        "size": {"problems": int(hs.num_problems), "traces": n_traces, "steps": int(hs.num_steps),
+                 "sample_accuracy": float(tr_labels.mean()) if n_traces else float("nan")},
+        "probe": _block(scores, hs, labels, problem, cfg),
+        "probe_uncalibrated_ece": metric_with_ci("ece", uncal, labels, problem, n=cfg.bootstrap, seed=cfg.seed),
+        "package_versions": package_versions(),
+    }
+    if cfg.reference_data:
+        doc["reference"] = _reference(cfg, scorer, hs, cache, labels, problem)
+    atomic_write_json(out / "eval.json", M.clean(doc))
+    atomic_write_text(out / "eval.md", render(doc))
+    p = doc["probe"]
+    log.info("%s on %s (%d problems, %d traces, %d steps): step AUROC %.3f [%.3f, %.3f], within_rank50 %.3f "
+             "[%.3f, %.3f], ECE %.3f [%.3f, %.3f] (uncalibrated %.3f)", Path(cfg.scorer).name, cfg.data,
+             hs.num_problems, n_traces, hs.num_steps, p["auroc"]["value"], p["auroc"]["lo"], p["auroc"]["hi"],
+             p["within_rank50"]["value"], p["within_rank50"]["lo"] or float("nan"),
+             p["within_rank50"]["hi"] or float("nan"), p["ece"]["value"], p["ece"]["lo"], p["ece"]["hi"],
+             doc["probe_uncalibrated_ece"]["value"])
+    return out
+
+
+def _reference(cfg: Config, scorer, hs, cache: FeatureCache, labels, problem) -> dict[str, Any]:
+    from .data import make_split
+    from .reference import fit_reference
+
+    train_hs = open_hidden_states(cfg.reference_data)
+    check_model_identity(train_hs.model, hs.model, f"reference data {cfg.reference_data}")
+    tc = scorer.config
+    split = make_split(train_hs, val_fraction=tc.get("val_fraction", 0.15), test_fraction=tc.get("test_fraction", 0.15),
+                       seed=tc.get("split_seed", 0))
+    rows = split.rows[M.TRAIN]
+    x_tr = FeatureCache(train_hs).stack(scorer.sites, rows)
+    y_tr = np.asarray(train_hs.steps["label"])[rows]
+    predict = fit_reference(x_tr, y_tr, combine=scorer.feature_spec.combine, seed=tc.get("seed", 0))
+    ref = predict(cache.stack(scorer.sites, np.arange(hs.num_steps)))
+    return {"fitted_on": {"path": str(Path(cfg.reference_data).resolve()), "split": "train",
+                          "steps": int(len(rows))},
+            **_block(ref, hs, labels, problem, cfg)}
+
+
+def _c(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "n/a"
+    v, lo, hi = d.get("value"), d.get("lo"), d.get("hi")
+    f = (lambda x: "n/a" if x is None or x != x else f"{x:.3f}")
+    return f"{f(v)} [{f(lo)}, {f(hi)}]"
+
+
+def render(doc: dict[str, Any]) -> str:
+    size = doc["size"]
+    p, r = doc["probe"], doc.get("reference")
+    lines = [f"# Scorer evaluation on {doc['data']['path']}", "",
+             f"{size['problems']} problems, {size['traces']} traces, {size['steps']} steps; "
+             f"{size['sample_accuracy']:.1%} of traces end correct. Scorer: {doc['scorer']['architecture']} on "
+             f"{', '.join(doc['scorer']['sites'])}, calibration {doc['scorer']['calibration']['method']}. "
+             "Intervals: 95%, bootstrap over problems.", "",
+             "| metric | probe | logistic regression |", "|---|---|---|"]
+    names = ["auroc", "early50_auroc", "trace_auroc", "within_auroc", "within_rank25", "within_rank50",
+             "within_rank75", "ece"]
+    for n in names:
+        lines.append(f"| {n} | {_c(p.get(n))} | {_c(r.get(n)) if r else 'n/a'} |")
+    lines.append(f"| ece without calibration | {_c(doc.get('probe_uncalibrated_ece'))} | |")
+    lines += ["", f"within_*: over the {p.get('within_problems')} problems with both outcomes.", ""]
+    return "\n".join(lines)
