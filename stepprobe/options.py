@@ -147,7 +147,8 @@ class PolicyOption(OptionGroup):
 class PruningOptions(OptionGroup):
     """The scorer and how its scores prune traces (see ``inference/plugin.py``)."""
 
-    scorer: str | None = option(None, "scorer checkpoint directory (stepprobe export); none = no scoring")
+    scorer: str | None = option(None, "scorer checkpoint directory (stepprobe export); none = no scoring (default: "
+                                      "the default model's released scorer, where one is shipped)")
     aggregate: str = option("mean", "trace score from step scores: mean, last, min, ema")
     ema_alpha: float = option(0.3, "aggregate ema: weight of the newest step score")
     threshold: float | None = option(None, "threshold policy: prune below this score (default: the scorer's)")
@@ -162,6 +163,10 @@ class PruningOptions(OptionGroup):
     relative_margin: float = option(0.1, "relative policy: prune a trace this far below its problem's best live trace")
 
     def check(self) -> None:
+        from .released import resolve_scorer
+
+        # the default model without --scorer: its released scorer (stepprobe/released/), where shipped
+        self.scorer = resolve_scorer(getattr(self, "model", None), self.scorer)
         if self.aggregate not in AGGREGATES:
             raise StepprobeError(f"unknown score aggregate {self.aggregate!r}; known: {', '.join(AGGREGATES)}")
         if not 0 < self.keep_fraction <= 1:

@@ -1,0 +1,79 @@
+"""Released scorers: run/bench/serve fall back to the default model's shipped scorer; the shipped
+one (where there is one) loads, matches the default model and scores a recorded step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stepprobe.models import DEFAULT_MODEL
+from stepprobe.released import released_root, released_scorer, resolve_scorer
+
+
+def _plant(root, identity):
+    from stepprobe.probes.checkpoint import linear_probe, save_scorer
+
+    d = root / "smollm2-135m"
+    save_scorer(d, linear_probe(["layer_20"], weight=np.ones(identity["hidden_size"])), model=identity,
+                boundary_rule={"delimiter": "\n\n"})
+    return d
+
+
+def test_default_model_falls_back_to_the_released_scorer(tmp_path, monkeypatch):
+    from stepprobe.inference import bench, run, serve
+
+    monkeypatch.setenv("STEPPROBE_RELEASED_DIR", str(tmp_path / "none-here"))
+    assert released_scorer(None) is None and resolve_scorer(None, None) is None
+    assert run.Config(policy="none").scorer is None
+    ident = {"name": DEFAULT_MODEL, "hidden_size": 576, "num_hidden_layers": 30}
+    d = _plant(tmp_path / "rel", ident)
+    monkeypatch.setenv("STEPPROBE_RELEASED_DIR", str(tmp_path / "rel"))
+    assert released_root() == tmp_path / "rel"
+    for cls in (run.Config, serve.Config):
+        assert cls().scorer == str(d)  # default model, no --scorer
+        assert cls(scorer="none").scorer is None  # explicitly no scoring
+        assert cls(scorer="/x/mine").scorer == "/x/mine"  # an explicit scorer wins
+        assert cls(model="/some/other/model").scorer is None  # only the default model has one
+    assert bench.Config().scorer == str(d)
+
+
+def test_shipped_released_scorer_loads_matches_the_default_model_and_scores(default_model_path, tmp_path):
+    shipped = released_scorer(None) if "STEPPROBE_RELEASED_DIR" not in __import__("os").environ else None
+    if shipped is None:
+        pytest.skip("no released scorer is shipped in stepprobe/released/ (see its README.md)")
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stepprobe.probes.checkpoint import load_scorer
+    from stepprobe.provenance import model_identity
+
+    tok = AutoTokenizer.from_pretrained(default_model_path)
+    ident = model_identity(DEFAULT_MODEL, AutoConfig.from_pretrained(default_model_path), tok)
+    scorer = load_scorer(shipped, expected_model=ident)
+    scorer.check_live()
+    assert (shipped / "README.md").is_file()
+    # a recorded step: the hidden states of the default model at a boundary token
+    from stepprobe.data_collection.record import SiteExtractor
+
+    ex = SiteExtractor(default_model_path, dtype="float32")
+    ids = tok("First, 2 + 3 = 5.\n\nThe answer is 5.", add_special_tokens=False)["input_ids"]
+    feats = ex.extract([ids], [[len(ids) // 2]])[0]
+    p = float(scorer.score({s: feats[s] for s in scorer.sites})[0])
+    assert 0.0 <= p <= 1.0
+
+
+def test_release_refuses_an_unfinished_or_small_run(tmp_path):
+    import json
+
+    from stepprobe.errors import StepprobeError
+    from stepprobe.training.release import main, release
+
+    with pytest.raises(StepprobeError, match="have not finished; nothing is released"):
+        release(tmp_path, tmp_path / "dest")
+    (tmp_path / "collect").mkdir()
+    (tmp_path / "pipeline.json").write_text(json.dumps({"stages": {s: {"status": "done"} for s in
+                                                                   ("collect", "record", "sweep", "tune", "export")}}))
+    (tmp_path / "collect" / "traces.summary.json").write_text(json.dumps({"num_problems": 96, "num_traces": 768}))
+    with pytest.raises(StepprobeError, match="96 problems / 768 traces; a release needs at least 1000 / 8000"):
+        release(tmp_path, tmp_path / "dest")
+    assert main(["--run", str(tmp_path), "--dest", str(tmp_path / "dest")]) == 2
+    assert not (tmp_path / "dest").exists()

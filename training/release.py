@@ -1,0 +1,166 @@
+"""Package a finished release run as a shipped scorer with its model card.
+
+    python -m stepprobe.training.release --run RUN_DIR --dest stepprobe/released/smollm2-135m
+
+Reads the run of ``scripts/release_scorer.sh`` (pipeline stages collect .. export, and the
+out-of-template evaluation ``eval-ood/eval.json``), refuses an incomplete one, and writes
+into ``--dest``: ``scorer.safetensors`` + ``scorer.json`` (copied, hash checked on load),
+``eval-ood.json``, ``metrics.json`` and ``README.md``, the model card: the data (problems,
+traces, steps, accuracy), the recipe, the in-distribution test metrics and the
+out-of-template metrics with intervals beside the logistic-regression reference, the
+calibration, and the done-means goals (met or missed by how much). :func:`card` alone
+writes the card for any run directory (also a partial one, for a report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+GOALS = {"within_rank50": 0.75, "auroc": 0.80}
+ECE_GOAL = 0.05
+MIN_PROBLEMS, MIN_TRACES = 1000, 8000
+
+
+def _load(p: Path) -> dict[str, Any]:
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "n/a" if x != x else f"{x:.{nd}f}"
+
+
+def _ci(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "n/a"
+    return f"{_f(d.get('value'))} [{_f(d.get('lo'))}, {_f(d.get('hi'))}]"
+
+
+def card(run: Path, *, recipe: str = "configs/released-smollm2-135m.yaml") -> str:
+    summary = _load(run / "collect" / "traces.summary.json")
+    metrics = _load(run / "scorer" / "metrics.json")
+    ev = _load(run / "eval-ood" / "eval.json")
+    sweep = _load(run / "sweep" / "sweep.json")
+    meta = _load(run / "scorer" / "scorer.json")
+    m = metrics.get("metrics", {})
+    test, ref = m.get("test", {}), m.get("reference_test", {})
+    cal = metrics.get("calibration") or meta.get("calibration") or {}
+    lines = [f"# stepprobe scorer for {meta.get('model', {}).get('name', '?')}", "",
+             "Predicts, from the hidden state at a reasoning-step boundary, the probability (calibrated) that the "
+             "trace will end with the right answer. Trained by stepprobe on the model's own traces.", "",
+             "## Data", ""]
+    if summary:
+        lines += [f"- {summary.get('num_problems')} built-in problems (varied phrasings, distractors, multi-step "
+                  f"word problems; `{summary.get('config', {}).get('problems', '?')}`), "
+                  f"{summary.get('num_traces')} traces, sampled with temperature "
+                  f"{summary.get('config', {}).get('temperature')}, top_p {summary.get('config', {}).get('top_p')}, "
+                  f"max {summary.get('config', {}).get('max_tokens')} tokens.",
+                  f"- sample accuracy {_f(summary.get('sample_accuracy'))}, majority-of-N "
+                  f"{_f(summary.get('majority_vote_accuracy'))}, pass@N {_f(summary.get('pass_at_n'))}; by family: "
+                  + ", ".join(f"{k} {_f(v, 2)}" for k, v in (summary.get("sample_accuracy_by_family") or {}).items())]
+    steps = metrics.get("num_steps") or {}
+    if steps:
+        lines.append(f"- step rows: train {steps.get('train')}, validation {steps.get('val')}, test {steps.get('test')} "
+                     "(split by problem)")
+    lines += ["", "## Recipe", "", f"`scripts/release_scorer.sh` = the pipeline of `{recipe}`, then the "
+              "out-of-template set (`builtin-ood:n=160,seed=0`, never trained on), `stepprobe evaluate`, and this "
+              "card.", ""]
+    spec = metrics.get("feature_spec") or meta.get("feature_spec") or {}
+    lines += [f"Probe: **{metrics.get('architecture') or meta.get('architecture')}** on "
+              f"{', '.join(spec.get('sites', []))} (combine {spec.get('combine')}), threshold "
+              f"{_f(metrics.get('threshold'))} (a calibrated probability). Calibration: {cal.get('method')} "
+              f"(a {_f(cal.get('a'))}, b {_f(cal.get('b'))}), fitted on validation.", ""]
+    winners = sweep.get("winners") or []
+    if winners:
+        lines += ["Sweep (linear probes, test AUROC minus the best boundary site's, paired, 95% interval):", "",
+                  "| kind | best by validation | test AUROC | minus best boundary |", "|---|---|---|---|"]
+        for w in winners:
+            d = w.get("test_auroc_minus_boundary") or {}
+            lines.append(f"| {w['kind']} | {w['site']} | {_f(w.get('test_auroc'))} | {_ci(d)} |")
+        lines.append("")
+    lines += ["## Held-out metrics", "", "In-distribution test split (problems never trained on, same generator):", "",
+              "| metric | probe | logistic regression |", "|---|---|---|"]
+    for n in ("auroc", "early50_auroc", "trace_auroc", "within_rank50", "ece"):
+        lines.append(f"| {n} | {_f(test.get(n))} | {_f(ref.get(n))} |")
+    if cal.get("ece_before"):
+        lines.append(f"| ece before calibration | {_f(cal['ece_before'].get('test'))} | |")
+    lines.append("")
+    if ev:
+        p, r, size = ev.get("probe", {}), ev.get("reference", {}), ev.get("size", {})
+        lines += [f"Out-of-template test set ({size.get('problems')} problems, {size.get('traces')} traces, "
+                  f"{size.get('steps')} steps, {_f(size.get('sample_accuracy'))} of traces correct; 95% bootstrap "
+                  "intervals over problems):", "", "| metric | probe | logistic regression | goal |", "|---|---|---|---|"]
+        for n in ("auroc", "early50_auroc", "trace_auroc", "within_rank25", "within_rank50", "within_rank75", "ece"):
+            goal = (f">= {GOALS[n]}" if n in GOALS else f"<= {ECE_GOAL}" if n == "ece" else "")
+            lines.append(f"| {n} | {_ci(p.get(n))} | {_ci(r.get(n))} | {goal} |")
+        lines.append(f"| ece without calibration | {_ci(ev.get('probe_uncalibrated_ece'))} | | |")
+        lines.append("")
+        verdicts = []
+        for n, g in GOALS.items():
+            v = (p.get(n) or {}).get("value")
+            verdicts.append(f"{n} {_f(v)} vs goal {g}: " + ("met" if v is not None and v >= g else
+                                                               f"missed by {_f(g - v) if v is not None else 'n/a'}"))
+        v = (p.get("ece") or {}).get("value")
+        verdicts.append(f"ECE {_f(v)} vs goal {ECE_GOAL}: " + ("met" if v is not None and v <= ECE_GOAL else
+                                                              f"missed by {_f(v - ECE_GOAL) if v is not None else 'n/a'}"))
+        lines += ["Goals (point estimates; see the intervals): " + "; ".join(verdicts) + ".", ""]
+    lines += ["## Use", "", "`stepprobe run/bench/serve` with the default model and no `--scorer` use this scorer. "
+              "It reads boundary-token hidden states only (what live capture provides).", ""]
+    return "\n".join(lines)
+
+
+def release(run: Path, dest: Path) -> Path:
+    from stepprobe.errors import StepprobeError
+    from stepprobe.probes.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_scorer
+
+    state = _load(run / "pipeline.json")
+    stages = state.get("stages", {})
+    unfinished = [s for s in ("collect", "record", "sweep", "tune", "export") if stages.get(s, {}).get("status") != "done"]
+    if unfinished:
+        raise StepprobeError(f"{run}: stage(s) {', '.join(unfinished)} have not finished; nothing is released")
+    summary = _load(run / "collect" / "traces.summary.json")
+    if (summary.get("num_problems") or 0) < MIN_PROBLEMS or (summary.get("num_traces") or 0) < MIN_TRACES:
+        raise StepprobeError(f"{run}: {summary.get('num_problems')} problems / {summary.get('num_traces')} traces; a "
+                             f"release needs at least {MIN_PROBLEMS} / {MIN_TRACES}")
+    if not (run / "eval-ood" / "eval.json").is_file():
+        raise StepprobeError(f"{run}: no out-of-template evaluation (eval-ood/eval.json)")
+    scorer = load_scorer(run / "scorer")
+    scorer.check_live()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE, "metrics.json"):
+        shutil.copy2(run / "scorer" / name, dest / name)
+    shutil.copy2(run / "eval-ood" / "eval.json", dest / "eval-ood.json")
+    (dest / "README.md").write_text(card(run), encoding="utf-8")
+    load_scorer(dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stepprobe.errors import StepprobeError
+
+    ap = argparse.ArgumentParser(prog="python -m stepprobe.training.release", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--dest", required=True)
+    ap.add_argument("--card-only", action="store_true", help="print the card of --run and write nothing")
+    args = ap.parse_args(argv)
+    try:
+        if args.card_only:
+            sys.stdout.write(card(Path(args.run)))
+            return 0
+        release(Path(args.run), Path(args.dest))
+    except StepprobeError as exc:
+        sys.stderr.write(f"release: error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
