@@ -22,6 +22,7 @@ from stepprobe.errors import StepprobeError
 from . import metrics as M
 
 CALIBRATIONS = ("none", "temperature", "platt")
+MIN_SLOPE = 1e-3  # calibration keeps the score's order
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -65,7 +66,10 @@ class Calibration:
 def fit_calibration(scores: np.ndarray, labels: np.ndarray, method: str = "platt") -> Calibration:
     """Fit on (uncalibrated probability, label) pairs by minimizing log-loss (Newton steps).
 
-    ``temperature`` fits ``a`` alone; ``platt`` fits ``a`` and ``b``."""
+    ``temperature`` fits ``a`` alone; ``platt`` fits ``a`` and ``b``. ``a`` is kept at or
+    above :data:`MIN_SLOPE`, so calibration never reverses the ranking (a probe trained with
+    a within-problem ranking loss can have a logit that is anti-correlated with the label
+    across problems; its calibrated score is then nearly constant, but still ordered)."""
     if method not in CALIBRATIONS:
         raise StepprobeError(f"unknown calibration {method!r}; known: {', '.join(CALIBRATIONS)}")
     if method == "none":
@@ -91,10 +95,12 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, method: str = "platt
             da, db = ga / haa, 0.0
         step = 1.0
         loss0 = _logloss(a * z + b, y)
-        while step > 1e-4 and _logloss((a - step * da) * z + (b - step * db), y) > loss0 + 1e-12:
+        while step > 1e-4 and _logloss(max(a - step * da, MIN_SLOPE) * z + (b - step * db), y) > loss0 + 1e-12:
             step /= 2
-        a, b = a - step * da, b - step * db
-        if abs(step * da) < 1e-9 and abs(step * db) < 1e-9:
+        a_new, b_new = max(a - step * da, MIN_SLOPE), b - step * db
+        done = abs(a_new - a) < 1e-9 and abs(b_new - b) < 1e-9
+        a, b = a_new, b_new
+        if done:
             break
     return Calibration(method, float(a), float(b))
 

@@ -108,3 +108,13 @@ def test_metric_with_ci_brackets_the_value():
     for name in ("auroc", "ece"):
         d = metric_with_ci(name, s, y, np.arange(600) // 6, n=200)
         assert d["lo"] <= d["value"] <= d["hi"]
+
+
+def test_calibration_never_reverses_the_ranking():
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=2000)
+    y = (rng.random(2000) < 1 / (1 + np.exp(z))).astype(int)  # the score is anti-correlated with the label
+    cal = fit_calibration(1 / (1 + np.exp(-z)), y, "platt")
+    assert cal.a > 0
+    p = cal.apply(1 / (1 + np.exp(-z)))
+    assert (np.diff(p[np.argsort(z)]) >= 0).all()
