@@ -8,11 +8,11 @@ A scorer is a directory with two files:
   its ``params``, ``feature_spec`` (sites + combine), ``hidden_size``, ``model`` (identity:
   name, config hash, vocabulary hash, hidden size, layers), ``boundary_rule`` (delimiter and
   boundary token ids as recorded), ``threshold`` (a calibrated probability), ``calibration``
-  (``{method, a, b}``, also the ``calibration`` tensor), ``features`` (``{step_mean: bool}``:
+  (``{method, a, b}``, also the ``output_calibration`` tensor), ``features`` (``{step_mean: bool}``:
   whether the probe reads step means, which live capture does not compute), ``metrics``,
   ``config`` (the training config), ``package_versions``, ``created``, and ``weights_sha256``.
 
-A scorer written before calibration existed has no ``calibration`` tensor; it loads with
+A scorer written before calibration existed has no ``output_calibration`` tensor; it loads with
 the identity calibration ``(1, 0)``.
 
 :func:`load_scorer` never unpickles: it reads JSON, rebuilds the module from the probe
@@ -106,7 +106,7 @@ class Scorer:
 
     @property
     def calibration(self) -> dict[str, Any]:
-        a, b = (float(v) for v in self.module.calibration.tolist())
+        a, b = (float(v) for v in self.module.output_calibration.tolist())
         return {"method": (self.meta.get("calibration") or {}).get("method", "none"), "a": a, "b": b}
 
     @property
@@ -217,7 +217,7 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
         "boundary_rule": dict(boundary_rule),
         "threshold": float(threshold),
         "calibration": {**_jsonable(calibration or {}), "method": (calibration or {}).get("method", "none"),
-                        "a": float(probe.calibration[0]), "b": float(probe.calibration[1])},
+                        "a": float(probe.output_calibration[0]), "b": float(probe.output_calibration[1])},
         "features": {"step_mean": probe.uses_step_mean},
         "metrics": _jsonable(metrics or {}),
         "config": _jsonable(config or {}),
@@ -281,8 +281,8 @@ def load_scorer(directory: str | os.PathLike, *, expected_model: Mapping[str, An
     except Exception as exc:  # safetensors raises its own error types
         raise ArtifactMismatch(f"{weights}: not a readable safetensors file ({exc})") from None
     expected = probe.state_dict()
-    if "calibration" not in tensors and "calibration" not in meta:
-        tensors["calibration"] = expected["calibration"].clone()  # written before calibration existed
+    if "output_calibration" not in tensors and "calibration" not in meta:
+        tensors["output_calibration"] = expected["output_calibration"].clone()  # written before calibration existed
     if set(tensors) != set(expected):
         extra, lacking = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
         raise ArtifactMismatch(f"{weights}: tensors do not match architecture {meta['architecture']!r} "

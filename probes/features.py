@@ -11,6 +11,7 @@ A :class:`FeatureSpec` names the sites (``stepprobe.layers`` names: ``embed``,
 Inputs are standardized per site and per dimension with mean/std computed on the
 **training split only**; the statistics are buffers of :class:`ProbeModel`, so they are
 saved with the weights and travel with the probe. So is the **calibration** ``(a, b)``
+(buffer ``output_calibration``)
 (fitted on the validation split, Platt or temperature scaling): the probability is
 ``sigmoid(a * logit + b)``; ``(1, 0)`` is none. Scores, thresholds and the threshold
 policy all use that calibrated probability.
@@ -109,7 +110,7 @@ class ProbeModel(nn.Module):
         self.params = dict(params or {})
         self.norm = Normalizer(len(spec.sites), self.hidden_size)
         # (a, b) of sigmoid(a * logit + b); fitted on validation after training.
-        self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
+        self.register_buffer("output_calibration", torch.tensor([1.0, 0.0]))
         self.probe = build_probe(arch, num_sites=len(spec.sites), hidden_size=self.hidden_size,
                                  combine=spec.combine, **self.params)
 
@@ -128,11 +129,11 @@ class ProbeModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated probability that the trace ends correct."""
-        return torch.sigmoid(self.calibration[0] * self.logits(x) + self.calibration[1])
+        return torch.sigmoid(self.output_calibration[0] * self.logits(x) + self.output_calibration[1])
 
     @torch.no_grad()
     def set_calibration(self, a: float, b: float) -> None:
-        self.calibration.copy_(torch.tensor([float(a), float(b)]))
+        self.output_calibration.copy_(torch.tensor([float(a), float(b)]))
 
     @property
     def uses_step_mean(self) -> bool:
