@@ -11,7 +11,9 @@ Scores arrive on the model runner output (``stepprobe_steps``, see worker.py) in
 like vLLM finishes a stopped request: ``finish_reason="stop"``, ``stop_reason="pruned"``, its
 blocks freed, its partial text delivered to the client.
 
-- ``memory``: before each ``schedule()``, running traces are ordered so that vLLM's
+- ``memory``: before each ``schedule()`` that could run out of KV blocks (free blocks below
+  what the step could allocate at most; otherwise nothing is ordered, so an uncongested step
+  costs no scan), running traces are ordered so that vLLM's
   preemption victim (the last one) is the lowest-scoring prunable trace, and
   ``_preempt_request`` finishes that trace instead of sending it back to the waiting queue.
   Which trace is the victim is ``memory_victim``: ``score`` (the paper's rule) compares raw
@@ -186,8 +188,9 @@ class PruningMixin:
                     self._sp_finish(req, from_running=False)
         running = self.running  # type: ignore[attr-defined]
         self._sp_mem_allowed: set[str] = set()
-        # No live memory-policy trace (counted on add/finish): nothing to order, no O(running) scan.
-        mem_groups = set() if not self._sp_live_memory else {
+        # No live memory-policy trace (counted on add/finish), or KV room for whatever this step can
+        # allocate: no preemption can happen, so nothing to order and no O(running) scan.
+        mem_groups = set() if not (self._sp_live_memory and self._sp_may_preempt()) else {
             t.group for t in (self._sp_traces.get(r.request_id) for r in running)
             if t is not None and t.policy == "memory"}
         if mem_groups:
@@ -202,6 +205,26 @@ class PruningMixin:
             return super().schedule(*args, **kwargs)  # type: ignore[misc]
         finally:
             self._sp_in_schedule = False
+
+    def _sp_may_preempt(self) -> bool:
+        """False only when this ``schedule()`` provably cannot run out of KV blocks for a running request.
+
+        A running request allocates at most ``ceil((new + lookahead) / block) + 1`` blocks per KV-cache
+        group in one step, and the step schedules at most ``max_num_scheduled_tokens`` new tokens in all,
+        so ``groups * (2 * running + ceil((budget + running * lookahead) / smallest block))`` free blocks
+        (plus vLLM's watermark) are always enough. Anything unknown answers True (order as before).
+        """
+        try:
+            mgr = self.kv_cache_manager  # type: ignore[attr-defined]
+            groups = self.kv_cache_config.kv_cache_groups  # type: ignore[attr-defined]
+            block = min(g.kv_cache_spec.block_size for g in groups)
+            running = len(self.running)  # type: ignore[attr-defined]
+            ahead = 1 + int(self.num_spec_tokens or 0) + int(self.num_lookahead_tokens or 0)  # type: ignore[attr-defined]
+            tokens = int(self.max_num_scheduled_tokens) + running * ahead  # type: ignore[attr-defined]
+            bound = len(groups) * (2 * running + -(-tokens // block)) + int(getattr(mgr, "watermark_blocks", 0))
+            return mgr.block_pool.get_num_free_blocks() < bound
+        except (AttributeError, TypeError, ValueError):
+            return True
 
     def _preempt_request(self, request: Any, timestamp: float, drop_stale_output: bool = False) -> None:
         t = self._sp_traces.get(request.request_id)

@@ -207,3 +207,27 @@ def test_threshold_policy_keeps_min_live_per_request_override(tiny_model_path):
     add_grouped(s, [("t0", "T"), ("t1", "T")], extra={"min_live": 1})
     done = drive(s, {"t0": 0.2, "t1": 0.1}, in_flight=2)
     assert done["t1"][:2] == ("stop", "pruned") and done["t0"] == ("length", None, MAX_TOKENS)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_memory_policy_orders_running_only_when_a_preemption_is_possible(tiny_model_path, async_scheduling,
+                                                                          monkeypatch):
+    """Ordering every running trace each step costs O(running); it is skipped while the free KV
+    blocks cover the most one step can allocate, and done as soon as they may not."""
+    import stepprobe.inference.scheduler as S
+
+    calls = []
+    real = S.memory_victim_keys
+    monkeypatch.setattr(S, "memory_victim_keys", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mem = {"policy": "memory", "scorer": "unused", "threshold": 0.5}
+    roomy = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, settings=mem, num_blocks=200)
+    add_requests(roomy, 4, {"group": "g"})
+    for _ in range(3):
+        roomy.schedule()
+    assert roomy._sp_may_preempt() is False and calls == []
+    tight = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, settings=mem)
+    add_requests(tight, 4, {"group": "g"})
+    tight.schedule()
+    assert tight._sp_may_preempt() is True
+    tight.schedule()
+    assert calls, "a step that may preempt must order the running traces"
