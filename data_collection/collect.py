@@ -31,8 +31,8 @@ from typing import Any, Iterable
 
 from ..config import StageConfig, option
 from ..errors import StepprobeError
-from ..io import atomic_write_json
-from ..engine import engine_kwargs, make_llm, shutdown  # noqa: F401  (make_llm: tests and the pipeline)
+from ..io import atomic_write_json, check_writable_dir
+from ..engine import check_context, engine_kwargs, make_llm, shutdown  # noqa: F401  (make_llm: tests and the pipeline)
 from ..models import DEFAULT_MODEL, identify_model, model_display_name
 from ..paths import runs_dir
 from ..options import BUILTIN_PROMPT, BUILTIN_SAMPLING, PromptOptions, SamplingOptions, EngineOptions, resume_keys
@@ -200,6 +200,10 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
     out = Path(config.output) if config.output else default_output(config)
     model_path, identity, tokenizer = identify_model(config.model)
     header = make_header(config.to_dict(), identity, model_path=model_path, num_problems=len(problems))
+    check_writable_dir(out.parent, "--output")
+    prompt_lens = [len(tokenizer(q, add_special_tokens=False)["input_ids"])
+                   for q in build_prompts(problems, tokenizer, config)]
+    check_context(prompt_lens, config.max_tokens, config.max_model_len)
 
     with TraceWriter(out, header, overwrite=config.overwrite, match_keys=RESUME_KEYS) as writer:
         todo = [p for p in problems if p.problem_id not in writer.done_ids]

@@ -25,11 +25,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..errors import StepprobeError
+from ..io import open_text
+
+log = logging.getLogger(__name__)
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "input", "Question", "Problem")
 ANSWER_FIELDS = ("answer", "gold", "target", "final_answer", "Answer", "correct_answer", "label")
@@ -56,7 +60,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) pairs; line numbers are 1-based (CSV: the header is line 1)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        with open(path, encoding="utf-8") as fh:
+        with open_text(path) as fh:
             text = fh.read()
         if suffix == ".json" and text.lstrip().startswith("["):
             try:
@@ -73,7 +77,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
             except json.JSONDecodeError as exc:
                 raise StepprobeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
     elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open_text(path, newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             if not reader.fieldnames:
                 return
@@ -230,7 +234,33 @@ def load_problems(path: str | Path, *, question_field: str | None = None, answer
         out.append(p)
     if not out:
         raise StepprobeError(f"{path}: no problems in the file")
+    warn_duplicate_questions(out, str(path))
     return out
+
+
+def duplicate_questions(problems: Iterable[Any]) -> dict[str, list[Any]]:
+    """Question text (whitespace-normalized) -> the problems that ask it, for questions asked
+    more than once."""
+    by_q: dict[str, list[Any]] = {}
+    for p in problems:
+        by_q.setdefault(" ".join(p.question.split()), []).append(p)
+    return {q: ps for q, ps in by_q.items() if len(ps) > 1}
+
+
+def warn_duplicate_questions(problems: Iterable[Any], where: str) -> dict[str, list[Any]]:
+    """Say (one warning) when the same question appears under several ids; the problem split
+    of training keeps all of them in one split (see ``stepprobe.training.data.make_split``)."""
+    dups = duplicate_questions(problems)
+    if dups:
+        q, ps = next(iter(dups.items()))
+        golds = sorted({p.gold for p in ps})
+        conflict = sum(len({p.gold for p in g}) > 1 for g in dups.values())
+        log.warning("%s: %d question(s) occur under more than one problem id (e.g. %s%s)%s; training keeps "
+                    "each question's problems in one split", where, len(dups), ", ".join(repr(p.problem_id)
+                                                                                     for p in ps[:3]),
+                    f", gold answers {golds}" if len(golds) > 1 else "",
+                    f"; {conflict} of them with different gold answers" if conflict else "")
+    return dups
 
 
 BUILTIN = "builtin"

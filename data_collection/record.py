@@ -37,10 +37,12 @@ import numpy as np
 from ..boundaries import DEFAULT_DELIMITER, BoundaryDetector, BoundaryRule, step_paper_rule
 from ..config import StageConfig, option
 from ..errors import ArtifactMismatch, StepprobeError
+from ..io import check_writable_dir, open_text
 from ..layers import FINAL_NORM, EMBED, all_sites, layer_name, mean_name, parse_sites
 from ..models import identify_model
 from ..provenance import check_model_identity
 from . import hdf5
+from .problems import warn_duplicate_questions
 from .traces import ProblemTraces, read_traces
 
 log = logging.getLogger(__name__)
@@ -246,7 +248,7 @@ def decode_delimiter(text: str) -> str:
 def detect_format(path: Path) -> str:
     if not path.is_file():
         raise StepprobeError(f"traces file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
+    with open_text(path) as fh:
         first = fh.readline()
     try:
         rec = json.loads(first)
@@ -296,6 +298,13 @@ def _boundary_rule(config: Config) -> BoundaryRule:
     raise StepprobeError(f"unknown boundary rule {config.boundary_rule!r}; known: default, step-paper")
 
 
+@dataclasses.dataclass
+class _Asked:
+    problem_id: str
+    question: str
+    gold: str
+
+
 def _default_output(traces: Path) -> Path:
     return traces.with_name("hidden_states.h5")
 
@@ -314,6 +323,7 @@ def run(config: Config) -> Path:
         raise StepprobeError(f"input format {fmt!r}: use one of {', '.join(INPUT_FORMATS)}")
     shard = parse_shard(config.shard)
     output = shard_output(Path(config.output) if config.output else _default_output(traces_path), shard)
+    check_writable_dir(output.parent, "--output")
     storage_dtype = hdf5._check_dtype(config.storage_dtype)
     hdf5.parse_compression(config.compression)
     if config.batch_size < 1 or config.max_batch_tokens < 1:
@@ -343,11 +353,17 @@ def run(config: Config) -> Path:
     sites_n = identity["num_hidden_layers"] + 2 + len(mean_sites)
     hidden = identity["hidden_size"]
     n_problems = n_traces = n_steps = 0
-    for prob in source.problems(shard):
+    asked = []
+    for prob in source.problems(shard):  # refuses a duplicate problem id, before anything is written
         n_problems += 1
+        asked.append(_Asked(prob.problem_id, prob.question, prob.gold))
         for t in prob.traces:
             n_traces += 1
             n_steps += len(detector.find(t.output_token_ids))
+    warn_duplicate_questions(asked, str(traces_path))
+    if n_steps == 0:
+        raise StepprobeError(f"{traces_path}: {n_problems} problems, {n_traces} traces, but no step boundary "
+                             f"(delimiter {rule.delimiter!r}) in any trace; nothing to record (check --delimiter)")
     est = hdf5.estimate_bytes(n_steps, sites_n, hidden, storage_dtype)
     free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
     log.info("%s: %d problems, %d traces, %d step boundaries -> about %s of features (%d sites x %d x %s)%s",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ArtifactMismatch, StepprobeError
+from ..io import open_text
 from ..provenance import check_schema, package_versions
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise StepprobeError(f"traces file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
+    with open_text(path) as fh:
         first = fh.readline()
     if not first.endswith("\n"):
         raise ArtifactMismatch(f"{path}: no complete header line; not a traces file")
@@ -106,14 +107,20 @@ def read_traces(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[Probl
     header = read_header(path)
 
     def problems() -> Iterator[ProblemTraces]:
-        with open(path, encoding="utf-8") as fh:
+        seen: dict[str, int] = {}
+        with open_text(path) as fh:
             fh.readline()
             for lineno, line in enumerate(fh, start=2):
                 if not line.endswith("\n"):
                     log.warning("%s:%d: partial last line (interrupted run) ignored", path, lineno)
                     return
                 if line.strip():
-                    yield ProblemTraces.from_dict(_parse_line(line, path, lineno))
+                    prob = ProblemTraces.from_dict(_parse_line(line, path, lineno))
+                    if prob.problem_id in seen:
+                        raise StepprobeError(f"{path}:{lineno}: duplicate problem id {prob.problem_id!r} (first at "
+                                             f"line {seen[prob.problem_id]}); give each problem line its own id")
+                    seen[prob.problem_id] = lineno
+                    yield prob
 
     return header, problems()
 

@@ -39,7 +39,8 @@ from . import run as run_stage
 log = logging.getLogger(__name__)
 
 BENCH_KIND = "stepprobe-bench"
-BENCH_SCHEMA_VERSION = 3  # 2: model and scorer provenance; resumable by KV budget; 3: paired intervals, per-trace seeds
+BENCH_SCHEMA_VERSION = 4  # 2: model and scorer provenance; resumable by KV budget; 3: paired intervals, per-trace seeds;
+# 4: step_positions count generated tokens (as results.jsonl schema 4)
 DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 
@@ -169,10 +170,17 @@ def _resume(partial: Path, config: Config, prov: dict[str, Any]) -> dict[int, tu
 def run(config: Config) -> Path:
     from tqdm import tqdm
 
+    from stepprobe.engine import check_kv_budget
+    from stepprobe.io import check_writable_dir
+
     out = Path(config.output) if config.output else runs_dir() / time.strftime("bench-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out, "--output")
     config = with_scorer_generation(config)
     base = _run_config(config, "none", 0)
+    for kv in config.kv_blocks:  # every cell's settings are refused now, not after an hour of benching
+        check_kv_budget(kv or None, config.max_model_len, flag="--kv-blocks")
+        for policy in config.policies:
+            _run_config(config, policy, kv)
     problems = run_stage.load_problems(base)
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
@@ -180,7 +188,14 @@ def run(config: Config) -> Path:
               "package_versions": package_versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     prov = run_stage.provenance(config.model, config.scorer)
     header.update(prov)
+    if config.scorer:
+        from stepprobe.models import resolve_model
+
+        from .runner import check_scorer_for_model
+
+        check_scorer_for_model(config.scorer, resolve_model(config.model))
     kept = _resume(out / "bench.partial.json", config, prov)
+    out.mkdir(parents=True, exist_ok=True)
     for kv, (kv_rows, kv_details) in kept.items():
         rows += kv_rows
         details.update(kv_details)

@@ -201,7 +201,7 @@ def build_problems(records: list[dict[str, Any]]) -> list[Problem]:
             pos = [int(p) for p in t.get("step_positions", [])]
             traces.append(Trace(
                 index=int(t["index"]), num_tokens=int(t["num_tokens"]), answer=t.get("answer"),
-                correct=bool(t.get("correct")), step_gen=[p - plen for p in pos],
+                correct=bool(t.get("correct")), step_gen=pos,  # generated-token positions (results schema 4)
                 step_scores=[float(s) for s in t.get("step_scores", [])], score=t.get("score"),
                 confidence=t.get("confidence"), token_confidence=t.get("token_confidence"),
                 stop_confidence=t.get("stop_confidence")))

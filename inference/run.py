@@ -8,8 +8,10 @@ Example::
 Writes ``OUTPUT/results.jsonl`` (one line per problem: voted answer and correctness per
 voting method, kept/pruned traces with scores and partial text, tokens, preemptions,
 queueing time) and ``OUTPUT/summary.json``. Problems are run in batches of
-``batch_problems``; a batch's results are appended as soon as it finishes, and rerunning the
-same command skips problems already done.
+``batch_problems`` (default: all at once); each problem's line is appended as soon as its
+last trace finishes, so a killed run keeps every finished problem, and rerunning the same
+command skips problems already done. ``step_positions`` count generated tokens (0 = the first
+generated token), as the HDF5 ``position`` does.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from stepprobe.config import StageConfig, option
 from stepprobe.errors import ArtifactMismatch, StepprobeError
@@ -38,7 +40,8 @@ from .plugin import PluginSettings
 log = logging.getLogger(__name__)
 
 RESULTS_KIND = "stepprobe-run-results"
-RESULTS_SCHEMA_VERSION = 3  # 2: model and scorer provenance; 3: per-trace seeds, prompt_tokens, token confidences
+RESULTS_SCHEMA_VERSION = 4  # 2: model and scorer provenance; 3: per-trace seeds, prompt_tokens, token confidences;
+# 4: step_positions count generated tokens (0 = the first generated token), as the HDF5 position does
 
 
 @dataclasses.dataclass
@@ -62,6 +65,7 @@ class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, Pruni
     def check(self) -> None:
         if self.vote not in METHODS:
             raise StepprobeError(f"unknown voting method {self.vote!r}; known: {', '.join(METHODS)}")
+        self.settings()  # aggregate, keep_fraction, a scorer the policy needs: refused when the config is built
 
     def settings(self) -> PluginSettings:
         return PluginSettings(**self.pruning_values(), policy="none" if self.policy == "confidence" else self.policy,
@@ -82,15 +86,32 @@ def make_runner(config: Config, **overrides: Any) -> Any:
 
 
 def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | None = None) -> tuple[list[dict], dict]:
-    """Run one policy over ``problems`` (one generate call); per-problem records and batch stats."""
-    from stepprobe.data_collection.grading import extract_answer, is_correct
+    """Run one policy over ``problems`` (one batch); per-problem records and batch stats."""
+    records: list[dict | None] = [None] * len(problems)
+    stats: dict[str, Any] = {}
+    for k, rec in solve_stream(runner, problems, config, policy=policy, stats=stats):
+        records[k] = rec
+    for rec in records:
+        rec["batch_wall_s"] = stats["wall_s"]  # bench: the whole batch's time
+    return records, stats
+
+
+def solve_stream(runner: Any, problems: list[Any], config: Config, *, policy: str | None = None,
+                 stats: dict[str, Any] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield ``(index, record)`` for each problem as soon as its traces finish (the whole
+    batch shares the engine; the confidence policy, which runs two phases, yields at the end).
+    ``stats`` is filled with the batch's wall time and engine preemptions when it ends."""
     from stepprobe.data_collection.prompts import build_prompts
+    from stepprobe.engine import check_context
 
     from .confidence import ConfidenceFilter
     from .seeds import trace_seed
 
     policy = policy or config.policy
+    stats = {} if stats is None else stats
     prompts = build_prompts(problems, runner.tokenizer, config)
+    check_context([len(runner.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts],
+                  config.max_tokens, config.max_model_len)
     sampling = config.sampling_kwargs()
     seeds = ([[trace_seed(config.seed, p.problem_id, i) for i in range(config.n)] for p in problems]
              if config.per_trace_seeds else None)
@@ -100,41 +121,45 @@ def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | Non
     if policy == "confidence":
         filt = ConfidenceFilter(window=config.confidence_window, percentile=config.confidence_percentile,
                                 warmup=config.confidence_warmup, topk=config.confidence_topk)
-        results = filt.generate(runner, prompts, n=config.n, seeds=seeds, **sampling)
+        stream: Any = enumerate(filt.generate(runner, prompts, n=config.n, seeds=seeds, **sampling))
     else:
-        results = runner.generate(prompts, n=config.n, policy=policy, seeds=seeds,
-                                  logprobs=config.confidence_topk if use_conf else None, **sampling)
-    wall = time.perf_counter() - t0
-    preempted = runner.preemptions() - pre0
+        stream = runner.generate_stream(prompts, n=config.n, policy=policy, seeds=seeds,
+                                        logprobs=config.confidence_topk if use_conf else None, **sampling)
+    for k, traces in stream:
+        yield k, problem_record(problems[k], traces, config, policy, time.perf_counter() - t0)
+    stats.update(wall_s=time.perf_counter() - t0, preemptions=runner.preemptions() - pre0)
+
+
+def problem_record(prob: Any, traces: list[Any], config: Config, policy: str, wall: float) -> dict[str, Any]:
+    """One line of results.jsonl: every trace graded, every voting method's answer."""
+    from stepprobe.data_collection.grading import extract_answer, is_correct
+
     from .confidence import trace_confidence
 
-    records = []
-    for prob, traces in zip(problems, results):
-        ballots, tdicts = [], []
-        for t in traces:
-            ans = extract_answer(t.text, prob.choices)
-            conf = trace_confidence(t.confidence, config.confidence_window) if t.confidence else None
-            ballots.append(Ballot(ans, t.pruned, t.score, conf))
-            d = t.to_dict(token_confidence=config.record_confidence)
-            d.update(answer=ans, correct=is_correct(ans, prob.gold, choices=prob.choices), confidence=conf)
-            tdicts.append(d)
-        votes = {}
-        for m in METHODS:
-            v = vote(ballots, m, include_pruned=config.include_pruned)
-            votes[m] = {"answer": v.answer, "correct": is_correct(v.answer, prob.gold, choices=prob.choices),
-                        "voters": v.voters}
-        records.append({
-            "problem_id": prob.problem_id, "gold": prob.gold, "policy": policy,
-            "prompt_tokens": traces[0].prompt_tokens if traces else 0,
-            "answer": votes[config.vote]["answer"], "correct": votes[config.vote]["correct"], "votes": votes,
-            "kept": sum(not t.pruned for t in traces), "pruned": sum(t.pruned for t in traces),
-            "output_tokens": sum(t.num_tokens for t in traces),
-            "preemptions": sum(t.num_preemptions for t in traces),
-            "queued_s": max((t.queued_s or 0.0) for t in traces) if traces else 0.0,
-            "pass_at_n": any(d["correct"] for d in tdicts),
-            "batch_wall_s": wall, "traces": tdicts,
-        })
-    return records, {"wall_s": wall, "preemptions": preempted}
+    ballots, tdicts = [], []
+    for t in traces:
+        ans = extract_answer(t.text, prob.choices)
+        conf = trace_confidence(t.confidence, config.confidence_window) if t.confidence else None
+        ballots.append(Ballot(ans, t.pruned, t.score, conf))
+        d = t.to_dict(token_confidence=config.record_confidence)
+        d.update(answer=ans, correct=is_correct(ans, prob.gold, choices=prob.choices), confidence=conf)
+        tdicts.append(d)
+    votes = {}
+    for m in METHODS:
+        v = vote(ballots, m, include_pruned=config.include_pruned)
+        votes[m] = {"answer": v.answer, "correct": is_correct(v.answer, prob.gold, choices=prob.choices),
+                    "voters": v.voters}
+    return {
+        "problem_id": prob.problem_id, "gold": prob.gold, "policy": policy,
+        "prompt_tokens": traces[0].prompt_tokens if traces else 0,
+        "answer": votes[config.vote]["answer"], "correct": votes[config.vote]["correct"], "votes": votes,
+        "kept": sum(not t.pruned for t in traces), "pruned": sum(t.pruned for t in traces),
+        "output_tokens": sum(t.num_tokens for t in traces),
+        "preemptions": sum(t.num_preemptions for t in traces),
+        "queued_s": max((t.queued_s or 0.0) for t in traces) if traces else 0.0,
+        "pass_at_n": any(d["correct"] for d in tdicts),
+        "finished_after_s": wall, "traces": tdicts,
+    }
 
 
 def summarize(records: list[dict], config: Config, extra: dict | None = None) -> dict[str, Any]:
@@ -177,7 +202,10 @@ def check_provenance(theirs: dict[str, Any], mine: dict[str, Any], what: str,
     check_model_identity(theirs["model"], mine["model"], what)
     a, b = theirs.get("scorer") or {}, mine.get("scorer") or {}
     if a.get("weights_sha256") != b.get("weights_sha256"):
-        raise ArtifactMismatch(f"{what} was written with another scorer ({a.get('path')}); {remedy}")
+        def desc(x: dict) -> str:
+            return f"weights {str(x['weights_sha256'])[:12]} at {x.get('path')}" if x else "no scorer"
+
+        raise ArtifactMismatch(f"{what} was written with another scorer ({desc(a)}; this run: {desc(b)}); {remedy}")
 
 
 def _header(config: Config, prov: dict[str, Any]) -> dict[str, Any]:
@@ -189,22 +217,19 @@ def _resume(out: Path, config: Config, prov: dict[str, Any]) -> dict[str, dict]:
     if not path.is_file():
         return {}
     if config.overwrite:
-        path.unlink()
-        return {}
+        return {}  # replaced once the engine has started
     with open(path, encoding="utf-8") as fh:
         lines = [ln for ln in fh if ln.strip()]
     if not lines:
         return {}
-    header = json.loads(lines[0])
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        raise ArtifactMismatch(f"{path} does not start with a results header; pass --overwrite or another "
+                               "--output") from None
     from stepprobe.provenance import check_schema
 
     check_schema(header, RESULTS_KIND, RESULTS_SCHEMA_VERSION, str(path))
-    mine, theirs = resume_view(config.to_dict(), Config), resume_view(header.get("config", {}), Config)
-    if mine != theirs:
-        diff = config_diff(mine, theirs)
-        raise ArtifactMismatch(f"{path} was written with a different config ({', '.join(diff)}); "
-                               "pass --overwrite or another --output")
-    check_provenance(header, prov, str(path))
     done = {}
     for ln in lines[1:]:
         try:
@@ -212,45 +237,85 @@ def _resume(out: Path, config: Config, prov: dict[str, Any]) -> dict[str, dict]:
         except json.JSONDecodeError:
             break  # a torn last line from a killed run
         done[rec["problem_id"]] = rec
+    mine, theirs = resume_view(config.to_dict(), Config), resume_view(header.get("config", {}), Config)
+    try:
+        if mine != theirs:
+            diff = config_diff(mine, theirs)
+            raise ArtifactMismatch(f"{path} was written with a different config ({', '.join(diff)}); "
+                                   "pass --overwrite or another --output")
+        check_provenance(header, prov, str(path))
+    except ArtifactMismatch as exc:
+        if done:
+            raise
+        # Only a header: nothing to lose, so a corrected command replaces it.
+        log.info("%s holds no result yet (%s); starting it again", path, str(exc).split(";")[0])
+        return {}
     return done
 
 
+def _open_results(path: Path, config: Config, prov: dict[str, Any], done: dict[str, dict]):
+    """The results file, opened for appending; (re)written with its header unless resuming."""
+    if done:
+        return open(path, "a", encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "w", encoding="utf-8")
+    fh.write(json.dumps(_header(config, prov)) + "\n")
+    fh.flush()
+    return fh
+
+
 def run(config: Config, runner: Any = None) -> Path:
-    """Run the stage. ``runner``: an already started :class:`StepRunner` to use (not closed here)."""
+    """Run the stage. ``runner``: an already started :class:`StepRunner` to use (not closed here).
+
+    Everything is checked before the first byte is written (settings, output directory,
+    problems, model, scorer, KV budget); the results header is written once the engine is
+    up, and each problem's line as soon as its traces finish, so a killed run keeps every
+    finished problem and a refused one leaves nothing that blocks the corrected command.
+    """
     from tqdm import tqdm
 
+    from stepprobe.engine import check_kv_budget
+    from stepprobe.io import check_writable_dir
+
     out = Path(config.output) if config.output else runs_dir() / time.strftime("run-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out, "--output")
     config = with_scorer_generation(config)
     problems = load_problems(config)
     prov = provenance(config.model, config.scorer)
+    if runner is None:
+        check_kv_budget(config.num_kv_blocks, config.max_model_len)
+        if config.scorer:
+            from stepprobe.models import resolve_model
+
+            from .runner import check_scorer_for_model
+
+            check_scorer_for_model(config.scorer, resolve_model(config.model))
     done = _resume(out, config, prov)
     todo = [p for p in problems if p.problem_id not in done]
     path = out / "results.jsonl"
-    if not path.is_file():
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(_header(config, prov)) + "\n")
     log.info("run: %d problems (%d already done), n=%d, policy=%s", len(problems), len(done), config.n, config.policy)
     wall, engine_preemptions = 0.0, 0
     own = runner is None
     if todo:
-        if own:
-            runner = make_runner(config)
-        size = config.batch_problems or len(todo)
-        with tqdm(total=len(todo), desc=f"run ({config.policy})", unit="problem") as bar:
-            for i in range(0, len(todo), size):
-                batch = todo[i:i + size]
-                records, stats = solve(runner, batch, config)
-                wall += stats["wall_s"]
-                engine_preemptions += stats["preemptions"]
-                with open(path, "a", encoding="utf-8") as fh:
-                    for r in records:
-                        fh.write(json.dumps(r) + "\n")
-                        done[r["problem_id"]] = r
-                    fh.flush()
-                bar.update(len(batch))
-        if own:
-            runner.close()
+        try:
+            if own:
+                runner = make_runner(config)
+            with _open_results(path, config, prov, done) as fh:
+                size = config.batch_problems or len(todo)
+                with tqdm(total=len(todo), desc=f"run ({config.policy})", unit="problem") as bar:
+                    for i in range(0, len(todo), size):
+                        batch = todo[i:i + size]
+                        stats: dict[str, Any] = {}
+                        for _, r in solve_stream(runner, batch, config, stats=stats):
+                            fh.write(json.dumps(r) + "\n")
+                            fh.flush()  # durable problem by problem: a kill loses only those in flight
+                            done[r["problem_id"]] = r
+                            bar.update(1)
+                        wall += stats["wall_s"]
+                        engine_preemptions += stats["preemptions"]
+        finally:
+            if own and runner is not None:
+                runner.close()
     records = [done[p.problem_id] for p in problems if p.problem_id in done]
     summary = summarize(records, config, {"wall_s_this_session": wall,
                                           "engine_preemptions_this_session": engine_preemptions})

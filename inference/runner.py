@@ -16,9 +16,9 @@ import itertools
 import logging
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from stepprobe.engine import engine_kwargs, shutdown
+from stepprobe.engine import check_kv_budget, engine_kwargs, note_compile, shutdown
 from stepprobe.errors import StepprobeError
 from stepprobe.options import EngineOptions
 
@@ -82,6 +82,13 @@ def _engine_ids(key: str, ext_ids: set[str], n: int) -> tuple[str, int] | None:
     return (base, index) if base in ext_ids else None
 
 
+def _client_id(internal_id: str) -> str:
+    """vLLM's internal request id -> the client's (it appends ``-<8 chars>`` unless request id
+    randomization is disabled)."""
+    base, sep, tail = internal_id.rpartition("-")
+    return base if sep and len(tail) == 8 else internal_id
+
+
 class StepRunner:
     """A vLLM engine with stepprobe's scoring and pruning installed."""
 
@@ -105,9 +112,11 @@ class StepRunner:
         if engine is None:
             engine = EngineOptions(model=model, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                    num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs)
+        check_kv_budget(engine.num_kv_blocks, engine.max_model_len or 0)
         kwargs = llm_kwargs_for(engine, settings, seed=seed, plugin=plugin, **llm_kwargs)
         if plugin and settings.scorer:
             check_engine_args(kwargs, self.model_path)  # one line, before the engine starts
+        note_compile(bool(kwargs.get("enforce_eager")))
         t0 = time.perf_counter()
         self.llm = LLM(self.model_path, **kwargs)
         self.startup_s = time.perf_counter() - t0
@@ -174,49 +183,100 @@ class StepRunner:
                  use_tqdm: bool = False, per_prompt: Sequence[dict[str, Any]] | None = None,
                  seeds: Sequence[Sequence[int]] | None = None,
                  **sampling: Any) -> list[list[TraceResult]]:
-        """``n`` traces for each prompt. ``per_prompt``: extra stepprobe request settings for
-        each prompt (e.g. a confidence threshold). ``seeds[k][i]``: trace ``i`` of prompt ``k``
-        samples with its own generator seeded so (see :mod:`stepprobe.inference.seeds`);
-        without it, traces draw from the engine's shared generator, so what one samples
-        depends on the rest of the batch.
+        """``n`` traces for each prompt (all of them at once; see :meth:`generate_stream`)."""
+        results: list[list[TraceResult]] = [[] for _ in prompts]
+        for k, traces in self.generate_stream(prompts, n=n, max_tokens=max_tokens, temperature=temperature,
+                                              top_p=top_p, policy=policy, logprobs=logprobs,
+                                              per_prompt=per_prompt, seeds=seeds, **sampling):
+            results[k] = traces
+        return results
+
+    def generate_stream(self, prompts: Sequence[str], *, n: int = 1, max_tokens: int = 256,
+                        temperature: float = 0.7, top_p: float = 1.0, policy: str | None = None,
+                        logprobs: int | None = None, per_prompt: Sequence[dict[str, Any]] | None = None,
+                        seeds: Sequence[Sequence[int]] | None = None,
+                        **sampling: Any) -> Iterator[tuple[int, list[TraceResult]]]:
+        """Yield ``(prompt index, its n traces)`` as soon as the last trace of a prompt finishes.
+
+        All requests are queued at once (``LLM.enqueue``; they share the KV cache and the
+        batch as in ``LLM.generate``) and the engine is stepped here, so a caller can make each
+        prompt's result durable while the others are still generating. ``per_prompt``: extra
+        stepprobe request settings for each prompt (e.g. a confidence threshold).
+        ``seeds[k][i]``: trace ``i`` of prompt ``k`` samples with its own generator seeded so
+        (see :mod:`stepprobe.inference.seeds`); without it, traces draw from the engine's
+        shared generator, so what one samples depends on the rest of the batch.
 
         The ``n`` traces of a prompt are sent as ``n`` single-trace requests of one group
         (``extra_args={"stepprobe": {"group": ...}}``), which is what vLLM's front end does with
         an ``n > 1`` request anyway (it fans out into ``n`` child requests that share the
         prompt's cached KV blocks); sent this way, every trace keeps its own request metrics
         (preemptions, queueing time), which vLLM collapses into one for an ``n > 1`` request.
+        ``step_positions`` count generated tokens (0 = the first generated token), the same
+        convention as the HDF5 ``position`` of ``stepprobe record``.
         """
-        params, flat_prompts, owners = request_params(prompts, n=n, group=f"g{next(self._calls)}", policy=policy,
-                                                      logprobs=logprobs, per_prompt=per_prompt, seeds=seeds,
-                                                      max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                                      **sampling)
-        if self.plugin and self.scorer is not None:
+        params, flat_prompts, pairs = request_params(prompts, n=n, group=f"g{next(self._calls)}", policy=policy,
+                                                     logprobs=logprobs, per_prompt=per_prompt, seeds=seeds,
+                                                     max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                     **sampling)
+        owners = [(k, i, j) for j, (k, i) in enumerate(pairs)]
+        scoring = self.plugin and self.scorer is not None
+        if scoring:
             self.llm.collective_rpc("stepprobe_take_records")  # start clean
-        outs = self.llm.generate(flat_prompts, params, use_tqdm=use_tqdm)
-        records = self._take_records() if self.plugin and self.scorer is not None else {}
-        ext_ids = {o.request_id for o in outs}
-        by_request: dict[str, dict[str, Any]] = {}
-        for key, rec in records.items():
-            ids = _engine_ids(key, ext_ids, 1)
-            if ids is not None:
-                by_request[ids[0]] = rec
-        results: list[list[TraceResult]] = [[] for _ in prompts]
-        for j, (o, (k, i)) in enumerate(zip(outs, owners)):
-            metrics = getattr(o, "metrics", None)
-            c = o.outputs[0]
-            rec = by_request.get(o.request_id, {})
-            scores = list(rec.get("scores", []))
-            lp, conf, stop_conf = _token_confidence(c, logprobs)
-            results[k].append(TraceResult(
-                index=i, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
-                pruned=c.stop_reason == PRUNED,
-                score=aggregate_scores(scores, self.settings.aggregate, self.settings.ema_alpha),
-                step_scores=scores, step_positions=list(rec.get("positions", [])),
-                num_preemptions=int(getattr(metrics, "num_preemptions", 0) or 0),
-                queued_s=_queued(metrics), logprobs=lp, confidence=conf,
-                features=rec.get("features") or None, prompt_tokens=len(o.prompt_token_ids or []),
-                stop_confidence=stop_conf, seed=params[j].seed))
-        return results
+        pending: dict[str, dict[str, Any]] = {}  # client request id -> its record so far
+        engine = self.llm.llm_engine
+        ids = self.llm.enqueue(flat_prompts, params, use_tqdm=False)
+        # enqueue returns vLLM's internal ids ("<client id>-<8 random chars>"); outputs carry the client id.
+        owner_of = {_client_id(rid): own for rid, own in zip(ids, owners)}
+        internal = dict(zip((_client_id(r) for r in ids), ids))
+        left = [n] * len(prompts)
+        finished: list[list[Any]] = [[] for _ in prompts]
+        try:
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    if not getattr(o, "finished", False) or o.request_id not in owner_of:
+                        continue
+                    k, i, j = owner_of[o.request_id]
+                    finished[k].append((i, o, params[j].seed))
+                    left[k] -= 1
+                    if left[k]:
+                        continue
+                    if scoring:
+                        for key, rec in self._take_records().items():
+                            acc = pending.setdefault(_client_id(key), {"positions": [], "scores": [], "features": []})
+                            for f in acc:
+                                acc[f].extend(rec.get(f) or [])
+                    yield k, [self._trace(i, out, pending, seed, logprobs)
+                              for i, out, seed in sorted(finished[k], key=lambda x: x[0])]
+                    finished[k] = []
+            if any(left):
+                raise StepprobeError(f"the engine stopped with {sum(left)} of {len(owners)} traces unreported "
+                                     "(request ids not matched: vLLM internals changed?)")
+        except BaseException:
+            # A caller that stops early (or an interrupt) must not leave requests in the engine.
+            unfinished = [internal[rid] for rid, (k, _, _) in owner_of.items() if left[k] > 0]
+            if unfinished and self.llm is not None:
+                try:
+                    engine.abort_request(unfinished, internal=True)
+                except Exception:  # noqa: BLE001 - the engine may be gone already
+                    pass
+            raise
+
+    def _trace(self, index: int, o: Any, pending: dict[str, dict[str, Any]], seed: int | None,
+               logprobs: int | None) -> TraceResult:
+        rec = pending.pop(o.request_id, {})
+        metrics = getattr(o, "metrics", None)
+        c = o.outputs[0]
+        scores = list(rec.get("scores", []))
+        prompt_len = len(o.prompt_token_ids or [])
+        lp, conf, stop_conf = _token_confidence(c, logprobs)
+        return TraceResult(
+            index=index, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+            pruned=c.stop_reason == PRUNED,
+            score=aggregate_scores(scores, self.settings.aggregate, self.settings.ema_alpha),
+            step_scores=scores, step_positions=[int(p) - prompt_len for p in rec.get("positions", [])],
+            num_preemptions=int(getattr(metrics, "num_preemptions", 0) or 0),
+            queued_s=_queued(metrics), logprobs=lp, confidence=conf,
+            features=rec.get("features") or None, prompt_tokens=prompt_len, stop_confidence=stop_conf, seed=seed)
 
     def preemptions(self) -> int:
         """vLLM's cumulative preemption counter (for before/after differences)."""

@@ -112,7 +112,6 @@ def run_vllm_cli(argv: list[str]) -> None:
 def run(config: Config) -> None:
     from stepprobe.models import resolve_model
 
-    check_vllm_version()
     model_path = resolve_model(config.model)
     generation = None
     if config.scorer:

@@ -103,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     top, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not top.verbose:
+        # vLLM's import says on every CPU machine that Triton has no CPU backend: noise, not news.
+        logging.getLogger("vllm.triton_utils").setLevel(logging.ERROR)
     if not top.stage:
         parser.print_help()
         return 2
@@ -126,12 +129,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(config_cls, args)
         module.run(config)
     except StepprobeError as exc:
-        print(f"stepprobe {top.stage}: error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
+        return _refuse(top.stage, str(exc))
+    except OSError as exc:  # an unwritable or missing path, a full disk: the user's to fix
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _refuse(top.stage, f"{where}{exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        return _refuse(top.stage, f"an input file is not UTF-8 text ({exc.reason}); save it as UTF-8")
     except KeyboardInterrupt:
         print(f"stepprobe {top.stage}: interrupted; rerun the same command to resume", file=sys.stderr)  # noqa: T201
         return 130
     return 0
+
+
+def _refuse(stage: str, message: str) -> int:
+    """Print a refusal as one line (a multi-line message is joined) and return exit code 2."""
+    line = " ".join(str(message).split())
+    print(f"stepprobe {stage}: error: {line}", file=sys.stderr)  # noqa: T201
+    return 2
 
 
 if __name__ == "__main__":

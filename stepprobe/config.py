@@ -174,7 +174,10 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise StepprobeError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    from .io import open_text
+
+    with open_text(path) as fh:
+        text = fh.read()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:

@@ -5,7 +5,8 @@
 :func:`check_engine_args`), :func:`make_llm` starts an engine, :func:`shutdown` stops one,
 and :func:`engine_cli_args` writes the same settings as ``vllm serve`` flags. ``collect``,
 ``run``, ``bench``, ``serve`` and the benchmarks all go through here.
-:func:`prepare_engine` sets what the engine reads from the environment:
+:func:`prepare_engine` starts the watchdog that stops the engine's processes when the
+command dies (:mod:`stepprobe.lifetime`), and sets what the engine reads from the environment:
 
 - CPU cores: vLLM's CPU backend (``VLLM_CPU_OMP_THREADS_BIND=auto``) keeps one core for the
   front-end process; on a 2-core machine that halves generation. Measured here
@@ -45,8 +46,11 @@ def prepare_engine(kv_cache_gib: float | None = None, *, cpu_default_gib: int | 
     """Set the environment the engine reads and return extra ``vllm.LLM`` keyword arguments."""
     from vllm.platforms import current_platform
 
+    from .lifetime import guard_children
+
     if kv_cache_gib is not None and not kv_cache_gib > 0:
         raise StepprobeError(f"kv_cache_gib must be positive, got {kv_cache_gib}")
+    guard_children()  # the engine's processes end with this command, however it ends
     if current_platform.is_cpu():
         use_all_cpu_cores()
         if kv_cache_gib is not None:
@@ -121,6 +125,7 @@ def make_llm(model_path: str, *, seed: int = 0, kv_cache_gib: float | None = Non
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
     log.info("starting vLLM on %s", model_path)
+    note_compile(bool(kwargs.get("enforce_eager")))
     return LLM(model=model_path, **kwargs)
 
 
@@ -146,3 +151,63 @@ def engine_cli_args(kwargs: Mapping[str, Any]) -> list[str]:
         elif v is not None:
             argv += [flag, str(v)]
     return argv
+
+
+def kv_block_size() -> int:
+    """The KV block size vLLM picks on this platform for ordinary (non-MLA) attention:
+    128 tokens on CPU, 16 on a GPU (vLLM's defaults when none is given)."""
+    from vllm.platforms import current_platform
+
+    return 128 if current_platform.is_cpu() else 16
+
+
+def check_kv_budget(num_kv_blocks: int | None, max_model_len: int | None, *, flag: str = "--num-kv-blocks") -> None:
+    """Refuse, before the engine starts, a KV budget that cannot hold one sequence of
+    ``max_model_len`` tokens (vLLM would refuse it after loading the model, in a long
+    traceback that suggests a flag stepprobe does not have)."""
+    if num_kv_blocks is None:
+        return
+    if num_kv_blocks < 1:
+        raise StepprobeError(f"{flag} must be at least 1, got {num_kv_blocks}")
+    if not max_model_len:  # the model's own context length: known only once vLLM reads the config
+        return
+    block = kv_block_size()
+    if num_kv_blocks * block < max_model_len:
+        need = -(-max_model_len // block)
+        raise StepprobeError(
+            f"{flag} {num_kv_blocks} holds {num_kv_blocks * block} tokens ({block}-token blocks), fewer than "
+            f"--max-model-len {max_model_len}; give {flag} {need} or more, or a smaller --max-model-len")
+
+
+_COMPILE_NOTED = False
+
+
+def note_compile(enforce_eager: bool) -> None:
+    """Say once, before a compiled CPU engine starts, that compilation takes a while."""
+    global _COMPILE_NOTED
+    from vllm.platforms import current_platform
+
+    if enforce_eager or _COMPILE_NOTED or not current_platform.is_cpu():
+        return
+    _COMPILE_NOTED = True
+    log.info("vLLM compiles the model before the first generation (on CPU this can take minutes, less when "
+             "its compile cache is warm); --enforce-eager skips compilation and starts at once, at lower speed")
+
+
+def check_context(prompt_lens: list[int], max_tokens: int, max_model_len: int | None, what: str = "prompts") -> None:
+    """Refuse prompts that do not fit ``max_model_len`` at all, and warn (once) when prompt +
+    ``max_tokens`` exceeds it: vLLM then stops those traces at ``max_model_len`` total tokens
+    with finish reason ``length``, earlier than ``--max-tokens`` says, without a word."""
+    if not max_model_len or not prompt_lens:
+        return
+    longest = max(prompt_lens)
+    if longest >= max_model_len:
+        raise StepprobeError(f"{sum(p >= max_model_len for p in prompt_lens)} of {len(prompt_lens)} {what} have "
+                             f"{max_model_len} or more tokens (longest {longest}), no room to generate; raise "
+                             f"--max-model-len above {longest + max_tokens}")
+    over = [p for p in prompt_lens if p + max_tokens > max_model_len]
+    if over:
+        log.warning("%d of %d %s (longest %d tokens) + --max-tokens %d exceed --max-model-len %d: their traces "
+                    "stop at %d total tokens (as few as %d generated); raise --max-model-len to %d or lower "
+                    "--max-tokens", len(over), len(prompt_lens), what, longest, max_tokens, max_model_len,
+                    max_model_len, max_model_len - longest, longest + max_tokens)

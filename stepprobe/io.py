@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -44,3 +45,35 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse (one line) an output directory that cannot be created or written, before
+    anything is written: the directory itself if it exists, else its nearest existing parent."""
+    from .errors import StepprobeError
+
+    p = Path(path).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise StepprobeError(f"{what} {p}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StepprobeError(f"{what} {p}: {probe} is not writable; choose another location")
+
+
+@contextlib.contextmanager
+def open_text(path: str | os.PathLike, newline: str | None = None) -> Iterator[Any]:
+    """``open(path, encoding="utf-8")`` whose decoding errors, wherever the file is read inside
+    the ``with`` block, become one line naming the file instead of a ``UnicodeDecodeError``."""
+    from .errors import StepprobeError
+
+    try:
+        with open(path, encoding="utf-8", newline=newline) as fh:
+            yield fh
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1]
+        raise StepprobeError(f"{path}: not UTF-8 text (byte 0x{bad.hex() or '??'} cannot be decoded); "
+                             "save the file as UTF-8") from None

@@ -108,7 +108,41 @@ def resolve_model(name_or_path: str | None) -> str:
         return str(Path(name_or_path).resolve())
     if os.path.exists(name_or_path):
         raise StepprobeError(f"model path {name_or_path} is a file; give a checkpoint directory or a hub id")
-    return name_or_path  # a hub id; loading it needs network or a local HF cache
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise StepprobeError(f"model path {name_or_path} does not exist; give a checkpoint directory, a Hugging Face "
+                             f"id (org/name), or nothing for the default {DEFAULT_MODEL}")
+    return hub_model(name_or_path)
+
+
+def hub_model(repo_id: str, timeout_s: float = 10.0) -> str:
+    """A Hugging Face id -> its local snapshot directory when it is in the HF cache (then
+    nothing touches the network); otherwise the id, once the hub has confirmed it exists.
+    Refused in one line, before any download retries, when it is neither cached nor
+    reachable (or ``HF_HUB_OFFLINE`` is set)."""
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.utils import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except HFValidationError:
+        raise StepprobeError(f"model {repo_id!r} is neither a local directory nor a valid Hugging Face id "
+                             "(org/name)") from None
+    except Exception:  # noqa: BLE001 - not (completely) in the cache
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise StepprobeError(f"model {repo_id} is not a local directory nor in the Hugging Face cache, and "
+                             "HF_HUB_OFFLINE is set; download it first or give a local path")
+    try:
+        model_info(repo_id, timeout=timeout_s)
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise StepprobeError(f"model {repo_id}: no such model on the Hugging Face hub (or it needs a login); give a "
+                             "local checkpoint directory") from None
+    except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, timeout
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise StepprobeError(f"model {repo_id} is not a local directory nor in the Hugging Face cache, and the hub "
+                             f"cannot be reached ({reason}); download it first (huggingface-cli download "
+                             f"{repo_id}) or give a local path") from None
+    return repo_id
 
 
 def model_display_name(name_or_path: str | None) -> str:

@@ -74,22 +74,50 @@ def data_fingerprint(hs) -> dict[str, Any]:
 
 
 def split_problems(problem_ids: Sequence[str], *, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                   seed: int = 0) -> dict[str, list[str]]:
-    """Seeded split of the distinct problem ids into train / val / test (each non-empty)."""
-    uniq = sorted(set(map(str, problem_ids)))
+                   seed: int = 0, groups: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Seeded split of the distinct problem ids into train / val / test (each non-empty).
+
+    ``groups``: problem id -> group key; problems of one group (the same question under
+    several ids) land in the same split. The split is drawn over groups, each named by its
+    smallest id, so data without such duplicates splits exactly as without ``groups``.
+    """
+    ids = sorted(set(map(str, problem_ids)))
+    members: dict[str, list[str]] = {}
+    for pid in ids:
+        members.setdefault((groups or {}).get(pid, pid), []).append(pid)
+    by_first = {m[0]: m for m in members.values()}
+    uniq = sorted(by_first)
     n = len(uniq)
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise StepprobeError(f"split fractions must be in (0, 1) and sum below 1 (val {val_fraction}, test {test_fraction})")
     if n < 3:
-        raise StepprobeError(f"need at least 3 problems to split by problem, the data has {n}")
+        what = "distinct questions" if len(ids) > n else "problems with steps"
+        raise StepprobeError(f"need at least 3 problems to split by problem, the data has {n} {what}")
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(val_fraction * n)))
     n_test = max(1, int(round(test_fraction * n)))
     if n_val + n_test >= n:
         n_val, n_test = 1, 1
     shuffled = [uniq[i] for i in perm]
-    return {TEST: sorted(shuffled[:n_test]), VAL: sorted(shuffled[n_test:n_test + n_val]),
-            TRAIN: sorted(shuffled[n_test + n_val:])}
+
+    def expand(keys: list[str]) -> list[str]:
+        return sorted(pid for k in keys for pid in by_first[k])
+
+    return {TEST: expand(shuffled[:n_test]), VAL: expand(shuffled[n_test:n_test + n_val]),
+            TRAIN: expand(shuffled[n_test + n_val:])}
+
+
+def question_groups(hs) -> dict[str, str]:
+    """Problem id -> its question (whitespace-normalized), for problems whose question is
+    asked under more than one id; empty when the file has no questions or no duplicates."""
+    if "question" not in hs.problems or "problem_id" not in hs.problems:
+        return {}
+    ids = np.asarray(hs.problems["problem_id"]).astype(str)
+    qs = [" ".join(str(q.decode() if isinstance(q, bytes) else q).split()) for q in hs.problems["question"]]
+    count: dict[str, int] = {}
+    for q in qs:
+        count[q] = count.get(q, 0) + 1
+    return {pid: q for pid, q in zip(ids, qs) if count[q] > 1}
 
 
 @dataclasses.dataclass
@@ -109,8 +137,13 @@ def make_split(hs, *, val_fraction: float = 0.15, test_fraction: float = 0.15, s
                max_steps_per_trace: int = 0, subsample_seed: int = 0) -> SplitRows:
     """Split rows by problem; optionally keep at most ``max_steps_per_trace`` random steps per
     training trace (validation and test always keep every step)."""
+    if int(hs.num_steps) == 0:
+        raise StepprobeError(f"{getattr(hs, 'path', 'the data')} has {int(hs.num_traces)} traces but no step "
+                             "boundary; nothing to train on (was the right --delimiter recorded?)")
     pid = row_problem_ids(hs)
-    problems = split_problems(pid, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    groups = question_groups(hs)
+    problems = split_problems(pid, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                              groups=groups)
     rows = {s: np.flatnonzero(np.isin(pid, problems[s])) for s in SPLITS}
     if max_steps_per_trace and max_steps_per_trace > 0:
         tr = rows[TRAIN]
@@ -126,7 +159,7 @@ def make_split(hs, *, val_fraction: float = 0.15, test_fraction: float = 0.15, s
     for s in SPLITS:
         if len(rows[s]) == 0:
             raise StepprobeError(f"the {s} split has no steps (problems: {problems[s][:5]}...)")
-    info = {"by": "problem", "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+    info = {"by": "question" if groups else "problem", "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
             "max_steps_per_trace": max_steps_per_trace, "subsample_seed": subsample_seed}
     return SplitRows(rows, problems, info)
 
@@ -154,6 +187,7 @@ class FeatureCache:
             raise StepprobeError(f"site {name!r} is not in {getattr(self.hs, 'path', 'the file')}{hint}; "
                                  f"it has {', '.join(known)}")
         arr = np.ascontiguousarray(self.hs.features(name), dtype=np.float32)
+        check_finite(self.hs, arr[:, None, :], [name])
         self.reads += 1
         self._data[name] = arr
         while len(self._data) > 1 and sum(a.nbytes for a in self._data.values()) > self.max_bytes:
@@ -224,6 +258,32 @@ def _group_rows(values: np.ndarray) -> list[np.ndarray]:
     v = values[order]
     bounds = np.flatnonzero(np.r_[True, v[1:] != v[:-1], True]) if len(v) else np.array([0])
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def check_finite(hs, x: np.ndarray, sites: Sequence[str]) -> None:
+    """Refuse NaN/inf features (one line naming the file, the sites and how many steps)."""
+    bad = ~np.isfinite(x).all(axis=2)  # [n, S]
+    if bad.any():
+        which = [f"{site} ({int(bad[:, k].sum())} steps)" for k, site in enumerate(sites) if bad[:, k].any()]
+        raise StepprobeError(f"{getattr(hs, 'path', 'the data')}: NaN or inf features at {', '.join(which)}; "
+                             "record the file again (a float16 overflow? try --dtype bfloat16 or float32)")
+
+
+def check_classes(split: "SplitRows", hs, *, test: bool = True) -> None:
+    """Refuse a validation split with one class (its AUROC is undefined, so the best epoch
+    and any threshold would be picked blind); warn about a one-class test split."""
+    label = np.asarray(hs.steps["label"])
+    for s in (VAL, TEST) if test else (VAL,):
+        y = label[split.rows[s]]
+        n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+        if n_pos and n_neg:
+            continue
+        msg = (f"the {'validation' if s == VAL else s} split ({len(split.problems[s])} problems) has only one class ({n_pos} correct, {n_neg} "
+               f"incorrect steps)")
+        if s == VAL:
+            raise StepprobeError(f"{msg}: its AUROC is undefined and the best epoch would be picked blind; use more "
+                                 "problems, a larger --val-fraction or another --split-seed")
+        log.warning("%s: test AUROC is undefined; use more problems or another --split-seed", msg)
 
 
 class ProbeDataModule(L.LightningDataModule):

@@ -42,7 +42,7 @@ from stepprobe.probes.registry import known_probes
 from stepprobe.provenance import package_versions
 
 from . import metrics as M
-from .data import FeatureCache, data_fingerprint, make_split, open_hidden_states
+from .data import FeatureCache, check_classes, data_fingerprint, make_split, open_hidden_states
 from .train import Config as TrainConfig
 from .train import train_probe
 
@@ -226,6 +226,9 @@ def run(cfg: Config) -> Path:
     cands = candidates(cfg, hs)
     labels = [c.label for c in cands]
     fingerprint = data_fingerprint(hs)
+    split = make_split(hs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
+                       max_steps_per_trace=cfg.max_steps_per_trace, subsample_seed=cfg.seed)
+    check_classes(split, hs)
     out = Path(cfg.out) if cfg.out else None
     rows: list[dict[str, Any]] = []
     test_scores: dict[str, np.ndarray] = {}
@@ -241,8 +244,6 @@ def run(cfg: Config) -> Path:
         log.info("resuming sweep in %s: %d of %d candidates done", out, len(rows), len(cands))
     else:
         out = prepare_out_dir(cfg.out, "sweep", cfg.overwrite, "sweep.json")
-    split = make_split(hs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
-                       max_steps_per_trace=cfg.max_steps_per_trace, subsample_seed=cfg.seed)
     doc = {"kind": SWEEP_KIND, "schema_version": SWEEP_SCHEMA_VERSION, "config": cfg.to_dict(),
            "stable_config": _stable(cfg), "data": fingerprint, "split": split.to_dict(),
            "candidates": [dataclasses.asdict(c) for c in cands],

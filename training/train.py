@@ -37,7 +37,8 @@ from stepprobe.probes.registry import known_probes
 from stepprobe.provenance import package_versions
 
 from . import metrics as M
-from .data import FeatureCache, ProbeDataModule, SplitRows, data_fingerprint, make_split, open_hidden_states
+from .data import (FeatureCache, ProbeDataModule, SplitRows, check_classes, data_fingerprint, make_split,
+                   open_hidden_states)
 from .module import ProbeLightningModule, predict
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
     batch_size = config.batch_size or auto_batch_size(len(split.rows[M.TRAIN]))
     dm = ProbeDataModule(hs, spec, split, cache=cache, batch_size=batch_size, imbalance=config.imbalance,
                          seed=config.seed, include_test=evaluate_test, group_batches=config.loss != "bce")
+    check_classes(split, hs, test=evaluate_test)
     dm.setup("fit")
     n_neg, n_pos = dm.class_counts()
     if n_pos == 0 or n_neg == 0:
@@ -341,9 +343,18 @@ def run(config: Config) -> Path:
     if not config.data:
         raise StepprobeError("--data (an HDF5 file from `stepprobe record`) is required")
     hs = open_hidden_states(config.data)
+    # The data is checked (split, classes, NaN/inf in the sites read) before the run directory exists.
+    spec = resolve_spec(config, hs.num_layers)
+    split = make_split(hs, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                       seed=config.split_seed, max_steps_per_trace=config.max_steps_per_trace,
+                       subsample_seed=config.seed)
+    check_classes(split, hs)
+    cache = FeatureCache(hs)
+    for site in spec.sites:
+        cache.site(site)
     out = prepare_out_dir(config.out, "train", config.overwrite, "run.json")
     log.info("training %s on %s (%d steps, %d traces) -> %s", config.arch, config.data, hs.num_steps, hs.num_traces, out)
-    result = train_probe(config, hs, out_dir=out)
+    result = train_probe(config, hs, out_dir=out, cache=cache, split=split)
     write_run(out, config, hs, result, plots=config.plots)
     log.info("%s", summary_line(result))
     log.info("run directory: %s (scorer in %s)", out, out / "scorer")

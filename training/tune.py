@@ -10,10 +10,15 @@ never loaded. Bad trials are stopped by Optuna's PyTorchLightningPruningCallback
 The study lives in storage: a SQLite file in the output directory by default, or any
 database URL Optuna accepts (`--storage postgresql://...`) so that several workers on
 several machines share one study. Rerunning the same command resumes the study
-(load_if_exists) until `--n-trials` trials have finished (complete or pruned); trials
-left RUNNING by a killed worker are marked failed by Optuna's heartbeat after
-`--grace-period` seconds. The study records its data fingerprint and search space and
-refuses to resume against other data.
+(load_if_exists) until `--n-trials` trials have finished (complete or pruned). Several
+workers (the same command started several times, on one machine or several with one
+`--storage`) share the study; together they stop at `--n-trials`, and may overshoot it by
+up to one trial per extra worker (each finishes the trial it is running). A trial left
+RUNNING by a killed worker is marked failed by the next worker to start a trial: at once
+when the worker ran on the same machine (each trial records host, pid and process start
+time), otherwise by Optuna's heartbeat after `--grace-period` seconds. Only Optuna's
+public API is used (RDBStorage heartbeats, `fail_stale_trials`, `Study.tell`). The study
+records its data fingerprint and search space and refuses to resume against other data.
 
 Output directory: tune.json (kind "stepprobe-tune"), study.db, trials.csv, best.json
 (best trial, its params and train config), history.png, importance.png.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -42,7 +48,7 @@ from stepprobe.probes.registry import COMBINES, known_probes
 from stepprobe.provenance import package_versions
 
 from . import metrics as M
-from .data import FeatureCache, data_fingerprint, make_split, open_hidden_states
+from .data import FeatureCache, check_classes, data_fingerprint, make_split, open_hidden_states
 from .train import IMBALANCE
 from .train import Config as TrainConfig
 from .train import train_probe
@@ -224,6 +230,20 @@ def load_study(cfg: Config, out: Path, fingerprint: dict[str, Any], create: bool
     return study, url
 
 
+def _load_study_retrying(cfg: Config, out: Path, fingerprint: dict[str, Any], tries: int = 5):
+    """load_study, retried when another worker is creating the same SQLite schema at the same moment."""
+    import sqlalchemy.exc
+
+    for k in range(tries):
+        try:
+            return load_study(cfg, out, fingerprint)
+        except sqlalchemy.exc.OperationalError:
+            if k == tries - 1:
+                raise
+            time.sleep(0.5 * (k + 1))
+    raise AssertionError("unreachable")
+
+
 def _short(v: Any) -> str:
     s = str(v)
     return s if len(s) < 80 else s[:77] + "..."
@@ -250,17 +270,20 @@ def run(cfg: Config) -> Path:
         raise StepprobeError(f"{cfg.data} has no features for {', '.join(missing)}")
     kinds = step_feature_kinds(cfg, candidates, hs)
     fingerprint = data_fingerprint(hs)
+    split = make_split(hs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
+                       max_steps_per_trace=cfg.max_steps_per_trace, subsample_seed=cfg.seed)
+    check_classes(split, hs, test=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if cfg.out and (Path(cfg.out) / "tune.json").is_file():
         out = Path(cfg.out)
         prev = read_json(out / "tune.json")
         if prev.get("kind") != TUNE_KIND or prev.get("schema_version") != TUNE_SCHEMA_VERSION:
             raise ArtifactMismatch(f"{out}/tune.json is not a study of this stepprobe version")
+    elif cfg.out and (Path(cfg.out) / "study.db").is_file():
+        out = Path(cfg.out)  # another worker is creating this study right now; load_study checks it
     else:
         out = prepare_out_dir(cfg.out, "tune", False, "tune.json")
-    study, url = load_study(cfg, out, fingerprint)
-    split = make_split(hs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
-                       max_steps_per_trace=cfg.max_steps_per_trace, subsample_seed=cfg.seed)
+    study, url = _load_study_retrying(cfg, out, fingerprint)
     doc = {"kind": TUNE_KIND, "schema_version": TUNE_SCHEMA_VERSION, "config": cfg.to_dict(), "storage": url,
            "study_name": cfg.study_name, "objective": cfg.objective, "data": fingerprint,
            "split": {**split.info, "problems": {k: v for k, v in split.problems.items() if k != M.TEST},
@@ -270,6 +293,10 @@ def run(cfg: Config) -> Path:
     cache = FeatureCache(hs, max_bytes=int(cfg.cache_gb * (1 << 30)))
 
     def objective(trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        failed = fail_dead_trials(study, cfg.grace_period)
+        if failed:
+            log.info("marked %d trial(s) left RUNNING by a dead worker as failed", failed)
         tcfg = trial_config(trial, cfg, candidates, kinds)
         trial.set_user_attr("train_config", tcfg.to_dict())
         t0 = time.perf_counter()
@@ -304,37 +331,74 @@ def run(cfg: Config) -> Path:
     return out
 
 
+WORKER_ATTR = "worker"
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who runs a trial: host, kernel boot id, pid and the process's start time (so that a
+    reused pid is not taken for the same process)."""
+    import os
+    import socket
+
+    from stepprobe.lifetime import _start_time
+
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _worker_alive(worker: dict[str, Any]) -> bool | None:
+    """True/False for a worker on this machine; None when it runs elsewhere (or is unknown)."""
+    import socket
+
+    from stepprobe.lifetime import _start_time
+
+    mine = (socket.gethostname(), _boot_id())
+    if (worker.get("host"), worker.get("boot_id")) != mine or mine[1] is None or "pid" not in worker:
+        return None
+    return _start_time(int(worker["pid"])) == worker.get("start")
+
+
 def fail_dead_trials(study, grace_period: float) -> int:
-    """Fail RUNNING trials of dead workers. Optuna's heartbeat check fails trials whose last
-    heartbeat is too old, but skips trials that never recorded one (a worker killed right
-    after starting a trial); those are failed here once they are older than the grace period."""
+    """Mark trials left RUNNING by dead workers as failed; returns how many (public Optuna API only).
+
+    - A trial whose worker ran on this machine (its ``worker`` user attribute: host, boot id,
+      pid, process start time) and is gone is failed at once: no grace period to wait.
+    - A trial of a worker on another machine is failed by Optuna's heartbeat
+      (``optuna.storages.fail_stale_trials``: no heartbeat for ``--grace-period`` seconds).
+    - A trial without the attribute (killed between Optuna's ``ask`` and the objective's first
+      line, where it may never have recorded a heartbeat) is failed once it is older than the
+      grace period.
+    """
     import datetime as dt
 
     import optuna
-    from optuna.storages import RDBStorage
-    from optuna.storages._rdb import models
 
-    optuna.storages.fail_stale_trials(study)
-    backend = getattr(study._storage, "_backend", study._storage)
-    if not isinstance(backend, RDBStorage):
+    running = (optuna.trial.TrialState.RUNNING,)
+    before = len(study.get_trials(deepcopy=False, states=running))
+    if before == 0:
         return 0
-    session = backend.scoped_session()
-    try:
-        now = session.execute(__import__("sqlalchemy").func.now()).scalar().replace(tzinfo=None)
-        rows = (session.query(models.TrialModel)
-                .filter(models.TrialModel.study_id == study._study_id)
-                .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING).all())
-        dead = [r.trial_id for r in rows if not r.heartbeats and r.datetime_start is not None
-                and (now - r.datetime_start) > dt.timedelta(seconds=grace_period)
-                and (dt.datetime.now() - r.datetime_start) > dt.timedelta(seconds=grace_period)]
-    finally:
-        backend.scoped_session.remove()
-    for tid in dead:
-        try:
-            study._storage.set_trial_state_values(tid, state=optuna.trial.TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass
-    return len(dead)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    now = dt.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=running):
+        worker = t.user_attrs.get(WORKER_ATTR)
+        if worker is not None:
+            dead = _worker_alive(worker) is False
+        else:
+            dead = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace_period
+        if dead:
+            try:
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                pass  # another worker failed (or finished) it first
+    return before - len(study.get_trials(deepcopy=False, states=running))
 
 
 def _log_trial(study, trial) -> None:
@@ -395,7 +459,9 @@ def plot_study(study, out: Path) -> None:
             fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            fig.savefig(out / name, dpi=110)
+            tmp = out / f".{name}.tmp.png"
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, out / name)  # several workers may write the plots at once
             plt.close(fig)
         except Exception as exc:  # importance needs >= 2 complete trials with varying params
             log.warning("could not plot %s: %s", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -33,7 +33,8 @@ def test_capture_counts_equal_boundary_counts(plugin_runner):
         assert [t.index for t in prompt_traces] == [0, 1, 2]
         plen = len(plugin_runner.tokenizer(prompt)["input_ids"])
         for t in prompt_traces:
-            expected = [plen + i for i in captured_boundaries(det, t.token_ids)]
+            # Generated-token positions (0 = first generated token), as in the HDF5 file.
+            expected = captured_boundaries(det, t.token_ids)
             assert t.step_positions == expected
             assert len(t.step_scores) == len(expected)
             assert not t.pruned
@@ -73,7 +74,7 @@ def test_parity_with_recorder_features_fp32(plugin_runner, tiny_model_path, plan
         for t in results[0]:
             assert t.features, "record_features should return the captured features"
             got = np.asarray(t.features, dtype=np.float32)  # [steps, sites, hidden]
-            feats = extractor.extract([prompt_ids + t.token_ids], [t.step_positions])[0]
+            feats = extractor.extract([prompt_ids + t.token_ids], [[plen + p for p in t.step_positions]])[0]
             assert plen == len(prompt_ids)
             for k, site in enumerate(SITES):
                 ref = feats[site]

@@ -79,7 +79,7 @@ def test_bf16_engine_features_and_scores_match_the_recorder(bf16_case, default_m
             for t in traces:
                 if not t.step_positions:
                     continue
-                ref = ext.extract([prompt_ids + t.token_ids], [t.step_positions])[0]
+                ref = ext.extract([prompt_ids + t.token_ids], [[len(prompt_ids) + p for p in t.step_positions]])[0]
                 got = np.asarray(t.features, dtype=np.float32)  # [steps, sites, hidden]
                 for k, site in enumerate(SITES):
                     r = ref[site].astype(np.float32)

@@ -16,7 +16,7 @@ RUN_CONFIG = {"policy": "none", "threshold": 0.5, "warmup_steps": 1, "keep_fract
 
 def _trace(i, answer, correct, n, gens=(), scores=(), conf=None, stop=None):
     return {"index": i, "answer": answer, "correct": correct, "num_tokens": n, "pruned": False,
-            "step_positions": [PLEN + g for g in gens], "step_scores": list(scores),
+            "step_positions": list(gens), "step_scores": list(scores),
             "score": sum(scores) / len(scores) if scores else None, "confidence": conf,
             "token_confidence": stop or [], "stop_confidence": stop or []}
 
@@ -97,7 +97,7 @@ def test_memory_policy_on_a_tight_cache_by_hand():
         _trace(0, "1", True, 6, [0], [0.9]), _trace(1, "2", False, 6, [0], [0.2]),
         _trace(2, "1", True, 6, [0], [0.5])]}]
     for t in recs[0]["traces"]:
-        t["step_positions"] = [3]
+        t["step_positions"] = [0]
     problems = rp.build_problems(recs)
     params = rp.Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2)
     cfg = rp.Config(block_size=4, kv_blocks=[5], max_num_batched_tokens=100)
@@ -200,7 +200,7 @@ def test_memory_victim_rules_in_the_scheduler_model():
             _trace(0, "3", True, 6, [0], [0.15]), _trace(1, "4", False, 6, [0], [0.1])]}]
     for r in recs:
         for t in r["traces"]:
-            t["step_positions"] = [3]
+            t["step_positions"] = [0]
     problems = rp.build_problems(recs)
     params = rp.Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2)
     cfg = rp.Config(block_size=4, kv_blocks=[7], max_num_batched_tokens=100, memory_victim="group_gap")

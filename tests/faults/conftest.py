@@ -1,0 +1,105 @@
+"""Bad inputs for the refusal tests (issue 14): small files built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+IDENTITY = {"name": "synthetic-2x8", "config_hash": "synthetic0002", "vocab_hash": "vocab0002",
+            "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2, "vocab_size": 100}
+RULE = {"delimiter": "\n\n", "mode": "completes-occurrence-nonoverlapping", "token_ids": [5, 7]}
+
+
+def synthetic_h5(path: Path, *, n_problems: int = 30, labels=None, nan_site: str | None = None,
+                 questions=None, seed: int = 0) -> Path:
+    """A small hidden-state file: 2 traces x 4 steps per problem, random features.
+    ``labels(p, j)`` gives trace j of problem p its label (default: alternating);
+    ``nan_site``: one step of that site is NaN; ``questions``: the question of each problem."""
+    from stepprobe.data_collection.hdf5 import write_arrays
+    from stepprobe.layers import all_sites
+
+    rng = np.random.default_rng(seed)
+    labels = labels or (lambda p, j: (p + j) % 2)
+    t_problem, t_label = [], []
+    for p in range(n_problems):
+        for j in range(2):
+            t_problem.append(p)
+            t_label.append(int(labels(p, j)))
+    n_traces, k = len(t_label), 4
+    trace = np.repeat(np.arange(n_traces), k)
+    features = {s: rng.normal(size=(n_traces * k, IDENTITY["hidden_size"])).astype(np.float32)
+                for s in all_sites(IDENTITY["num_hidden_layers"])}
+    if nan_site:
+        features[nan_site][3, 1] = np.nan
+    return write_arrays(
+        path, features=features,
+        steps={"trace": trace, "problem": np.array(t_problem)[trace], "step": np.tile(np.arange(k), n_traces),
+               "position": np.tile(np.arange(k), n_traces) * 10 + 5, "label": np.array(t_label)[trace]},
+        traces={"problem": t_problem, "sample_index": [i % 2 for i in range(n_traces)], "label": t_label,
+                "num_steps": [k] * n_traces, "num_tokens": [k * 10 + 3] * n_traces,
+                "finish_reason": ["stop"] * n_traces},
+        problems={"problem_id": [f"p{p:03d}" for p in range(n_problems)],
+                  "question": list(questions) if questions else [f"q{p}" for p in range(n_problems)],
+                  "gold": [str(p) for p in range(n_problems)]},
+        model=IDENTITY, boundary_rule=RULE, config={"synthetic": True}, dtype="float32")
+
+
+def write_traces(path: Path, model_path: str, problems: list[tuple[str, str, list[str]]],
+                 model_name: str | None = None) -> Path:
+    """A traces file in collect's format: ``(problem_id, question, texts)`` per line, written
+    line by line (so duplicate ids can be written, as a hand-merged file would have them)."""
+    import json
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stepprobe.data_collection.traces import ProblemTraces, Trace, make_header
+    from stepprobe.provenance import model_identity
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ident = model_identity(model_name or model_path, AutoConfig.from_pretrained(model_path), tok)
+    lines = [json.dumps(make_header({"test": True}, ident))]
+    for pid, q, texts in problems:
+        prompt = f"Question: {q}\nAnswer:"
+        traces = [Trace(sample_index=j, output_token_ids=tok(t, add_special_tokens=False)["input_ids"], text=t,
+                        finish_reason="stop", num_tokens=len(tok(t, add_special_tokens=False)["input_ids"]),
+                        extracted_answer="1", correct=j % 2 == 0) for j, t in enumerate(texts)]
+        lines.append(json.dumps(ProblemTraces(problem_id=pid, question=q, gold="1", prompt_text=prompt,
+                                              prompt_token_ids=tok(prompt)["input_ids"], traces=traces).to_dict()))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+STEPS = ["First.\n\nSecond.\n\nSo 1.", "Hmm.\n\nIt is 1."]
+
+
+@pytest.fixture(scope="session")
+def bad(tmp_path_factory, tiny_model_path) -> dict[str, Any]:
+    """Every bad input of the refusal table, by name."""
+    d = tmp_path_factory.mktemp("bad")
+    files: dict[str, Path] = {}
+    files["dir"] = d
+    files["afile"] = d / "afile.txt"
+    files["afile"].write_text("not a directory\n")
+    files["latin1"] = d / "latin1.jsonl"
+    files["latin1"].write_bytes('{"question": "Was kostet der K\u00e4se?", "answer": "3"}\n'.encode("latin-1"))
+    files["dup_ids"] = write_traces(d / "dup_ids.jsonl", tiny_model_path,
+                                    [("a", "1+0?", STEPS), ("b", "0+1?", STEPS), ("a", "2-1?", STEPS)])
+    files["no_steps"] = write_traces(d / "no_steps.jsonl", tiny_model_path,
+                                     [("a", "1+0?", ["1", "one"]), ("b", "0+1?", ["1"])])
+    files["hub_model"] = write_traces(d / "hub_model.jsonl", tiny_model_path, [("a", "1+0?", STEPS)],
+                                      model_name="stepprobe-test/no-such-model")
+    files["nan_h5"] = synthetic_h5(d / "nan.h5", nan_site="layer_01")
+    # Only problems 0 and 6 have an incorrect trace: find a split seed whose validation part
+    # has neither (one class) while training has one.
+    from stepprobe.training.data import VAL, TRAIN, split_problems
+
+    files["one_class_h5"] = synthetic_h5(d / "one_class.h5", n_problems=12, labels=lambda p, j: 1 if p % 6 else j)
+    mixed = {"p000", "p006"}
+    ids = [f"p{p:03d}" for p in range(12)]
+    files["one_class_seed"] = next(
+        seed for seed in range(100)
+        if not mixed & set((sp := split_problems(ids, seed=seed))[VAL]) and mixed & set(sp[TRAIN]))
+    return files

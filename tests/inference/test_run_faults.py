@@ -1,0 +1,55 @@
+"""Issue 14, items 1 and 5 on a real engine: a refused `run` leaves nothing that blocks the
+corrected command, and results.jsonl counts step positions in generated tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepprobe.errors import ArtifactMismatch, StepprobeError
+
+
+@pytest.mark.vllm
+def test_refused_run_does_not_block_the_corrected_one(tmp_path, plugin_runner, tiny_model_path, planted_scorer):
+    from stepprobe.boundaries import BoundaryDetector, BoundaryRule
+    from stepprobe.inference import run as R
+
+    out = tmp_path / "r"
+    common = dict(problems="builtin:n=3,seed=2", model=tiny_model_path, n=2, max_tokens=24, max_model_len=256,
+                  output=str(out))
+    # The issue's repro: memory pruning without a scorer is refused before anything exists.
+    with pytest.raises(StepprobeError, match="needs a scorer"):
+        R.Config(policy="memory", **common)
+    with pytest.raises(StepprobeError, match="unknown score aggregate"):
+        R.Config(policy="memory", scorer=planted_scorer, aggregate="median", **common)
+    assert not out.exists()
+
+    # A results file holding only a header of another config (what an engine that failed to
+    # start used to leave) is replaced by the corrected command, not refused.
+    cfg = R.Config(policy="memory", scorer=planted_scorer, **common)
+    prov = R.provenance(tiny_model_path, planted_scorer)
+    out.mkdir()
+    (out / "results.jsonl").write_text(json.dumps(R._header(cfg.replace(policy="none", aggregate="min"), prov)) + "\n")
+    R.run(cfg, runner=plugin_runner)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    header, records = json.loads(lines[0]), [json.loads(ln) for ln in lines[1:]]
+    assert header["config"]["policy"] == "memory" and header["schema_version"] == R.RESULTS_SCHEMA_VERSION
+    assert len(records) == 3 and all(len(r["traces"]) == 2 for r in records)
+
+    # Item 5: step positions are generated-token indices (the HDF5 convention), at boundaries.
+    det = BoundaryDetector.from_tokenizer(BoundaryRule(), plugin_runner.tokenizer)
+    checked = 0
+    for r in records:
+        for t in r["traces"]:
+            ids = plugin_runner.tokenizer(t["text"], add_special_tokens=False)["input_ids"]
+            assert len(t["step_positions"]) == len(t["step_scores"])
+            assert all(0 <= p < t["num_tokens"] for p in t["step_positions"])
+            if ids and len(ids) == t["num_tokens"]:  # text re-tokenizes to the same ids
+                assert set(t["step_positions"]) <= set(det.find(ids))
+            checked += len(t["step_positions"])
+
+    # Once a result exists, another config is refused (it would mix two runs in one file).
+    with pytest.raises(ArtifactMismatch, match="different config"):
+        R.run(cfg.replace(aggregate="min"), runner=plugin_runner)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
