@@ -58,7 +58,7 @@ def test_context_length_refused_or_warned(caplog):
     from stepprobe.engine import check_context
 
     with caplog.at_level(logging.WARNING):
-        check_context([40, 60], 96, 128)
+        check_context([20, 60], 96, 128)
     (msg,) = [r.getMessage() for r in caplog.records]
     assert "1 of 2 prompts" in msg and "stop at 128 total tokens" in msg and "as few as 68 generated" in msg
     with pytest.raises(StepprobeError, match="no room to generate"):

@@ -58,7 +58,7 @@ def test_killed_workers_trial_is_failed_at_once_by_the_next_worker(synthetic_h5,
     url = f"sqlite:///{(out / 'study.db').resolve()}"
     # Long trials, and a grace period no test waits for: only the dead-pid rule can fail the trial.
     log = tmp_path / "worker.txt"
-    proc = _worker(synthetic_h5, out, log, "--n-trials", "100", "--max-epochs", "60", "--patience", "60",
+    proc = _worker(synthetic_h5, out, log, "--n-trials", "100", "--max-epochs", "40", "--patience", "40",
                    "--grace-period", "3600", "--heartbeat-interval", "1")
     try:
         deadline = time.monotonic() + 300
@@ -78,7 +78,7 @@ def test_killed_workers_trial_is_failed_at_once_by_the_next_worker(synthetic_h5,
     orphans = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
     assert orphans, "the kill should leave a RUNNING trial"
     finished = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
-    cfg = tune.Config(data=str(synthetic_h5), out=str(out), n_trials=finished + 1, max_epochs=3, patience=2,
+    cfg = tune.Config(data=str(synthetic_h5), out=str(out), n_trials=finished + 1, max_epochs=40, patience=40,
                       archs="linear,mlp", sites="1-3", progress=False, plots=False, grace_period=3600,
                       heartbeat_interval=1)
     tune.run(cfg)
