@@ -65,7 +65,6 @@ class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, Pruni
     def check(self) -> None:
         if self.vote not in METHODS:
             raise StepprobeError(f"unknown voting method {self.vote!r}; known: {', '.join(METHODS)}")
-        self.settings()  # aggregate, keep_fraction, a scorer the policy needs: refused when the config is built
 
     def settings(self) -> PluginSettings:
         return PluginSettings(**self.pruning_values(), policy="none" if self.policy == "confidence" else self.policy,
@@ -280,6 +279,7 @@ def run(config: Config, runner: Any = None) -> Path:
     out = Path(config.output) if config.output else runs_dir() / time.strftime("run-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--output")
     config = with_scorer_generation(config)
+    config.settings()  # aggregate, keep_fraction, a scorer the policy needs: refused before anything is written
     problems = load_problems(config)
     prov = provenance(config.model, config.scorer)
     if runner is None:

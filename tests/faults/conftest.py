@@ -81,6 +81,7 @@ def bad(tmp_path_factory, tiny_model_path) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("bad")
     files: dict[str, Path] = {}
     files["dir"] = d
+    files["tiny"] = tiny_model_path
     files["afile"] = d / "afile.txt"
     files["afile"].write_text("not a directory\n")
     files["latin1"] = d / "latin1.jsonl"

@@ -19,11 +19,13 @@ from stepprobe.cli import main
 # (id, stage, argv builder(bad) -> list[str], words the one line must contain, path that must not exist)
 TABLE = [
     ("run-n0", "run", lambda b: ["--n", "0", "--output", str(b["dir"] / "r1")], ["n must be at least 1"], "r1"),
-    ("run-no-scorer", "run", lambda b: ["--policy", "memory", "--output", str(b["dir"] / "r2")],
+    ("run-no-scorer", "run", lambda b: ["--policy", "memory", "--model", b["tiny"], "--output", str(b["dir"] / "r2")],
      ["needs a scorer", "--scorer"], "r2"),
-    ("run-aggregate", "run", lambda b: ["--aggregate", "median", "--policy", "none", "--output", str(b["dir"] / "r3")],
+    ("run-aggregate", "run", lambda b: ["--aggregate", "median", "--policy", "none", "--model", b["tiny"],
+                                        "--output", str(b["dir"] / "r3")],
      ["unknown score aggregate", "median"], "r3"),
-    ("run-keep-fraction", "run", lambda b: ["--keep-fraction", "2", "--policy", "none"], ["keep_fraction"], None),
+    ("run-keep-fraction", "run", lambda b: ["--keep-fraction", "2", "--policy", "none", "--model", b["tiny"],
+                                            "--output", str(b["dir"] / "r7")], ["keep_fraction"], "r7"),
     ("run-kv-blocks", "run", lambda b: ["--policy", "none", "--num-kv-blocks", "1", "--max-model-len", "2048",
                                         "--problems", "builtin:n=2", "--output", str(b["dir"] / "r4")],
      ["--num-kv-blocks 1 holds", "--max-model-len 2048"], "r4"),

@@ -20,9 +20,9 @@ def test_refused_run_does_not_block_the_corrected_one(tmp_path, plugin_runner, t
                   output=str(out))
     # The repro: memory pruning without a scorer is refused before anything exists.
     with pytest.raises(StepprobeError, match="needs a scorer"):
-        R.Config(policy="memory", **common)
+        R.run(R.Config(policy="memory", **common))
     with pytest.raises(StepprobeError, match="unknown score aggregate"):
-        R.Config(policy="memory", scorer=planted_scorer, aggregate="median", **common)
+        R.run(R.Config(policy="memory", scorer=planted_scorer, aggregate="median", **common))
     assert not out.exists()
 
     # A results file holding only a header of another config (what an engine that failed to
