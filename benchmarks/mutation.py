@@ -200,6 +200,13 @@ def run_module(name: str, args: argparse.Namespace, dirs: dict[str, Path], out: 
     if total and counts.get("no tests", 0) == total:
         raise SystemExit(f"mutation.py: error: [{name}] no test reached any mutant; the tests do not import "
                          f"the mutated copy (see {log_path})")
+    if total and counts.get("not checked", 0) == total:
+        # mutmut stopped before running any mutant (e.g. it could not select tests by node id).
+        print(f"[{name}] mutmut ran no mutant (exit {rc}); see {log_path}", flush=True)
+        return {"module": dotted, "file": str(src.relative_to(ROOT)), "tests": present, "mutmut_exit_code": rc,
+                "mutants": 0, "generated": generated, "sampled": sample is not None, "checked": 0, "detected": 0,
+                "counts": counts, "score": None, "score_95ci": None, "wall_s": round(wall, 1), "survivors": [],
+                "error": f"mutmut ran no mutant (exit {rc}); see {log_path}"}
     survivors = []
     for m, s in sorted(status.items(), key=lambda kv: _mutant_order(kv[0])):
         if s not in DETECTED and s != "skipped":
@@ -292,6 +299,8 @@ def markdown(report: dict) -> str:
     for r in report["modules"].values():
         c = r["counts"]
         sc = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        if r.get("error"):
+            sc = f"not measured: {r['error'].split(';')[0]}"
         if r.get("score_95ci"):
             sc += f" [{100 * r['score_95ci'][0]:.0f}, {100 * r['score_95ci'][1]:.0f}]"
         run_of = f"{r['mutants']}" + (f" (sample of {r['generated']})" if r.get("sampled") else "")

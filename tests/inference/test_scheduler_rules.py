@@ -253,3 +253,13 @@ def test_confidence_without_logprobs_prunes_nothing(tiny_model_path):
     add(s, specs)
     done = drive(s, in_flight=1)
     assert done["a"] == FULL and s.stepprobe_counts["pruned"] == 0
+
+
+def test_top_fraction_policy_keeps_the_best_half_of_a_group(tiny_model_path):
+    s = make_scheduler(tiny_model_path, async_scheduling=False,
+                       settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5,
+                                 "keep_fraction": 0.5, "keep_step": 3})
+    add(s, {"r0": {"group": "g"}, "r1": {"group": "g"}, "r2": {"group": "g"}})
+    done = drive(s, in_flight=1, scores={"r0": 0.9, "r1": 0.1, "r2": 0.8})
+    assert done["r0"] == FULL and done["r2"] == FULL
+    assert done["r1"][:2] == ("stop", "pruned") and 3 <= done["r1"][2] < MAX_TOKENS
