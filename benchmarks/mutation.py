@@ -312,7 +312,8 @@ def markdown(report: dict) -> str:
         lines += ["", "## Coverage (whole package, fast tier)", "",
                   f"Lines **{cov['line_percent']}%** ({cov['covered_lines']}/{cov['statements']}), branches "
                   f"**{cov['branch_percent']}%** ({cov['covered_branches']}/{cov['branches']}); coverage.py's "
-                  f"combined figure {cov['combined_percent']}%. pytest: {cov['pytest_summary']} "
+                  f"combined figure {cov['combined_percent']}%; commit {str(cov.get('commit'))[:7]}. "
+                  f"pytest: {cov['pytest_summary']} "
                   f"(exit {cov['pytest_exit_code']}, {cov['wall_s']:.0f} s).", "",
                   "| file | lines % | statements | missing | branches | partial |", "|---|---|---|---|---|---|"]
         for f, v in cov["files"].items():
@@ -383,7 +384,7 @@ def main() -> None:
             part = json.loads((Path(d) / "mutation.json").read_text())
             report["modules"].update(part.get("modules", {}))
             if args.no_coverage and part.get("coverage"):
-                report["coverage"] = part["coverage"]
+                report["coverage"] = {"commit": part.get("commit"), **part["coverage"]}
     for name in names:
         res = run_module(name, args, dirs, out)
         res["commit"] = report["commit"]
@@ -391,7 +392,7 @@ def main() -> None:
         (out / "mutation.json").write_text(json.dumps(report, indent=1) + "\n")
     report["modules"] = {k: report["modules"][k] for k in MODULES if k in report["modules"]}
     if not args.no_coverage:
-        report["coverage"] = run_coverage(args, dirs, out)
+        report["coverage"] = {"commit": report["commit"], **run_coverage(args, dirs, out)}
     (out / "mutation.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "mutation.md").write_text(markdown(report))
     print(f"wrote {out / 'mutation.json'} and {out / 'mutation.md'}")
