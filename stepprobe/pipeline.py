@@ -78,7 +78,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # and budgets on all of them.
     "bench": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16",
               "enforce_eager": True, "policies": ["none", "memory"], "kv_blocks": [16], "limit": 60},
-    "replay": {"kv_blocks": [0, 12, 16, 24, 32, 48, 64]},
+    # replay: every policy, the within-problem ones (issue 12) included, on the same SC traces.
+    "replay": {"kv_blocks": [0, 12, 16, 24, 32, 48, 64],
+               "policies": ["none", "memory", "memory:group_gap", "memory:group_largest", "threshold", "relative",
+                            "top_fraction", "confidence"]},
 }
 
 
