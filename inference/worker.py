@@ -630,8 +630,12 @@ class StepprobeWorkerMixin:
         settings = PluginSettings.from_vllm_config(self.vllm_config)  # type: ignore[attr-defined]
         rule = BoundaryRule.from_dict(_scorer_rule(settings.scorer))
         tok = _tokenizer(self.vllm_config)  # type: ignore[attr-defined]
-        bias = set(tok.encode(rule.delimiter, add_special_tokens=False))
-        bias |= set(tok.encode(rule.delimiter[:1], add_special_tokens=False))
+        delim = tok.encode(rule.delimiter, add_special_tokens=False)
+        bias = set(delim)
+        if len(delim) != 1:  # no single token carries the delimiter: push its first character too
+            bias |= set(tok.encode(rule.delimiter[:1], add_special_tokens=False))
+        # (one token that carries the delimiter is a boundary under every rule, the paper's
+        # token-contains rule included, which never counts "\n" + "\n")
         prompt = tok.encode("stepprobe self-test:", add_special_tokens=False) or [0]
         sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, logit_bias={i: 100.0 for i in bias})
         groups = runner.kv_cache_config.kv_cache_groups

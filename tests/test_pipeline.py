@@ -26,14 +26,17 @@ from stepprobe.pipeline import STAGES, Config, Paths, stage_settings
 REPO = Path(__file__).resolve().parents[1]
 
 # Minimal sizes: 12 problems x 4 samples x 48 tokens, three sites, two trials, two policies.
+# The families the default model solves most often (add, mul), so that 12 problems still give
+# validation and test splits with both outcomes (a one-class split is refused).
 TINY = {
-    "problems": "builtin:n=12,seed=0,levels=1",
+    "problems": "builtin:n=12,seed=0,families=add+mul,levels=1",
     "bench_problems": "builtin:n=6,seed=1,levels=1",
     "collect": {"n": 4, "max_tokens": 48, "chunk_size": 6, "max_model_len": 512},
     "record": {"batch_size": 8},
-    "sweep": {"sites": "layer_00,layer_15,final_norm", "max_epochs": 3, "bootstrap": 20},
+    "sweep": {"sites": "layer_00,layer_15,final_norm", "max_epochs": 3, "bootstrap": 20,
+              "val_fraction": 0.25, "test_fraction": 0.25},
     "tune": {"n_trials": 8, "sites": "layer_15,layer_29", "archs": "linear", "max_epochs": 4,
-             "pruner_startup_trials": 1},
+             "pruner_startup_trials": 1, "val_fraction": 0.25, "test_fraction": 0.25},
     "export": {},
     "sc": {"n": 4, "max_tokens": 48, "max_model_len": 256, "batch_problems": 4},
     "bench": {"n": 4, "max_tokens": 48, "policies": ["none", "memory"], "kv_blocks": [4],
