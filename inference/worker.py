@@ -513,7 +513,8 @@ class Capture:
         if res.unwritten is not None:
             unwritten = int(res.unwritten.sum())
             self.n_unwritten += unwritten
-            if self.verify_remaining > 0:
+            if self.verify_remaining > 0 and not self.checking:  # the budget is for real traffic: the
+                # start-up self-test and the canary check their own rows and leave it untouched
                 self.verify_remaining = max(0, self.verify_remaining - n)
                 if unwritten:
                     raise StepprobeError(
