@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from stepprobe.boundaries import (MODE_OCCURRENCE, MODE_TOKEN_CONTAINS, BoundaryDetector, BoundaryRule,
                                   step_paper_rule)
 from stepprobe.errors import StepprobeError
+
+
+def _case_id(i: int, pieces: list[str]) -> str:
+    """A plain-ASCII test id (mutmut selects tests by node id; escaped newlines break that)."""
+    text = "".join(pieces).replace("\n", "NL")
+    return f"{i:02d}-" + (re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:24] or "blank")
 
 
 def _detector(pieces: list[str], delimiter: str = "\n\n") -> tuple[BoundaryDetector, list[int]]:
@@ -35,7 +43,7 @@ TABLE = [
 ]
 
 
-@pytest.mark.parametrize("pieces,delimiter,expected", TABLE, ids=[repr("".join(t[0]))[:30] for t in TABLE])
+@pytest.mark.parametrize("pieces,delimiter,expected", TABLE, ids=[_case_id(i, t[0]) for i, t in enumerate(TABLE)])
 def test_boundary_table(pieces, delimiter, expected):
     det, ids = _detector(pieces, delimiter)
     assert det.find(ids) == expected
@@ -92,7 +100,7 @@ PAPER_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("pieces,expected", PAPER_TABLE, ids=[repr("".join(t[0]))[:30] for t in PAPER_TABLE])
+@pytest.mark.parametrize("pieces,expected", PAPER_TABLE, ids=[_case_id(i, t[0]) for i, t in enumerate(PAPER_TABLE)])
 def test_step_paper_rule_table(pieces, expected):
     vocab = sorted(set(pieces) | {"unused"})
     det = BoundaryDetector(step_paper_rule(), vocab)
@@ -118,7 +126,7 @@ PARAGRAPHS = [
 ]
 
 
-@pytest.mark.parametrize("text", PARAGRAPHS)
+@pytest.mark.parametrize("text", PARAGRAPHS, ids=[f"paragraphs{i}" for i in range(len(PARAGRAPHS))])
 def test_default_tokenizer_counts_every_paragraph_break(record_tokenizer, record_detector, text):
     """With the real default tokenizer ("\\n\\n" often two tokens) every break is found."""
     det = record_detector

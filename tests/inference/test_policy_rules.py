@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from stepprobe.inference.policies import Live, cap_to_min_live, memory_victim_keys, top_fraction_losers
+from stepprobe.inference.policies import Live, cap_to_min_live, memory_victim, memory_victim_keys, top_fraction_losers
 
 
 def test_cap_to_min_live_looks_at_every_group():
@@ -29,3 +29,14 @@ def test_top_fraction_keeps_unscored_traces():
     # An unscored trace (no step yet, but at keep_step by count) ranks above every scored one.
     assert top_fraction_losers({"a": (None, 3), "b": (0.1, 3)}, 0.5, 3) == ["b"]
     assert top_fraction_losers({"b": (0.1, 3), "a": (None, 3), "c": (0.4, 3)}, 0.3, 3) == ["c", "b"]
+
+
+def test_group_gap_ties_go_to_the_lower_score():
+    # Both problems have a trace exactly 0.25 below its best other trace; the tie goes to the
+    # lower score (b1), whichever problem comes first.
+    live = [Live("a0", "A", 1.0, True, 1), Live("a1", "A", 0.75, True, 1),
+            Live("b0", "B", 0.5, True, 1), Live("b1", "B", 0.25, True, 1)]
+    for order in (live, live[2:] + live[:2]):
+        assert memory_victim(order, "group_gap") == "b1"
+        keys = memory_victim_keys(order, "group_gap")
+        assert sorted(keys, key=keys.get)[-2:] == ["a1", "b1"]

@@ -263,3 +263,59 @@ def test_top_fraction_policy_keeps_the_best_half_of_a_group(tiny_model_path):
     done = drive(s, in_flight=1, scores={"r0": 0.9, "r1": 0.1, "r2": 0.8})
     assert done["r0"] == FULL and done["r2"] == FULL
     assert done["r1"][:2] == ("stop", "pruned") and 3 <= done["r1"][2] < MAX_TOKENS
+
+
+# --------------------------------------------------------------------- found by the mutation run
+def _saved_scorer(path, *, threshold: float | None):
+    """A real scorer directory; ``threshold=None`` writes one whose scorer.json has no
+    threshold (scorers saved before thresholds were recorded)."""
+    import json
+
+    from stepprobe.probes.checkpoint import CONFIG_FILE, linear_probe, save_scorer
+
+    probe = linear_probe(["layer_01"], np.ones(64))
+    d = save_scorer(path, probe, model={"name": "tiny", "config_hash": "c0ffee", "vocab_hash": "beef", "hidden_size": 64},
+                    boundary_rule={"delimiter": "\n\n"}, threshold=0.3 if threshold is None else threshold)
+    if threshold is None:
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        del meta["threshold"]
+        (d / CONFIG_FILE).write_text(json.dumps(meta))
+    return str(d)
+
+
+@pytest.mark.parametrize("recorded,pruned", [(None, {"r0"}), (0.3, set()), (0.75, {"r0", "r1"})],
+                         ids=["unrecorded-0.5", "recorded-0.3", "recorded-0.75"])
+def test_threshold_comes_from_the_scorer_else_one_half(tiny_model_path, tmp_path, recorded, pruned):
+    # No threshold in the settings: the scorer's recorded one applies, 0.5 when it records none.
+    scorer = _saved_scorer(tmp_path / "sc", threshold=recorded)
+    s = make_scheduler(tiny_model_path, async_scheduling=False, num_blocks=16,
+                       settings={"policy": "threshold", "scorer": scorer, "warmup_steps": 2})
+    add(s, {"r0": {}, "r1": {}, "r2": {}})
+    done = drive(s, in_flight=1, scores={"r0": 0.4, "r1": 0.6, "r2": 0.9})
+    assert {r for r, d in done.items() if d[:2] == ("stop", "pruned")} == pruned
+    assert all(done[r] == FULL for r in done if r not in pruned)
+
+
+@MODES
+def test_steps_counts_every_scored_step(tiny_model_path, async_scheduling):
+    # Enough KV blocks for everyone: each of the MAX_TOKENS tokens of each request is one
+    # scored step (policy none: nothing pruned); an unscored request adds none.
+    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, num_blocks=16, settings={"policy": "none"})
+    add(s, {"r0": {}, "r1": {}, "r2": {}})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.2, "r1": 0.9, "r2": None})
+    assert done == {"r0": FULL, "r1": FULL, "r2": FULL}
+    assert s.stepprobe_counts == {"pruned": 0, "preempted": 0, "steps": 2 * MAX_TOKENS}
+
+
+@MODES
+def test_memory_victim_among_requests_of_another_policy(tiny_model_path, async_scheduling):
+    # Group "h" runs under policy none (a per-request override) and is added last, so vLLM's
+    # own victim would be h1. The memory rule ranks only group "g"; h's requests keep vLLM's
+    # order in front, and the lowest memory trace (g0, added first) is the one pruned.
+    s = memory_scheduler(tiny_model_path, async_scheduling, protect_last=False)
+    add(s, {"g0": {"group": "g"}, "g1": {"group": "g"}, "h0": {"group": "h", "policy": "none"},
+            "h1": {"group": "h", "policy": "none"}})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores={"g0": 0.3, "g1": 0.9, "h0": 0.05, "h1": 0.1})
+    assert done["g0"][:2] == ("stop", "pruned") and 0 < done["g0"][2] < MAX_TOKENS
+    assert all(done[r] == FULL for r in ("g1", "h0", "h1"))
+    assert s.stepprobe_counts["pruned"] == 1 and s.stepprobe_counts["preempted"] == 0

@@ -85,6 +85,14 @@ def test_bootstrap_interval_over_problems():
         {"a": 0.2, "b": 0.4, "c": 0.9}, n=2000, seed=1)[1]
 
 
+def test_within_problem_ci_without_resamples_or_values_is_nan():
+    # No resamples asked for (bootstrap off) or no finite value: no interval, not an error.
+    for n in (0, -1):
+        assert all(math.isnan(x) for x in M.within_problem_ci({"a": 0.2, "b": 0.4}, n=n))
+    assert all(math.isnan(x) for x in M.within_problem_ci({"a": float("nan")}, n=100))
+    assert all(math.isnan(x) for x in M.within_problem_ci({}, n=100))
+
+
 def test_within_metrics_are_objectives():
     for name in (M.VAL_WITHIN_AUROC, M.VAL_WITHIN_RANK50, "val_within_rank25", "val_within_rank75"):
         assert M.mode_of(name) == "max"
