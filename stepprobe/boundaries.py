@@ -115,7 +115,7 @@ class BoundaryDetector:
             return self._step_contains(carry, token_id)
         if token_id not in self.relevant_ids:
             return False, ""
-        piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else ""
+        piece = self.pieces[token_id]  # relevant ids are indices of self.pieces (others returned above)
         text = carry + piece
         delim = self.rule.delimiter
         # Left-to-right, non-overlapping occurrences (the carry never holds a whole one).
@@ -132,7 +132,7 @@ class BoundaryDetector:
             return False, carry
         if token_id not in self.relevant_ids:
             return False, ""  # such a token cannot be part of an end_text occurrence
-        piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else ""
+        piece = self.pieces[token_id]  # as in step(): only ids of self.pieces get here
         end = self.rule.end_text
         if end is None:
             return self.rule.delimiter in piece, ""

@@ -17,6 +17,23 @@ def _case_id(i: int, pieces: list[str]) -> str:
     return f"{i:02d}-" + (re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:24] or "blank")
 
 
+def _stream(det: BoundaryDetector, pieces: list[str], ids: list[int], bound: int) -> list[int]:
+    """Feed ``ids`` one by one through the streaming API (what the vLLM runner calls on live
+    tokens); returns the boundary positions. Checks what the runner relies on to keep one
+    short string per request: the carry is always the tail of the text fed so far, at most
+    ``bound`` characters, until an end_text has been seen (after which nothing is a boundary)."""
+    carry, live, text = "", [], ""
+    end = det.rule.end_text
+    for pos, tid in enumerate(ids):
+        hit, carry = det.step(carry, tid)
+        text += pieces[pos]
+        if hit:
+            live.append(pos)
+        if end is None or end not in text:
+            assert text.endswith(carry) and len(carry) <= bound, (pos, carry)
+    return live
+
+
 def _detector(pieces: list[str], delimiter: str = "\n\n") -> tuple[BoundaryDetector, list[int]]:
     vocab = sorted(set(pieces))
     det = BoundaryDetector(BoundaryRule(delimiter), vocab)
@@ -40,6 +57,8 @@ TABLE = [
     (["Step", " 1", ":", " x", "\n", "Step", " 2", ":"], "Step", [0, 5]),   # another delimiter
     (["x", "\n", "Step", " 2"], "\nStep", [2]),
     (["St", "ep 1", " St", "ep"], "Step", [1, 3]),            # delimiter split across tokens
+    (["a Ste", "p 2"], "Step", [1]),                          # the carry keeps len(delimiter) - 1 chars
+    (["a\n", "x", "\n"], "\n\n", []),                           # an unrelated token empties the carry
 ]
 
 
@@ -48,12 +67,15 @@ def test_boundary_table(pieces, delimiter, expected):
     det, ids = _detector(pieces, delimiter)
     assert det.find(ids) == expected
     # The streaming API (what the vLLM runner calls on live tokens) agrees token for token.
-    carry, live = "", []
-    for pos, tid in enumerate(ids):
-        hit, carry = det.step(carry, tid)
-        if hit:
-            live.append(pos)
-    assert live == expected
+    assert _stream(det, pieces, ids, len(delimiter) - 1) == expected
+
+
+def test_token_ids_outside_the_piece_table_are_no_boundary():
+    # A model's (padded) vocabulary can be larger than its tokenizer's piece table.
+    pieces = ["a", "\n", "\n\n"]
+    for rule in (BoundaryRule(), step_paper_rule()):
+        det = BoundaryDetector(rule, pieces)
+        assert det.find([1, 3, 1, 2, 99, -1]) == [3]  # the unknown id between the two "\n" breaks them
 
 
 def test_prompt_side_delimiter_is_not_a_step():
@@ -97,6 +119,10 @@ PAPER_TABLE = [
     (["x\n\n</", "think>\n\nB", "\n\n"], [0]),        # split, with blank lines around it
     (["</", "b>", "\n\n", "<", "/think", "\n\n"], [2, 5]),  # partial matches that never complete
     (["think", "\n\n", "</", "x", "think>", "\n\n"], [1, 5]),  # a token in between breaks "</" + "think>"
+    (["\n\n", "b</", "think>c", "\n\n"], [0]),              # </think> across tokens that hold more text
+    (["a\n\n", "b<", "/think>", "\n\n"], [0]),              # ... split after its first character
+    (["a\n\n", "</thi", "nk>", "\n\n"], [0]),
+    (["x", "a</think>\n\n</think>", "\n\n"], []),            # only the text before the FIRST </think> counts
 ]
 
 
@@ -106,15 +132,40 @@ def test_step_paper_rule_table(pieces, expected):
     det = BoundaryDetector(step_paper_rule(), vocab)
     ids = [vocab.index(p) for p in pieces]
     assert det.find(ids) == expected
-    carry, live = "", []
-    for pos, tid in enumerate(ids):
-        hit, carry = det.step(carry, tid)
-        if hit:
-            live.append(pos)
-    assert live == expected
+    assert _stream(det, pieces, ids, len("</think>") - 1) == expected
     # Without end_text, the same rule keeps counting after </think>.
     plain = BoundaryDetector(BoundaryRule("\n\n", MODE_TOKEN_CONTAINS), vocab)
     assert plain.find(ids) == [i for i, p in enumerate(pieces) if "\n\n" in p]
+
+
+# token-contains with other end_text lengths: (end_text, pieces, expected)
+END_TABLE = [
+    ("]]", ["a\n\n", "]", "]", "\n\n"], [0]),          # a two-character end_text split over two tokens
+    ("]]", ["a\n\n", "]", "x", "]", "\n\n"], [0, 4]),  # ... not when a token comes between
+    ("#", ["a\n\n", "b", "\n\n", "#", "\n\n"], [0, 2]),
+    ("#", ["a\n\n", "b#\n\n", "\n\n"], [0]),                 # its text after the end_text does not count
+]
+
+
+@pytest.mark.parametrize("end,pieces,expected", END_TABLE, ids=[f"{i:02d}" for i in range(len(END_TABLE))])
+def test_token_contains_with_short_end_texts(end, pieces, expected):
+    vocab = sorted(set(pieces))
+    det = BoundaryDetector(BoundaryRule("\n\n", MODE_TOKEN_CONTAINS, end), vocab)
+    ids = [vocab.index(p) for p in pieces]
+    assert det.find(ids) == expected
+    assert _stream(det, pieces, ids, len(end) - 1) == expected
+    # No end_text: nothing to carry at all.
+    plain = BoundaryDetector(BoundaryRule("\n\n", MODE_TOKEN_CONTAINS), vocab)
+    assert _stream(plain, pieces, ids, 0) == [i for i, p in enumerate(pieces) if "\n\n" in p]
+
+
+def test_recorded_boundary_token_ids_of_the_paper_rule():
+    # What a recorded file lists: tokens holding the delimiter, and tokens that can be part
+    # of a "</think>" spread over several tokens; not "", "x", or a lone "\n".
+    pieces = ["", "x", "a\n\n", "</", "think>", "b<", ">c", "</think>", "\n", "hink", "k>\n"]
+    det = BoundaryDetector(step_paper_rule(), pieces)
+    assert det.boundary_token_ids() == [2, 3, 4, 5, 6, 7, 9, 10]
+    assert BoundaryDetector(BoundaryRule(), pieces).boundary_token_ids() == [2, 8, 10]
 
 
 PARAGRAPHS = [
