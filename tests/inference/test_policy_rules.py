@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from stepprobe.inference.policies import Live, cap_to_min_live, memory_victim, memory_victim_keys, top_fraction_losers
+from stepprobe.inference.policies import (Live, aggregate_scores, below_group_best, below_threshold, cap_to_min_live,
+                                          group_gaps, memory_victim, memory_victim_keys, top_fraction_losers)
 
 
 def test_cap_to_min_live_looks_at_every_group():
@@ -40,3 +41,64 @@ def test_group_gap_ties_go_to_the_lower_score():
         assert memory_victim(order, "group_gap") == "b1"
         keys = memory_victim_keys(order, "group_gap")
         assert sorted(keys, key=keys.get)[-2:] == ["a1", "b1"]
+
+
+def test_aggregate_defaults_are_mean_and_ema_alpha_0_3():
+    assert aggregate_scores([1.0, 0.5, 0.0]) == 0.5
+    assert aggregate_scores([1.0, 0.0], "ema") == pytest.approx(0.7)  # 0.3 * 0 + 0.7 * 1
+    assert aggregate_scores([1.0, 0.0], "ema", 0.5) == pytest.approx(0.5)
+
+
+def test_thresholds_are_strict_and_warmup_inclusive():
+    # Exactly at the threshold (or exactly margin below the best other) is not below it;
+    # the warm-up counts the step that reaches it. Values are exact in binary.
+    assert not below_threshold(0.5, 3, 0.5, 3) and below_threshold(0.25, 3, 0.5, 3)
+    assert not below_group_best(0.5, 3, [0.75], 0.25, 3)
+    assert below_group_best(0.25, 3, [0.75, None], 0.25, 3)
+    assert not below_group_best(0.25, 2, [0.75], 0.25, 3)
+
+
+def test_group_gaps_compare_with_the_best_other_trace():
+    live = [Live("a", "g", 0.25), Live("b", "g", 1.0), Live("c", "g", 0.5), Live("u", "g", None), Live("s", "h", 0.5)]
+    assert group_gaps(live) == {"a": -0.75, "b": 0.5, "c": -0.5, "u": None, "s": None}
+
+
+def test_cap_to_min_live_takes_scored_before_unscored():
+    live = [Live("u1", "g", None, True, 1), Live("x", "g", 0.75, True, 1), Live("u2", "g", None, True, 1),
+            Live("y", "g", 0.5, True, 1)]
+    assert cap_to_min_live(["u1", "x", "u2"], live) == ["x", "u1", "u2"]  # room for 3: scored first, then unscored
+    assert cap_to_min_live(["u1", "u2", "x"], live[:3]) == ["x", "u1"]
+
+
+def test_memory_victim_default_rule_is_score():
+    live = [Live("a0", "A", 0.9, True, 1), Live("a1", "A", 0.5, True, 1), Live("b0", "B", 0.3, True, 1),
+            Live("b1", "B", 0.25, True, 1)]
+    assert memory_victim(live) == "b1" == memory_victim(live, "score")
+    assert memory_victim(live, "group_gap") == "a1"
+
+
+def test_group_gap_top_tie_may_go():
+    # Two traces tied at the top of their problem: neither is above the other, so one may go.
+    live = [Live("a0", "A", 0.5, True, 1), Live("a1", "A", 0.5, True, 1)]
+    assert memory_victim(live, "group_gap") in {"a0", "a1"}
+    assert memory_victim(live[:1] + [Live("a1", "A", 0.25, True, 1)], "group_gap") == "a1"
+
+
+def test_group_largest_with_a_single_scored_trace():
+    # No other scored trace to compare with: the group_largest rule ranks it by its score.
+    live = [Live("a0", "A", 0.5, True, 1), Live("a1", "A", None, True, 1), Live("b0", "B", 0.75, True, 1),
+            Live("b1", "B", None, True, 1)]
+    assert memory_victim(live, "group_largest") == "a0"
+
+
+@pytest.mark.parametrize("rule", ["score", "group_gap", "group_largest"])
+def test_traces_that_may_not_go_keep_their_order(rule):
+    # Unscored, unprunable, protected and (group_gap) best-of-problem traces all sort in front
+    # with equal keys, so a stable sort keeps vLLM's order among them; victims come last.
+    live = [Live("u", "A", None, True, 1), Live("a_best", "A", 0.75, True, 1), Live("p", "B", 0.25, False, 1),
+            Live("b_best", "B", 1.0, True, 1), Live("a_low", "A", 0.5, True, 1), Live("b_low", "B", 0.5, True, 1)]
+    keys = memory_victim_keys(live, rule)
+    order = sorted(keys, key=keys.get)
+    victims = [r for r in keys if keys[r][0] == 1]
+    assert order[:len(keys) - len(victims)] == [r for r in keys if r not in victims]
+    assert set(victims) >= {"a_low", "b_low"}
