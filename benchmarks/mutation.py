@@ -92,7 +92,7 @@ def source_of(dotted: str, dirs: dict[str, Path]) -> Path | None:
 
 
 def stage(name: str, dotted: str, tests: list[str], dirs: dict[str, Path], workdir: Path,
-          max_stack_depth: int) -> Path:
+          max_stack_depth: int, timeout_constant: float = 20.0, timeout_multiplier: float = 2.0) -> Path:
     """``workdir/<name>``: the package in the standard layout, tests, and a mutmut config."""
     dst = workdir / name
     if dst.exists():
@@ -115,10 +115,13 @@ def stage(name: str, dotted: str, tests: list[str], dirs: dict[str, Path], workd
         # Log calls are not rules: their messages and arguments are not mutated.
         "do_not_mutate_patterns": [r"^\s*log\.(debug|info|warning|error)\("],
         "use_git_change_detection": False,
-        # mutmut's limit is CPU seconds from the tests' measured time; a fork that sets up
-        # fixtures anew can exceed a tight one without looping. A mutant that really hangs
-        # still stops: the scheduler drivers give up after 1000 steps.
-        "timeout_constant": 120.0,
+        # mutmut's limit is CPU seconds: ceil((the reached tests' measured call time + constant)
+        # * multiplier * 2). The measured time leaves out fixture set-up (a fork builds the tiny
+        # model, tokenizer and vLLM configs anew), hence the constant. mutmut's defaults (15x)
+        # let a mutant that loops forever (e.g. a `while` whose search never advances) burn
+        # an hour of CPU before it counts as a timeout (detected).
+        "timeout_constant": timeout_constant,
+        "timeout_multiplier": timeout_multiplier,
         "track_dependencies": False,
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in mutmut_cfg.items()]
@@ -165,7 +168,8 @@ def run_module(name: str, args: argparse.Namespace, dirs: dict[str, Path], out: 
         raise SystemExit(f"mutation.py: error: none of {candidates} exists")
     src = source_of(dotted, dirs)
     present = [t for t in tests if (ROOT / t).is_file()]
-    staged = stage(name, dotted, present, dirs, ROOT / "build" / "mutation", args.max_stack_depth)
+    staged = stage(name, dotted, present, dirs, ROOT / "build" / "mutation", args.max_stack_depth,
+                   args.timeout_constant, args.timeout_multiplier)
     rel = Path(*dotted.split(".")).with_suffix(".py")
     env = env_for_runs()
     cmd = ["nice", "-n", str(args.nice)] + mutmut_bin() + ["run", "--max-children", str(args.max_children)]
@@ -185,7 +189,7 @@ def run_module(name: str, args: argparse.Namespace, dirs: dict[str, Path], out: 
             print(f"[{name}] {len(every)} mutants; running a random sample of {len(sample)} (seed {args.seed})",
                   flush=True)
             cmd = cmd + sample
-        rc = subprocess.run(cmd, cwd=staged, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc, marks = _run_marked(cmd, staged, env, log, t0)
     wall = time.monotonic() - t0
     status = read_results(staged, rel)
     generated = len(status)
@@ -208,23 +212,103 @@ def run_module(name: str, args: argparse.Namespace, dirs: dict[str, Path], out: 
                 "counts": counts, "score": None, "score_95ci": None, "wall_s": round(wall, 1), "survivors": [],
                 "error": f"mutmut ran no mutant (exit {rc}); see {log_path}"}
     survivors = []
+    equivalents = load_equivalents(Path(args.equivalents))
     for m, s in sorted(status.items(), key=lambda kv: _mutant_order(kv[0])):
         if s not in DETECTED and s != "skipped":
-            survivors.append({"mutant": m, "status": s, "diff": mutant_diff(staged, m, env)})
+            survivors.append(explain({"mutant": m, "status": s, "diff": mutant_diff(staged, m, env)}, equivalents))
     res = {
         "module": dotted, "file": str(src.relative_to(ROOT)), "tests": present, "mutmut_exit_code": rc,
         "mutants": total, "generated": generated, "sampled": sample is not None,
         "checked": checked, "detected": detected, "counts": counts,
         "score": (detected / total) if total else None, "score_95ci": wilson(detected, total),
-        "wall_s": round(wall, 1), "survivors": survivors,
+        "wall_s": round(wall, 1), "phases_s": phase_times(marks, wall),
+        "timing": mutant_timing(staged, rel, sorted(status)), "survivors": survivors,
+        "explained": sum(1 for s in survivors if s.get("explained")),
         "log": str(log_path.relative_to(ROOT)) if log_path.is_relative_to(ROOT) else str(log_path),
     }
     score = "n/a" if res["score"] is None else f"{100 * res['score']:.1f}%"
-    print(f"[{name}] {detected}/{total} detected = {score}; survivors {len(survivors)}; "
-          f"{counts}; {wall:.0f} s (mutmut exit {rc})", flush=True)
+    print(f"[{name}] {detected}/{total} detected = {score}; survivors {len(survivors)} "
+          f"({res['explained']} explained); {counts}; {wall:.0f} s (mutmut exit {rc}); phases {res['phases_s']}",
+          flush=True)
     if rc != 0 and not total:
         raise SystemExit(f"mutation.py: error: [{name}] mutmut failed (exit {rc}); see {log_path}")
     return res
+
+
+#: mutmut's phase titles, in order: where a module's wall time goes.
+PHASES = ("Generating mutants", "Listing all tests", "Running stats", "Running clean tests",
+          "Running forced fail test", "Running mutation testing")
+
+
+def _run_marked(cmd: list[str], cwd: Path, env: dict[str, str], log, t0: float) -> tuple[int, dict[str, float]]:
+    """Run mutmut, copying its output to ``log``; returns its exit code and the time (s from
+    ``t0``) at which each of :data:`PHASES` first showed in its output."""
+    marks: dict[str, float] = {}
+    tail = ""
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:
+        assert p.stdout is not None
+        while chunk := p.stdout.read1(65536):
+            text = chunk.decode("utf-8", "replace")
+            log.write(text)
+            tail = (tail + text)[-200:]
+            for ph in PHASES:
+                if ph not in marks and ph in tail:
+                    marks[ph] = round(time.monotonic() - t0, 1)
+        rc = p.wait()
+    log.flush()
+    return rc, marks
+
+
+def phase_times(marks: dict[str, float], wall: float) -> dict[str, float]:
+    """Seconds spent in each phase that showed (a phase lasts until the next one starts)."""
+    seen = sorted(marks.items(), key=lambda kv: kv[1])
+    ends = [t for _, t in seen[1:]] + [wall]
+    out = {"start-up": seen[0][1] if seen else round(wall, 1)}
+    out.update({ph: round(end - t, 1) for (ph, t), end in zip(seen, ends)})
+    return out
+
+
+def mutant_timing(staged: Path, rel: Path, names: list[str]) -> dict:
+    """Per-mutant test time (mutmut's own measure), the stats phase's CPU time, and the slowest tests."""
+    out: dict = {}
+    meta = staged / "mutants" / rel.parent / (rel.name + ".meta")
+    if meta.is_file():
+        d = json.loads(meta.read_text()).get("durations_by_key", {})
+        v = sorted(float(d[k]) for k in names if k in d)
+        if v:
+            out["per_mutant_s"] = {"n": len(v), "mean": round(sum(v) / len(v), 2), "median": round(v[len(v) // 2], 2),
+                                   "max": round(v[-1], 2), "total": round(sum(v), 1)}
+            slow = sorted(((float(d[k]), k) for k in names if k in d), reverse=True)[:5]
+            out["slowest_mutants"] = [{"mutant": k, "s": round(t, 2)} for t, k in slow]
+    stats = staged / "mutants" / "mutmut-stats.json"
+    if stats.is_file():
+        st = json.loads(stats.read_text())
+        out["stats_cpu_s"] = round(float(st.get("stats_time") or 0.0), 1)
+        dur = st.get("duration_by_test", {})
+        out["tests"] = len(dur)
+        out["slowest_tests"] = [{"test": t, "s": round(s, 2)} for t, s in
+                                sorted(dur.items(), key=lambda kv: -kv[1])[:5]]
+    return out
+
+
+def load_equivalents(path: Path) -> dict[str, dict]:
+    """Survivors judged equivalent (or otherwise explained), by mutant name: ``{"line": the
+    mutated line as ``mutmut show`` prints it (after "+"), "why": the reason}``."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def explain(survivor: dict, equivalents: dict[str, dict]) -> dict:
+    """Attach the recorded explanation when it is for this very mutation (same mutated line)."""
+    e = equivalents.get(survivor["mutant"])
+    if not e:
+        return {**survivor, "explained": False}
+    plus = [ln[1:].strip() for ln in survivor["diff"].splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    if e.get("line") and e["line"].strip() not in plus:
+        return {**survivor, "explained": False, "stale_explanation": e.get("why")}
+    return {**survivor, "explained": True, "why": e["why"]}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
@@ -290,12 +374,13 @@ def git_commit() -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Mutation testing and coverage ({report['date']})", "",
-             f"Commit `{report['commit']}`, mutmut {report['versions'].get('mutmut')}, "
-             f"coverage {report['versions'].get('coverage')}, {report['machine']}; "
-             f"tests `-m \"{FAST}\"`. Score = mutants detected (killed or timed out) / all mutants.", "",
-             "| module | file | tests | mutants run (of generated) | killed | survived | no tests | timeout | score "
-             "[95% interval] | wall s | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"mutmut {report['versions'].get('mutmut')}, coverage {report['versions'].get('coverage')}, "
+             f"{report['machine']}; tests `-m \"{FAST}\"`, each module against its own test files. "
+             "Score = mutants detected (killed or timed out) / all mutants run. Each row gives the commit "
+             "its run measured (a partial rerun keeps the other rows).", "",
+             "| module | tests | mutants run (of generated) | killed | survived | of which explained | timeout | "
+             "score [95% interval] | wall s | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["modules"].values():
         c = r["counts"]
         sc = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
@@ -303,10 +388,31 @@ def markdown(report: dict) -> str:
             sc = f"not measured: {r['error'].split(';')[0]}"
         if r.get("score_95ci"):
             sc += f" [{100 * r['score_95ci'][0]:.0f}, {100 * r['score_95ci'][1]:.0f}]"
-        run_of = f"{r['mutants']}" + (f" (sample of {r['generated']})" if r.get("sampled") else "")
-        lines.append(f"| `{r['module']}` | {r['file']} | {', '.join(Path(t).name for t in r['tests'])} | "
-                     f"{run_of} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
-                     f"{c.get('timeout', 0)} | {sc} | {r['wall_s']:.0f} | {r.get('commit', '')[:7]} |")
+        run_of = f"{r['mutants']}" + (f" (SAMPLE of {r['generated']})" if r.get("sampled") else
+                                      f" (all {r['generated']})")
+        surv = len(r["survivors"])
+        lines.append(f"| `{r['module']}` ({r['file']}) | {', '.join(Path(t).name for t in r['tests'])} | "
+                     f"{run_of} | {r['detected']} | {surv} | {r.get('explained', 0)} | {c.get('timeout', 0)} | {sc} | "
+                     f"{r['wall_s']:.0f} | {str(r.get('commit', ''))[:7]} |")
+    timed = [r for r in report["modules"].values() if r.get("phases_s")]
+    if timed:
+        lines += ["", "## Where the time goes", "",
+                  "Wall seconds per mutmut phase (start-up = mutmut importing itself; stats = one run of the "
+                  "module's tests recording which test reaches which function; clean = the same tests unmutated; "
+                  "mutation testing = one forked pytest per mutant, only the tests that reach the mutated "
+                  "function, stopping at the first failure), and mutmut's measured test time per mutant.", "",
+                  "| module | " + " | ".join(p.replace("Running ", "").replace("Generating ", "generate ")
+                                          for p in ("start-up",) + PHASES) + " | per-mutant test s (mean / max) | "
+                  "slowest test (s) |",
+                  "|---|" + "---|" * (len(PHASES) + 3)]
+        for r in timed:
+            ph, tm = r["phases_s"], r.get("timing", {})
+            pm = tm.get("per_mutant_s")
+            slow = tm.get("slowest_tests") or [{}]
+            per = f"{pm['mean']} / {pm['max']}" if pm else ""
+            slowest = f"{slow[0]['test'].split('/')[-1]} ({slow[0]['s']})" if slow[0] else ""
+            lines.append(f"| `{r['module']}` | " + " | ".join(str(ph.get(p, "")) for p in ("start-up",) + PHASES)
+                         + f" | {per} | {slowest} |")
     cov = report.get("coverage")
     if cov:
         lines += ["", "## Coverage (whole package, fast tier)", "",
@@ -319,12 +425,18 @@ def markdown(report: dict) -> str:
         for f, v in cov["files"].items():
             lines.append(f"| {f} | {v['lines']} | {v['statements']} | {v['missing_lines']} | {v['branches']} | "
                          f"{v['partial_branches']} |")
-    lines += ["", "## Surviving mutants", ""]
+    lines += ["", "## Surviving mutants", "",
+              "Each survivor either has a test that kills it (then it is not listed after a rerun) or is explained "
+              "here (explanations: `benchmarks/results/mutation/equivalent.json`, matched by mutant name and "
+              "mutated line).", ""]
     for r in report["modules"].values():
-        lines.append(f"### `{r['module']}`: {len(r['survivors'])} surviving")
+        lines.append(f"### `{r['module']}`: {len(r['survivors'])} surviving, {r.get('explained', 0)} explained")
         lines.append("")
-        for s in r["survivors"]:
-            lines += [f"- `{s['mutant']}` ({s['status']})", "", "```diff", s["diff"], "```", ""]
+        for sv in r["survivors"]:
+            why = (f"**equivalent / explained:** {sv['why']}" if sv.get("explained") else
+                   "**NOT EXPLAINED**" + (f" (an explanation exists for a different mutation under this name: "
+                                          f"{sv['stale_explanation']})" if sv.get("stale_explanation") else ""))
+            lines += [f"- `{sv['mutant']}` ({sv['status']}): {why}", "", "```diff", sv["diff"], "```", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -353,7 +465,12 @@ def main() -> None:
                     help="run only a seeded random sample of N mutants per module (0 = all); the score then "
                          "carries a 95%% interval")
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    ap.add_argument("--timeout-constant", type=float, default=20.0,
+                    help="CPU seconds added to a mutant's measured test time before mutmut's limit (see stage())")
+    ap.add_argument("--timeout-multiplier", type=float, default=2.0, help="mutmut's timeout_multiplier")
     ap.add_argument("--no-coverage", action="store_true")
+    ap.add_argument("--equivalents", default=str(ROOT / "benchmarks" / "results" / "mutation" / "equivalent.json"),
+                    help="survivors explained as equivalent, by mutant name (shown beside each survivor)")
     ap.add_argument("--coverage-tests", default="", help="test paths for coverage (default: tests)")
     ap.add_argument("--merge", nargs="*", default=None, metavar="DIR",
                     help="run no mutants: combine the mutation.json of these folders (runs done in parallel) "
