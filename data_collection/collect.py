@@ -3,12 +3,14 @@
 Problems come from a file (JSONL/JSON/CSV/Parquet; common shapes detected) or from the
 built-in generator (``--problems builtin`` or ``builtin:n=300,seed=0,families=add+sub,levels=1+2``).
 Each problem is turned into a chat prompt (system prompt + question + answer instruction),
-``chunk_size`` problems at a time go to the engine in ONE ``generate`` call (N samples each),
-every trace is graded (``\\boxed{}`` / "The answer is ..." / option letters, compared with
-math-verify), and each finished problem is appended to the traces file at once.
+``chunk_size`` problems at a time are submitted to the engine together (N samples each, one
+batch as in a ``generate`` call), and each problem is graded (``\\boxed{}`` / "The answer
+is ..." / option letters, compared with math-verify) and appended to the traces file as soon
+as its N samples finish, while the rest of its chunk is still generating.
 
 Rerunning the same command resumes: finished problems are kept and not redone; a partial
-last line from a killed run is cut off; a larger ``--limit`` extends the file. ``--overwrite``
+last line from a killed run is cut off; a larger ``--limit`` extends the file. A kill
+loses only the problems still generating. Lines are in the order problems finish. ``--overwrite``
 starts afresh. A summary (sample
 accuracy, majority-vote accuracy, pass@N, tokens, traces/s) is logged and saved as JSON
 beside the traces file (``<traces stem>.summary.json``).
@@ -70,7 +72,8 @@ class Config(StageConfig, PromptOptions, SamplingOptions, EngineOptions):
     output: str | None = option(None, "traces file (default: $STEPPROBE_HOME/runs/collect/<model>_<problems>_"
                                       "n<N>_s<seed>/traces.jsonl)", resume_ok=True)
     overwrite: bool = option(False, "start afresh instead of resuming an existing traces file", resume_ok=True)
-    chunk_size: int = option(32, "problems per vLLM generate call (all of a chunk go to the engine at once)",
+    chunk_size: int = option(32, "problems submitted to the engine together (one batch; each is written as soon "
+                                 "as its samples finish)",
                              resume_ok=True)
     grade_timeout_s: float = option(5.0, "time limit per math-verify comparison (seconds)", resume_ok=True)
 
@@ -251,7 +254,21 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
 
 def _generate(config: Config, llm: Any, tokenizer: Any, todo: list[Problem], writer: TraceWriter,
               total: int) -> dict[str, Any]:
+    """Generate, grade and write ``todo``, ``chunk_size`` problems per submission. Each
+    problem is written as soon as its ``n`` samples finish (the chunk's other problems still
+    generating), so a kill loses only the problems in flight.
+
+    Per problem, ``timing`` holds ``finished_after_s`` (seconds from its chunk's submission
+    until its last sample finished), ``generate_s`` (an estimate of the engine time it cost:
+    its output tokens times the engine's mean seconds per output token over its chunk until it
+    finished, i.e. ``finished_after_s * its tokens / all output tokens the engine had made for
+    the chunk by then``; over a chunk they add up to about the chunk's generate time),
+    ``chunk_problems`` and ``grade_s``."""
+    import contextlib
+
     from tqdm.auto import tqdm
+
+    from ..engine import output_tokens_in_flight, stream_requests
 
     params = sampling_params(config)
     stats = {"traces": 0, "tokens": 0, "seconds": 0.0}
@@ -262,23 +279,28 @@ def _generate(config: Config, llm: Any, tokenizer: Any, todo: list[Problem], wri
         for start in range(0, len(todo), config.chunk_size):
             chunk = todo[start:start + config.chunk_size]
             prompts = build_prompts(chunk, tokenizer, config)
+            handed_back = 0  # output tokens of the chunk's problems already written
             t0 = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            dt = time.perf_counter() - t0
-            chunk_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs) or 1
-            for problem, prompt, output in zip(chunk, prompts, outputs):
-                out_tokens = sum(len(c.token_ids) for c in output.outputs)
-                g0 = time.perf_counter()
-                timing = {"chunk_generate_s": round(dt, 4), "chunk_problems": len(chunk),
-                          "generate_s": round(dt * out_tokens / chunk_tokens, 4)}
-                pt = grade_problem(problem, prompt, output, timeout_s=config.grade_timeout_s, timing=timing)
-                pt.timing["grade_s"] = round(time.perf_counter() - g0, 4)
-                writer.write(pt)
-                stats["traces"] += len(pt.traces)
-                stats["tokens"] += out_tokens
-            stats["seconds"] += dt
-            bar.update(len(chunk) * config.n)
-            bar.set_postfix(tok_s=f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f}")
+            with contextlib.closing(stream_requests(llm, prompts, params)) as stream:
+                for finished in stream:
+                    now = time.perf_counter() - t0
+                    handed_back += sum(len(c.token_ids) for _, o in finished for c in o.outputs)
+                    in_flight = output_tokens_in_flight(llm)
+                    made = handed_back + (in_flight or 0)
+                    for k, output in finished:
+                        out_tokens = sum(len(c.token_ids) for c in output.outputs)
+                        g0 = time.perf_counter()
+                        timing = {"finished_after_s": round(now, 4), "chunk_problems": len(chunk),
+                                  "generate_s": round(now * out_tokens / made, 4) if made else 0.0}
+                        pt = grade_problem(chunk[k], prompts[k], output, timeout_s=config.grade_timeout_s,
+                                           timing=timing)
+                        pt.timing["grade_s"] = round(time.perf_counter() - g0, 4)
+                        writer.write(pt)  # durable now (flushed and fsync'ed)
+                        stats["traces"] += len(pt.traces)
+                        stats["tokens"] += out_tokens
+                        bar.update(config.n)
+                    bar.set_postfix(tok_s=f"{stats['tokens'] / max(stats['seconds'] + now, 1e-9):.0f}")
+            stats["seconds"] += time.perf_counter() - t0
     finally:
         bar.close()
     return stats

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import json
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import StepprobeError
 
@@ -127,6 +127,62 @@ def make_llm(model_path: str, *, seed: int = 0, kv_cache_gib: float | None = Non
     log.info("starting vLLM on %s", model_path)
     note_compile(bool(kwargs.get("enforce_eager")))
     return LLM(model=model_path, **kwargs)
+
+
+def stream_requests(llm: Any, prompts: Sequence[Any], params: Any) -> Iterator[list[tuple[int, Any]]]:
+    """Generate like ``llm.generate(prompts, params)``, but hand back each prompt's output as
+    soon as it finishes: all prompts are queued at once (``LLM.enqueue``: they share the batch
+    and the KV cache exactly as in ``generate``) and the engine is stepped here. Yields, after
+    every engine step that finished some prompts, ``[(prompt index, RequestOutput), ...]`` in
+    prompt order (an ``n > 1`` request finishes when the last of its ``n`` samples does).
+
+    A caller that stops early, or an exception (an interrupt), aborts the prompts still in
+    the engine, so a shared engine is left empty."""
+    engine = llm.llm_engine
+    ids = llm.enqueue(list(prompts), params, use_tqdm=False)
+    # enqueue returns vLLM's internal ids ("<client id>-<8 random chars>"); outputs carry the client id.
+    index = {client_request_id(rid): k for k, rid in enumerate(ids)}
+    internal = {client_request_id(rid): rid for rid in ids}
+    left = set(index)
+    try:
+        while left and engine.has_unfinished_requests():
+            done = sorted((index[o.request_id], o) for o in engine.step()
+                          if getattr(o, "finished", False) and o.request_id in left)
+            if done:
+                left.difference_update(o.request_id for _, o in done)
+                yield done
+        if left:
+            raise StepprobeError(f"the engine stopped with {len(left)} of {len(ids)} prompts unreported "
+                                 "(request ids not matched: vLLM internals changed?)")
+    finally:
+        if left:
+            try:
+                engine.abort_request([internal[r] for r in left], internal=True)
+            except Exception as exc:  # noqa: BLE001 - the engine may be gone already
+                log.debug("abort after an interrupted generation: %s", exc)
+
+
+def client_request_id(internal_id: str) -> str:
+    """vLLM's internal request id -> the client's (vLLM appends ``-<8 chars>`` unless request
+    id randomization is disabled)."""
+    base, sep, tail = internal_id.rpartition("-")
+    return base if sep and len(tail) == 8 else internal_id
+
+
+def output_tokens_in_flight(llm: Any) -> int | None:
+    """Output tokens the engine holds for requests not yet handed back: running and
+    waiting requests, and the finished samples of ``n > 1`` requests whose other samples still
+    run. Reads the front end's request states (vLLM internals); ``None`` where they are not
+    there."""
+    try:
+        proc = llm.llm_engine.output_processor
+        total = sum(len(s.detokenizer.output_token_ids) for s in proc.request_states.values()
+                    if s.detokenizer is not None)
+        for parent in proc.parent_requests.values():
+            total += sum(len(c.token_ids) for c in getattr(parent, "output_aggregator", None) or [] if c is not None)
+        return int(total)
+    except Exception:  # noqa: BLE001 - another vLLM version: the caller falls back
+        return None
 
 
 def shutdown(llm: Any) -> None:

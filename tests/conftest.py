@@ -54,3 +54,14 @@ def pytest_collection_modifyitems(config, items):
                 if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("vllm") is None]
     if unmarked:
         raise pytest.UsageError(f"tests that start a vLLM engine must be marked vllm: {', '.join(unmarked)}")
+
+
+@pytest.fixture(scope="session")
+def collect_tiny_llm(tiny_model_path):
+    """One vLLM engine on the tiny random model, shared by every collect test that
+    generates (tests/data_collection, tests/faults)."""
+    from stepprobe.data_collection.collect import make_llm
+
+    llm = make_llm(tiny_model_path, seed=0, max_model_len=512, dtype="float32", enforce_eager=True)
+    yield llm
+    del llm

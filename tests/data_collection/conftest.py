@@ -84,17 +84,7 @@ def record_make_traces():
     return make_traces
 
 
-# ---- collect_*: fixtures of the collect tests (test_collect.py) ----
-
-@pytest.fixture(scope="session")
-def collect_tiny_llm(tiny_model_path):
-    """One vLLM engine on the tiny random model, shared by every collect test that generates."""
-    from stepprobe.data_collection.collect import make_llm
-
-    llm = make_llm(tiny_model_path, seed=0, max_model_len=512, dtype="float32", enforce_eager=True)
-    yield llm
-    del llm
-
+# ---- collect_*: fixtures of the collect tests (test_collect.py; collect_tiny_llm is in tests/conftest.py) ----
 
 @pytest.fixture(scope="session")
 def collect_default_llm(default_model_path):

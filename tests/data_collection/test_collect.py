@@ -50,8 +50,11 @@ def test_collect_writes_graded_traces(collect_tiny_run, tiny_model_path):
 
     problems = load_problem_source(SPEC)
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    assert [p.problem_id for p in probs] == [p.problem_id for p in problems]
-    for p, src in zip(probs, problems):
+    # Lines come in the order problems finish (each is written at once): every problem once.
+    assert sorted(p.problem_id for p in probs) == sorted(p.problem_id for p in problems)
+    by_id = {p.problem_id: p for p in problems}
+    for p in probs:
+        src = by_id[p.problem_id]
         assert p.gold == src.gold and p.meta["family"] == src.meta["family"]
         assert p.prompt_text == build_prompt(src, tok)
         assert p.prompt_token_ids and p.prompt_token_ids[-3:] == tok(p.prompt_text, add_special_tokens=False)["input_ids"][-3:]
@@ -62,8 +65,10 @@ def test_collect_writes_graded_traces(collect_tiny_run, tiny_model_path):
             assert t.text == tok.decode(t.output_token_ids, skip_special_tokens=True)
             assert t.extracted_answer == extract_answer(t.text)
             assert t.correct == is_correct(t.extracted_answer, p.gold)
-        assert set(p.timing) >= {"generate_s", "grade_s", "chunk_generate_s"}
-    # chunk_size=4: 4 problems in the first generate call, 2 in the second
+        assert set(p.timing) >= {"generate_s", "grade_s", "finished_after_s", "chunk_problems"}
+        # its share of the engine's time until it finished: never more than that time
+        assert 0 < p.timing["generate_s"] <= p.timing["finished_after_s"]
+    # chunk_size=4: 4 problems in the first submission, 2 in the second
     assert [p.timing["chunk_problems"] for p in probs] == [4, 4, 4, 4, 2, 2]
 
     saved = json.loads(collect.summary_path(out).read_text())
@@ -94,34 +99,54 @@ def test_resume_after_a_partial_last_line(collect_tiny_run, tiny_model_path, col
     assert summary["problems"] == 6 and summary["traces"] == 18
 
 
-class _DiesOnSecondCall:
-    """The real engine, but the process 'dies' (raises) in the second generate call."""
+class _DiesMidChunk:
+    """The real engine, but its steps hand back one finished problem at a time, and the
+    process 'dies' (raises) once ``after`` problems came back: a kill while the rest of the
+    chunk is still generating."""
 
-    def __init__(self, llm):
-        self.llm, self.calls = llm, 0
-        self.llm_engine = llm.llm_engine
+    def __init__(self, llm, after: int):
+        self.llm, self.after, self.handed, self._ready = llm, after, 0, []
+        self.llm_engine = self  # collect steps through llm.llm_engine
+        self.output_processor = llm.llm_engine.output_processor
 
-    def generate(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == 2:
+    def enqueue(self, *args, **kwargs):
+        return self.llm.enqueue(*args, **kwargs)
+
+    def has_unfinished_requests(self):
+        return bool(self._ready) or self.llm.llm_engine.has_unfinished_requests()
+
+    def step(self):
+        if self.handed == self.after:
             raise KeyboardInterrupt
-        return self.llm.generate(*args, **kwargs)
+        while not self._ready and self.llm.llm_engine.has_unfinished_requests():
+            self._ready = [o for o in self.llm.llm_engine.step() if o.finished]
+        self.handed += 1
+        return [self._ready.pop(0)] if self._ready else []
+
+    def abort_request(self, ids, internal=False):
+        self.llm.llm_engine.abort_request(ids, internal=internal)
 
 
 @pytest.mark.vllm
 def test_interrupted_run_resumes_without_redoing(tiny_model_path, collect_tiny_llm, tmp_path):
+    """Killed in its second chunk after one of the chunk's problems finished: that problem is
+    on disk with the first chunk's, the engine holds no request, the rerun does the rest."""
     out = tmp_path / "traces.jsonl"
-    config = _config(tiny_model_path, out, chunk_size=2, problems="builtin:n=5,seed=2")
+    spec = "builtin:n=5,seed=2"
+    config = _config(tiny_model_path, out, chunk_size=3, problems=spec)
     with pytest.raises(KeyboardInterrupt):
-        collect.run(config, llm=_DiesOnSecondCall(collect_tiny_llm))
+        collect.run(config, llm=_DiesMidChunk(collect_tiny_llm, after=4))
+    assert not collect_tiny_llm.llm_engine.has_unfinished_requests()  # the rest of the chunk was aborted
     first = _lines(out)
-    assert len(first) == 1 + 2  # header + the first chunk's two problems, nothing partial
+    assert len(first) == 1 + 4  # header + the first chunk's three problems + one of the second's
+    assert all(line.endswith("\n") and json.loads(line) for line in first)
     summary = collect.run(config, llm=collect_tiny_llm)
-    assert summary["this_run"]["traces_generated"] == 3 * 3
+    assert summary["this_run"]["traces_generated"] == 1 * 3  # only the missing problem
     lines = _lines(out)
-    assert lines[:3] == first
+    assert lines[:5] == first  # finished problems unchanged, byte for byte
     ids = [json.loads(line)["problem_id"] for line in lines[1:]]
-    assert ids == [p.problem_id for p in load_problem_source("builtin:n=5,seed=2")]
+    assert len(ids) == len(set(ids)) == 5
+    assert sorted(ids) == sorted(p.problem_id for p in load_problem_source(spec))
 
 
 @pytest.mark.vllm

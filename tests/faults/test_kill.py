@@ -1,4 +1,5 @@
-"""Issue 14, item 6: a killed `run` keeps its finished problems, and its engine dies with it."""
+"""Issue 14, item 6: a killed `run`, `collect`, `bench` keeps its finished problems, and its
+engine dies with it."""
 
 from __future__ import annotations
 
@@ -19,30 +20,22 @@ def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
 
 
-@pytest.mark.vllm
-def test_sigkill_keeps_finished_problems_and_leaves_no_engine(tmp_path, tiny_model_path):
-    out = tmp_path / "r"
-    cmd = [sys.executable, "-m", "stepprobe.cli", "run", "--model", tiny_model_path, "--problems",
-           "builtin:n=60,seed=5", "--n", "2", "--max-tokens", "24", "--policy", "none", "--vote", "majority",
-           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4", "--dtype", "float32",
-           "--output", str(out)]
-    log = open(tmp_path / "stderr.txt", "w")  # a pipe nobody reads would fill up and stall the command
+def _kill_when(cmd: list[str], ready, log_path: Path, timeout: float = 600) -> dict[int, int | None]:
+    """Start ``cmd``, wait until ``ready()`` holds (noting every process the command starts),
+    then SIGKILL it. Returns the processes seen (pid -> start time)."""
+    log = open(log_path, "w")  # a pipe nobody reads would fill up and stall the command
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    results = out / "results.jsonl"
-    seen: dict[int, int] = {}
-    deadline = time.monotonic() + 600
+    seen: dict[int, int | None] = {}
+    deadline = time.monotonic() + timeout
     try:
-        # Wait for the header and at least two problems, noting every process the command starts.
-        while len(_lines(results)) < 3:
-            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no result within 10 minutes"
+        while not ready():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not ready within {timeout} s"
             for pid in _descendants(proc.pid):
                 seen.setdefault(pid, _start_time(pid))
-            time.sleep(0.2)
+            time.sleep(0.1)
         for pid in _descendants(proc.pid):
             seen.setdefault(pid, _start_time(pid))
-        engines = [p for p in seen if _cmdline(p).startswith("VLLM")]
-        assert engines, f"no VLLM::* process seen among {[_cmdline(p) for p in seen]}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
@@ -50,6 +43,46 @@ def test_sigkill_keeps_finished_problems_and_leaves_no_engine(tmp_path, tiny_mod
             proc.kill()
             proc.wait()
         log.close()
+    return seen
+
+
+def _assert_no_survivor(seen: dict[int, int | None]) -> None:
+    """Every process the command started is gone within a few seconds (the watchdog stops them)."""
+    t0 = time.monotonic()
+    alive = {p for p, st in seen.items() if st is not None and _start_time(p) == st}
+    while alive and time.monotonic() - t0 < 10:
+        time.sleep(0.2)
+        alive = {p for p in alive if _start_time(p) == seen[p]}
+    assert not alive, f"still running {time.monotonic() - t0:.1f} s after SIGKILL: " + \
+        ", ".join(f"{p} {_cmdline(p)}" for p in alive)
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The lines a reader keeps: all but a torn last one (which only a kill mid-write leaves)."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    for ln in lines:
+        json.loads(ln)  # every complete line parses
+    return lines
+
+
+# The tiny model, eager, with few sequences at a time so that problems finish one after another.
+TINY = ["--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "2", "--dtype", "float32"]
+
+
+@pytest.mark.vllm
+def test_sigkill_keeps_finished_problems_and_leaves_no_engine(tmp_path, tiny_model_path):
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "stepprobe.cli", "run", "--model", tiny_model_path, "--problems",
+           "builtin:n=60,seed=5", "--n", "2", "--max-tokens", "24", "--policy", "none", "--vote", "majority",
+           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4", "--dtype", "float32",
+           "--output", str(out)]
+    results = out / "results.jsonl"
+    seen = _kill_when(cmd, lambda: len(_lines(results)) >= 3, tmp_path / "stderr.txt")
+    engines = [p for p in seen if _cmdline(p).startswith("VLLM")]
+    assert engines, f"no VLLM::* process seen among {[_cmdline(p) for p in seen]}"
     lines = _lines(results)
     assert len(lines) < 61, "the run finished before it was killed; the test proves nothing"
     header = json.loads(lines[0])
@@ -61,14 +94,35 @@ def test_sigkill_keeps_finished_problems_and_leaves_no_engine(tmp_path, tiny_mod
         except json.JSONDecodeError:
             assert ln is lines[-1], "only the last line may be torn"
     assert len(complete) >= 2 and all(len(r["traces"]) == 2 for r in complete)
-    # Every process the command started is gone within a few seconds (the watchdog stops them).
-    t0 = time.monotonic()
-    alive = {p for p, st in seen.items() if st is not None and _start_time(p) == st}
-    while alive and time.monotonic() - t0 < 10:
-        time.sleep(0.2)
-        alive = {p for p in alive if _start_time(p) == seen[p]}
-    assert not alive, f"still running {time.monotonic() - t0:.1f} s after SIGKILL: " + \
-        ", ".join(f"{p} {_cmdline(p)}" for p in alive)
+    _assert_no_survivor(seen)
+
+
+@pytest.mark.vllm
+def test_sigkilled_collect_keeps_problems_of_its_unfinished_chunk(tmp_path, tiny_model_path, collect_tiny_llm):
+    """``collect`` writes each problem once its samples finish, not when its chunk returns: a
+    kill inside the only chunk keeps the problems already done; the rerun adds only the
+    missing ones and leaves the earlier lines as they were."""
+    from stepprobe.data_collection import collect
+
+    out = tmp_path / "traces.jsonl"
+    args = dict(model=tiny_model_path, problems="builtin:n=40,seed=5", n=2, max_tokens=24, chunk_size=40,
+                enforce_eager=True, max_model_len=256, max_num_seqs=2, dtype="float32")
+    cmd = [sys.executable, "-m", "stepprobe.cli", "collect", "--model", tiny_model_path, "--problems",
+           args["problems"], "--n", "2", "--max-tokens", "24", "--chunk-size", "40", *TINY, "--output", str(out)]
+    seen = _kill_when(cmd, lambda: len(_complete_lines(out)) >= 1 + 2, tmp_path / "stderr.txt")
+    before = _complete_lines(out)
+    assert 1 + 2 <= len(before) < 1 + 40, "the chunk finished before the kill; the test proves nothing"
+    done = [json.loads(ln)["problem_id"] for ln in before[1:]]
+    assert all(len(json.loads(ln)["traces"]) == 2 for ln in before[1:])
+    _assert_no_survivor(seen)
+
+    # The rerun (the same settings, in this process on a shared engine) finishes only the rest.
+    summary = collect.run(collect.Config(**args, output=str(out)), llm=collect_tiny_llm)
+    assert summary["this_run"]["traces_generated"] == 2 * (40 - len(done))
+    after = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert after[:len(before)] == before  # finished problems unchanged, byte for byte
+    ids = [json.loads(ln)["problem_id"] for ln in after[1:]]
+    assert len(ids) == len(set(ids)) == 40 and ids[:len(done)] == done
 
 
 def _cmdline(pid: int) -> str:
