@@ -2,9 +2,9 @@
 
 Token confidence is minus the mean of the top-k log-probabilities at that token; a trace's
 group confidence is the mean over a sliding window of tokens, and its score the **lowest**
-group confidence. Online: per problem, ``warmup`` traces are generated in full; the stop
-threshold is the ``percentile`` of their lowest group confidences (10 keeps ~90%, DeepConf-high;
-90 keeps ~10%, DeepConf-low); the remaining ``n - warmup`` traces are generated with the
+group confidence. Online: per problem, ``warmup`` traces are generated in full; as soon as
+they finish, the problem's stop threshold is the ``percentile`` of their lowest group
+confidences (10 keeps ~90%, DeepConf-high; 90 keeps ~10%, DeepConf-low); the remaining ``n - warmup`` traces are generated with the
 scheduler's ``confidence`` policy, which finishes a trace (``stop_reason="pruned"``) as soon
 as its current window falls below the threshold. Same engine, same pruning path as STEP.
 """
@@ -12,7 +12,7 @@ as its current window falls below the threshold. Same engine, same pruning path 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -45,19 +45,40 @@ class ConfidenceFilter:
 
     def generate(self, runner: Any, prompts: Sequence[str], *, n: int, seeds: Sequence[Sequence[int]] | None = None,
                  **kwargs: Any) -> list[list[Any]]:
-        warm_n = min(self.warmup, n)
-        warm = runner.generate(prompts, n=warm_n, policy="none", logprobs=self.topk,
-                               seeds=[s[:warm_n] for s in seeds] if seeds is not None else None, **kwargs)
-        if n <= warm_n:
-            return warm
-        thr = self.thresholds(warm)
-        per_prompt = [{"conf_threshold": t, "conf_window": self.window} for t in thr]
-        rest = runner.generate(prompts, n=n - warm_n, policy="confidence", logprobs=self.topk,
-                               per_prompt=per_prompt, seeds=[s[warm_n:] for s in seeds] if seeds is not None else None,
-                               **kwargs)
-        out = []
-        for w, r in zip(warm, rest):
-            for t in r:
-                t.index += warm_n
-            out.append(list(w) + list(r))
+        out: list[list[Any]] = [[] for _ in prompts]
+        for k, traces in self.generate_stream(runner, prompts, n=n, seeds=seeds, **kwargs):
+            out[k] = traces
         return out
+
+    def generate_stream(self, runner: Any, prompts: Sequence[str], *, n: int,
+                        seeds: Sequence[Sequence[int]] | None = None, **kwargs: Any) -> Iterator[tuple[int, list[Any]]]:
+        """Yield ``(prompt index, its n traces)`` as soon as a prompt's last trace finishes. Every
+        prompt's warm-up traces are queued at once; a prompt's other ``n - warmup`` traces are
+        queued, with its own threshold, as soon as its warm-up traces finish (the engine keeps
+        generating the other prompts' warm-ups meanwhile), so no prompt waits for the slowest
+        warm-up of the batch and each is durable once its second phase ends."""
+        import contextlib
+
+        warm_n = min(self.warmup, n)
+        common = dict(logprobs=self.topk, **kwargs)
+        warm_sub = runner.submit(prompts, n=warm_n, policy="none",
+                                 seeds=[s[:warm_n] for s in seeds] if seeds is not None else None, **common)
+        warm: dict[int, list[Any]] = {}
+        second: dict[int, int] = {}  # submission -> prompt index
+        with contextlib.closing(runner.stream()) as results:  # stopping early aborts what is in flight
+            for sub, k, traces in results:
+                if sub == warm_sub:
+                    if n <= warm_n:
+                        yield k, traces
+                        continue
+                    warm[k] = traces
+                    thr = self.thresholds([traces])[0]
+                    s2 = runner.submit([prompts[k]], n=n - warm_n, policy="confidence",
+                                       per_prompt=[{"conf_threshold": thr, "conf_window": self.window}],
+                                       seeds=[seeds[k][warm_n:]] if seeds is not None else None, **common)
+                    second[s2] = k
+                elif sub in second:
+                    k = second.pop(sub)
+                    for t in traces:
+                        t.index += warm_n
+                    yield k, list(warm.pop(k)) + list(traces)

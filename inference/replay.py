@@ -390,10 +390,12 @@ class SimResult:
 def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: int, block_size: int,
              max_num_batched_tokens: int, max_num_seqs: int, memory: bool, params: Params,
              protect_last: bool = True, phases: list[list[tuple[int, int]]] | None = None,
-             memory_rule: str = "score") -> SimResult:
+             memory_rule: str = "score", follow: dict[int, list[tuple[int, int]]] | None = None) -> SimResult:
     """vLLM's scheduler on the traces (see module docstring). ``targets[i][k]``: tokens trace k
-    of problem i generates; ``phases``: groups of (problem, trace) submitted one after another
-    (the confidence baseline's warm-up and rest), default one phase with everything."""
+    of problem i generates; ``phases``: groups of (problem, trace) submitted one after another,
+    default one phase with everything; ``follow[i]``: traces of problem i submitted as soon as
+    its traces submitted so far have all finished (the confidence baseline's second phase,
+    queued per problem when its warm-up ends, as the live runner does)."""
     bs = block_size
     free = math.inf if not kv_blocks else int(kv_blocks)
     shared_blocks = [pr.prompt_tokens // bs for pr in problems]
@@ -510,6 +512,10 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
                         r.done = True
                         live_in_group[r.prob] -= 1
                         release(r)
+                        if follow and live_in_group[r.prob] == 0 and follow.get(r.prob):
+                            for key in follow.pop(r.prob):  # queued behind what is waiting, as enqueue does
+                                waiting.append(reqs[key])
+                                live_in_group[r.prob] += 1
             running = [r for r in running if not r.done]
     tokens = [[reqs[(i, k)].gen for k in range(len(pr.traces))] for i, pr in enumerate(problems)]
     mem = [[reqs[(i, k)].pruned_by_memory for k in range(len(pr.traces))] for i, pr in enumerate(problems)]
@@ -545,16 +551,16 @@ def run_policy(problems: list[Problem], policy: str, kv_blocks: int, config: Con
     else:
         cuts = [[None] * len(pr.traces) for pr in problems]
         targets = full
-    phases = None
-    if policy == "confidence":
+    phases = follow = None
+    if policy == "confidence":  # warm-up traces first; a problem's rest once its warm-up finished
         w = params.conf_warmup
-        phases = [[(i, k) for i, pr in enumerate(problems) for k in range(min(w, len(pr.traces)))],
-                  [(i, k) for i, pr in enumerate(problems) for k in range(w, len(pr.traces))]]
-        phases = [ph for ph in phases if ph]
+        phases = [[(i, k) for i, pr in enumerate(problems) for k in range(min(w, len(pr.traces)))]]
+        follow = {i: [(i, k) for k in range(w, len(pr.traces))] for i, pr in enumerate(problems)
+                  if len(pr.traces) > w}
     sim = simulate(problems, targets, kv_blocks=kv_blocks, block_size=config.block_size,
                    max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                    memory=policy == "memory", params=params, protect_last=config.protect_last, phases=phases,
-                   memory_rule=rule)
+                   memory_rule=rule, follow=follow)
     pruned = [[(c is not None) or m for c, m in zip(cs, ms)] for cs, ms in zip(cuts, sim.memory_pruned)]
     vote = DEFAULT_VOTE.get(policy, config.step_vote)
     correct = [vote_correct(pr, pm, vote) for pr, pm in zip(problems, pruned)]
@@ -696,7 +702,9 @@ def live_check(config: Config, bench: dict[str, Any]) -> list[dict[str, Any]]:
                            "preemptions": o.preemptions, "pruned": sum(map(sum, o.pruned))},
                 "traces_pruned_alike": same_pruned / max(n_traces, 1),
                 "problems_voted_alike": same_correct / max(len(ids), 1),
-                "model": {"steps": o.steps, "computed_tokens": o.computed_tokens, "live_wall_s": live.get("wall_s")}})
+                # a resumed cell's wall time adds up batches: not a point for the time model's fit
+                "model": {"steps": o.steps, "computed_tokens": o.computed_tokens,
+                          "live_wall_s": None if live.get("resumed") else live.get("wall_s")}})
     return out
 
 
@@ -724,10 +732,15 @@ def live_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         a, b = r["live"], r["replay"]
         lines.append(f"| {r['kv_blocks'] or 'default'} | {r['policy']} | {a['accuracy']:.3f} / {b['accuracy']:.3f} | "
-                     f"{a['token_ratio']:.2f} / {b['token_ratio']:.2f} | {a['time_ratio']:.2f} / {b['time_ratio']:.2f} | "
+                     f"{a['token_ratio']:.2f} / {b['token_ratio']:.2f} | {_ratio(a['time_ratio'])} / {b['time_ratio']:.2f} | "
                      f"{a['preemptions']} / {b['preemptions']} | {a['pruned']} / {b['pruned']} | "
                      f"{r['traces_pruned_alike']:.3f} | {r['problems_voted_alike']:.3f} |")
     return head + "\n".join(lines) + "\n"
+
+
+def _ratio(x: float | None) -> str:
+    """A live time ratio; a bench row of a resumed cell (or one timed apart from its SC) has none."""
+    return "–" if x is None else f"{x:.2f}"
 
 
 def _iv(d: dict[str, Any] | None) -> str:

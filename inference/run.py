@@ -16,6 +16,7 @@ generated token), as the HDF5 ``position`` does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -98,7 +99,7 @@ def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | Non
 def solve_stream(runner: Any, problems: list[Any], config: Config, *, policy: str | None = None,
                  stats: dict[str, Any] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(index, record)`` for each problem as soon as its traces finish (the whole
-    batch shares the engine; the confidence policy, which runs two phases, yields at the end).
+    batch shares the engine; with the confidence policy, when its second-phase traces finish).
     ``stats`` is filled with the batch's wall time and engine preemptions when it ends."""
     from stepprobe.data_collection.prompts import build_prompts
     from stepprobe.engine import check_context
@@ -120,12 +121,13 @@ def solve_stream(runner: Any, problems: list[Any], config: Config, *, policy: st
     if policy == "confidence":
         filt = ConfidenceFilter(window=config.confidence_window, percentile=config.confidence_percentile,
                                 warmup=config.confidence_warmup, topk=config.confidence_topk)
-        stream: Any = enumerate(filt.generate(runner, prompts, n=config.n, seeds=seeds, **sampling))
+        stream: Any = filt.generate_stream(runner, prompts, n=config.n, seeds=seeds, **sampling)
     else:
         stream = runner.generate_stream(prompts, n=config.n, policy=policy, seeds=seeds,
                                         logprobs=config.confidence_topk if use_conf else None, **sampling)
-    for k, traces in stream:
-        yield k, problem_record(problems[k], traces, config, policy, time.perf_counter() - t0)
+    with contextlib.closing(stream):  # stopped early: the engine aborts what is still in flight
+        for k, traces in stream:
+            yield k, problem_record(problems[k], traces, config, policy, time.perf_counter() - t0)
     stats.update(wall_s=time.perf_counter() - t0, preemptions=runner.preemptions() - pre0)
 
 

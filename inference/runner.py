@@ -121,6 +121,13 @@ class StepRunner:
         self.llm = LLM(self.model_path, **kwargs)
         self.startup_s = time.perf_counter() - t0
         self._calls = itertools.count()
+        # Traces in flight (see submit/stream): client request id -> (submission, prompt, trace, seed,
+        # internal id); per submission the traces left and finished per prompt, and its logprobs.
+        self._owner: dict[str, tuple[int, int, int, int | None, str]] = {}
+        self._left: dict[int, list[int]] = {}
+        self._done: dict[int, list[list[Any]]] = {}
+        self._logprobs: dict[int, int | None] = {}
+        self._pending: dict[str, dict[str, Any]] = {}  # client request id -> its score records so far
         self.tokenizer = self.llm.get_tokenizer()
         self._detector = None
         if plugin and self.scorer is not None:
@@ -214,52 +221,84 @@ class StepRunner:
         ``step_positions`` count generated tokens (0 = the first generated token), the same
         convention as the HDF5 ``position`` of ``stepprobe record``.
         """
-        params, flat_prompts, pairs = request_params(prompts, n=n, group=f"g{next(self._calls)}", policy=policy,
+        import contextlib
+
+        sub = self.submit(prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, policy=policy,
+                          logprobs=logprobs, per_prompt=per_prompt, seeds=seeds, **sampling)
+        with contextlib.closing(self.stream()) as results:  # a caller that stops early aborts the rest
+            for s, k, traces in results:
+                if s == sub:
+                    yield k, traces
+
+    def submit(self, prompts: Sequence[str], *, n: int = 1, policy: str | None = None, logprobs: int | None = None,
+               per_prompt: Sequence[dict[str, Any]] | None = None, seeds: Sequence[Sequence[int]] | None = None,
+               **sampling: Any) -> int:
+        """Queue ``n`` traces for each prompt now (arguments as :meth:`generate_stream`), also
+        while :meth:`stream` runs (the confidence baseline queues a problem's second phase as
+        soon as its warm-up finishes); returns the submission's number."""
+        sub = next(self._calls)
+        params, flat_prompts, pairs = request_params(prompts, n=n, group=f"g{sub}", policy=policy,
                                                      logprobs=logprobs, per_prompt=per_prompt, seeds=seeds,
-                                                     max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                                      **sampling)
-        owners = [(k, i, j) for j, (k, i) in enumerate(pairs)]
-        scoring = self.plugin and self.scorer is not None
-        if scoring:
-            self.llm.collective_rpc("stepprobe_take_records")  # start clean
-        pending: dict[str, dict[str, Any]] = {}  # client request id -> its record so far
-        engine = self.llm.llm_engine
+        if not self._owner and self.plugin and self.scorer is not None:
+            self.llm.collective_rpc("stepprobe_take_records")  # nothing in flight: start clean
         ids = self.llm.enqueue(flat_prompts, params, use_tqdm=False)
         # enqueue returns vLLM's internal ids ("<client id>-<8 random chars>"); outputs carry the client id.
-        owner_of = {_client_id(rid): own for rid, own in zip(ids, owners)}
-        internal = dict(zip((_client_id(r) for r in ids), ids))
-        left = [n] * len(prompts)
-        finished: list[list[Any]] = [[] for _ in prompts]
+        for rid, (k, i), p in zip(ids, pairs, params):
+            self._owner[_client_id(rid)] = (sub, k, i, p.seed, rid)
+        self._left[sub] = [n] * len(prompts)
+        self._done[sub] = [[] for _ in prompts]
+        self._logprobs[sub] = logprobs
+        return sub
+
+    def stream(self) -> Iterator[tuple[int, int, list[TraceResult]]]:
+        """Step the engine until every submitted trace has finished, yielding ``(submission,
+        prompt index, its traces)`` as soon as the last trace of a prompt finishes (submissions
+        made while iterating included). An exception or a caller that stops early aborts the
+        traces still in the engine."""
+        engine = self.llm.llm_engine
+        scoring = self.plugin and self.scorer is not None
         try:
-            while engine.has_unfinished_requests():
+            while self._owner:
+                if not engine.has_unfinished_requests():
+                    raise StepprobeError(f"the engine stopped with {len(self._owner)} traces unreported "
+                                         "(request ids not matched: vLLM internals changed?)")
                 for o in engine.step():
-                    if not getattr(o, "finished", False) or o.request_id not in owner_of:
+                    if not getattr(o, "finished", False) or o.request_id not in self._owner:
                         continue
-                    k, i, j = owner_of[o.request_id]
-                    finished[k].append((i, o, params[j].seed))
-                    left[k] -= 1
-                    if left[k]:
+                    sub, k, i, seed, _ = self._owner.pop(o.request_id)
+                    self._done[sub][k].append((i, o, seed))
+                    self._left[sub][k] -= 1
+                    if self._left[sub][k]:
                         continue
                     if scoring:
                         for key, rec in self._take_records().items():
-                            acc = pending.setdefault(_client_id(key), {"positions": [], "scores": [], "features": []})
+                            acc = self._pending.setdefault(_client_id(key),
+                                                           {"positions": [], "scores": [], "features": []})
                             for f in acc:
                                 acc[f].extend(rec.get(f) or [])
-                    yield k, [self._trace(i, out, pending, seed, logprobs)
-                              for i, out, seed in sorted(finished[k], key=lambda x: x[0])]
-                    finished[k] = []
-            if any(left):
-                raise StepprobeError(f"the engine stopped with {sum(left)} of {len(owners)} traces unreported "
-                                     "(request ids not matched: vLLM internals changed?)")
+                    finished, self._done[sub][k] = self._done[sub][k], []
+                    traces = [self._trace(i, out, self._pending, seed, self._logprobs[sub])
+                              for i, out, seed in sorted(finished, key=lambda x: x[0])]
+                    if not any(self._left[sub]):
+                        for d in (self._left, self._done, self._logprobs):
+                            d.pop(sub, None)
+                    yield sub, k, traces
         except BaseException:
             # A caller that stops early (or an interrupt) must not leave requests in the engine.
-            unfinished = [internal[rid] for rid, (k, _, _) in owner_of.items() if left[k] > 0]
+            unfinished = [rid for (_, _, _, _, rid) in self._owner.values()]
+            self._owner.clear()
+            self._left.clear()
+            self._done.clear()
+            self._logprobs.clear()
+            self._pending.clear()
             if unfinished and self.llm is not None:
                 try:
                     engine.abort_request(unfinished, internal=True)
                 except Exception:  # noqa: BLE001 - the engine may be gone already
                     pass
             raise
+        self._pending.clear()
 
     def _trace(self, index: int, o: Any, pending: dict[str, dict[str, Any]], seed: int | None,
                logprobs: int | None) -> TraceResult:

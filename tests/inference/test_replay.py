@@ -72,7 +72,8 @@ def test_replay_reproduces_the_hand_computed_table(tmp_path):
         r = rows[policy]
         assert (r["accuracy"], r["output_tokens"], r["pruned"], r["preemptions"]) == (acc, tokens, pruned, 0), policy
         # time model: 80 prompt tokens + every generated token but each trace's last; 8 steps
-        # (the confidence baseline runs two phases of 8 steps).
+        # (the confidence baseline: A's second phase starts at step 7 when its warm-up ends,
+        # B's at step 9; B's last trace ends at step 16).
         assert r["computed_tokens"] == 80 + tokens - 8
         assert r["steps"] == (16 if policy == "confidence" else 8)
     assert rows["none"]["time_ratio"] == 1.0
@@ -228,3 +229,25 @@ def test_report_shows_the_replay_and_checks_its_schema(tmp_path):
     data = json.loads((out / "replay.json").read_text())
     (out / "replay.json").write_text(json.dumps({**data, "schema_version": 0}))
     assert "rerun the replay stage" in "\n".join(_replay_section(tmp_path))
+
+
+def test_second_phase_of_a_problem_starts_when_its_own_warm_up_ends():
+    """The live confidence baseline queues a problem's second phase as soon as its own warm-up
+    finishes (no barrier across problems); the scheduler model does the same."""
+    def problem(pid, warm, rest):
+        traces = [rp.Trace(k, t, "1", True, [], []) for k, t in enumerate([warm, warm, rest, rest])]
+        return rp.Problem(pid, 10, traces, [0] * 4)
+
+    probs = [problem("short-warm-up", 2, 10), problem("long-warm-up", 10, 2)]
+    params = rp.Params(threshold=0.5, warmup_steps=2, keep_fraction=0.5, keep_step=1, aggregate="mean",
+                       ema_alpha=0.5, conf_window=2, conf_percentile=50.0, conf_warmup=2)
+    targets = [[t.num_tokens for t in p.traces] for p in probs]
+    kw = dict(kv_blocks=0, block_size=16, max_num_batched_tokens=4096, max_num_seqs=256, memory=False,
+              params=params)
+    warm = [[(i, k) for i in range(2) for k in range(2)]]
+    per_problem = rp.simulate(probs, targets, phases=warm, follow={i: [(i, 2), (i, 3)] for i in range(2)}, **kw)
+    barrier = rp.simulate(probs, targets, phases=warm + [[(i, k) for i in range(2) for k in (2, 3)]], **kw)
+    # per problem: the short warm-up's rest runs in steps 3-12, the long one's in steps 11-12
+    assert per_problem.steps == 12 and barrier.steps == 20
+    assert per_problem.tokens == barrier.tokens == targets
+

@@ -53,3 +53,29 @@ def test_refused_run_does_not_block_the_corrected_one(tmp_path, plugin_runner, t
     with pytest.raises(ArtifactMismatch, match="different config"):
         R.run(cfg.replace(aggregate="min"), runner=plugin_runner)
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.vllm
+def test_confidence_policy_streams_each_problem_after_its_second_phase(plugin_runner, tiny_model_path):
+    """The confidence baseline yields a problem once its warm-up and its own second phase are
+    done (no barrier across problems); a caller that stops early leaves the engine empty."""
+    from stepprobe.inference import run as R
+
+    cfg = R.Config(problems="builtin:n=4,seed=3", model=tiny_model_path, policy="confidence", vote="confidence",
+                   n=4, confidence_warmup=2, confidence_window=4, max_tokens=24, max_model_len=256)
+    problems = R.load_problems(cfg)
+    stream = R.solve_stream(plugin_runner, problems, cfg)
+    k, first = next(stream)
+    assert [t["index"] for t in first["traces"]] == [0, 1, 2, 3]
+    assert not any(t["pruned"] for t in first["traces"][:2])  # the warm-up is never stopped
+    stream.close()
+    assert not plugin_runner.llm.llm_engine.has_unfinished_requests() and not plugin_runner._owner
+
+    stats: dict = {}
+    got = dict(R.solve_stream(plugin_runner, problems, cfg, stats=stats))
+    assert sorted(got) == [0, 1, 2, 3] and "wall_s" in stats
+    for i, rec in got.items():
+        assert rec["problem_id"] == problems[i].problem_id
+        assert [t["index"] for t in rec["traces"]] == [0, 1, 2, 3]
+        assert rec["kept"] + rec["pruned"] == 4 and not any(t["pruned"] for t in rec["traces"][:2])
+
