@@ -10,10 +10,15 @@ default, generous); pick one tight enough that self-consistency preempts.
 Writes ``bench.json``, ``bench.md`` (accuracy, wall time, output tokens, preemptions, pruned
 traces, ratios to self-consistency) and ``bench.png`` (accuracy vs. wall time).
 
-Resumable: results are saved to ``bench.partial.json`` after every policy; rerunning the same
-command (same config, model and scorer) keeps each KV budget whose policies all finished and
-measures the others again **from the start**, so every ratio still compares runs of one engine
-measured in one session.
+Durable problem by problem: each cell (one policy at one KV budget) streams its problems to
+``cells/kv<blocks>-<policy>.jsonl`` (a header, then one line per problem as soon as its traces
+finish), so a killed bench keeps what it had measured. Resumable: results are saved to
+``bench.partial.json`` after every policy; rerunning the same command (same config, model and
+scorer) keeps each KV budget whose policies all finished and measures the others again **from
+the start**: a cell is timed as one batch on one engine (its wall time and its pruning depend
+on every problem in flight together), so the finished problems of a killed cell are kept on
+disk (renamed ``*.interrupted.jsonl``) but never mixed into a measurement, and every ratio
+still compares runs of one engine measured in one session.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from . import run as run_stage
 log = logging.getLogger(__name__)
 
 BENCH_KIND = "stepprobe-bench"
+CELL_KIND = "stepprobe-bench-cell"
 BENCH_SCHEMA_VERSION = 4  # 2: model and scorer provenance; resumable by KV budget; 3: paired intervals, per-trace seeds;
 # 4: step_positions count generated tokens (as results.jsonl schema 4)
 DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
@@ -167,6 +173,37 @@ def _resume(partial: Path, config: Config, prov: dict[str, Any]) -> dict[int, tu
     return kept
 
 
+def cell_path(out: Path, kv: int, policy: str) -> Path:
+    """Where one cell (a policy at a KV budget) streams its problems."""
+    return out / "cells" / f"kv{kv or 'default'}-{policy}.jsonl"
+
+
+def _measure_cell(runner: Any, problems: list[Any], rc: run_stage.Config, policy: str, kv: int, out: Path,
+                  header: dict[str, Any]) -> tuple[list[dict], dict]:
+    """One timed cell: every problem in one batch, each line written and flushed as soon as its
+    traces finish (a kill loses only the problems in flight)."""
+    import json
+
+    path = cell_path(out, kv, policy)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():  # from a killed bench: kept beside, never mixed into this measurement
+        path.replace(path.with_suffix(".interrupted.jsonl"))
+        log.info("bench: %s is from an interrupted bench; measuring the cell again from the start (kept as %s)",
+                 path.name, path.with_suffix(".interrupted.jsonl").name)
+    records: list[dict | None] = [None] * len(problems)
+    stats: dict[str, Any] = {}
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps({**header, "kind": CELL_KIND, "kv_blocks": kv, "policy": policy}) + "\n")
+        fh.flush()
+        for k, rec in run_stage.solve_stream(runner, problems, rc, policy=policy, stats=stats):
+            records[k] = rec
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+    for rec in records:
+        rec["batch_wall_s"] = stats["wall_s"]  # the whole cell's time
+    return records, stats
+
+
 def run(config: Config) -> Path:
     from tqdm import tqdm
 
@@ -210,7 +247,7 @@ def run(config: Config) -> Path:
                 _warm_up(runner, problems, config)
                 for policy in config.policies:
                     rc = _run_config(config, policy, kv)
-                    records, stats = run_stage.solve(runner, problems, rc, policy=policy)
+                    records, stats = _measure_cell(runner, problems, rc, policy, kv, out, header)
                     s = run_stage.summarize(records, rc)
                     rows.append({"kv_blocks": kv, "policy": policy, "vote": rc.vote, "accuracy": s["accuracy"],
                                  "accuracy_by_vote": s["accuracy_by_vote"], "pass_at_n": s["pass_at_n"],

@@ -85,17 +85,6 @@ def make_runner(config: Config, **overrides: Any) -> Any:
     return StepRunner(config.model, config.settings(), engine=config, seed=config.seed, **overrides)
 
 
-def solve(runner: Any, problems: list[Any], config: Config, *, policy: str | None = None) -> tuple[list[dict], dict]:
-    """Run one policy over ``problems`` (one batch); per-problem records and batch stats."""
-    records: list[dict | None] = [None] * len(problems)
-    stats: dict[str, Any] = {}
-    for k, rec in solve_stream(runner, problems, config, policy=policy, stats=stats):
-        records[k] = rec
-    for rec in records:
-        rec["batch_wall_s"] = stats["wall_s"]  # bench: the whole batch's time
-    return records, stats
-
-
 def solve_stream(runner: Any, problems: list[Any], config: Config, *, policy: str | None = None,
                  stats: dict[str, Any] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(index, record)`` for each problem as soon as its traces finish (the whole

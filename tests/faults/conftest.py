@@ -92,6 +92,9 @@ def bad(tmp_path_factory, tiny_model_path) -> dict[str, Any]:
                                      [("a", "1+0?", ["1", "one"]), ("b", "0+1?", ["1"])])
     files["hub_model"] = write_traces(d / "hub_model.jsonl", tiny_model_path, [("a", "1+0?", STEPS)],
                                       model_name="stepprobe-test/no-such-model")
+    files["good_traces"] = write_traces(d / "good.jsonl", tiny_model_path,
+                                        [("a", "1+0?", STEPS), ("b", "0+1?", STEPS)])
+    files["good_h5"] = synthetic_h5(d / "good.h5")
     files["nan_h5"] = synthetic_h5(d / "nan.h5", nan_site="layer_01")
     # Only problems 0 and 6 have an incorrect trace: find a split seed whose validation part
     # has neither (one class) while training has one.

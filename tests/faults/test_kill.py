@@ -125,6 +125,36 @@ def test_sigkilled_collect_keeps_problems_of_its_unfinished_chunk(tmp_path, tiny
     assert len(ids) == len(set(ids)) == 40 and ids[:len(done)] == done
 
 
+@pytest.mark.vllm
+def test_sigkilled_bench_keeps_the_problems_of_its_cell_and_remeasures_it(tmp_path, tiny_model_path):
+    """``bench`` streams each cell's problems as they finish: a kill inside the only cell keeps
+    the finished problems on disk; the rerun measures the cell again from the start (a cell is
+    timed as one batch), keeps the killed run's lines beside it, and finishes."""
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "stepprobe.cli", "bench", "--model", tiny_model_path, "--problems",
+           "builtin:n=40,seed=5", "--n", "2", "--max-tokens", "24", "--policies", "none", "--kv-blocks", "0",
+           *TINY, "--output", str(out)]
+    cell = out / "cells" / "kvdefault-none.jsonl"
+    seen = _kill_when(cmd, lambda: len(_complete_lines(cell)) >= 1 + 2, tmp_path / "stderr.txt")
+    before = _complete_lines(cell)
+    assert 1 + 2 <= len(before) < 1 + 40, "the cell finished before the kill; the test proves nothing"
+    assert not (out / "bench.json").exists()
+    header = json.loads(before[0])
+    assert (header["kind"], header["kv_blocks"], header["policy"]) == ("stepprobe-bench-cell", 0, "none")
+    assert all(len(json.loads(ln)["traces"]) == 2 for ln in before[1:])
+    _assert_no_survivor(seen)
+
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert (out / "cells" / "kvdefault-none.interrupted.jsonl").read_text(encoding="utf-8").splitlines(
+        keepends=True)[:len(before)] == before  # the killed run's lines, kept as they were
+    after = _complete_lines(cell)
+    bench = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+    ids = [json.loads(ln)["problem_id"] for ln in after[1:]]
+    assert len(ids) == len(set(ids)) == 40
+    assert sorted(r["problem_id"] for r in bench["problems"]["0/none"]) == sorted(ids)
+    assert not (out / "bench.partial.json").exists()
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()

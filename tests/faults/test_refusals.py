@@ -118,3 +118,53 @@ def test_real_entry_point(name, bad):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(lines) == 1, p.stderr[-3000:]
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def _without_dac_override() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the
+    bounding set, so that a root process meets file permissions as their owner does (the
+    tests run as root, for whom a 0o555 folder would otherwise be writable)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+# (stage, argv builder(inputs, locked folder)): every stage that writes, pointed into a real
+# folder of mode 0o555 (not a faked os.access).
+UNWRITABLE = [
+    ("run", lambda b, L: ["--policy", "none", "--problems", "builtin:n=2", "--output", str(L / "r")]),
+    ("bench", lambda b, L: ["--policies", "none", "--problems", "builtin:n=2", "--output", str(L / "b")]),
+    ("collect", lambda b, L: ["--problems", "builtin:n=2", "--output", str(L / "c" / "traces.jsonl")]),
+    ("record", lambda b, L: ["--traces", str(b["good_traces"]), "--output", str(L / "h.h5")]),
+    ("train", lambda b, L: ["--data", str(b["good_h5"]), "--sites", "layer_01", "--out", str(L / "t")]),
+    ("sweep", lambda b, L: ["--data", str(b["good_h5"]), "--sites", "layer_01", "--out", str(L / "s")]),
+    ("tune", lambda b, L: ["--data", str(b["good_h5"]), "--sites", "layer_01", "--n-trials", "1",
+                           "--out", str(L / "u")]),
+    ("pipeline", lambda b, L: ["--problems", "builtin:n=2", "--out", str(L / "p")]),
+]
+
+
+@pytest.mark.parametrize("case", UNWRITABLE, ids=[c[0] for c in UNWRITABLE])
+def test_really_unwritable_output_is_one_line(case, bad, tmp_path):
+    """Issue 14, item 3, without simulation: the command runs without the capability that lets
+    root ignore permissions, against a folder it may not write; one line naming the folder,
+    exit 2, no traceback, and the folder stays empty."""
+    import os
+
+    stage, argv = case
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        p = subprocess.run([sys.executable, "-m", "stepprobe.cli", stage, *argv(bad, locked)], capture_output=True,
+                           text=True, timeout=600, preexec_fn=_without_dac_override if os.geteuid() == 0 else None)
+    finally:
+        locked.chmod(0o755)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"stepprobe {stage}: error: "), p.stderr[-3000:]
+    assert str(locked) in lines[0] and ("not writable" in lines[0] or "ermission denied" in lines[0]), lines[0]
+    assert not any(locked.iterdir()), f"{stage} wrote into the locked folder: {list(locked.iterdir())}"
