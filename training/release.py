@@ -58,9 +58,9 @@ def card(run: Path, *, recipe: str = "configs/released-smollm2-135m.yaml") -> st
              "trace will end with the right answer. Trained by stepprobe on the model's own traces.", "",
              "## Data", ""]
     if summary:
-        lines += [f"- {summary.get('num_problems')} built-in problems (varied phrasings, distractors, multi-step "
+        lines += [f"- {summary.get('problems')} built-in problems (varied phrasings, distractors, multi-step "
                   f"word problems; `{summary.get('config', {}).get('problems', '?')}`), "
-                  f"{summary.get('num_traces')} traces, sampled with temperature "
+                  f"{summary.get('traces')} traces, sampled with temperature "
                   f"{summary.get('config', {}).get('temperature')}, top_p {summary.get('config', {}).get('top_p')}, "
                   f"max {summary.get('config', {}).get('max_tokens')} tokens.",
                   f"- sample accuracy {_f(summary.get('sample_accuracy'))}, majority-of-N "
@@ -112,9 +112,43 @@ def card(run: Path, *, recipe: str = "configs/released-smollm2-135m.yaml") -> st
         verdicts.append(f"ECE {_f(v)} vs goal {ECE_GOAL}: " + ("met" if v is not None and v <= ECE_GOAL else
                                                               f"missed by {_f(v - ECE_GOAL) if v is not None else 'n/a'}"))
         lines += ["Goals (point estimates; see the intervals): " + "; ".join(verdicts) + ".", ""]
+    lines += _replay_section(run)
     lines += ["## Use", "", "`stepprobe run/bench/serve` with the default model and no `--scorer` use this scorer. "
               "It reads boundary-token hidden states only (what live capture provides).", ""]
     return "\n".join(lines)
+
+
+#: The KV budget (in blocks, as the replay's config has them) the card's pruning table shows.
+CARD_KV = 16
+
+
+def _replay_section(run: Path) -> list[str]:
+    """Pruning with this scorer on the out-of-template problems: the replay of one SC pass
+    (``ood-sc`` -> ``ood-replay``), every policy paired with SC, random and oracle beside it."""
+    path = run / "ood-replay" / "replay.json"
+    if not path.is_file():
+        return []
+    from stepprobe.inference.replay import read_replay
+
+    doc = read_replay(path)
+    rows = [r for r in doc["rows"] if r["kv_blocks"] == CARD_KV] or [r for r in doc["rows"] if r["kv_blocks"]]
+    if not rows:
+        return []
+    kv = rows[0]["kv_blocks"]
+    lines = ["## Pruning on the out-of-template problems (replay)", "",
+             f"One self-consistency pass (n={doc['source']['run_config'].get('n')}) with this scorer over "
+             f"{doc['problems']} out-of-template problems, every policy replayed on those same traces at {kv} KV "
+             "blocks (time from the replay's scheduler model; Δ vs SC: paired bootstrap 95% interval over problems; "
+             "random prunes as many traces per problem at the same points, oracle prunes wrong traces first):", "",
+             "| policy | accuracy | Δ vs SC [95% CI] | random | oracle | x SC time | pruned |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r.get("vs_sc")
+        iv = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–"
+        rnd = _f(r["random"]["accuracy"]) if "random" in r else "–"
+        orc = _f(r["oracle"]["accuracy"]) if "oracle" in r else "–"
+        lines.append(f"| {r['policy']} | {_f(r['accuracy'])} | {iv} | {rnd} | {orc} | {_f(r['time_ratio'], 2)} | "
+                     f"{r['pruned']}/{r['traces']} |")
+    return lines + [""]
 
 
 def release(run: Path, dest: Path) -> Path:
@@ -126,9 +160,14 @@ def release(run: Path, dest: Path) -> Path:
     unfinished = [s for s in ("collect", "record", "sweep", "tune", "export") if stages.get(s, {}).get("status") != "done"]
     if unfinished:
         raise StepprobeError(f"{run}: stage(s) {', '.join(unfinished)} have not finished; nothing is released")
-    summary = _load(run / "collect" / "traces.summary.json")
-    if (summary.get("num_problems") or 0) < MIN_PROBLEMS or (summary.get("num_traces") or 0) < MIN_TRACES:
-        raise StepprobeError(f"{run}: {summary.get('num_problems')} problems / {summary.get('num_traces')} traces; a "
+    from stepprobe.data_collection.collect import SUMMARY_KIND, SUMMARY_SCHEMA_VERSION
+    from stepprobe.provenance import check_schema
+
+    summary_path = run / "collect" / "traces.summary.json"
+    summary = _load(summary_path)
+    check_schema(summary, SUMMARY_KIND, SUMMARY_SCHEMA_VERSION, str(summary_path))
+    if (summary.get("problems") or 0) < MIN_PROBLEMS or (summary.get("traces") or 0) < MIN_TRACES:
+        raise StepprobeError(f"{run}: {summary.get('problems')} problems / {summary.get('traces')} traces; a "
                              f"release needs at least {MIN_PROBLEMS} / {MIN_TRACES}")
     if not (run / "eval-ood" / "eval.json").is_file():
         raise StepprobeError(f"{run}: no out-of-template evaluation (eval-ood/eval.json)")
@@ -138,6 +177,8 @@ def release(run: Path, dest: Path) -> Path:
     for name in (CONFIG_FILE, WEIGHTS_FILE, "metrics.json"):
         shutil.copy2(run / "scorer" / name, dest / name)
     shutil.copy2(run / "eval-ood" / "eval.json", dest / "eval-ood.json")
+    if (run / "ood-replay" / "replay.json").is_file():
+        shutil.copy2(run / "ood-replay" / "replay.md", dest / "replay-ood.md")
     (dest / "README.md").write_text(card(run), encoding="utf-8")
     load_scorer(dest)
     return dest

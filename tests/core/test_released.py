@@ -72,8 +72,34 @@ def test_release_refuses_an_unfinished_or_small_run(tmp_path):
     (tmp_path / "collect").mkdir()
     (tmp_path / "pipeline.json").write_text(json.dumps({"stages": {s: {"status": "done"} for s in
                                                                    ("collect", "record", "sweep", "tune", "export")}}))
-    (tmp_path / "collect" / "traces.summary.json").write_text(json.dumps({"num_problems": 96, "num_traces": 768}))
+    from stepprobe.data_collection.collect import SUMMARY_KIND, SUMMARY_SCHEMA_VERSION
+
+    summary = tmp_path / "collect" / "traces.summary.json"
+    summary.write_text(json.dumps({"problems": 96, "traces": 768}))  # no kind: not collect's summary
+    with pytest.raises(StepprobeError, match="traces.summary.json"):
+        release(tmp_path, tmp_path / "dest")
+    # the summary as collect writes it (its counts under "problems" and "traces")
+    summary.write_text(json.dumps({"kind": SUMMARY_KIND, "schema_version": SUMMARY_SCHEMA_VERSION,
+                                   "problems": 96, "traces": 768}))
     with pytest.raises(StepprobeError, match="96 problems / 768 traces; a release needs at least 1000 / 8000"):
         release(tmp_path, tmp_path / "dest")
     assert main(["--run", str(tmp_path), "--dest", str(tmp_path / "dest")]) == 2
     assert not (tmp_path / "dest").exists()
+
+
+def test_card_shows_pruning_on_the_out_of_template_replay(tmp_path):
+    """The card's pruning table is read from the run's ood-replay (schema checked): SC, and each
+    policy with its paired interval, random and oracle baselines."""
+    from stepprobe.inference import replay as rp
+    from stepprobe.training.release import card
+    from tests.inference.test_replay import RUN_CONFIG, synthetic_records, write_run
+
+    assert "Pruning on the out-of-template problems" not in card(tmp_path)
+    sc = write_run(tmp_path, synthetic_records(), config={**RUN_CONFIG, "n": 4})
+    rp.run(rp.Config(results=str(sc), kv_blocks=[0, 16], policies=["none", "memory", "threshold"],
+                     random_draws=10, output=str(tmp_path / "ood-replay")))
+    text = card(tmp_path)
+    assert "## Pruning on the out-of-template problems (replay)" in text
+    assert "n=4) with this scorer over 2 out-of-template problems" in text and "at 16 KV blocks" in text
+    assert "| none | 0.500 | – | – | – | 1.00 | 0/8 |" in text
+    assert "| threshold | 0.500 | +0.000 [" in text
