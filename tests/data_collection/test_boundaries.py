@@ -217,3 +217,39 @@ def test_token_pieces_keep_special_tokens_and_spacing(record_tokenizer):
     det = BoundaryDetector(BoundaryRule(), pieces)
     assert det.boundary_token_ids() == sorted(i for i, p in enumerate(pieces) if "\n" in p)
     assert nl2 in det.boundary_token_ids() and dot not in det.boundary_token_ids()
+
+
+def test_bad_rules_are_refused_with_their_reason():
+    """Each refusal names what is wrong (a hand-written rule in a config or a converted file)."""
+    with pytest.raises(StepprobeError, match=r"^boundary delimiter must be a non-empty string$"):
+        BoundaryRule("")
+    with pytest.raises(StepprobeError, match=re.escape(
+            "unknown boundary mode 'lines'; known: completes-occurrence-nonoverlapping, token-contains")):
+        BoundaryRule(mode="lines")
+    with pytest.raises(StepprobeError, match=r"^boundary end_text must be non-empty \(or absent\)$"):
+        BoundaryRule(mode=MODE_TOKEN_CONTAINS, end_text="")
+    assert BoundaryRule(mode=MODE_TOKEN_CONTAINS, end_text="XXXX").end_text == "XXXX"
+
+
+def test_a_token_holding_an_odd_run_of_newlines_leaves_one_for_the_next():
+    """Occurrences are found left to right without overlap: "\\n\\n\\n" completes one and leaves
+    one "\\n" over, which the next "\\n" completes ("\\n" * 4 splits twice)."""
+    det, ids = _detector(["\n\n\n", "\n", "x", "\n\n\n"])
+    assert det.find(ids) == [0, 1, 3]
+
+
+def test_nothing_before_the_first_generated_token_counts():
+    """``find`` starts from an empty carry: a first token can only complete a delimiter with
+    its own text, whatever the delimiter is made of."""
+    for delim in ("\n\n", "XXXXX", "ab"):
+        det = BoundaryDetector(BoundaryRule(delim), ["X", "b", delim])
+        assert det.find([0]) == [] and det.find([1]) == [] and det.find([2]) == [0]
+
+
+def test_end_text_begun_in_an_earlier_token_hides_the_delimiter_inside_it():
+    """Token-contains with an end_text that starts in the previous token: the completing token's
+    text is all end_text, so even a delimiter inside end_text does not make it a boundary."""
+    rule = BoundaryRule("\n", MODE_TOKEN_CONTAINS, end_text="x\ny")
+    det = BoundaryDetector(rule, ["x", "\ny", "a\n"])
+    assert det.find([0, 1]) == []
+    assert det.find([2, 0, 1, 2]) == [0]  # a step before end_text; nothing after it
