@@ -1,0 +1,397 @@
+"""Rules of ``stepprobe.training.metrics`` that the broader tests leave open (issue 16).
+
+Each test pins behaviour on small data where the rule decides the result: ECE bin edges and
+clamping, the F1 threshold at ties and at the lowest score, running means at exact fractions,
+the empty results' types, default arguments (threshold, seed, number of resamples), the
+percentile bounds of the problem bootstrap, which problems the within-problem dicts keep, and
+that degenerate inputs give ``nan`` quietly (no RuntimeWarning in the logs).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+from stepprobe.errors import StepprobeError
+from stepprobe.training import metrics as M
+
+
+def _quiet():
+    """Context in which any warning is an error."""
+    cm = warnings.catch_warnings()
+    cm.__enter__()
+    warnings.simplefilter("error")
+    return cm
+
+
+# --------------------------------------------------------------------------- names / modes
+
+def test_mode_of_error_lists_every_known_validation_name():
+    with pytest.raises(StepprobeError) as e:
+        M.mode_of("val_nonsense")
+    msg = str(e.value)
+    expected = ", ".join(f"val_{m}" for m in (*M.ALL_METRICS, M.LOSS))
+    assert msg.endswith(expected)
+    assert "val_auroc, val_auprc" in msg and "None" not in msg
+
+
+def test_within_names_with_and_without_intervals():
+    base = {"within_auroc", "within_rank25", "within_rank50", "within_rank75", "within_problems"}
+    assert M.within_names(False) == base
+    bounds = {f"{m}_{b}" for m in ("within_auroc", "within_rank25", "within_rank50", "within_rank75")
+              for b in ("lo", "hi")}
+    assert M.within_names() == base | bounds  # default: with intervals
+    assert M.within_names(True) == base | bounds
+    assert "within_auroc_lo" in M.within_names() and "within_rank75_hi" in M.within_names()
+
+
+# --------------------------------------------------------------------------- auroc
+
+def test_auroc_one_class_is_nan_without_warnings():
+    cm = _quiet()
+    try:
+        assert np.isnan(M.auroc(np.array([0.1, 0.7, 0.4]), np.array([1, 1, 1])))
+        assert np.isnan(M.auroc(np.array([0.1, 0.7, 0.4]), np.array([0, 0, 0])))
+        assert np.isnan(M.auroc(np.array([]), np.array([])))
+    finally:
+        cm.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- ece
+
+def test_ece_edges_clamping_and_count_weighting():
+    # score 1.0 falls in the top bin (index 14), not outside the bins
+    assert M.ece(np.array([1.0]), np.array([0])) == pytest.approx(1.0)
+    assert M.ece(np.array([1.0, 0.99]), np.array([1, 0])) == pytest.approx(abs(0.995 - 0.5))
+    # scores outside [0, 1] are clamped into the edge bins
+    assert M.ece(np.array([-0.2]), np.array([0])) == pytest.approx(0.2)
+    assert M.ece(np.array([-0.2, 0.01]), np.array([0, 0])) == pytest.approx(abs(-0.095))
+    assert M.ece(np.array([1.3, 0.95]), np.array([1, 1])) == pytest.approx(abs(1.125 - 1.0))
+    # bin 0 = [0, 1/15) and bin 1 = [1/15, 2/15) are separate
+    s, y = np.array([0.01, 0.1]), np.array([1, 0])
+    assert M.ece(s, y) == pytest.approx((0.99 + 0.1) / 2)
+    # bin 13 = [13/15, 14/15) and bin 14 = [14/15, 1] are separate
+    s, y = np.array([0.9, 0.95]), np.array([0, 1])
+    assert M.ece(s, y) == pytest.approx((0.9 + 0.05) / 2)
+    # weighting by count: a bin of 3 weighs three times a bin of 1
+    s, y = np.array([0.2, 0.2, 0.2, 0.8]), np.array([1, 1, 1, 1])
+    assert M.ece(s, y) == pytest.approx((3 * 0.8 + 0.2) / 4)
+    # empty input
+    assert np.isnan(M.ece(np.array([]), np.array([])))
+
+
+def test_ece_is_computed_in_float64_whatever_the_input_dtype():
+    rng = np.random.default_rng(3)
+    s32 = rng.random(101).astype(np.float32)
+    y32 = (rng.random(101) < 0.4).astype(np.float32)  # BCE targets are float32 tensors
+    ref = M.ece(s32.astype(np.float64), y32.astype(np.float64))
+    assert M.ece(s32, y32) == ref
+    assert M.ece(s32, y32.astype(np.int64)) == ref
+    assert M.ece(s32.astype(np.float64), y32) == ref
+
+
+# --------------------------------------------------------------------------- best_f1_threshold
+
+def _f1_at(scores, labels, t):
+    return f1_score(labels, (scores >= t).astype(int), zero_division=0.0)
+
+
+def test_best_f1_threshold_single_score_and_lowest_score():
+    assert M.best_f1_threshold(np.array([0.3]), np.array([1])) == pytest.approx(0.3)
+    assert M.best_f1_threshold(np.array([0.3]), np.array([0])) == 0.5  # no positive: the default
+    assert M.best_f1_threshold(np.array([]), np.array([])) == 0.5
+    # every row correct: the best cut predicts all correct, i.e. the lowest score
+    s, y = np.array([0.9, 0.1, 0.5]), np.array([1, 1, 1])
+    assert M.best_f1_threshold(s, y) == pytest.approx(0.1)
+    assert _f1_at(s, y, 0.1) == 1.0
+
+
+def test_best_f1_threshold_cuts_only_between_distinct_scores():
+    # ties not at the top: cutting inside the 0.6 group would count one positive, which a
+    # threshold cannot do; the true optimum is at 0.6 (both tied rows predicted correct)
+    s = np.array([0.9, 0.6, 0.6, 0.6, 0.2])
+    y = np.array([0, 1, 0, 1, 0])
+    t = M.best_f1_threshold(s, y)
+    cands = np.unique(s)
+    best = max(_f1_at(s, y, c) for c in cands)
+    assert _f1_at(s, y, t) == pytest.approx(best)
+    assert t == pytest.approx(0.6)
+    # here the running tp/fp inside a tie would look best at a cut inside the tie
+    s = np.array([0.8, 0.8, 0.7, 0.3, 0.3, 0.3])
+    y = np.array([1, 0, 1, 1, 0, 0])
+    t = M.best_f1_threshold(s, y)
+    best = max(_f1_at(s, y, c) for c in np.unique(s))
+    assert _f1_at(s, y, t) == pytest.approx(best)
+    assert t in set(s.tolist())
+
+
+def test_best_f1_threshold_against_brute_force_on_random_ties():
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        n = int(rng.integers(2, 15))
+        s = rng.integers(0, 5, n) / 4.0
+        y = rng.integers(0, 2, n)
+        if not y.any():
+            continue
+        t = M.best_f1_threshold(s, y)
+        best = max(_f1_at(s, y, c) for c in np.unique(s))
+        assert _f1_at(s, y, t) == pytest.approx(best)
+
+
+# --------------------------------------------------------------------------- running_mean_at
+
+def test_running_mean_at_exact_fractions_and_one_step_trace():
+    # trace 7: 4 steps (rel 0, .25, .5, .75); trace 9: one step (rel 0)
+    trace = np.array([7, 7, 7, 7, 9])
+    rel = np.array([0.0, 0.25, 0.5, 0.75, 0.0])
+    s = np.array([0.1, 0.3, 0.5, 0.9, 0.4])
+    for frac, exp7 in ((0.25, 0.2), (0.5, 0.3), (0.75, 0.45), (1.0, 0.45), (0.0, 0.1)):
+        ids, means = M.running_mean_at(s, trace, rel, frac)
+        assert ids.tolist() == [7, 9]
+        assert means == pytest.approx([exp7, 0.4])
+    # the 1e-9 tolerance is inclusive: a step at exactly fraction + 1e-9 counts
+    ids, means = M.running_mean_at(np.array([0.2, 0.6]), np.array([1, 1]), np.array([0.0, 0.5 + 1e-9]), 0.5)
+    assert means == pytest.approx([0.4])
+    # a trace whose steps all start later is left out
+    ids, means = M.running_mean_at(s, trace, np.array([0.0, 0.25, 0.5, 0.75, 0.6]), 0.5)
+    assert ids.tolist() == [7] and means == pytest.approx([0.3])
+
+
+def test_running_mean_at_no_step_keeps_the_trace_dtype():
+    for trace in (np.array([3, 3, 4]), np.array(["a", "a", "b"])):
+        ids, means = M.running_mean_at(np.array([0.1, 0.2, 0.3]), trace, np.array([0.5, 0.6, 0.9]), 0.25)
+        assert ids.shape == (0,) and means.shape == (0,)
+        assert ids.dtype == trace.dtype
+        assert means.dtype == np.float64
+
+
+def test_early_auroc_tolerance_is_inclusive():
+    rel = np.array([0.0, 0.0, 0.5 + 1e-9, 0.5 + 1e-9])
+    s = np.array([0.5, 0.5, 0.9, 0.1])
+    y = np.array([1, 0, 1, 0])
+    m = M.compute_metrics(s, y, rel_position=rel)
+    assert m["early50_auroc"] == pytest.approx(roc_auc_score(y, s))
+    assert m["early25_auroc"] == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- groups / within
+
+def test_groups_of_one_row_and_none():
+    assert [g.tolist() for g in M._groups(np.array([7]))] == [[0]]
+    assert M._groups(np.array([])) == []
+    assert [g.tolist() for g in M._groups(np.array([2, 1, 2, 1, 3]))] == [[1, 3], [0, 2], [4]]
+
+
+def test_within_problem_rank_keeps_only_problems_with_both_outcomes():
+    # problem "p": traces 1 (correct) and 2 (wrong); problem "q": traces 3, 4 both correct
+    trace = np.array([1, 1, 2, 2, 3, 4])
+    problem = np.array(["p", "p", "p", "p", "q", "q"])
+    labels = np.array([1, 1, 0, 0, 1, 1])
+    rel = np.array([0.0, 0.5, 0.0, 0.5, 0.0, 0.0])
+    s = np.array([0.6, 0.8, 0.7, 0.2, 0.1, 0.9])
+    r = M.within_problem_rank(s, labels, trace, problem, rel, 0.25)
+    assert r == {"p": 0.0}  # 0.6 < 0.7 at 25 %
+    r = M.within_problem_rank(s, labels, trace, problem, rel, 0.5)
+    assert r == {"p": 1.0}  # 0.7 > 0.45 at 50 %
+    a = M.within_problem_auroc(s, labels, problem)
+    assert list(a) == ["p"] and a["p"] == pytest.approx(roc_auc_score([1, 1, 0, 0], s[:4]))
+    # one trace only: nothing to rank
+    assert M.within_problem_rank(s[:2], labels[:2], trace[:2], problem[:2], rel[:2], 0.5) == {}
+
+
+def test_within_problem_rank_counts_pairs_with_ties_half():
+    # one problem, 2 correct traces and 2 wrong (one step each): 4 pairs
+    trace = np.array([1, 2, 3, 4])
+    problem = np.array([5, 5, 5, 5])
+    labels = np.array([1, 1, 0, 0])
+    rel = np.zeros(4)
+    s = np.array([0.8, 0.4, 0.4, 0.1])  # pairs: (0.8>0.4), (0.8>0.1), (0.4=0.4 -> 1/2), (0.4>0.1)
+    assert M.within_problem_rank(s, labels, trace, problem, rel, 0.5) == {"5": pytest.approx(3.5 / 4)}
+
+
+def test_mean_of_no_finite_value_is_nan_quietly():
+    cm = _quiet()
+    try:
+        assert np.isnan(M._mean({}))
+        assert np.isnan(M._mean({"a": float("nan")}))
+        m = M.within_problem_metrics(np.array([0.2, 0.4]), np.array([1, 1]), trace=np.array([1, 2]),
+                                     problem=np.array([0, 0]), rel_position=np.zeros(2))
+        assert all(np.isnan(m[k]) for k in M.WITHIN_METRICS) and m[M.WITHIN_PROBLEMS] == 0.0
+    finally:
+        cm.__exit__(None, None, None)
+    assert M._mean({"a": 0.2, "b": float("nan"), "c": 0.6}) == pytest.approx(0.4)
+
+
+# --------------------------------------------------------------------------- within_problem_ci
+
+PER = {f"p{i}": float(x) for i, x in enumerate(np.random.default_rng(8).random(13))} | {"nan": float("nan")}
+
+
+def _ref_ci(values, n, level, seed):
+    v = np.array([x for x in values if np.isfinite(x)])
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
+    a = (1 - level) / 2
+    return np.quantile(means, a), np.quantile(means, 1 - a)
+
+
+def test_within_problem_ci_percentile_bounds_and_defaults():
+    for level in (0.95, 0.5, 0.8):
+        lo, hi = M.within_problem_ci(PER, n=200, level=level, seed=4)
+        ref = _ref_ci(PER.values(), 200, level, 4)
+        assert (lo, hi) == pytest.approx(ref, abs=1e-15)
+    # defaults: n=1000, level=0.95, seed=0
+    assert M.within_problem_ci(PER) == pytest.approx(_ref_ci(PER.values(), 1000, 0.95, 0), abs=1e-15)
+    assert M.within_problem_ci(PER) == M.within_problem_ci(PER, n=1000, level=0.95, seed=0)
+    assert M.within_problem_ci(PER) != M.within_problem_ci(PER, n=1001, seed=0)
+    assert M.within_problem_ci(PER) != M.within_problem_ci(PER, seed=1)
+    # seeded: the same call gives the same interval
+    assert M.within_problem_ci(PER, n=50, seed=9) == M.within_problem_ci(PER, n=50, seed=9)
+
+
+def test_within_problem_ci_one_resample_and_one_problem():
+    lo, hi = M.within_problem_ci(PER, n=1, seed=2)
+    assert np.isfinite(lo) and np.isfinite(hi) and lo == hi
+    assert (lo, hi) == pytest.approx(_ref_ci(PER.values(), 1, 0.95, 2))
+    assert M.within_problem_ci({"only": 0.75}, n=20) == (0.75, 0.75)
+    assert all(np.isnan(M.within_problem_ci(PER, n=0)))
+    assert all(np.isnan(M.within_problem_ci({"x": float("nan")}, n=5)))
+
+
+# --------------------------------------------------------------------------- within_problem_metrics
+
+def _within_data():
+    rng = np.random.default_rng(11)
+    rows = []
+    for p in range(12):
+        for t in range(4):
+            y = int(t % 2 == 0) if p % 3 else 1  # every third problem has one outcome only
+            n = int(rng.integers(1, 6))
+            for i in range(n):
+                rows.append((rng.random() * 0.5 + 0.3 * y, y, p * 10 + t, p, i / n))
+    s, y, tr, pr, rel = map(np.array, zip(*rows))
+    return s, y.astype(int), tr, pr, rel
+
+
+def test_within_problem_metrics_keys_and_bootstrap_arguments():
+    s, y, tr, pr, rel = _within_data()
+    kw = dict(trace=tr, problem=pr, rel_position=rel)
+    plain = M.within_problem_metrics(s, y, **kw)  # default: no intervals
+    assert set(plain) == M.within_names(False)
+    assert set(M.within_problem_metrics(s, y, bootstrap=0, **kw)) == M.within_names(False)
+    one = M.within_problem_metrics(s, y, bootstrap=1, **kw)
+    assert set(one) == M.within_names(True)
+    assert plain[M.WITHIN_PROBLEMS] == 8.0
+    per_auroc = M.within_problem_auroc(s, y, pr)
+    assert plain[M.WITHIN_AUROC] == pytest.approx(np.mean(list(per_auroc.values())))
+    for seed in (0, 3):
+        b = M.within_problem_metrics(s, y, bootstrap=40, seed=seed, **kw)
+        ci = M.within_problem_ci(per_auroc, n=40, seed=seed)
+        assert (b["within_auroc_lo"], b["within_auroc_hi"]) == ci
+        for frac, name in M.WITHIN_RANK.items():
+            d = M.within_problem_rank(s, y, tr, pr, rel, frac)
+            assert (b[f"{name}_lo"], b[f"{name}_hi"]) == M.within_problem_ci(d, n=40, seed=seed)
+    # default seed is 0 and the result is reproducible
+    assert M.within_problem_metrics(s, y, bootstrap=40, **kw) == M.within_problem_metrics(s, y, bootstrap=40,
+                                                                                          seed=0, **kw)
+    assert M.within_problem_metrics(s, y, bootstrap=40, **kw) != M.within_problem_metrics(s, y, bootstrap=40,
+                                                                                          seed=1, **kw)
+
+
+# --------------------------------------------------------------------------- bootstrap_auroc_ci
+
+def _boot_data():
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(15), 6)
+    labels = rng.integers(0, 2, groups.size)
+    scores = rng.normal(size=groups.size) + labels * 0.7 + rng.normal(size=15)[groups]
+    return scores, labels, groups
+
+
+def test_bootstrap_auroc_ci_defaults_and_one_resample():
+    s, y, g = _boot_data()
+    d = M.bootstrap_auroc_ci(s, y, g)
+    assert d == M.bootstrap_auroc_ci(s, y, g, n=1000, level=0.95, seed=0)
+    assert d != M.bootstrap_auroc_ci(s, y, g, n=1001, seed=0)
+    assert d != M.bootstrap_auroc_ci(s, y, g, seed=1)
+    lo, hi = M.bootstrap_auroc_ci(s, y, g, n=1, seed=5)
+    assert np.isfinite(lo) and lo == hi
+    # one resample = the AUROC of the rows of the drawn problems, with multiplicity
+    rng = np.random.default_rng(5)
+    uniq, inv = np.unique(g, return_inverse=True)
+    counts = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))[inv]
+    assert lo == pytest.approx(roc_auc_score(y, s, sample_weight=counts), abs=1e-12)
+    assert all(np.isnan(M.bootstrap_auroc_ci(s, y, g, n=0)))
+    # one class everywhere: every resample degenerate
+    assert all(np.isnan(M.bootstrap_auroc_ci(s, np.ones_like(y), g, n=20)))
+
+
+# --------------------------------------------------------------------------- compute_metrics
+
+def test_compute_metrics_default_threshold_and_auprc_edges():
+    s = np.array([0.9, 0.6, 0.45, 0.3, 0.55])
+    y = np.array([1, 0, 1, 0, 0])
+    m = M.compute_metrics(s, y)
+    pred = (s >= 0.5).astype(int)
+    assert m[M.ACCURACY] == pytest.approx(np.mean(pred == y))
+    assert m[M.F1] == pytest.approx(f1_score(y, pred))
+    assert m == M.compute_metrics(s, y, threshold=0.5)
+    assert set(m) == {M.AUROC, M.AUPRC, M.ACCURACY, M.F1, M.ECE}  # default: no bootstrap keys
+    # exactly one correct row: AUPRC is defined
+    assert m[M.AUPRC] == pytest.approx(average_precision_score(y, s))
+    y1 = np.array([0, 0, 1, 0, 0])
+    assert M.compute_metrics(s, y1)[M.AUPRC] == pytest.approx(average_precision_score(y1, s))
+    # every row correct: AUPRC (like AUROC) is nan
+    m_all = M.compute_metrics(s, np.ones(5, dtype=int))
+    assert np.isnan(m_all[M.AUPRC]) and np.isnan(m_all[M.AUROC])
+    assert m_all[M.F1] == pytest.approx(f1_score(np.ones(5), pred))
+
+
+def test_compute_metrics_defaults_with_problems_have_no_intervals():
+    s, y, tr, pr, rel = _within_data()
+    m = M.compute_metrics(s, y, trace=tr, rel_position=rel, problem=pr)
+    assert set(m) == set(M.METRICS) | M.within_names(False)
+    mb = M.compute_metrics(s, y, trace=tr, rel_position=rel, problem=pr, bootstrap=30, prefix="val")
+    assert set(mb) == {f"val_{k}" for k in set(M.METRICS) | M.within_names(True)}
+    assert mb["val_within_auroc_lo"] <= mb["val_within_auroc"] <= mb["val_within_auroc_hi"]
+
+
+def test_compute_metrics_empty_split_is_nan_quietly():
+    cm = _quiet()
+    try:
+        m = M.compute_metrics(np.array([]), np.array([], dtype=int))
+    finally:
+        cm.__exit__(None, None, None)
+    assert np.isnan(m[M.ACCURACY]) and np.isnan(m[M.AUROC]) and np.isnan(m[M.AUPRC]) and np.isnan(m[M.ECE])
+    assert m[M.F1] == 0.0
+
+
+# --------------------------------------------------------------------------- weighted_auroc
+
+def test_weighted_auroc_smallest_and_degenerate_weightings_quietly():
+    scores = np.array([0.9, 0.3, 0.5, 0.3])
+    labels = np.array([0, 1, 0, 0])
+    w = np.array([[1, 1, 0, 0],   # one correct vs one wrong (den = 1): defined, 0
+                  [0, 1, 0, 1],   # a tie: 1/2
+                  [1, 0, 1, 0],   # no correct row: nan
+                  [0, 1, 0, 0],   # no wrong row: nan
+                  [2, 3, 1, 0]])
+    cm = _quiet()
+    try:
+        got = M.weighted_auroc(scores, labels, w)
+    finally:
+        cm.__exit__(None, None, None)
+    assert got[0] == 0.0 and got[1] == 0.5
+    assert np.isnan(got[2]) and np.isnan(got[3])
+    assert got[4] == pytest.approx(roc_auc_score(labels, scores, sample_weight=w[4]))
+
+
+def test_best_f1_threshold_accepts_hard_and_unsigned_scores():
+    # a baseline's hard predictions (bool) and 8-bit scores must be ordered as numbers
+    assert M.best_f1_threshold(np.array([True, False, True]), np.array([1, 0, 0])) == 1.0
+    s = np.array([0, 200, 100, 255], dtype=np.uint8)
+    y = np.array([0, 1, 0, 1])
+    assert M.best_f1_threshold(s, y) == 200.0
