@@ -68,6 +68,10 @@ class _Trace:
 class PruningMixin:
     """Score bookkeeping and pruning on top of a vLLM scheduler class."""
 
+    #: Memory traces the current ``schedule()`` may prune instead of preempting; empty outside
+    #: ``schedule()``, so only preemptions for lack of KV space there become prunes.
+    _sp_mem_allowed: frozenset[str] = frozenset()
+
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)  # type: ignore[call-arg]
         self._sp = PluginSettings.from_vllm_config(vllm_config)
@@ -88,7 +92,7 @@ class PruningMixin:
         self._sp_touched_groups: set[str] = set()
         self._sp_live_memory = 0  # live traces under the memory policy
         self._sp_decided_groups: set[str] = set()
-        self._sp_flagged: dict[str, str] = {}
+        self._sp_flagged: list[str] = []  # flagged for pruning at the next schedule()
         self._sp_outputs: list[tuple[int, Any]] = []
         self.stepprobe_counts = {"pruned": 0, "preempted": 0, "steps": 0}
 
@@ -127,20 +131,11 @@ class PruningMixin:
         """The live traces of ``groups`` as the pure group rules see them (``prunable`` = memory policy)."""
         out = []
         for g in groups:
-            for r in self._sp_groups.get(g, ()):
+            for r in self._sp_groups[g]:
                 t = self._sp_traces.get(r)
                 if t is not None and not t.done:
                     out.append(Live(r, g, t.score.value, t.policy == "memory", self._sp_min_keep(t)))
         return out
-
-    def _sp_prunable(self, rid: str) -> bool:
-        """Safety check at the moment of a memory prune: scored, and its group keeps its minimum."""
-        t = self._sp_traces.get(rid)
-        if t is None or t.done or t.score.value is None:
-            return False
-        members = [self._sp_traces[r] for r in self._sp_groups.get(t.group, ()) if self._sp_live(r)]
-        keep = max((self._sp_min_keep(m) for m in members), default=0)
-        return len(members) - 1 >= keep
 
     def _sp_mark_done(self, rid: str, pruned: bool = False) -> None:
         t = self._sp_traces.get(rid)
@@ -173,21 +168,19 @@ class PruningMixin:
         self._sp_outputs.append((request.client_index, EngineCoreOutput(
             request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
             stop_reason=PRUNED, events=request.take_events(), trace_headers=request.trace_headers)))
-        t = self._sp_traces.get(request.request_id)
         self.stepprobe_counts["pruned"] += 1
-        log.debug("stepprobe: pruned %s (score %s)", request.request_id, t.score.value if t else None)
+        log.debug("stepprobe: pruned %s (score %s)", request.request_id, self._sp_traces[request.request_id].score.value)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         if self._sp_flagged:
-            flagged, self._sp_flagged = self._sp_flagged, {}
-            flagged = [r for r in flagged if self._sp_live(r)]
+            flagged, self._sp_flagged = self._sp_flagged, []
+            flagged = [r for r in dict.fromkeys(flagged) if self._sp_live(r)]
             groups = {self._sp_traces[r].group for r in flagged}
             for rid in cap_to_min_live(flagged, self._sp_group_view(groups)):
                 req = self.requests.get(rid)  # type: ignore[attr-defined]
                 if req is not None and not req.is_finished():
                     self._sp_finish(req, from_running=False)
         running = self.running  # type: ignore[attr-defined]
-        self._sp_mem_allowed: set[str] = set()
         # No live memory-policy trace (counted on add/finish), or KV room for whatever this step can
         # allocate: no preemption can happen, so nothing to order and no O(running) scan.
         mem_groups = set() if not (self._sp_live_memory and self._sp_may_preempt()) else {
@@ -196,15 +189,16 @@ class PruningMixin:
         if mem_groups:
             keys = memory_victim_keys(self._sp_group_view(mem_groups), self._sp.memory_victim)
             zero = (0, 0.0, 0.0)
-            self._sp_mem_allowed = {r for r, k in keys.items() if k[0] == 1}
+            # Scored memory traces whose group keeps its minimum even if all of them go
+            # (allowed_losers), so each may be pruned when vLLM picks it as the victim.
+            self._sp_mem_allowed = frozenset(r for r, k in keys.items() if k[0] == 1)
             running.sort(key=lambda r: keys.get(r.request_id, zero))  # stable: the rest keep vLLM's order
         # Only preemptions for lack of KV space inside schedule() become prunes (not, e.g.,
         # the preempt-everything of reset_prefix_cache).
-        self._sp_in_schedule = True
         try:
             return super().schedule(*args, **kwargs)  # type: ignore[misc]
         finally:
-            self._sp_in_schedule = False
+            self._sp_mem_allowed = frozenset()
 
     def _sp_may_preempt(self) -> bool:
         """False only when this ``schedule()`` provably cannot run out of KV blocks for a running request.
@@ -221,15 +215,13 @@ class PruningMixin:
             running = len(self.running)  # type: ignore[attr-defined]
             ahead = 1 + int(self.num_spec_tokens or 0) + int(self.num_lookahead_tokens or 0)  # type: ignore[attr-defined]
             tokens = int(self.max_num_scheduled_tokens) + running * ahead  # type: ignore[attr-defined]
-            bound = len(groups) * (2 * running + -(-tokens // block)) + int(getattr(mgr, "watermark_blocks", 0))
+            bound = len(groups) * (2 * running + -(-tokens // block)) + int(mgr.watermark_blocks)
             return mgr.block_pool.get_num_free_blocks() < bound
         except (AttributeError, TypeError, ValueError):
             return True
 
     def _preempt_request(self, request: Any, timestamp: float, drop_stale_output: bool = False) -> None:
-        t = self._sp_traces.get(request.request_id)
-        if (getattr(self, "_sp_in_schedule", False) and t is not None and t.policy == "memory"
-                and request.request_id in getattr(self, "_sp_mem_allowed", ()) and self._sp_prunable(request.request_id)):
+        if request.request_id in self._sp_mem_allowed:
             self._sp_finish(request, from_running=True)
             return
         self.stepprobe_counts["preempted"] += 1
@@ -249,10 +241,10 @@ class PruningMixin:
                     self.stepprobe_counts["steps"] += 1
                 if t.policy == "threshold" and below_threshold(t.score.value, t.score.n, self._sp_threshold,
                                                                self._sp.warmup_steps):
-                    self._sp_flagged[rid] = "threshold"
+                    self._sp_flagged.append(rid)
                 elif t.policy in ("top_fraction", "relative"):
                     touched_groups.add(t.group)
-        logprobs = getattr(model_runner_output, "logprobs", None)
+        logprobs = model_runner_output.logprobs
         if logprobs is not None:
             self._sp_confidence(model_runner_output, logprobs)
         outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
@@ -291,10 +283,10 @@ class PruningMixin:
                 if top:
                     t.conf.append(-sum(top) / len(top))
             if len(t.conf) == t.conf_window and sum(t.conf) / len(t.conf) < float(t.conf_threshold):
-                self._sp_flagged[rid] = "confidence"
+                self._sp_flagged.append(rid)
 
     def _sp_decide_group(self, group: str) -> None:
-        members = self._sp_groups.get(group, set())
+        members = self._sp_groups[group]
         live = {r: self._sp_traces[r] for r in members if self._sp_live(r)}
         if not live:
             return
@@ -302,7 +294,7 @@ class PruningMixin:
             if t.policy == "relative" and r not in self._sp_flagged and below_group_best(
                     t.score.value, t.score.n, (o.score.value for q, o in live.items() if q != r),
                     t.relative_margin, self._sp.warmup_steps):
-                self._sp_flagged[r] = "relative"
+                self._sp_flagged.append(r)
         if group in self._sp_decided_groups or any(t.policy != "top_fraction" for t in live.values()):
             return
         losers = top_fraction_losers({r: (t.score.value, t.score.n) for r, t in live.items()},
@@ -311,16 +303,17 @@ class PruningMixin:
             return
         self._sp_decided_groups.add(group)
         for r in losers:
-            self._sp_flagged[r] = "top_fraction"
+            self._sp_flagged.append(r)
 
     def _sp_gc(self, groups: set[str]) -> None:
         """Forget those of ``groups`` whose traces have all finished (a server runs forever)."""
         for g in groups:
-            if self._sp_live_count.get(g, 0) <= 0 and g in self._sp_groups:
+            if self._sp_live_count[g] <= 0 and g in self._sp_groups:
                 for r in self._sp_groups.pop(g):
-                    self._sp_traces.pop(r, None)
+                    if getattr(self._sp_traces.get(r), "group", None) == g:  # not an id re-added elsewhere
+                        del self._sp_traces[r]
                 self._sp_decided_groups.discard(g)
-                self._sp_live_count.pop(g, None)
+                del self._sp_live_count[g]
 
 
 def _make(base: type) -> type:

@@ -71,8 +71,8 @@ def test_engine_id_mapping():
 def test_settings_validation_and_flags(tmp_path):
     with pytest.raises(StepprobeError, match="unknown pruning policy"):
         PluginSettings(policy="sometimes")
-    with pytest.raises(StepprobeError, match="needs a scorer"):
-        PluginSettings(policy="memory")
+    with pytest.raises(StepprobeError, match="needs a scorer"):  # "none": not even the released one
+        PluginSettings(policy="memory", scorer="none")
     with pytest.raises(StepprobeError, match="unknown stepprobe setting"):
         PluginSettings.from_mapping({"scorer": "x", "polcy": "none"})
     s = PluginSettings(scorer=str(tmp_path), policy="memory")
@@ -124,7 +124,7 @@ def test_bench_table_plot_and_config(tmp_path):
     with pytest.raises(StepprobeError, match="baseline"):
         bench.Config(policies=["memory"], scorer="x")
     with pytest.raises(StepprobeError, match="needs --scorer"):
-        bench.Config(policies=["none", "memory"])
+        bench.Config(policies=["none", "memory"], scorer="none")
 
 
 def test_bench_resume_keeps_only_fully_measured_kv_budgets(tmp_path, tiny_model_path, planted_scorer):
