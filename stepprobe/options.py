@@ -165,8 +165,15 @@ class PruningOptions(OptionGroup):
     def check(self) -> None:
         from .released import resolve_scorer
 
-        # the default model without --scorer: its released scorer (stepprobe/released/), where shipped
-        self.scorer = resolve_scorer(getattr(self, "model", None), self.scorer)
+        # A stage that knows its model (run, bench, serve): the default model without --scorer gets
+        # its released scorer (stepprobe/released/), where shipped. The resolved value is never
+        # None ("" = no scorer), so a config rebuilt from it (replace) keeps the decision. The
+        # plugin's settings (no model field) take the scorer as given: run, bench and serve
+        # resolve it before they start an engine, and a raw vLLM engine gets none unless named.
+        if "model" in {f.name for f in dataclasses.fields(self)}:
+            self.scorer = resolve_scorer(self.model, self.scorer)
+        elif self.scorer is not None:
+            self.scorer = resolve_scorer(None, self.scorer)  # "none" -> ""; a path stays
         if self.aggregate not in AGGREGATES:
             raise StepprobeError(f"unknown score aggregate {self.aggregate!r}; known: {', '.join(AGGREGATES)}")
         if not 0 < self.keep_fraction <= 1:

@@ -38,14 +38,14 @@ def released_scorer(model: str | None) -> Path | None:
     return path if (path / "scorer.json").is_file() else None
 
 
-def resolve_scorer(model: str | None, scorer: str | None) -> str | None:
-    """What a stage should score with: the explicit one, nothing (``none``), or the released one."""
-    if scorer and scorer.strip().lower() == NO_SCORER:
-        return None
-    if scorer:
-        return scorer
+def resolve_scorer(model: str | None, scorer: str | None) -> str:
+    """What a stage should score with: the explicit one, nothing (``none`` or ``""``), or, when
+    ``scorer`` is unset (``None``), the model's released one. Returns ``""`` for "no scorer", never
+    ``None``, so resolving a resolved value again changes nothing (``--scorer none`` stays none)."""
+    if scorer is not None:
+        return "" if scorer.strip().lower() in (NO_SCORER, "") else scorer
     found = released_scorer(model)
     if found is not None:
         log.info("no --scorer given: using the released scorer for %s (%s)", model or DEFAULT_MODEL, found)
         return str(found)
-    return None
+    return ""

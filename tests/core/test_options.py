@@ -106,7 +106,7 @@ def test_a_run_with_another_system_prompt_warns_in_one_line(tmp_path, caplog):
     assert len(warnings) == 1 and "\n" not in warnings[0]  # ... with one line naming both values
     assert "'Think hard.'" in warnings[0] and "system_prompt=''" in warnings[0]
     # without a scorer record, the built-in defaults
-    plain = O.with_scorer_generation(run.Config())
+    plain = O.with_scorer_generation(run.Config(scorer="none"))
     assert plain.prompt_kwargs() == O.BUILTIN_PROMPT
     assert {k: getattr(plain, k) for k in O.TRAINED_SAMPLING_FIELDS} == O.BUILTIN_SAMPLING
 

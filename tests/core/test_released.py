@@ -23,18 +23,38 @@ def test_default_model_falls_back_to_the_released_scorer(tmp_path, monkeypatch):
     from stepprobe.inference import bench, run, serve
 
     monkeypatch.setenv("STEPPROBE_RELEASED_DIR", str(tmp_path / "none-here"))
-    assert released_scorer(None) is None and resolve_scorer(None, None) is None
-    assert run.Config(policy="none").scorer is None
+    assert released_scorer(None) is None and resolve_scorer(None, None) == ""
+    assert not run.Config(policy="none").scorer
     ident = {"name": DEFAULT_MODEL, "hidden_size": 576, "num_hidden_layers": 30}
     d = _plant(tmp_path / "rel", ident)
     monkeypatch.setenv("STEPPROBE_RELEASED_DIR", str(tmp_path / "rel"))
     assert released_root() == tmp_path / "rel"
     for cls in (run.Config, serve.Config):
         assert cls().scorer == str(d)  # default model, no --scorer
-        assert cls(scorer="none").scorer is None  # explicitly no scoring
+        assert cls(scorer="none").scorer == ""  # explicitly no scoring
         assert cls(scorer="/x/mine").scorer == "/x/mine"  # an explicit scorer wins
-        assert cls(model="/some/other/model").scorer is None  # only the default model has one
+        assert cls(model="/some/other/model").scorer == ""  # only the default model has one
     assert bench.Config().scorer == str(d)
+
+
+def test_no_scorer_stays_no_scorer_through_the_stages(tmp_path, monkeypatch):
+    """``--scorer none`` and another model keep "no scorer" when a stage rebuilds its config
+    (the scorer's sampling is filled in with ``replace``) and in the plugin settings the engine
+    gets; the plugin itself never picks a released scorer (it does not know the model)."""
+    from stepprobe.inference import bench, run
+    from stepprobe.inference.plugin import PluginSettings
+    from stepprobe.options import with_scorer_generation
+
+    ident = {"name": DEFAULT_MODEL, "hidden_size": 576, "num_hidden_layers": 30}
+    d = _plant(tmp_path / "rel", ident)
+    monkeypatch.setenv("STEPPROBE_RELEASED_DIR", str(tmp_path / "rel"))
+    for cfg in (run.Config(scorer="none", policy="none"), run.Config(model="/some/other/model", policy="none")):
+        again = with_scorer_generation(cfg)
+        assert again.scorer == "" and again.settings().scorer == ""
+        assert again.replace(n=2).scorer == ""
+    assert with_scorer_generation(run.Config(policy="none")).settings().scorer == str(d)
+    assert not bench._run_config(bench.Config(scorer="none", policies=["none"]), "none", 0).scorer
+    assert PluginSettings(policy="none").scorer is None  # a raw vLLM engine: no scorer unless named
 
 
 def test_shipped_released_scorer_loads_matches_the_default_model_and_scores(default_model_path, tmp_path):
