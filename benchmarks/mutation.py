@@ -63,7 +63,8 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                 ("tests/training/test_data_metrics.py", "tests/training/test_metrics_rules.py",
                  "tests/training/test_within_metrics.py", "tests/training/test_metrics_mutants.py")),
     "boundaries": (("stepprobe.boundaries",), ("tests/data_collection/test_boundaries.py",)),
-    "grading": (("stepprobe.data_collection.grading",), ("tests/data_collection/test_grading.py",)),
+    "grading": (("stepprobe.data_collection.grading",),
+                ("tests/data_collection/test_grading.py", "tests/data_collection/test_grading_mutants.py")),
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
