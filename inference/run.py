@@ -198,6 +198,15 @@ def check_provenance(theirs: dict[str, Any], mine: dict[str, Any], what: str,
         raise ArtifactMismatch(f"{what} was written with another scorer ({desc(a)}; this run: {desc(b)}); {remedy}")
 
 
+def _scorer_name(scorer: str | None) -> str:
+    from stepprobe.released import released_root
+
+    if not scorer:
+        return "none"
+    p = Path(scorer).resolve()
+    return f"{p} (released with stepprobe)" if p.is_relative_to(released_root().resolve()) else str(p)
+
+
 def _header(config: Config, prov: dict[str, Any]) -> dict[str, Any]:
     return {"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION, "config": config.to_dict(), **prov}
 
@@ -284,7 +293,8 @@ def run(config: Config, runner: Any = None) -> Path:
     done = _resume(out, config, prov)
     todo = [p for p in problems if p.problem_id not in done]
     path = out / "results.jsonl"
-    log.info("run: %d problems (%d already done), n=%d, policy=%s", len(problems), len(done), config.n, config.policy)
+    log.info("run: %d problems (%d already done), n=%d, policy=%s, scorer %s", len(problems), len(done), config.n,
+             config.policy, _scorer_name(config.scorer))
     wall, engine_preemptions = 0.0, 0
     own = runner is None
     if todo:

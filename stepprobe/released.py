@@ -46,6 +46,7 @@ def resolve_scorer(model: str | None, scorer: str | None) -> str:
         return "" if scorer.strip().lower() in (NO_SCORER, "") else scorer
     found = released_scorer(model)
     if found is not None:
-        log.info("no --scorer given: using the released scorer for %s (%s)", model or DEFAULT_MODEL, found)
+        # debug: configs are built (and rebuilt) before a refusal; the stage names its scorer when it starts
+        log.debug("no --scorer given: using the released scorer for %s (%s)", model or DEFAULT_MODEL, found)
         return str(found)
     return ""
