@@ -71,8 +71,9 @@ def card(run: Path, *, recipe: str = "configs/released-smollm2-135m.yaml") -> st
         lines.append(f"- step rows: train {steps.get('train')}, validation {steps.get('val')}, test {steps.get('test')} "
                      "(split by problem)")
     lines += ["", "## Recipe", "", f"`scripts/release_scorer.sh` = the pipeline of `{recipe}`, then the "
-              "out-of-template set (`builtin-ood:n=160,seed=0`, never trained on), `stepprobe evaluate`, and this "
-              "card.", ""]
+              "out-of-template set (`builtin-ood:n=160,seed=0`, never trained on), `stepprobe evaluate`, one "
+              "self-consistency pass with this scorer on the same problems and `stepprobe replay` of every "
+              "policy on it, and this card.", ""]
     spec = metrics.get("feature_spec") or meta.get("feature_spec") or {}
     lines += [f"Probe: **{metrics.get('architecture') or meta.get('architecture')}** on "
               f"{', '.join(spec.get('sites', []))} (combine {spec.get('combine')}), threshold "
