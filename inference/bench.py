@@ -232,7 +232,7 @@ def run(config: Config) -> Path:
 
         check_scorer_for_model(config.scorer, resolve_model(config.model))
     log.info("bench: %d problems, policies %s, KV budgets %s, scorer %s", len(problems), ", ".join(config.policies),
-             ", ".join(str(k or "default") for k in config.kv_blocks), run_stage._scorer_name(config.scorer))
+             ", ".join(str(k or "default") for k in config.kv_blocks), run_stage.describe_scorer(config.scorer))
     kept = _resume(out / "bench.partial.json", config, prov)
     out.mkdir(parents=True, exist_ok=True)
     for kv, (kv_rows, kv_details) in kept.items():

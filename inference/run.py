@@ -198,7 +198,8 @@ def check_provenance(theirs: dict[str, Any], mine: dict[str, Any], what: str,
         raise ArtifactMismatch(f"{what} was written with another scorer ({desc(a)}; this run: {desc(b)}); {remedy}")
 
 
-def _scorer_name(scorer: str | None) -> str:
+def describe_scorer(scorer: str | None) -> str:
+    """The scorer as a log line names it (a released one says so)."""
     from stepprobe.released import released_root
 
     if not scorer:
@@ -294,7 +295,7 @@ def run(config: Config, runner: Any = None) -> Path:
     todo = [p for p in problems if p.problem_id not in done]
     path = out / "results.jsonl"
     log.info("run: %d problems (%d already done), n=%d, policy=%s, scorer %s", len(problems), len(done), config.n,
-             config.policy, _scorer_name(config.scorer))
+             config.policy, describe_scorer(config.scorer))
     wall, engine_preemptions = 0.0, 0
     own = runner is None
     if todo:

@@ -132,10 +132,11 @@ def _replay_section(run: Path) -> list[str]:
     from stepprobe.inference.replay import read_replay
 
     doc = read_replay(path)
-    rows = [r for r in doc["rows"] if r["kv_blocks"] == CARD_KV] or [r for r in doc["rows"] if r["kv_blocks"]]
-    if not rows:
+    budgets = sorted({r["kv_blocks"] for r in doc["rows"] if r["kv_blocks"]})  # 0 = unlimited: nothing to prune
+    if not budgets:
         return []
-    kv = rows[0]["kv_blocks"]
+    kv = CARD_KV if CARD_KV in budgets else budgets[0]  # one budget per table, never a mix
+    rows = [r for r in doc["rows"] if r["kv_blocks"] == kv]
     lines = ["## Pruning on the out-of-template problems (replay)", "",
              f"One self-consistency pass (n={doc['source']['run_config'].get('n')}) with this scorer over "
              f"{doc['problems']} out-of-template problems, every policy replayed on those same traces at {kv} KV "

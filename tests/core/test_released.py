@@ -32,8 +32,9 @@ def test_default_model_falls_back_to_the_released_scorer(tmp_path, monkeypatch):
     for cls in (run.Config, serve.Config):
         assert cls().scorer == str(d)  # default model, no --scorer
         assert cls(scorer="none").scorer == ""  # explicitly no scoring
-        assert cls(scorer="/x/mine").scorer == "/x/mine"  # an explicit scorer wins
-        assert cls(model="/some/other/model").scorer == ""  # only the default model has one
+        mine, other = str(tmp_path / "mine"), str(tmp_path / "other-model")  # names only, never opened
+        assert cls(scorer=mine).scorer == mine  # an explicit scorer wins
+        assert cls(model=other).scorer == ""  # only the default model has one
     assert bench.Config().scorer == str(d)
 
 
@@ -48,7 +49,8 @@ def test_no_scorer_stays_no_scorer_through_the_stages(tmp_path, monkeypatch):
     ident = {"name": DEFAULT_MODEL, "hidden_size": 576, "num_hidden_layers": 30}
     d = _plant(tmp_path / "rel", ident)
     monkeypatch.setenv("STEPPROBE_RELEASED_DIR", str(tmp_path / "rel"))
-    for cfg in (run.Config(scorer="none", policy="none"), run.Config(model="/some/other/model", policy="none")):
+    other = str(tmp_path / "other-model")  # a name only, never opened
+    for cfg in (run.Config(scorer="none", policy="none"), run.Config(model=other, policy="none")):
         again = with_scorer_generation(cfg)
         assert again.scorer == "" and again.settings().scorer == ""
         assert again.replace(n=2).scorer == ""
@@ -123,3 +125,17 @@ def test_card_shows_pruning_on_the_out_of_template_replay(tmp_path):
     assert "n=4) with this scorer over 2 out-of-template problems" in text and "at 16 KV blocks" in text
     assert "| none | 0.500 | – | – | – | 1.00 | 0/8 |" in text
     assert "| threshold | 0.500 | +0.000 [" in text
+
+
+def test_card_replay_table_is_one_budget_when_16_was_not_replayed(tmp_path):
+    from stepprobe.inference import replay as rp
+    from stepprobe.training.release import card
+    from tests.inference.test_replay import RUN_CONFIG, synthetic_records, write_run
+
+    sc = write_run(tmp_path, synthetic_records(), config={**RUN_CONFIG, "n": 4})
+    rp.run(rp.Config(results=str(sc), kv_blocks=[0, 24, 12], policies=["none", "memory"], random_draws=10,
+                     output=str(tmp_path / "ood-replay")))
+    table = card(tmp_path).split("## Pruning on the out-of-template problems (replay)")[1].split("## Use")[0]
+    assert "at 12 KV blocks" in table
+    assert [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:] \
+        == ["none", "memory"]  # the header, then one row per policy: a single budget

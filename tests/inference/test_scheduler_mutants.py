@@ -21,11 +21,11 @@ every update:
 
 from __future__ import annotations
 
-from collections import deque
 
 import numpy as np
 import pytest
 from test_scheduler import BLOCK, PROMPT
+from test_scheduler_rules import engine_core_loop
 
 MODES = pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 LONG = 24
@@ -91,7 +91,6 @@ def drive(scheduler, *, in_flight: int, scores=None, rows=None, extra_steps=None
     with the client it went to."""
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
 
-    pending: deque = deque()
     done: dict[str, tuple] = {}
     outs: dict[str, tuple] = {}
     tokens: dict[str, int] = {}
@@ -133,22 +132,7 @@ def drive(scheduler, *, in_flight: int, scores=None, rows=None, extra_steps=None
         if after is not None:
             after()
 
-    for _ in range(1000):
-        if not scheduler.has_requests():
-            break
-        so = scheduler.schedule()
-        if so.total_num_scheduled_tokens:
-            pending.append(so)
-            if len(pending) >= in_flight:
-                complete(pending.popleft())
-        else:
-            while pending:
-                complete(pending.popleft())
-            complete(so)
-    else:
-        raise AssertionError("the scheduler never finished its requests")
-    while pending:
-        complete(pending.popleft())
+    engine_core_loop(scheduler, complete, in_flight)
     return done, outs
 
 

@@ -51,7 +51,6 @@ def drive(scheduler, *, in_flight: int, scores: dict[str, float | None] | None =
     request's (finish_reason, stop_reason, tokens)."""
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
 
-    pending: deque = deque()
     done: dict[str, tuple] = {}
     tokens: dict[str, int] = {}
 
@@ -80,6 +79,16 @@ def drive(scheduler, *, in_flight: int, scores: dict[str, float | None] | None =
                 if o.finish_reason is not None:
                     done[o.request_id] = (str(o.finish_reason), o.stop_reason, tokens[o.request_id])
 
+    engine_core_loop(scheduler, complete, in_flight, at_step)
+    return done
+
+
+def engine_core_loop(scheduler, complete, in_flight: int, at_step: dict | None = None) -> None:
+    """Step ``scheduler`` as vLLM's engine core does: ``schedule()``, and hand each step's output
+    to ``complete`` once ``in_flight`` steps are scheduled (1: the synchronous core; 2: the
+    async one, whose next step is scheduled before the previous output arrives). ``at_step``:
+    callables run before the step of that index."""
+    pending: deque = deque()
     for i in range(1000):
         if not scheduler.has_requests():
             break
@@ -98,7 +107,6 @@ def drive(scheduler, *, in_flight: int, scores: dict[str, float | None] | None =
         raise AssertionError("the scheduler never finished its requests")
     while pending:
         complete(pending.popleft())
-    return done
 
 
 def memory_scheduler(tiny_model_path, async_scheduling, **settings):
