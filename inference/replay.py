@@ -216,27 +216,25 @@ def build_problems(records: list[dict[str, Any]]) -> list[Problem]:
 
 # ---------------------------------------------------------------------------------- votes
 def vote_correct(problem: Problem, pruned: Sequence[bool], method: str) -> bool:
-    """Whether the vote of the unpruned traces is right: the rule of ``voting.vote`` (weights,
-    ties to the class seen first in trace order) on the problem's precomputed answer classes."""
+    """Whether the vote of the unpruned traces is right: the rule of ``voting.vote`` (its
+    weights, ties to the class seen first in trace order) on the problem's precomputed answer classes."""
+    from stepprobe.voting import weights
+
+    voters = [(t, c) for t, c, p in zip(problem.traces, problem.classes, pruned) if not p and c >= 0]
+    if not voters:
+        return False
+    w = weights([None if method == "majority" else (t.score if method == "score" else t.confidence)
+                 for t, _ in voters], method)
     tally: dict[int, float] = {}
     order: list[int] = []
-    for t, c, p in zip(problem.traces, problem.classes, pruned):
-        if p or c < 0:
-            continue
-        if method == "majority":
-            w = 1.0
-        else:
-            v = t.score if method == "score" else t.confidence
-            w = 1.0 if v is None else max(float(v), 0.0)
+    for (t, c), wk in zip(voters, w):
         if c not in tally:
             tally[c] = 0.0
             order.append(c)
-        tally[c] += w
-    if not order:
-        return False
+        tally[c] += wk
     best = max(range(len(order)), key=lambda k: (tally[order[k]], -k))
     winner = order[best]
-    return next(t.correct for t, c in zip(problem.traces, problem.classes) if c == winner)
+    return next(t.correct for t, c in voters if c == winner)
 
 
 # ---------------------------------------------------------------------------------- policies

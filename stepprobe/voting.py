@@ -7,6 +7,11 @@
 Answers are grouped with :func:`stepprobe.data_collection.grading.answers_equivalent`
 ("1/2" and "0.5" are one answer). Pruned traces do not vote unless ``include_pruned``.
 A trace without an answer does not vote. Ties go to the answer seen first.
+
+A voter without a score (no step boundary yet: the short guesses) or without a confidence
+votes with the **mean weight of its scored fellow voters** (1.0 when none is scored), not
+with 1.0: a calibrated score is a probability (about 0.1 for a weak model), so a plain 1.0
+let one unscored guess outweigh ten scored traces (:func:`weights`, used by the replay too).
 """
 
 from __future__ import annotations
@@ -52,6 +57,16 @@ def merge_answers(answers: Sequence[str]) -> list[list[int]]:
     return classes
 
 
+def weights(values: Sequence[float | None], method: str) -> list[float]:
+    """Vote weights of one problem's voters: 1.0 each for ``majority``; else each voter's value
+    (score or confidence, clipped at 0), and a voter without one the mean of the others'."""
+    if method == "majority":
+        return [1.0] * len(values)
+    known = [max(float(v), 0.0) for v in values if v is not None]
+    fill = sum(known) / len(known) if known else 1.0
+    return [fill if v is None else max(float(v), 0.0) for v in values]
+
+
 def vote(ballots: Sequence[Ballot], method: str = "majority", *, include_pruned: bool = False) -> VoteResult:
     if method not in METHODS:
         raise StepprobeError(f"unknown voting method {method!r}; known: {', '.join(METHODS)}")
@@ -59,13 +74,8 @@ def vote(ballots: Sequence[Ballot], method: str = "majority", *, include_pruned:
     if not voters:
         return VoteResult(None, 0.0, [], 0)
 
-    def weight(b: Ballot) -> float:
-        if method == "majority":
-            return 1.0
-        w = b.score if method == "score" else b.confidence
-        return 1.0 if w is None else max(float(w), 0.0)  # unscored: counts as a plain vote
-
+    w = weights([b.score if method == "score" else b.confidence for b in voters], method)
     classes = merge_answers([b.answer for b in voters])  # type: ignore[misc]
-    tally = [(voters[c[0]].answer, sum(weight(voters[i]) for i in c)) for c in classes]
+    tally = [(voters[c[0]].answer, sum(w[i] for i in c)) for c in classes]
     best = max(range(len(tally)), key=lambda k: (tally[k][1], -k))
     return VoteResult(tally[best][0], tally[best][1], tally, len(voters))  # type: ignore[arg-type]

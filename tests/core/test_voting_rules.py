@@ -39,10 +39,18 @@ def test_the_heaviest_class_wins_and_reports_its_weight():
 def test_weights_by_method():
     ballots = [Ballot("a", score=0.9, confidence=1.0), Ballot("b", score=0.1, confidence=2.0)]
     assert vote(ballots, "score").answer == "a" and vote(ballots, "confidence").answer == "b"
-    # An unscored trace votes like a plain vote (weight 1), not as zero.
-    assert vote([Ballot("a"), Ballot("b", score=0.9)], "score").answer == "a"
-    assert vote([Ballot("a"), Ballot("b", confidence=0.9)], "confidence").answer == "a"
-    assert vote([Ballot("a", score=1.5), Ballot("b"), Ballot("b", score=0.4)], "score").answer == "a"
+    # An unscored voter votes with the mean weight of its scored fellow voters: neither zero nor a
+    # plain 1.0 that outweighs several calibrated probabilities (the issue-21 defect).
+    assert vote([Ballot("a"), Ballot("b", score=0.9)], "score").tally == [("a", pytest.approx(0.9)),
+                                                                          ("b", pytest.approx(0.9))]
+    assert vote([Ballot("a"), Ballot("b", confidence=0.9)], "confidence").answer == "a"  # tie: first seen
+    assert vote([Ballot("a", score=1.5), Ballot("b"), Ballot("b", score=0.4)], "score").tally[1] == ("b", pytest.approx(0.95 + 0.4))
+    assert vote([Ballot("a", score=0.1)] * 3 + [Ballot("b")], "score").answer == "a"
+    assert vote([Ballot("a", score=0.1)] * 3 + [Ballot("b")], "score").tally[1] == ("b", pytest.approx(0.1))
+    # Pruned or answerless traces do not set the fill; nobody scored: plain votes.
+    assert vote([Ballot("a", score=0.2), Ballot("b"), Ballot("b", pruned=True, score=0.9), Ballot(None, score=0.9)],
+                "score").tally == [("a", pytest.approx(0.2)), ("b", pytest.approx(0.2))]
+    assert vote([Ballot("a"), Ballot("b"), Ballot("b")], "score").tally == [("a", 1.0), ("b", 2.0)]
     # Negative weights count as zero, they do not subtract.
     r = vote([Ballot("a", score=-1.0), Ballot("a", score=0.6), Ballot("b", score=0.5)], "score")
     assert r.answer == "a" and r.tally == [("a", pytest.approx(0.6)), ("b", pytest.approx(0.5))]
