@@ -64,7 +64,8 @@ class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, Pruni
     policies: list[str] = option(factory=lambda: ["none", "memory", "threshold", "top_fraction", "confidence"],
                                  help="policies to compare; 'none' is the self-consistency baseline")
     kv_blocks: list[int] = option(factory=lambda: [0, 64], help="KV-cache budgets in blocks (0 = vLLM's default)")
-    step_vote: str = option("score", "vote used for the STEP policies: majority, score")
+    step_vote: str = option("auto", "vote used for the STEP policies: majority, score; auto = the one the scorer "
+                                    "earned (trust.json), else majority")
     limit: int | None = option(None, "only the first N problems")
     output: str | None = option(None, "output directory (default: $STEPPROBE_HOME/runs/bench-<time>)", resume_ok=True)
 
@@ -77,8 +78,8 @@ class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, Pruni
             raise StepprobeError("bench needs --scorer DIR for the STEP policies")
         if self.num_kv_blocks is not None:
             raise StepprobeError("bench sets the KV blocks per budget: use kv_blocks, not num_kv_blocks")
-        if self.step_vote not in ("majority", "score"):
-            raise StepprobeError(f"step_vote must be majority or score, got {self.step_vote!r}")
+        if self.step_vote not in ("majority", "score", "auto"):
+            raise StepprobeError(f"step_vote must be auto, majority or score, got {self.step_vote!r}")
 
 
 def _run_config(config: Config, policy: str, kv_blocks: int) -> run_stage.Config:
@@ -213,6 +214,7 @@ def run(config: Config) -> Path:
     out = Path(config.output) if config.output else runs_dir() / time.strftime("bench-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--output")
     config = with_scorer_generation(config)
+    config, trust = run_stage.with_trust(config)
     base = _run_config(config, "none", 0)
     for kv in config.kv_blocks:  # every cell's settings are refused now, not after an hour of benching
         check_kv_budget(kv or None, config.max_model_len, flag="--kv-blocks")
@@ -233,6 +235,8 @@ def run(config: Config) -> Path:
         check_scorer_for_model(config.scorer, resolve_model(config.model))
     log.info("bench: %d problems, policies %s, KV budgets %s, scorer %s", len(problems), ", ".join(config.policies),
              ", ".join(str(k or "default") for k in config.kv_blocks), run_stage.describe_scorer(config.scorer))
+    if config.scorer and "memory" in config.policies:
+        log.info("bench: %s", trust.note)
     kept = _resume(out / "bench.partial.json", config, prov)
     out.mkdir(parents=True, exist_ok=True)
     for kv, (kv_rows, kv_details) in kept.items():

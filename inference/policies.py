@@ -66,6 +66,13 @@ def memory_rank_key(score: float | None, prunable: bool) -> tuple[int, float]:
     return (1, -score)
 
 
+def below_cutoff(score: float | None, cutoff: float | None) -> bool:
+    """Risk-controlled memory pruning: a trace may be pruned only while it is scored below the
+    cutoff its scorer's calibration earned (``stepprobe calibrate``); ``None`` is no cutoff (the
+    paper's rule: any scored trace may go), ``0`` prunes nothing."""
+    return score is not None and (cutoff is None or score < cutoff)
+
+
 def below_threshold(score: float | None, n_steps: int, threshold: float, warmup_steps: int) -> bool:
     return score is not None and n_steps >= warmup_steps and score < threshold
 

@@ -58,14 +58,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stepprobe.config import StageConfig, option
+from stepprobe.config import OptionGroup, StageConfig, option
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text
 from stepprobe.provenance import check_schema, package_versions
 from stepprobe.stats import paired_bootstrap
 
-from .policies import (VICTIM_RULES, Live, TraceScore, below_group_best, below_threshold, cap_to_min_live,
-                       effective_min_keep, memory_victim_keys, top_fraction_losers)
+from .policies import (VICTIM_RULES, Live, TraceScore, below_cutoff, below_group_best, below_threshold,
+                       cap_to_min_live, effective_min_keep, memory_victim_keys, top_fraction_losers)
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +85,39 @@ DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 
 @dataclasses.dataclass
-class Config(StageConfig):
+class SchedulerModel(OptionGroup):
+    """The model of vLLM's scheduler that replay and calibrate run every policy through."""
+
+    block_size: int = option(128, "KV block size in tokens (vLLM's CPU backend: 128)")
+    max_num_batched_tokens: int = option(4096, "tokens per engine step (vLLM's CPU default for LLM)")
+    max_num_seqs: int = option(256, "running requests at most (vLLM's CPU default for LLM)")
+    step_cost_tokens: float = option(64.0, "time model: one engine step costs as much as this many computed tokens")
+    protect_last: bool = option(True, "memory: never prune a problem's last live trace (as the scheduler)")
+    memory_victim: str = option("score", "memory victim rule for 'memory' (memory:<rule> names one): "
+                                         + ", ".join(VICTIM_RULES))
+    min_live: int = option(0, "every policy keeps at least this many live traces per problem (as the scheduler)")
+
+    def check(self) -> None:
+        if self.memory_victim not in VICTIM_RULES:
+            raise StepprobeError(f"unknown memory victim rule {self.memory_victim!r}; known: {', '.join(VICTIM_RULES)}")
+        if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise StepprobeError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+
+
+@dataclasses.dataclass
+class Config(StageConfig, SchedulerModel):
     SECTION = "replay"
 
     results: str | None = option(None, "a run's output directory or results.jsonl (policy none, --record-confidence)")
     policies: list[str] = option(factory=lambda: ["none", "memory", "threshold", "top_fraction", "confidence"],
                                  help="policies to replay; 'none' is SC; also relative, memory:<victim rule>")
     kv_blocks: list[int] = option(factory=lambda: [0, 16, 32, 64], help="KV budgets in blocks (0 = unlimited)")
-    block_size: int = option(128, "KV block size in tokens (vLLM's CPU backend: 128)")
-    max_num_batched_tokens: int = option(4096, "tokens per engine step (vLLM's CPU default for LLM)")
-    max_num_seqs: int = option(256, "running requests at most (vLLM's CPU default for LLM)")
-    step_cost_tokens: float = option(64.0, "time model: one engine step costs as much as this many computed tokens")
     step_vote: str = option("score", "vote for the STEP policies: majority, score")
     threshold: float | None = option(None, "threshold policy (default: the run's, else the scorer's)")
     warmup_steps: int | None = option(None, "threshold warm-up steps (default: the run's)")
     keep_fraction: float | None = option(None, "top_fraction keep fraction (default: the run's)")
     keep_step: int | None = option(None, "top_fraction ranking step (default: the run's)")
     aggregate: str | None = option(None, "trace score aggregate (default: the run's)")
-    protect_last: bool = option(True, "memory: never prune a problem's last live trace (as the scheduler)")
-    memory_victim: str = option("score", "memory victim rule for 'memory' (memory:<rule> names one): "
-                                         + ", ".join(VICTIM_RULES))
-    min_live: int = option(0, "every policy keeps at least this many live traces per problem (as the scheduler)")
     relative_margin: float | None = option(None, "relative policy: margin below the group's best (default: the run's, else 0.1)")
     random_draws: int = option(200, "draws for the random-pruning baseline")
     seed: int = option(0, "seed of the random baseline and the bootstrap")
@@ -114,15 +126,11 @@ class Config(StageConfig):
                                           "and compare with what its live policies did (replay vs. live)")
     output: str | None = option(None, "output directory (default: <results dir>/replay)")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for p in self.policies:
             parse_policy(p)
-        if self.memory_victim not in VICTIM_RULES:
-            raise StepprobeError(f"unknown memory victim rule {self.memory_victim!r}; known: {', '.join(VICTIM_RULES)}")
         if "none" not in self.policies:
             self.policies = ["none", *self.policies]
-        if self.block_size < 1 or self.max_num_batched_tokens < 1:
-            raise StepprobeError("block_size and max_num_batched_tokens must be positive")
 
 
 # ---------------------------------------------------------------------------------- data
@@ -388,12 +396,14 @@ class SimResult:
 def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: int, block_size: int,
              max_num_batched_tokens: int, max_num_seqs: int, memory: bool, params: Params,
              protect_last: bool = True, phases: list[list[tuple[int, int]]] | None = None,
-             memory_rule: str = "score", follow: dict[int, list[tuple[int, int]]] | None = None) -> SimResult:
+             memory_rule: str = "score", follow: dict[int, list[tuple[int, int]]] | None = None,
+             cutoff: float | None = None) -> SimResult:
     """vLLM's scheduler on the traces (see module docstring). ``targets[i][k]``: tokens trace k
     of problem i generates; ``phases``: groups of (problem, trace) submitted one after another,
     default one phase with everything; ``follow[i]``: traces of problem i submitted as soon as
     its traces submitted so far have all finished (the confidence baseline's second phase,
-    queued per problem when its warm-up ends, as the live runner does)."""
+    queued per problem when its warm-up ends, as the live runner does); ``cutoff``: the memory
+    policy may prune only traces scored below it (risk-controlled pruning; ``None``: any)."""
     bs = block_size
     free = math.inf if not kv_blocks else int(kv_blocks)
     shared_blocks = [pr.prompt_tokens // bs for pr in problems]
@@ -429,7 +439,7 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
     def victim_order(running: list[_Req], waiting: Any) -> None:
         """The scheduler's sort: the memory victim rule over each problem's live traces."""
         probs = {r.prob for r in running}
-        view = [Live(f"{r.prob}/{r.k}", str(r.prob), r.score.value, True, keep)
+        view = [Live(f"{r.prob}/{r.k}", str(r.prob), r.score.value, below_cutoff(r.score.value, cutoff), keep)
                 for r in (*running, *waiting) if r.prob in probs and not r.done]
         keys = memory_victim_keys(view, memory_rule)
         allowed.clear()
@@ -537,7 +547,12 @@ class Outcome:
     correct: list[bool]
 
 
-def run_policy(problems: list[Problem], policy: str, kv_blocks: int, config: Config, params: Params) -> Outcome:
+def run_policy(problems: list[Problem], policy: str, kv_blocks: int, config: Any, params: Params, *,
+               cutoff: float | None = None, vote: str | None = None, max_num_seqs: int | None = None,
+               subset: list[int] | None = None) -> Outcome:
+    """One policy at one budget. ``cutoff``: memory pruning only below it; ``vote``: instead of the
+    policy's own; ``max_num_seqs``: instead of the config's; ``subset[i]``: only the first
+    ``subset[i]`` traces of problem i are sampled (self-consistency with fewer traces)."""
     full = [[t.num_tokens for t in pr.traces] for pr in problems]
     name = policy
     policy, rule = parse_policy(policy, config.memory_victim)
@@ -550,17 +565,21 @@ def run_policy(problems: list[Problem], policy: str, kv_blocks: int, config: Con
         cuts = [[None] * len(pr.traces) for pr in problems]
         targets = full
     phases = follow = None
+    if subset is not None:
+        phases = [[(i, k) for i, pr in enumerate(problems) for k in range(min(subset[i], len(pr.traces)))]]
     if policy == "confidence":  # warm-up traces first; a problem's rest once its warm-up finished
         w = params.conf_warmup
         phases = [[(i, k) for i, pr in enumerate(problems) for k in range(min(w, len(pr.traces)))]]
         follow = {i: [(i, k) for k in range(w, len(pr.traces))] for i, pr in enumerate(problems)
                   if len(pr.traces) > w}
     sim = simulate(problems, targets, kv_blocks=kv_blocks, block_size=config.block_size,
-                   max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                   memory=policy == "memory", params=params, protect_last=config.protect_last, phases=phases,
-                   memory_rule=rule, follow=follow)
+                   max_num_batched_tokens=config.max_num_batched_tokens,
+                   max_num_seqs=max_num_seqs or config.max_num_seqs, memory=policy == "memory", params=params,
+                   protect_last=config.protect_last, phases=phases, memory_rule=rule, follow=follow, cutoff=cutoff)
     pruned = [[(c is not None) or m for c, m in zip(cs, ms)] for cs, ms in zip(cuts, sim.memory_pruned)]
-    vote = DEFAULT_VOTE.get(policy, config.step_vote)
+    if subset is not None:  # traces never sampled do not vote
+        pruned = [[p or k >= subset[i] for k, p in enumerate(pm)] for i, pm in enumerate(pruned)]
+    vote = vote or DEFAULT_VOTE.get(policy, config.step_vote)
     correct = [vote_correct(pr, pm, vote) for pr, pm in zip(problems, pruned)]
     return Outcome(name, kv_blocks, vote, pruned, sim.tokens, sum(map(sum, sim.preemptions)), sim.steps,
                    sim.computed_tokens, correct)

@@ -54,7 +54,8 @@ class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, Pruni
     SECTION = "run"
 
     problems: str = option("builtin:n=20", "problem file (JSONL/JSON/CSV) or builtin[:n=..,seed=..]")
-    vote: str = option("score", "voting method for the reported answer: majority, score, confidence")
+    vote: str = option("auto", "voting method for the reported answer: majority, score, confidence; auto = the one "
+                               "the scorer earned on its calibration problems (trust.json), else majority")
     include_pruned: bool = option(False, "let pruned traces vote")
     record_confidence: bool = option(False, "keep every trace's per-token confidences in results.jsonl (what "
                                             "stepprobe replay needs for the confidence baseline; asks for top-k logprobs)")
@@ -64,8 +65,8 @@ class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, Pruni
     overwrite: bool = option(False, "start over in a non-empty output directory", resume_ok=True)
 
     def check(self) -> None:
-        if self.vote not in METHODS:
-            raise StepprobeError(f"unknown voting method {self.vote!r}; known: {', '.join(METHODS)}")
+        if self.vote not in (*METHODS, "auto"):
+            raise StepprobeError(f"unknown voting method {self.vote!r}; known: auto, {', '.join(METHODS)}")
 
     def settings(self) -> PluginSettings:
         return PluginSettings(**self.pruning_values(), policy="none" if self.policy == "confidence" else self.policy,
@@ -198,6 +199,18 @@ def check_provenance(theirs: dict[str, Any], mine: dict[str, Any], what: str,
         raise ArtifactMismatch(f"{what} was written with another scorer ({desc(a)}; this run: {desc(b)}); {remedy}")
 
 
+def with_trust(config: Any) -> tuple[Any, Any]:
+    """The config with ``vote: auto`` (or ``step_vote: auto``) resolved, and the run's trust in its
+    scorer (the memory cutoff and the earned vote: ``calibrate.resolve_trust``)."""
+    from .calibrate import resolve_trust
+
+    trust = resolve_trust(config.scorer, config.max_accuracy_loss, config.risk_delta, config.prune_below)
+    for name in ("vote", "step_vote"):
+        if getattr(config, name, None) == "auto":
+            config = config.replace(**{name: trust.vote})
+    return config, trust
+
+
 def describe_scorer(scorer: str | None) -> str:
     """The scorer as a log line names it (a released one says so)."""
     from stepprobe.released import released_root
@@ -281,6 +294,7 @@ def run(config: Config, runner: Any = None) -> Path:
     check_writable_dir(out, "--output")
     config = with_scorer_generation(config)
     config.settings()  # aggregate, keep_fraction, a scorer the policy needs: refused before anything is written
+    config, trust = with_trust(config)
     problems = load_problems(config)
     prov = provenance(config.model, config.scorer)
     if runner is None:
@@ -294,8 +308,10 @@ def run(config: Config, runner: Any = None) -> Path:
     done = _resume(out, config, prov)
     todo = [p for p in problems if p.problem_id not in done]
     path = out / "results.jsonl"
-    log.info("run: %d problems (%d already done), n=%d, policy=%s, scorer %s", len(problems), len(done), config.n,
-             config.policy, describe_scorer(config.scorer))
+    log.info("run: %d problems (%d already done), n=%d, policy=%s, scorer %s, vote %s", len(problems), len(done),
+             config.n, config.policy, describe_scorer(config.scorer), config.vote)
+    if config.policy == "memory" and config.scorer:
+        log.info("run: %s", trust.note)
     wall, engine_preemptions = 0.0, 0
     own = runner is None
     if todo:

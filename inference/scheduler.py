@@ -43,7 +43,7 @@ from collections import defaultdict
 from typing import Any
 
 from .plugin import PluginSettings, check_policy, check_supported, request_overrides
-from .policies import (Live, TraceScore, below_group_best, below_threshold, cap_to_min_live, effective_min_keep,
+from .policies import (Live, TraceScore, below_cutoff, below_group_best, below_threshold, cap_to_min_live, effective_min_keep,
                        memory_victim_keys, top_fraction_losers)
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,12 @@ class PruningMixin:
             from stepprobe.probes.checkpoint import read_scorer_meta
 
             self._sp_threshold = float(read_scorer_meta(self._sp.scorer).get("threshold", 0.5))
+        # Risk-controlled memory pruning: only traces scored below the cutoff the scorer's
+        # calibration earned may go (None: the paper's rule; see inference/calibrate.py).
+        from .calibrate import resolve_trust
+
+        self._sp_cutoff = resolve_trust(self._sp.scorer, self._sp.max_accuracy_loss, self._sp.risk_delta,
+                                        self._sp.prune_below).cutoff
         self._sp_traces: dict[str, _Trace] = {}
         self._sp_groups: dict[str, set[str]] = defaultdict(set)
         # Per-step cost proportional to what changed: live traces counted per group, and the
@@ -134,7 +140,9 @@ class PruningMixin:
             for r in self._sp_groups[g]:
                 t = self._sp_traces.get(r)
                 if t is not None and not t.done:
-                    out.append(Live(r, g, t.score.value, t.policy == "memory", self._sp_min_keep(t)))
+                    out.append(Live(r, g, t.score.value,
+                                    t.policy == "memory" and below_cutoff(t.score.value, self._sp_cutoff),
+                                    self._sp_min_keep(t)))
         return out
 
     def _sp_mark_done(self, rid: str, pruned: bool = False) -> None:

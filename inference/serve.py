@@ -128,5 +128,10 @@ def run(config: Config) -> None:
     if prompt:
         log.info("serve: the scorer was trained on prompts with %s; clients should send the same",
                  ", ".join(f"{k}={v!r}" for k, v in prompt.items()))
+    if config.scorer and config.policy == "memory":
+        from .calibrate import resolve_trust
+
+        log.info("serve: %s", resolve_trust(config.scorer, config.max_accuracy_loss, config.risk_delta,
+                                            config.prune_below).note)
     log.info("serve: vllm %s", shlex.join(argv))
     run_vllm_cli(argv)

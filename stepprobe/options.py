@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping
 
 from .config import OptionGroup, option
 from .errors import StepprobeError
+from .risk import DEFAULT_DELTA, DEFAULT_TOLERANCE
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,14 @@ class PruningOptions(OptionGroup):
                                          "group_largest (lowest of the problem with most live traces)")
     min_live: int = option(0, "every policy keeps at least this many live traces per problem")
     relative_margin: float = option(0.1, "relative policy: prune a trace this far below its problem's best live trace")
+    max_accuracy_loss: float | None = option(
+        DEFAULT_TOLERANCE, "memory policy: accuracy (fraction of problems) pruning may cost against self-consistency; "
+        "the cutoff comes from the scorer's trust.json (stepprobe calibrate; none there: nothing is pruned); "
+        "none = the paper's rule (any scored trace may go)")
+    risk_delta: float = option(DEFAULT_DELTA, "memory policy: the tolerance holds with probability 1 - risk_delta "
+                                              "over the calibration problems")
+    prune_below: float | None = option(None, "memory policy: prune only traces scored below this (overrides the "
+                                             "calibrated cutoff)")
 
     def check(self) -> None:
         from .released import resolve_scorer
@@ -188,6 +197,11 @@ class PruningOptions(OptionGroup):
             raise StepprobeError(f"relative_margin must be in [0, 1], got {self.relative_margin}")
         if not 0 < self.ema_alpha <= 1:
             raise StepprobeError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        if self.max_accuracy_loss is not None and not 0 <= self.max_accuracy_loss < 1:
+            raise StepprobeError(f"max_accuracy_loss must be in [0, 1) (a fraction of problems) or none, "
+                                 f"got {self.max_accuracy_loss}")
+        if not 0 < self.risk_delta < 1:
+            raise StepprobeError(f"risk_delta must be in (0, 1), got {self.risk_delta}")
 
     def pruning_values(self) -> dict[str, Any]:
         return group_values(self, PruningOptions)

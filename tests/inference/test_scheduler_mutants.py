@@ -40,6 +40,9 @@ def build(model_path: str, *, async_scheduling: bool, settings: dict, num_blocks
 
     from stepprobe.inference.scheduler import StepprobeScheduler
 
+    # These builders pin the mechanics of the paper's memory rule; the risk-controlled default
+    # (a cutoff from the scorer's trust.json, nothing pruned without one) has its own tests.
+    settings = {"max_accuracy_loss": None, **settings}
     sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=batched_tokens, max_model_len=256,
                             enable_chunked_prefill=True, is_encoder_decoder=False, watermark=watermark)
     cache = CacheConfig(block_size=BLOCK)

@@ -138,6 +138,35 @@ def test_memory_victim_in_the_middle_of_the_queue(tiny_model_path, async_schedul
 
 
 @MODES
+def test_risk_controlled_memory_prunes_only_below_the_cutoff(tiny_model_path, async_scheduling):
+    # The same pressure as above: with a cutoff of 0.5 only r1 (0.2) may go; with 0.1 nobody
+    # may, so vLLM preempts as it would without stepprobe.
+    scores = {"r0": 0.6, "r1": 0.2, "r2": 0.8, "r3": 0.7}
+    s = memory_scheduler(tiny_model_path, async_scheduling, max_accuracy_loss=0.01, prune_below=0.5)
+    add(s, {r: {"group": "g"} for r in scores})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
+    assert done["r1"][:2] == ("stop", "pruned") and s.stepprobe_counts["pruned"] == 1
+    s = memory_scheduler(tiny_model_path, async_scheduling, max_accuracy_loss=0.01, prune_below=0.1)
+    add(s, {r: {"group": "g"} for r in scores})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
+    assert all(done[r] == FULL for r in scores)
+    assert s.stepprobe_counts["pruned"] == 0 and s.stepprobe_counts["preempted"] > 0
+
+
+@MODES
+def test_default_tolerance_without_calibration_prunes_nothing(tiny_model_path, async_scheduling):
+    # The default (a tolerance of 1 point) with a scorer that has no trust.json: no cutoff was
+    # earned, so memory pruning prunes nothing; the paper's rule is one setting away.
+    scores = {"r0": 0.1, "r1": 0.9, "r2": 0.8, "r3": 0.7}
+    from stepprobe.inference.plugin import PluginSettings
+
+    s = memory_scheduler(tiny_model_path, async_scheduling, max_accuracy_loss=PluginSettings().max_accuracy_loss)
+    add(s, {r: {"group": "g"} for r in scores})
+    done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
+    assert all(done[r] == FULL for r in scores) and s.stepprobe_counts["pruned"] == 0
+
+
+@MODES
 def test_protect_last_spares_a_groups_only_trace(tiny_model_path, async_scheduling):
     # r0 is alone in group "a" and scores lowest; group "b" has three traces.
     specs = {"r0": {"group": "a"}, "r1": {"group": "b"}, "r2": {"group": "b"}, "r3": {"group": "b"}}
