@@ -112,7 +112,13 @@ class Config(StageConfig, SchedulerModel):
     policies: list[str] = option(factory=lambda: ["none", "memory", "threshold", "top_fraction", "confidence"],
                                  help="policies to replay; 'none' is SC; also relative, memory:<victim rule>")
     kv_blocks: list[int] = option(factory=lambda: [0, 16, 32, 64], help="KV budgets in blocks (0 = unlimited)")
-    step_vote: str = option("score", "vote for the STEP policies: majority, score")
+    votes: list[str] = option(factory=lambda: ["majority", "score"],
+                              help="votes of the pruning policies, a row each (the confidence baseline: its own and "
+                                   "majority), so the effect of pruning shows apart from the vote's")
+    trust: str | None = option("auto", "a scorer's trust.json (stepprobe calibrate) for the risk-controlled rows; auto: "
+                                       "the run's scorer's, if it has one; none: no such rows")
+    admission: bool = option(True, "add SC with max_num_seqs sized so that it never preempts (what a careful user "
+                                   "configures instead of pruning)")
     threshold: float | None = option(None, "threshold policy (default: the run's, else the scorer's)")
     warmup_steps: int | None = option(None, "threshold warm-up steps (default: the run's)")
     keep_fraction: float | None = option(None, "top_fraction keep fraction (default: the run's)")
@@ -129,6 +135,9 @@ class Config(StageConfig, SchedulerModel):
     def check(self) -> None:
         for p in self.policies:
             parse_policy(p)
+        bad = [v for v in self.votes if v not in ("majority", "score", "confidence")]
+        if bad or not self.votes:
+            raise StepprobeError(f"replay: votes must be majority, score or confidence, got {self.votes}")
         if "none" not in self.policies:
             self.policies = ["none", *self.policies]
 
@@ -397,14 +406,16 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
              max_num_batched_tokens: int, max_num_seqs: int, memory: bool, params: Params,
              protect_last: bool = True, phases: list[list[tuple[int, int]]] | None = None,
              memory_rule: str = "score", follow: dict[int, list[tuple[int, int]]] | None = None,
-             cutoff: float | None = None) -> SimResult:
+             cutoff: float | None | Sequence[float | None] = None) -> SimResult:
     """vLLM's scheduler on the traces (see module docstring). ``targets[i][k]``: tokens trace k
     of problem i generates; ``phases``: groups of (problem, trace) submitted one after another,
     default one phase with everything; ``follow[i]``: traces of problem i submitted as soon as
     its traces submitted so far have all finished (the confidence baseline's second phase,
     queued per problem when its warm-up ends, as the live runner does); ``cutoff``: the memory
-    policy may prune only traces scored below it (risk-controlled pruning; ``None``: any)."""
+    policy may prune only traces scored below it (risk-controlled pruning; ``None``: any; a list:
+    one per problem)."""
     bs = block_size
+    cuts = list(cutoff) if isinstance(cutoff, (list, tuple)) else [cutoff] * len(problems)
     free = math.inf if not kv_blocks else int(kv_blocks)
     shared_blocks = [pr.prompt_tokens // bs for pr in problems]
     shared_refs = [0] * len(problems)
@@ -439,7 +450,7 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
     def victim_order(running: list[_Req], waiting: Any) -> None:
         """The scheduler's sort: the memory victim rule over each problem's live traces."""
         probs = {r.prob for r in running}
-        view = [Live(f"{r.prob}/{r.k}", str(r.prob), r.score.value, below_cutoff(r.score.value, cutoff), keep)
+        view = [Live(f"{r.prob}/{r.k}", str(r.prob), r.score.value, below_cutoff(r.score.value, cuts[r.prob]), keep)
                 for r in (*running, *waiting) if r.prob in probs and not r.done]
         keys = memory_victim_keys(view, memory_rule)
         allowed.clear()
@@ -545,13 +556,14 @@ class Outcome:
     steps: int
     computed_tokens: int
     correct: list[bool]
+    votes: list[str] = dataclasses.field(default_factory=list)
 
 
 def run_policy(problems: list[Problem], policy: str, kv_blocks: int, config: Any, params: Params, *,
-               cutoff: float | None = None, vote: str | None = None, max_num_seqs: int | None = None,
+               cutoff: Any = None, vote: str | Sequence[str] | None = None, max_num_seqs: int | None = None,
                subset: list[int] | None = None) -> Outcome:
-    """One policy at one budget. ``cutoff``: memory pruning only below it; ``vote``: instead of the
-    policy's own; ``max_num_seqs``: instead of the config's; ``subset[i]``: only the first
+    """One policy at one budget. ``cutoff``: memory pruning only below it (one, or one per problem);
+    ``vote``: instead of the policy's own (one, or one per problem); ``max_num_seqs``: instead of the config's; ``subset[i]``: only the first
     ``subset[i]`` traces of problem i are sampled (self-consistency with fewer traces)."""
     full = [[t.num_tokens for t in pr.traces] for pr in problems]
     name = policy
@@ -579,21 +591,22 @@ def run_policy(problems: list[Problem], policy: str, kv_blocks: int, config: Any
     pruned = [[(c is not None) or m for c, m in zip(cs, ms)] for cs, ms in zip(cuts, sim.memory_pruned)]
     if subset is not None:  # traces never sampled do not vote
         pruned = [[p or k >= subset[i] for k, p in enumerate(pm)] for i, pm in enumerate(pruned)]
-    vote = vote or DEFAULT_VOTE.get(policy, config.step_vote)
-    correct = [vote_correct(pr, pm, vote) for pr, pm in zip(problems, pruned)]
-    return Outcome(name, kv_blocks, vote, pruned, sim.tokens, sum(map(sum, sim.preemptions)), sim.steps,
-                   sim.computed_tokens, correct)
+    votes = list(vote) if isinstance(vote, (list, tuple)) else [vote or DEFAULT_VOTE.get(policy, "majority")] * len(problems)
+    correct = [vote_correct(pr, pm, v) for pr, pm, v in zip(problems, pruned, votes)]
+    label = votes[0] if len(set(votes)) <= 1 else "per fold"
+    return Outcome(name, kv_blocks, label, pruned, sim.tokens, sum(map(sum, sim.preemptions)), sim.steps,
+                   sim.computed_tokens, correct, votes)
 
 
 def baselines(problems: list[Problem], outcome: Outcome, draws: int, seed: int) -> dict[str, list[float]]:
     """Random and oracle pruning of the same number of traces per problem at the same points."""
     rng = np.random.default_rng(seed)
     rand, oracle = [], []
-    for pr, pm, toks in zip(problems, outcome.pruned, outcome.tokens):
+    for pr, pm, toks, vote in zip(problems, outcome.pruned, outcome.tokens, outcome.votes):
         n = len(pr.traces)
         points = [toks[k] for k in range(n) if pm[k]]
         if not points:
-            c = vote_correct(pr, [False] * n, outcome.vote)
+            c = vote_correct(pr, [False] * n, vote)
             rand.append(float(c))
             oracle.append(float(c))
             continue
@@ -603,14 +616,68 @@ def baselines(problems: list[Problem], outcome: Outcome, draws: int, seed: int) 
             mask = [False] * n
             for k, cut in zip(who, points):
                 mask[k] = cut < pr.traces[k].num_tokens  # a trace shorter than the point finished on its own
-            hits += vote_correct(pr, mask, outcome.vote)
+            hits += vote_correct(pr, mask, vote)
         rand.append(hits / draws)
         order = sorted(range(n), key=lambda k: (pr.traces[k].correct, k))  # wrong traces first
         mask = [False] * n
         for k, cut in zip(order[: len(points)], sorted(points)):
             mask[k] = cut < pr.traces[k].num_tokens
-        oracle.append(float(vote_correct(pr, mask, outcome.vote)))
+        oracle.append(float(vote_correct(pr, mask, vote)))
     return {"random": rand, "oracle": oracle}
+
+
+def fewer_traces(problems: list[Problem], outcome: Outcome) -> list[int]:
+    """Self-consistency with fewer traces at the same output tokens: per problem, how many of its
+    first traces (sampled in full) come closest to the tokens the policy spent on it (at least one)."""
+    out = []
+    for pr, toks in zip(problems, outcome.tokens):
+        spent = sum(toks)
+        cum = np.cumsum([t.num_tokens for t in pr.traces])
+        out.append(int(np.argmin(np.abs(cum - spent))) + 1)
+    return out
+
+
+def admission_seqs(problems: list[Problem], kv_blocks: int, config: Any, params: Params) -> tuple[int, Outcome]:
+    """The largest ``max_num_seqs`` at which self-consistency never preempts at this budget
+    (what a careful user would set instead of pruning), with its outcome."""
+    lo, hi = 1, int(config.max_num_seqs)
+    best = None
+    while lo <= hi:  # preemptions grow with the requests admitted at once
+        mid = (lo + hi) // 2
+        o = run_policy(problems, "none", kv_blocks, config, params, max_num_seqs=mid)
+        if o.preemptions == 0:
+            best, lo = (mid, o), mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        o = run_policy(problems, "none", kv_blocks, config, params, max_num_seqs=1)
+        best = (1, o)
+    return best
+
+
+def trust_cutoffs(problems: list[Problem], trust: dict[str, Any]) -> tuple[list[float | None], list[str], str]:
+    """Per problem, the cutoff and vote of a trust document that no choice on that problem made:
+    a problem of the calibration set gets its fold's cross-fitted choice, any other the shipped one."""
+    from .calibrate import _float
+
+    def cut(choice: dict[str, Any]) -> float | None:
+        c = choice["cutoff"]
+        return 0.0 if c is None else (None if c == "inf" else _float(c))
+
+    fold_of = {pid: f for f in trust["crossfit"]["folds"] for pid in f["problems"]}
+    cuts, votes, inside = [], [], 0
+    for pr in problems:
+        f = fold_of.get(pr.problem_id)
+        if f is None:
+            cuts.append(cut(trust["default"]))
+            votes.append(trust["vote"]["rule"])
+        else:
+            inside += 1
+            cuts.append(cut(f["choice"]))
+            votes.append(f["vote"])
+    how = ("cross-fitted" if inside == len(problems) else "calibrated elsewhere" if inside == 0
+           else f"cross-fitted on {inside}, calibrated elsewhere on {len(problems) - inside}")
+    return cuts, votes, how
 
 
 def params_from(config: Config, header: dict[str, Any]) -> Params:
@@ -636,33 +703,77 @@ def params_from(config: Config, header: dict[str, Any]) -> Params:
         min_live=int(config.min_live))
 
 
-def replay(problems: list[Problem], config: Config, params: Params) -> dict[str, Any]:
-    """Every policy at every budget: rows of bench's table plus intervals and baselines."""
+def replay(problems: list[Problem], config: Config, params: Params, trust: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every policy at every budget, with each vote asked for: rows of bench's table plus
+    intervals and baselines (random and oracle pruning; SC with fewer traces at the same tokens;
+    SC admitted so it never preempts; the risk-controlled rule of ``trust``)."""
+    from tqdm import tqdm
+
     rows = []
+    risk = trust_cutoffs(problems, trust) if trust else None
+    work = [(kv, p, v) for kv in config.kv_blocks for p in config.policies for v in _votes_of(p, config.votes)]
+    bar = tqdm(total=len(work) + (len(config.kv_blocks) if risk else 0), desc="replay", unit="row", leave=False)
     for kv in config.kv_blocks:
         sc = run_policy(problems, "none", kv, config, params)
         sc_time = sc.steps * config.step_cost_tokens + sc.computed_tokens
         sc_tokens = sum(map(sum, sc.tokens))
-        for policy in config.policies:
-            o = sc if policy == "none" else run_policy(problems, policy, kv, config, params)
+        adm_time = None
+        if config.admission and kv and sc.preemptions:
+            seqs, adm = admission_seqs(problems, kv, config, params)
+            adm_time = adm.steps * config.step_cost_tokens + adm.computed_tokens
+        todo = [(p, v, {}) for p in config.policies for v in _votes_of(p, config.votes)]
+        if risk and kv:
+            todo.append(("memory+risk", risk[1], {"cutoff": risk[0]}))
+        for policy, vote, extra in todo:
+            if policy == "none":
+                o = sc
+            else:
+                base = "memory:" + config.memory_victim if policy == "memory+risk" else policy
+                o = run_policy(problems, base, kv, config, params, vote=vote, **extra)
+                o.policy = policy
+            bar.update(1)
             t = o.steps * config.step_cost_tokens + o.computed_tokens
             toks = sum(map(sum, o.tokens))
             row = {"kv_blocks": kv, "policy": policy, "vote": o.vote, "problems": len(problems),
                    "accuracy": float(np.mean(o.correct)), "model_time": t, "time_ratio": t / sc_time,
+                   "admission_time_ratio": t / adm_time if adm_time else None,
                    "output_tokens": toks, "token_ratio": toks / sc_tokens if sc_tokens else float("nan"),
                    "preemptions": o.preemptions, "pruned": sum(map(sum, o.pruned)),
                    "traces": sum(len(p.traces) for p in problems), "steps": o.steps,
                    "computed_tokens": o.computed_tokens, "correct": [bool(c) for c in o.correct]}
+            if policy == "memory+risk":
+                row["rule"] = f"risk <= {trust['crossfit']['tolerance']:g} ({risk[2]})"
             if policy != "none":
                 row["vs_sc"] = paired_bootstrap(sc.correct, o.correct, seed=config.seed).to_dict()
                 if row["pruned"]:
-                    base = baselines(problems, o, config.random_draws, config.seed)
-                    for name, vals in base.items():
+                    base_rows = baselines(problems, o, config.random_draws, config.seed)
+                    k = fewer_traces(problems, o)
+                    fewer = run_policy(problems, "none", kv, config, params, subset=k)
+                    base_rows["sc_same_tokens"] = [float(c) for c in fewer.correct]
+                    for name, vals in base_rows.items():
                         row[name] = {"accuracy": float(np.mean(vals)),
                                      "vs_sc": paired_bootstrap(sc.correct, vals, seed=config.seed).to_dict(),
                                      "policy_minus": paired_bootstrap(vals, o.correct, seed=config.seed).to_dict()}
+                    row["sc_same_tokens"].update(traces=int(sum(k)), token_ratio=sum(map(sum, fewer.tokens)) / sc_tokens)
             rows.append(row)
+            if policy == "none" and adm_time:
+                rows.append({"kv_blocks": kv, "policy": "none+admission", "vote": "majority", "problems": len(problems),
+                             "accuracy": row["accuracy"], "model_time": adm_time, "time_ratio": adm_time / sc_time,
+                             "admission_time_ratio": 1.0, "max_num_seqs": seqs, "output_tokens": toks,
+                             "token_ratio": 1.0, "preemptions": adm.preemptions, "pruned": 0, "traces": row["traces"],
+                             "steps": adm.steps, "computed_tokens": adm.computed_tokens, "correct": row["correct"]})
+    bar.close()
     return {"rows": rows}
+
+
+def _votes_of(policy: str, votes: Sequence[str]) -> list[str]:
+    """The votes a policy is replayed with: SC majority only; the confidence baseline its own and
+    majority; the STEP policies the ones asked for (confidence there means majority)."""
+    if policy == "none":
+        return ["majority"]
+    if policy == "confidence":
+        return ["confidence", "majority"] if "majority" in votes else ["confidence"]
+    return list(dict.fromkeys(v for v in votes if v != "confidence")) or ["majority"]
 
 
 def load_bench(path: str | Path) -> dict[str, Any]:
@@ -682,8 +793,13 @@ def live_check(config: Config, bench: dict[str, Any]) -> list[dict[str, Any]]:
     """Replay the bench's own SC traces at each of its KV budgets and put each live policy's
     row beside the replayed one: accuracy, token and preemption counts, and how many traces
     the replay prunes exactly as the live engine did."""
+    from .calibrate import resolve_trust
+
     header = {"config": {**bench["config"], "policy": "none"}}
     params = params_from(config, header)
+    bc = bench["config"]
+    cutoff = resolve_trust(bc.get("scorer"), bc.get("max_accuracy_loss"), bc.get("risk_delta", 0.1),
+                           bc.get("prune_below")).cutoff if "max_accuracy_loss" in bc else None
     out = []
     for kv in bench["config"]["kv_blocks"]:
         sc_records = bench["problems"].get(f"{kv}/none")
@@ -696,7 +812,8 @@ def live_check(config: Config, bench: dict[str, Any]) -> list[dict[str, Any]]:
             if not live_rows or policy not in POLICIES:
                 continue
             live = live_rows[0]
-            o = run_policy(problems, policy, kv, config, params)
+            o = run_policy(problems, policy, kv, config, params, vote=live.get("vote"),
+                           cutoff=cutoff if policy.startswith("memory") else None)
             sc = run_policy(problems, "none", kv, config, params) if policy != "none" else o
             by_id = {r["problem_id"]: r for r in bench["problems"][f"{kv}/{policy}"]}
             same_pruned = same_correct = n_traces = 0
@@ -767,15 +884,20 @@ def _iv(d: dict[str, Any] | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| KV blocks | policy | vote | accuracy | Δ vs SC [95% CI] | random | oracle | x SC time (model) "
-            "| output tokens | x SC tokens | preemptions | pruned |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| KV blocks | policy | vote | accuracy | Δ vs SC [95% CI] | random | SC same tokens | oracle "
+            "| x SC time (model) | x admission-SC time | x SC tokens | preemptions | pruned |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        rnd = f"{r['random']['accuracy']:.3f}" if "random" in r else "–"
-        orc = f"{r['oracle']['accuracy']:.3f}" if "oracle" in r else "–"
-        lines.append(f"| {r['kv_blocks'] or 'unlimited'} | {r['policy']} | {r['vote']} | {r['accuracy']:.3f} | "
-                     f"{_iv(r.get('vs_sc'))} | {rnd} | {orc} | {r['time_ratio']:.2f} | {r['output_tokens']} | "
+        def acc(name: str) -> str:
+            return f"{r[name]['accuracy']:.3f}" if name in r else "–"
+
+        adm = r.get("admission_time_ratio")
+        policy = r["policy"] + (f" ({r['rule']})" if r.get("rule") else "") + (
+            f" (max_num_seqs {r['max_num_seqs']})" if r.get("max_num_seqs") else "")
+        lines.append(f"| {r['kv_blocks'] or 'unlimited'} | {policy} | {r['vote']} | {r['accuracy']:.3f} | "
+                     f"{_iv(r.get('vs_sc'))} | {acc('random')} | {acc('sc_same_tokens')} | {acc('oracle')} | "
+                     f"{r['time_ratio']:.2f} | {'–' if adm is None else f'{adm:.2f}'} | "
                      f"{r['token_ratio']:.2f} | {r['preemptions']} | {r['pruned']}/{r['traces']} |")
     return head + "\n".join(lines) + "\n"
 
@@ -787,9 +909,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    policies = list(dict.fromkeys((r["policy"], r["vote"]) for r in rows))
     for policy in policies:
-        sub = [r for r in rows if r["policy"] == policy]
+        sub = [r for r in rows if (r["policy"], r["vote"]) == policy]
+        policy = f"{policy[0]} ({policy[1]})"
         for ax, key, label in ((axes[0], "output_tokens", "output tokens"), (axes[1], "model_time", "model time (token units)")):
             xs = [r[key] for r in sub]
             ax.plot(xs, [r["accuracy"] for r in sub], marker="o", label=policy)
@@ -803,6 +926,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load_trust(config: Config, header: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The trust.json for the risk-controlled rows: ``--trust`` (a file or a scorer directory),
+    or with ``auto`` the run's scorer's, checked against the run's scorer weights."""
+    from .calibrate import FILE_NAME, read_trust
+
+    if not config.trust:
+        return None, None
+    weights = (header.get("scorer") or {}).get("weights_sha256")
+    if config.trust == "auto":
+        scorer = (header.get("config") or {}).get("scorer")
+        if not scorer or not weights or not (Path(scorer) / FILE_NAME).is_file():
+            return None, None
+        return read_trust(scorer, weights), str(Path(scorer) / FILE_NAME)
+    p = Path(config.trust)
+    d = p if p.is_dir() else p.parent
+    if not (d / FILE_NAME).is_file():
+        raise StepprobeError(f"replay: no {FILE_NAME} at {config.trust}")
+    return read_trust(d, weights), str(d / FILE_NAME)
 
 
 def run(config: Config) -> Path:
@@ -820,8 +963,11 @@ def run(config: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     problems = build_problems(records)
     params = params_from(config, header)
-    result = replay(problems, config, params)
+    trust, trust_path = load_trust(config, header)
+    result = replay(problems, config, params, trust)
     doc = {"kind": KIND, "schema_version": SCHEMA_VERSION, "config": config.to_dict(),
+           "trust": {"path": trust_path, "vote": trust["vote"], "calibration_set": trust["calibration_set"],
+                     "holds_for": trust["holds_for"], "default": trust["default"]} if trust else None,
            "params": dataclasses.asdict(params), "package_versions": package_versions(),
            "source": {"results": str(Path(config.results).resolve()), "run_config": header.get("config"),
                       "model": header.get("model"), "scorer": header.get("scorer")},
@@ -829,7 +975,10 @@ def run(config: Config) -> Path:
            "seconds": time.perf_counter() - t0, **result}
     text = (f"Replay on {len(problems)} problems (paired: the same traces for every policy; Δ vs SC with a paired "
             "bootstrap 95% interval over problems; random/oracle prune the same number of traces per problem at the "
-            "same points; time from the scheduler model).\n\n" + markdown(result["rows"]))
+            "same points; 'SC same tokens' samples fewer traces per problem, in full, for the same output tokens; "
+            "'none+admission' is SC with max_num_seqs sized so that it never preempts; 'memory+risk' is memory "
+            "pruning only below the cutoff its scorer's calibration earned; time from the scheduler model).\n\n"
+            + markdown(result["rows"]))
     if config.live_bench:
         doc["live_check"] = live_check(config, load_bench(config.live_bench))
         doc["time_fit"] = fit_step_cost(doc["live_check"])

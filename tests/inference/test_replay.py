@@ -48,8 +48,8 @@ def write_run(tmp_path, records, config=RUN_CONFIG):
 
 # Hand-computed, unlimited KV (every trace runs from step 1; no preemption):
 #   none (majority): A ties 2-2, the first-seen answer "1" wins (right); B ties 2-2, "5" wins (wrong).
-#   memory (score vote, nothing to prune): A 1.7 vs 0.3 right; B "7" = 0.41 + 1.0 (t2 unscored votes 1)
-#     beats "5" = 1.15: right.
+#   memory (score vote, nothing to prune): A 1.7 vs 0.3 right; B "7" = 0.41 + 0.52 (t2 unscored votes
+#     with the mean of the scored voters, (0.6 + 0.41 + 0.55) / 3) loses to "5" = 1.15: wrong.
 #   threshold: A t1, t2 score < 0.5 after their step at g=1 -> flagged after step 2, 3 tokens;
 #     B t1 falls to 0.41 at its second step (g=4) -> 6 tokens. B's vote: "5" 1.15 vs "7" 1.0: wrong.
 #   top_fraction (keep 1/2 at step 1): A decided at step 2: t1, t2 lose -> 3 tokens.
@@ -58,15 +58,15 @@ def write_run(tmp_path, records, config=RUN_CONFIG):
 #     A thr 1.5: t2's window (1, 1) after token 3 -> 4 tokens. B thr 2.0: t2 window (1, 1) after
 #     token 1 -> 2 tokens (of 3). Votes by confidence: A "1" 5.0 vs 1.0 right; B "5" 3.5 vs 3.0 wrong.
 EXPECTED = {  # policy: (accuracy, output tokens, pruned)
-    "none": (0.5, 51, 0), "memory": (1.0, 51, 0), "threshold": (0.5, 43, 3),
+    "none": (0.5, 51, 0), "memory": (0.5, 51, 0), "threshold": (0.5, 43, 3),
     "top_fraction": (0.5, 41, 3), "confidence": (0.5, 48, 2)}
 
 
 def test_replay_reproduces_the_hand_computed_table(tmp_path):
     d = write_run(tmp_path, synthetic_records())
-    out = rp.run(rp.Config(results=str(d), kv_blocks=[0], random_draws=6000, step_cost_tokens=64))
+    out = rp.run(rp.Config(results=str(d), kv_blocks=[0], random_draws=6000, step_cost_tokens=64, votes=["score"]))
     data = rp.read_replay(out)
-    rows = {r["policy"]: r for r in data["rows"]}
+    rows = {r["policy"]: r for r in data["rows"] if r["vote"] != "majority" or r["policy"] == "none"}
     assert set(rows) == set(EXPECTED)
     for policy, (acc, tokens, pruned) in EXPECTED.items():
         r = rows[policy]
@@ -78,14 +78,15 @@ def test_replay_reproduces_the_hand_computed_table(tmp_path):
         assert r["steps"] == (16 if policy == "confidence" else 8)
     assert rows["none"]["time_ratio"] == 1.0
     assert rows["threshold"]["time_ratio"] == pytest.approx((8 * 64 + 115) / (8 * 64 + 123))
-    assert rows["memory"]["vs_sc"]["diff"] == 0.5
+    assert rows["memory"]["vs_sc"]["diff"] == 0.0
     # Baselines for threshold: A prunes 2 of 4; oracle drops the two wrong traces (right);
     # random keeps one of the 6 pairs, 5 of which vote right -> 5/6. B prunes 1 of 4 at 6 tokens
-    # (t2 has only 3, so drawing it prunes nothing): drop t0 -> "7" 1.41 vs .55 right; t1 -> wrong;
-    # t2 -> all vote, "7" 1.41 vs 1.15 right; t3 -> right (1.41 vs .6): random 3/4; oracle drops t0: right.
+    # (t2 has only 3, so drawing it prunes nothing; unscored t2 votes with the mean of the scored
+    # voters): drop t0 -> "7" .41 + .48 vs .55 right; t1 -> "5" 1.15 vs .575 wrong; t2 -> all vote,
+    # "7" .41 + .52 vs 1.15 wrong; t3 -> "7" .41 + .505 vs .6 right: random 2/4; oracle drops t0: right.
     th = rows["threshold"]
     assert th["oracle"]["accuracy"] == 1.0
-    assert th["random"]["accuracy"] == pytest.approx((5 / 6 + 3 / 4) / 2, abs=0.02)
+    assert th["random"]["accuracy"] == pytest.approx((5 / 6 + 2 / 4) / 2, abs=0.02)
     md = (out / "replay.md").read_text()
     assert "| unlimited | threshold | score | 0.500 | +0.000" in md
     assert (out / "replay.png").is_file()
@@ -225,7 +226,7 @@ def test_report_shows_the_replay_and_checks_its_schema(tmp_path):
     d = write_run(tmp_path, synthetic_records())
     out = rp.run(rp.Config(results=str(d), kv_blocks=[0], random_draws=10, output=str(tmp_path / "replay")))
     text = "\n".join(_replay_section(tmp_path))
-    assert "2 held-out problems" in text and "| unlimited | memory | score | 1.000 | +0.500" in text
+    assert "2 held-out problems" in text and "| unlimited | memory | score | 0.500 | +0.000" in text
     data = json.loads((out / "replay.json").read_text())
     (out / "replay.json").write_text(json.dumps({**data, "schema_version": 0}))
     assert "rerun the replay stage" in "\n".join(_replay_section(tmp_path))
