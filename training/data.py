@@ -164,6 +164,33 @@ def make_split(hs, *, val_fraction: float = 0.15, test_fraction: float = 0.15, s
     return SplitRows(rows, problems, info)
 
 
+def cv_splits(hs, split: SplitRows, folds: int, seed: int = 0) -> list[SplitRows]:
+    """K-fold cross-validation over the non-test problems of ``split`` (problems of one question
+    stay together; the test split is untouched): fold k validates on its problems and trains on
+    the others'. The training rows keep ``split``'s subsampling."""
+    from .metrics import TEST, TRAIN, VAL
+
+    pid = row_problem_ids(hs)
+    groups = question_groups(hs)
+    ids = sorted(set(split.problems[TRAIN]) | set(split.problems[VAL]))
+    keys = sorted({groups.get(p, p) for p in ids})
+    if len(keys) < 2 * folds:
+        raise StepprobeError(f"{folds}-fold cross-validation needs at least {2 * folds} training problems, "
+                             f"the split has {len(keys)}")
+    fold_of_key = {k: i % folds for i, k in enumerate(np.asarray(keys)[np.random.default_rng(seed).permutation(len(keys))])}
+    train_rows = set(split.rows[TRAIN].tolist()) | set(split.rows[VAL].tolist())
+    out = []
+    for f in range(folds):
+        val_ids = sorted(p for p in ids if fold_of_key[groups.get(p, p)] == f)
+        tr_ids = sorted(p for p in ids if fold_of_key[groups.get(p, p)] != f)
+        val = np.flatnonzero(np.isin(pid, val_ids))
+        tr = np.array(sorted(r for r in np.flatnonzero(np.isin(pid, tr_ids)).tolist() if r in train_rows), dtype=np.int64)
+        out.append(SplitRows({TRAIN: tr, VAL: val, TEST: split.rows[TEST]},
+                             {TRAIN: tr_ids, VAL: val_ids, TEST: split.problems[TEST]},
+                             {**split.info, "cv_fold": f, "cv_folds": folds}))
+    return out
+
+
 class FeatureCache:
     """Whole sites of one file in memory (float32 [num_steps, hidden]), least recently used out.
 

@@ -39,6 +39,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stepprobe.config import StageConfig, option, stage_defaults
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, read_json
@@ -48,7 +50,7 @@ from stepprobe.probes.registry import COMBINES, known_probes
 from stepprobe.provenance import package_versions
 
 from . import metrics as M
-from .data import FeatureCache, check_classes, data_fingerprint, make_split, open_hidden_states
+from .data import FeatureCache, check_classes, cv_splits, data_fingerprint, make_split, open_hidden_states
 from .train import IMBALANCE
 from .train import Config as TrainConfig
 from .train import train_probe
@@ -85,6 +87,8 @@ class Config(StageConfig, TrainingOptions):
                                 "mixed also tunes pair_weight); e.g. bce,pairwise with --objective val_within_auroc")
     lr_min: float = option(1e-4, "learning-rate range (log scale)")
     lr_max: float = option(1e-2, "")
+    cv_folds: int = option(5, "choose trials by k-fold cross-validation over the non-test problems (the mean of the "
+                              "folds' validation metric); 1 = the single validation split")
     pruner_startup_trials: int = option(5, "trials before the median pruner starts pruning")
     pruner_warmup_epochs: int = option(3, "epochs of each trial before it may be pruned")
     heartbeat_interval: int = option(30, "seconds between trial heartbeats (stale-trial detection)", resume_ok=True)
@@ -273,6 +277,7 @@ def run(cfg: Config) -> Path:
     split = make_split(hs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
                        max_steps_per_trace=cfg.max_steps_per_trace, subsample_seed=cfg.seed)
     check_classes(split, hs, test=False)
+    folds = cv_splits(hs, split, cfg.cv_folds, cfg.split_seed) if cfg.cv_folds > 1 else [split]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if cfg.out and (Path(cfg.out) / "tune.json").is_file():
         out = Path(cfg.out)
@@ -285,6 +290,7 @@ def run(cfg: Config) -> Path:
         out = prepare_out_dir(cfg.out, "tune", False, "tune.json")
     study, url = _load_study_retrying(cfg, out, fingerprint)
     doc = {"kind": TUNE_KIND, "schema_version": TUNE_SCHEMA_VERSION, "config": cfg.to_dict(), "storage": url,
+           "cv_folds": [{"fold": f.info.get("cv_fold", 0), "val_problems": len(f.problems[M.VAL])} for f in folds],
            "study_name": cfg.study_name, "objective": cfg.objective, "data": fingerprint,
            "split": {**split.info, "problems": {k: v for k, v in split.problems.items() if k != M.TEST},
                      "num_test_problems": len(split.problems[M.TEST])},
@@ -300,18 +306,22 @@ def run(cfg: Config) -> Path:
         tcfg = trial_config(trial, cfg, candidates, kinds)
         trial.set_user_attr("train_config", tcfg.to_dict())
         t0 = time.perf_counter()
-        result = train_probe(tcfg, hs, cache=cache, split=split, evaluate_test=False,
-                             callbacks=[PyTorchLightningPruningCallback(trial, monitor=cfg.objective)])
-        val = M.clean(result.metrics[M.VAL])
-        trial.set_user_attr("val_metrics", val)
-        trial.set_user_attr("threshold", result.threshold)
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        trial.set_user_attr("seconds", time.perf_counter() - t0)
         _, metric = M.split_of(cfg.objective)
-        value = result.metrics[M.VAL][metric]
-        if value != value:  # nan: one class only in the early steps of validation
-            raise StepprobeError(f"{cfg.objective} is undefined on this validation split; choose another --objective")
-        return float(value)
+        values = []
+        for k, fold in enumerate(folds):  # Optuna's pruner watches the first fold's epochs
+            cbs = [PyTorchLightningPruningCallback(trial, monitor=cfg.objective)] if k == 0 else []
+            result = train_probe(tcfg, hs, cache=cache, split=fold, evaluate_test=False, callbacks=cbs)
+            if k == 0:
+                trial.set_user_attr("val_metrics", M.clean(result.metrics[M.VAL]))
+                trial.set_user_attr("threshold", result.threshold)
+                trial.set_user_attr("best_epoch", result.best_epoch)
+            values.append(float(result.metrics[M.VAL][metric]))
+        trial.set_user_attr("cv_values", values)
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        value = float(np.mean(values))
+        if value != value:  # nan: one class only in the early steps of a validation fold
+            raise StepprobeError(f"{cfg.objective} is undefined on a validation fold; choose another --objective")
+        return value
 
     failed = fail_dead_trials(study, cfg.grace_period)
     if failed:

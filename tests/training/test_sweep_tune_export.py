@@ -109,10 +109,39 @@ def test_tune_killed_and_resumed_continues_the_same_study_then_export(synthetic_
     scorer = load_scorer(exp)
     edoc = json.loads((exp / "export.json").read_text())
     assert edoc["trial"] == study.best_trial.number
-    metrics = json.loads((exp / "metrics.json").read_text())["metrics"]
-    assert metrics["val"]["early50_auroc"] == pytest.approx(study.best_value, abs=1e-9)
+    # Trials are chosen by 5-fold cross-validation over the non-test problems: the value is the
+    # folds' mean, and the export (trained on the study's own split) reports it beside test.
+    cv = study.best_trial.user_attrs["cv_values"]
+    assert len(cv) == 5 and study.best_value == pytest.approx(sum(cv) / 5)
+    assert edoc["trial_value"] == pytest.approx(study.best_value)
+    assert [f["fold"] for f in tune_doc["cv_folds"]] == [0, 1, 2, 3, 4]
     assert scorer.metrics["test_auroc"] is not None and scorer.metrics["reference_test_auroc"] is not None
     assert scorer.sites[0] in ("layer_01", "layer_02", "layer_03")
+
+
+def test_cv_folds_partition_the_non_test_problems_and_one_fold_reproduces_on_export(synthetic_h5, tmp_path):
+    from stepprobe.training import metrics as M
+    from stepprobe.training.data import cv_splits, make_split, open_hidden_states
+
+    hs = open_hidden_states(str(synthetic_h5))
+    split = make_split(hs)
+    folds = cv_splits(hs, split, 4, seed=0)
+    vals = [set(f.problems[M.VAL]) for f in folds]
+    assert set().union(*vals) == set(split.problems[M.TRAIN]) | set(split.problems[M.VAL])
+    assert sum(map(len, vals)) == len(set().union(*vals))  # disjoint
+    for f in folds:
+        assert not set(f.problems[M.TRAIN]) & set(f.problems[M.VAL])
+        assert f.problems[M.TEST] == split.problems[M.TEST] and (f.rows[M.TEST] == split.rows[M.TEST]).all()
+    with pytest.raises(Exception, match="cross-validation needs"):
+        cv_splits(hs, split, 1000)
+    # cv_folds 1: the single validation split, and the export reproduces the trial exactly
+    out = tmp_path / "study1"
+    tune.run(tune.Config(data=str(synthetic_h5), out=str(out), n_trials=2, max_epochs=3, patience=2, archs="linear",
+                         sites="1-2", progress=False, cv_folds=1, plots=False))
+    exp = export.run(export.Config(source=str(out), out=str(tmp_path / "scorer1"), plots=False))
+    metrics = json.loads((exp / "metrics.json").read_text())["metrics"]
+    value = json.loads((exp / "export.json").read_text())["trial_value"]
+    assert metrics["val"]["early50_auroc"] == pytest.approx(value, abs=1e-9)
 
 
 def test_sweep_finds_a_signal_that_lives_only_in_the_step_mean(tmp_path):
