@@ -36,6 +36,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "import-step-dump": ("stepprobe.data_collection.step_dump",
                          "convert STEP-paper hidden-state dumps (*_hiddenstates_*.pt) into the HDF5 file"),
     "run": ("stepprobe.inference.run", "generate with vLLM, score steps and prune traces"),
+    "calibrate": ("stepprobe.inference.calibrate",
+                  "how far pruning and votes may trust a scorer: risk-controlled cutoff and earned vote (trust.json)"),
     "bench": ("stepprobe.inference.bench", "self-consistency vs. STEP pruning vs. confidence, side by side"),
     "replay": ("stepprobe.inference.replay", "replay every policy offline on the traces of one SC run (paired)"),
     "serve": ("stepprobe.inference.serve", "vllm serve with scoring and pruning (OpenAI-compatible endpoint)"),

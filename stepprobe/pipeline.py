@@ -46,14 +46,16 @@ log = logging.getLogger(__name__)
 
 KIND = "stepprobe-pipeline"
 SCHEMA_VERSION = 1
-STAGES = ["collect", "record", "sweep", "tune", "export", "sc", "bench", "replay"]
+STAGES = ["collect", "record", "sweep", "tune", "export", "evaluate", "sc", "calibrate", "bench", "replay"]
 _MODULES = {
     "collect": "stepprobe.data_collection.collect",
     "record": "stepprobe.data_collection.record",
     "sweep": "stepprobe.training.sweep",
     "tune": "stepprobe.training.tune",
     "export": "stepprobe.training.export",
+    "evaluate": "stepprobe.training.evaluate",
     "sc": "stepprobe.inference.run",
+    "calibrate": "stepprobe.inference.calibrate",
     "bench": "stepprobe.inference.bench",
     "replay": "stepprobe.inference.replay",
 }
@@ -68,6 +70,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "sweep": {"sites": "all", "arch": "linear"},
     "tune": {"n_trials": 12, "sites": "layers", "archs": "linear,mlp", "max_epochs": 15, "patience": 4},
     "export": {},
+    # evaluate: the released scorer (trained on 1000 other problems) on this run's test split, beside
+    # the scorer this run trains (export reports that one's figures on the same problems).
+    "evaluate": {"overwrite": True},
     # Eager engines: on this CPU build torch.compile costs minutes per engine, more than the
     # short runs themselves (the compiled path is what tests/inference checks).
     # sc: one self-consistency pass over every held-out problem, keeping what replay needs.
@@ -78,6 +83,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # and budgets on all of them.
     "bench": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16",
               "enforce_eager": True, "policies": ["none", "memory"], "kv_blocks": [16], "limit": 60},
+    # calibrate: how far the scorer is trusted (the memory cutoff for a 1-point tolerance, the vote),
+    # on the SC pass, at every budget the replay shows; bench's memory row then uses it.
+    "calibrate": {"kv_blocks": [12, 16, 24, 32, 48, 64]},
     # replay: every policy, the within-problem ones (issue 12) included, on the same SC traces.
     "replay": {"kv_blocks": [0, 12, 16, 24, 32, 48, 64],
                "policies": ["none", "memory", "memory:group_gap", "memory:group_largest", "threshold", "relative",
@@ -94,6 +102,8 @@ class Config(StageConfig):
     problems: str = option("builtin:n=160,seed=0", "problems to collect and train on (file or builtin spec)")
     bench_problems: str = option("builtin:n=320,seed=1", "held-out problems for sc/replay and the bench (never "
                                  "trained on; questions also in `problems` are dropped)")
+    seed: int = option(0, "seed of sampling (collect, sc, bench) and training (split, initialization, tuning); "
+                          "the problems stay the same")
     stages: list[str] = option(help="stages to run, in order", factory=lambda: list(STAGES))
     restart: bool = option(False, "forget the run directory's finished stages and start again")
     report: bool = option(True, "write report.md and report.html at the end")
@@ -102,6 +112,8 @@ class Config(StageConfig):
     sweep: dict = option(help="settings for sweep", factory=dict)
     tune: dict = option(help="settings for tune", factory=dict)
     export: dict = option(help="settings for export", factory=dict)
+    evaluate: dict = option(help="settings for evaluate (the released scorer on this run's test split)", factory=dict)
+    calibrate: dict = option(help="settings for calibrate (the scorer's trust.json from the sc pass)", factory=dict)
     sc: dict = option(help="settings for sc (a `stepprobe run` with policy none on the held-out problems)",
                       factory=dict)
     bench: dict = option(help="settings for bench", factory=dict)
@@ -144,6 +156,14 @@ class Paths:
         return self.root / "bench"
 
     @property
+    def evaluate(self) -> Path:
+        return self.root / "evaluate"
+
+    @property
+    def trust(self) -> Path:
+        return self.scorer / "trust.json"
+
+    @property
     def sc(self) -> Path:
         return self.root / "sc"
 
@@ -168,6 +188,9 @@ def _wiring(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
         "sweep": {"data": str(paths.hidden_states), "out": str(paths.sweep)},
         "tune": {"data": str(paths.hidden_states), "out": str(paths.tune)},
         "export": {"source": str(paths.tune), "out": str(paths.scorer)},
+        "evaluate": {"scorer": str(_released_or(cfg.model, paths.scorer)), "data": str(paths.hidden_states),
+                     "test_split_of": str(paths.scorer), "out": str(paths.evaluate)},
+        "calibrate": {"results": str(paths.sc), "output": str(paths.trust)},
         "sc": {"model": cfg.model, "problems": str(paths.bench_problems), "scorer": str(paths.scorer),
                "output": str(paths.sc)},
         "bench": {"model": cfg.model, "problems": str(paths.bench_problems), "scorer": str(paths.scorer),
@@ -177,8 +200,22 @@ def _wiring(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
     }[stage]
 
 
+def _released_or(model: str, own: Path) -> Path:
+    """The model's released scorer (what the evaluate stage compares with), else the run's own."""
+    from .released import released_scorer
+
+    return released_scorer(model) or own
+
+
+#: What the pipeline's ``seed`` sets in each stage (under the stage's own section).
+_SEEDED = {"collect": ("seed",), "sweep": ("seed", "split_seed"), "tune": ("seed", "split_seed"), "sc": ("seed",),
+           "bench": ("seed",), "calibrate": ("seed",), "replay": ("seed",)}
+
+
 def stage_settings(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
     settings = copy.deepcopy(DEFAULTS[stage])
+    if cfg.seed:
+        settings.update({k: cfg.seed for k in _SEEDED.get(stage, ())})
     settings.update(getattr(cfg, stage))
     owned = _wiring(stage, cfg, paths)
     clash = sorted(k for k in getattr(cfg, stage) if k in owned)

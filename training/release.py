@@ -142,14 +142,16 @@ def _replay_section(run: Path) -> list[str]:
              f"{doc['problems']} out-of-template problems, every policy replayed on those same traces at {kv} KV "
              "blocks (time from the replay's scheduler model; Δ vs SC: paired bootstrap 95% interval over problems; "
              "random prunes as many traces per problem at the same points, oracle prunes wrong traces first):", "",
-             "| policy | accuracy | Δ vs SC [95% CI] | random | oracle | x SC time | pruned |", "|---|---|---|---|---|---|---|"]
+             "| policy | vote | accuracy | Δ vs SC [95% CI] | random | oracle | x SC time | pruned |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r.get("vs_sc")
         iv = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–"
         rnd = _f(r["random"]["accuracy"]) if "random" in r else "–"
         orc = _f(r["oracle"]["accuracy"]) if "oracle" in r else "–"
-        lines.append(f"| {r['policy']} | {_f(r['accuracy'])} | {iv} | {rnd} | {orc} | {_f(r['time_ratio'], 2)} | "
-                     f"{r['pruned']}/{r['traces']} |")
+        policy = r["policy"] + (f" ({r['rule']})" if r.get("rule") else "")
+        lines.append(f"| {policy} | {r['vote']} | {_f(r['accuracy'])} | {iv} | {rnd} | {orc} | "
+                     f"{_f(r['time_ratio'], 2)} | {r['pruned']}/{r['traces']} |")
     return lines + [""]
 
 

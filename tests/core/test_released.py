@@ -134,7 +134,7 @@ def test_card_replay_table_is_one_budget_when_16_was_not_replayed(tmp_path):
 
     sc = write_run(tmp_path, synthetic_records(), config={**RUN_CONFIG, "n": 4})
     rp.run(rp.Config(results=str(sc), kv_blocks=[0, 24, 12], policies=["none", "memory"], random_draws=10,
-                     output=str(tmp_path / "ood-replay")))
+                     votes=["majority"], output=str(tmp_path / "ood-replay")))
     table = card(tmp_path).split("## Pruning on the out-of-template problems (replay)")[1].split("## Use")[0]
     assert "at 12 KV blocks" in table
     assert [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:] \
