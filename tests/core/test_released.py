@@ -124,7 +124,7 @@ def test_card_shows_pruning_on_the_out_of_template_replay(tmp_path):
     assert "## Pruning on the out-of-template problems (replay)" in text
     assert "n=4) with this scorer over 2 out-of-template problems" in text and "at 16 KV blocks" in text
     assert "| none | majority | 0.500 | – | – | – | 1.00 | 0/8 |" in text
-    assert "| threshold | 0.500 | +0.000 [" in text
+    assert "| threshold | score | 0.500 | +0.000 [" in text and "| threshold | majority | " in text
 
 
 def test_card_replay_table_is_one_budget_when_16_was_not_replayed(tmp_path):
