@@ -70,8 +70,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "sweep": {"sites": "all", "arch": "linear"},
     "tune": {"n_trials": 12, "sites": "layers", "archs": "linear,mlp", "max_epochs": 15, "patience": 4},
     "export": {},
-    # evaluate: the released scorer (trained on 1000 other problems) on this run's test split, beside
-    # the scorer this run trains (export reports that one's figures on the same problems).
+    # evaluate: the released scorer (trained on 1000 other problems) and the scorer this run trains,
+    # paired on this run's test problems that neither was trained on.
     "evaluate": {"overwrite": True},
     # Eager engines: on this CPU build torch.compile costs minutes per engine, more than the
     # short runs themselves (the compiled path is what tests/inference checks).
@@ -189,7 +189,8 @@ def _wiring(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
         "tune": {"data": str(paths.hidden_states), "out": str(paths.tune)},
         "export": {"source": str(paths.tune), "out": str(paths.scorer)},
         "evaluate": {"scorer": str(_released_or(cfg.model, paths.scorer)), "data": str(paths.hidden_states),
-                     "test_split_of": str(paths.scorer), "out": str(paths.evaluate)},
+                     "test_split_of": str(paths.scorer), "compare": str(paths.scorer), "out": str(paths.evaluate),
+                     "exclude_problems": _released_training(cfg.model)},
         "calibrate": {"results": str(paths.sc), "output": str(paths.trust)},
         "sc": {"model": cfg.model, "problems": str(paths.bench_problems), "scorer": str(paths.scorer),
                "output": str(paths.sc)},
@@ -198,6 +199,12 @@ def _wiring(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
         "replay": {"results": str(paths.sc), "output": str(paths.replay),
                    **({"live_bench": str(paths.bench)} if "bench" in cfg.stages else {})},
     }[stage]
+
+
+def _released_training(model: str) -> str:
+    from .released import released_scorer, released_training_problems
+
+    return released_training_problems(model) if released_scorer(model) else ""
 
 
 def _released_or(model: str, own: Path) -> Path:

@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 
 # model name (as given on the command line) -> folder under the released root
 RELEASED = {DEFAULT_MODEL: "smollm2-135m"}
+#: The problems each released scorer was trained on (its recipe, configs/released-*.yaml): an
+#: evaluation of it leaves their questions out.
+TRAINED_ON = {"smollm2-135m": "builtin:n=1000,seed=100"}
+
+
+def released_training_problems(model: str | None) -> str:
+    """The problem source the model's released scorer was trained on ("" when none is shipped)."""
+    return TRAINED_ON.get(RELEASED.get(model or DEFAULT_MODEL, ""), "")
 NO_SCORER = "none"
 
 

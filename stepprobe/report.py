@@ -146,29 +146,25 @@ def _probe_section(root: Path) -> list[str]:
 
 
 def _evaluate_section(root: Path) -> list[str]:
-    lines = ["## The released scorer on this run's test split", ""]
+    lines = ["## The released scorer beside this run's, on test problems neither saw", ""]
     doc = _load(root / "evaluate" / "eval.json")
-    own = (_load(root / "scorer" / "metrics.json") or {}).get("metrics", {}).get("test") or {}
     if not doc:
         return lines + ["evaluate has not run.", ""]
-    p = doc.get("probe", {})
-    size = doc.get("size", {})
+    p, c, size = doc.get("probe", {}), doc.get("compare") or {}, doc.get("size", {})
 
     def iv(d: dict | None) -> str:
         d = d or {}
         return f"{_fmt(d.get('value'))} [{_fmt(d.get('lo'))}, {_fmt(d.get('hi'))}]"
 
-    def mine(n: str) -> str:
-        lo, hi = own.get(f"{n}_lo"), own.get(f"{n}_hi")
-        return _fmt(own.get(n)) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
-
     sc = doc.get("scorer", {})
-    lines += [f"`{sc.get('path')}` ({sc.get('architecture')} on {', '.join(sc.get('sites', []))}) scored on the "
-              f"{size.get('problems')} test problems of this run ({size.get('steps')} steps), beside the scorer this "
-              "run trained (its export figures on the same problems). 95% intervals, bootstrap over problems.", "",
-              "| metric | released scorer | this run's scorer |", "|---|---|---|"]
+    lines += [f"`{Path(str(sc.get('path'))).name}` ({sc.get('architecture')} on {', '.join(sc.get('sites', []))}) "
+              f"and, where compared, this run's scorer ({c.get('architecture')} on {', '.join(c.get('sites', []))}), "
+              f"scored on the same {size.get('problems')} problems ({size.get('steps')} steps): this run's test split "
+              f"less any question in `{doc.get('config', {}).get('exclude_problems') or '-'}`. 95% intervals, "
+              "bootstrap over problems.", "",
+              "| metric | first scorer | this run's scorer |", "|---|---|---|"]
     for n in ("auroc", "early50_auroc", "within_rank25", "within_rank50", "ece"):
-        lines.append(f"| {n} | {iv(p.get(n))} | {mine(n)} |")
+        lines.append(f"| {n} | {iv(p.get(n))} | {iv(c.get(n)) if c else '–'} |")
     return lines + [""]
 
 

@@ -61,6 +61,9 @@ class Config(StageConfig):
     overwrite: bool = option(False, "replace an existing eval.json")
     test_split_of: str = option("", "a scorer trained on --data: evaluate only on the problems of its test split "
                                     "(so another scorer is compared with it on problems neither trained on)")
+    exclude_problems: str = option("", "a problem source (file or builtin spec) whose questions are left out, e.g. "
+                                       "the problems --scorer was trained on")
+    compare: str = option("", "a second scorer, scored on the same steps beside --scorer (paired)")
 
 
 def _score(scorer, hs, cache: FeatureCache) -> np.ndarray:
@@ -112,6 +115,8 @@ def run(cfg: Config) -> Path:
     labels = np.asarray(hs.steps["label"]).astype(np.int64)
     problem = row_problem_ids(hs)
     rows = _test_rows(cfg, hs)
+    if cfg.exclude_problems:
+        rows = _drop_questions(hs, np.arange(int(hs.num_steps)) if rows is None else rows, cfg.exclude_problems)
     if (labels if rows is None else labels[rows]).min() == (labels if rows is None else labels[rows]).max():
         raise StepprobeError(f"{cfg.data}: every step has the same label; nothing to evaluate")
     cache = FeatureCache(hs)
@@ -138,6 +143,11 @@ def run(cfg: Config) -> Path:
                                                  seed=cfg.seed),
         "package_versions": package_versions(),
     }
+    if cfg.compare:
+        other = load_scorer(cfg.compare, expected_model=hs.model)
+        doc["compare"] = {"path": str(Path(cfg.compare).resolve()), "sites": other.sites,
+                          "architecture": other.architecture,
+                          **_block(_score(other, hs, cache), hs, labels, problem, cfg, rows)}
     if cfg.reference_data:
         doc["reference"] = _reference(cfg, scorer, hs, cache, labels, problem, rows)
     atomic_write_json(out / "eval.json", M.clean(doc))
@@ -169,6 +179,22 @@ def _test_rows(cfg: Config, hs) -> np.ndarray | None:
     split = make_split(hs, val_fraction=tc.get("val_fraction", 0.15), test_fraction=tc.get("test_fraction", 0.15),
                        seed=tc.get("split_seed", 0))
     return split.rows[M.TEST]
+
+
+def _drop_questions(hs, rows: np.ndarray, source: str) -> np.ndarray:
+    """``rows`` without the steps of problems whose question is in ``source``."""
+    from stepprobe.data_collection.problems import load_problem_source
+
+    if "question" not in hs.problems:
+        raise StepprobeError(f"{getattr(hs, 'path', 'the data')} records no questions; --exclude-problems cannot match them")
+    seen = {" ".join(p.question.split()) for p in load_problem_source(source)}
+    qs = [" ".join(str(q.decode() if isinstance(q, bytes) else q).split()) for q in hs.problems["question"]]
+    drop = np.array([q in seen for q in qs], dtype=bool)
+    prob = np.asarray(hs.steps["problem"])
+    kept = rows[~drop[prob[rows]]]
+    if not len(kept):
+        raise StepprobeError(f"every evaluated problem's question is in {source}; nothing left to evaluate")
+    return kept
 
 
 def _size(hs, rows: np.ndarray | None, tr_labels: np.ndarray) -> dict[str, Any]:
@@ -216,11 +242,13 @@ def render(doc: dict[str, Any]) -> str:
              f"{size['sample_accuracy']:.1%} of traces end correct. Scorer: {doc['scorer']['architecture']} on "
              f"{', '.join(doc['scorer']['sites'])}, calibration {doc['scorer']['calibration']['method']}. "
              "Intervals: 95%, bootstrap over problems.", "",
-             "| metric | probe | logistic regression |", "|---|---|---|"]
+             "| metric | probe | logistic regression |" + (" compare |" if doc.get("compare") else ""),
+             "|---|---|---|" + ("---|" if doc.get("compare") else "")]
+    c = doc.get("compare")
     names = ["auroc", "early50_auroc", "trace_auroc", "within_auroc", "within_rank25", "within_rank50",
              "within_rank75", "ece"]
     for n in names:
-        lines.append(f"| {n} | {_c(p.get(n))} | {_c(r.get(n)) if r else 'n/a'} |")
+        lines.append(f"| {n} | {_c(p.get(n))} | {_c(r.get(n)) if r else 'n/a'} |" + (f" {_c(c.get(n))} |" if c else ""))
     lines.append(f"| ece without calibration | {_c(doc.get('probe_uncalibrated_ece'))} | |")
     lines += ["", f"within_*: over the {p.get('within_problems')} problems with both outcomes.", ""]
     return "\n".join(lines)

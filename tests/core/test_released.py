@@ -3,6 +3,8 @@ one (where there is one) loads, matches the default model and scores a recorded 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,12 @@ def test_card_replay_table_is_one_budget_when_16_was_not_replayed(tmp_path):
     assert "at 12 KV blocks" in table
     assert [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:] \
         == ["none", "memory"]  # the header, then one row per policy: a single budget
+
+
+def test_released_training_problems_match_the_recipe():
+    import yaml
+
+    from stepprobe.released import TRAINED_ON
+
+    recipe = yaml.safe_load((Path(__file__).parents[2] / "configs" / "released-smollm2-135m.yaml").read_text())
+    assert TRAINED_ON["smollm2-135m"] == recipe["pipeline"]["problems"]

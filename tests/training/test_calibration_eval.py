@@ -91,8 +91,9 @@ def test_evaluate_on_held_out_file_with_intervals_and_reference(tmp_path):
     assert doc2["probe"]["ece"]["value"] < doc2["probe_uncalibrated_ece"]["value"]
     # --test-split-of: only the trained scorer's own test problems (the figures export reports)
     test = evaluate.run(evaluate.Config(scorer=str(out / "scorer"), data=str(train_h5), out=str(tmp_path / "ev3"),
-                                        bootstrap=100, test_split_of=str(out / "scorer")))
+                                        bootstrap=100, test_split_of=str(out / "scorer"), compare=str(out / "scorer")))
     doc3 = json.loads((test / "eval.json").read_text())
+    assert doc3["compare"]["auroc"] == doc3["probe"]["auroc"]  # the same scorer on the same steps, paired
     assert doc3["size"]["problems"] == len(result.split.problems["test"]) and doc3["rows"].startswith("test split")
     assert doc3["size"]["steps"] == len(result.split.rows["test"])
     assert doc3["probe"]["auroc"]["value"] == pytest.approx(result.metrics["test"]["auroc"], abs=1e-6)
