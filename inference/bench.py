@@ -71,7 +71,10 @@ class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, Pruni
 
     def check(self) -> None:
         for p in self.policies:
-            check_policy(p)
+            if p != ADMISSION:
+                check_policy(p)
+        if ADMISSION in self.policies and self.policies.index(ADMISSION) < self.policies.index("none"):
+            raise StepprobeError(f"bench: {ADMISSION} is sized from the 'none' cell; list it after 'none'")
         if "none" not in self.policies:
             raise StepprobeError("bench needs the 'none' policy (self-consistency) as its baseline")
         if not self.scorer and any(p not in ("none", "confidence") for p in self.policies):
@@ -82,26 +85,45 @@ class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, Pruni
             raise StepprobeError(f"step_vote must be auto, majority or score, got {self.step_vote!r}")
 
 
+#: Self-consistency with ``max_num_seqs`` sized so that it never preempts at the cell's KV budget
+#: (what a careful user configures instead of pruning): sized by the replay's scheduler model on
+#: the SC cell's own traces at that budget, then measured live on an engine of its own.
+ADMISSION = "none+admission"
+
+
+def admission_size(records: list[dict[str, Any]], kv: int, header: dict[str, Any]) -> int:
+    """The largest ``max_num_seqs`` at which SC (these traces) does not preempt at ``kv`` blocks."""
+    from .replay import Config as ReplayConfig
+    from .replay import admission_seqs, build_problems, params_from
+
+    rcfg = ReplayConfig(kv_blocks=[kv])
+    return admission_seqs(build_problems(records), kv, rcfg, params_from(rcfg, header))[0]
+
+
 def _run_config(config: Config, policy: str, kv_blocks: int) -> run_stage.Config:
     """One policy's ``run`` config: every shared group as bench has it."""
     shared = group_values(config, PromptOptions, SamplingOptions, TraceSeedOption, PruningOptions, EngineOptions,
                           ConfidenceOptions)
     shared["num_kv_blocks"] = kv_blocks or None
+    if policy == ADMISSION:
+        return run_stage.Config(**shared, problems=config.problems, policy="none", vote="majority", limit=config.limit)
     return run_stage.Config(**shared, problems=config.problems, policy=policy,
                             vote=DEFAULT_VOTE.get(policy, config.step_vote), record_confidence=policy == "none",
                             limit=config.limit)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| KV blocks | policy | vote | accuracy | Δ vs SC [95% CI] | wall s | x SC time | output tokens | x SC tokens "
-            "| preemptions | pruned |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| KV blocks | policy | vote | accuracy | Δ vs SC [95% CI] | wall s | x SC time | x admission-SC time "
+            "| output tokens | x SC tokens | preemptions | pruned |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         d = r.get("vs_sc")
         iv = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–"
-        lines.append(f"| {r['kv_blocks'] or 'default'} | {r['policy']} | {r['vote']} | {r['accuracy']:.3f} | {iv} | "
-                     f"{r['wall_s']:.1f} | {r['time_ratio']:.2f} | {r['output_tokens']} | {r['token_ratio']:.2f} | "
-                     f"{r['preemptions']} | {r['pruned']}/{r['traces']} |")
+        adm = r.get("admission_time_ratio")
+        policy = r["policy"] + (f" (max_num_seqs {r['max_num_seqs']})" if r.get("max_num_seqs") else "")
+        lines.append(f"| {r['kv_blocks'] or 'default'} | {policy} | {r['vote']} | {r['accuracy']:.3f} | {iv} | "
+                     f"{r['wall_s']:.1f} | {r['time_ratio']:.2f} | {'–' if adm is None else f'{adm:.2f}'} | "
+                     f"{r['output_tokens']} | {r['token_ratio']:.2f} | {r['preemptions']} | {r['pruned']}/{r['traces']} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -169,8 +191,9 @@ def _resume(partial: Path, config: Config, prov: dict[str, Any]) -> dict[int, tu
     kept: dict[int, tuple[list, dict]] = {}
     for kv in config.kv_blocks:
         kv_rows = [r for r in data.get("rows", []) if r["kv_blocks"] == kv]
-        if sorted(r["policy"] for r in kv_rows) == sorted(config.policies):
-            kept[kv] = (kv_rows, {f"{kv}/{p}": data["problems"][f"{kv}/{p}"] for p in config.policies})
+        want = [p for p in config.policies if kv or p != ADMISSION]
+        if sorted(r["policy"] for r in kv_rows) == sorted(want):
+            kept[kv] = (kv_rows, {f"{kv}/{p}": data["problems"][f"{kv}/{p}"] for p in want})
     return kept
 
 
@@ -180,12 +203,12 @@ def cell_path(out: Path, kv: int, policy: str) -> Path:
 
 
 def _measure_cell(runner: Any, problems: list[Any], rc: run_stage.Config, policy: str, kv: int, out: Path,
-                  header: dict[str, Any]) -> tuple[list[dict], dict]:
+                  header: dict[str, Any], name: str | None = None) -> tuple[list[dict], dict]:
     """One timed cell: every problem in one batch, each line written and flushed as soon as its
     traces finish (a kill loses only the problems in flight)."""
     import json
 
-    path = cell_path(out, kv, policy)
+    path = cell_path(out, kv, name or policy)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file():  # from a killed bench: kept beside, never mixed into this measurement
         path.replace(path.with_suffix(".interrupted.jsonl"))
@@ -194,7 +217,7 @@ def _measure_cell(runner: Any, problems: list[Any], rc: run_stage.Config, policy
     records: list[dict | None] = [None] * len(problems)
     stats: dict[str, Any] = {}
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps({**header, "kind": CELL_KIND, "kv_blocks": kv, "policy": policy}) + "\n")
+        fh.write(json.dumps({**header, "kind": CELL_KIND, "kv_blocks": kv, "policy": name or policy}) + "\n")
         fh.flush()
         for k, rec in run_stage.solve_stream(runner, problems, rc, policy=policy, stats=stats):
             records[k] = rec
@@ -253,9 +276,23 @@ def run(config: Config) -> Path:
                 _warm_up(runner, problems, config)
                 for policy in config.policies:
                     rc = _run_config(config, policy, kv)
-                    records, stats = _measure_cell(runner, problems, rc, policy, kv, out, header)
+                    if policy == ADMISSION:
+                        if not kv:
+                            continue  # vLLM's default budget: nothing to size
+                        seqs = admission_size(details[f"{kv}/none"], kv, header)
+                        log.info("bench: SC admitted %d at a time does not preempt at %d KV blocks", seqs, kv)
+                        rc = rc.replace(max_num_seqs=seqs)
+                        own = run_stage.make_runner(rc)
+                        try:
+                            _warm_up(own, problems, config)
+                            records, stats = _measure_cell(own, problems, rc, "none", kv, out, header, name=policy)
+                        finally:
+                            own.close()
+                    else:
+                        records, stats = _measure_cell(runner, problems, rc, policy, kv, out, header)
                     s = run_stage.summarize(records, rc)
                     rows.append({"kv_blocks": kv, "policy": policy, "vote": rc.vote, "accuracy": s["accuracy"],
+                                 **({"max_num_seqs": rc.max_num_seqs} if policy == ADMISSION else {}),
                                  "accuracy_by_vote": s["accuracy_by_vote"], "pass_at_n": s["pass_at_n"],
                                  "wall_s": stats["wall_s"], "output_tokens": s["output_tokens"],
                                  "preemptions": s["preemptions"], "engine_preemptions": stats["preemptions"],
@@ -270,6 +307,8 @@ def run(config: Config) -> Path:
     for r in rows:
         sc = next(x for x in rows if x["kv_blocks"] == r["kv_blocks"] and x["policy"] == "none")
         r["time_ratio"] = r["wall_s"] / sc["wall_s"] if sc["wall_s"] else float("nan")
+        adm = next((x for x in rows if x["kv_blocks"] == r["kv_blocks"] and x["policy"] == ADMISSION), None)
+        r["admission_time_ratio"] = r["wall_s"] / adm["wall_s"] if adm and adm["wall_s"] else None
         r["token_ratio"] = r["output_tokens"] / sc["output_tokens"] if sc["output_tokens"] else float("nan")
         r["problems"] = len(details[f"{r['kv_blocks']}/{r['policy']}"])
         if r["policy"] != "none":

@@ -82,7 +82,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # 128 tokens, tight enough that self-consistency preempts; replay covers the other policies
     # and budgets on all of them.
     "bench": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16",
-              "enforce_eager": True, "policies": ["none", "memory"], "kv_blocks": [16], "limit": 60},
+              "enforce_eager": True, "policies": ["none", "memory", "none+admission"], "kv_blocks": [16], "limit": 60},
     # calibrate: how far the scorer is trusted (the memory cutoff for a 1-point tolerance, the vote),
     # on the SC pass, at every budget the replay shows; bench's memory row then uses it.
     "calibrate": {"kv_blocks": [12, 16, 24, 32, 48, 64]},

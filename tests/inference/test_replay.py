@@ -252,3 +252,26 @@ def test_second_phase_of_a_problem_starts_when_its_own_warm_up_ends():
     assert per_problem.steps == 12 and barrier.steps == 20
     assert per_problem.tokens == barrier.tokens == targets
 
+
+
+def test_baselines_a_careful_user_would_pick(tmp_path):
+    """SC admitted so that it never preempts (the largest such max_num_seqs), and SC with fewer
+    traces at the same output tokens as a pruning policy, beside every pruning row."""
+    d = write_run(tmp_path, synthetic_records())
+    cfg = rp.Config(results=str(d), kv_blocks=[8], block_size=4, policies=["none", "threshold"], votes=["majority"],
+                    random_draws=10)
+    header, records = rp.load_run(d)
+    problems = rp.build_problems(records)
+    params = rp.params_from(cfg, header)
+    assert rp.run_policy(problems, "none", 8, cfg, params).preemptions > 0
+    seqs, adm = rp.admission_seqs(problems, 8, cfg, params)
+    assert adm.preemptions == 0 and rp.run_policy(problems, "none", 8, cfg, params, max_num_seqs=seqs + 1).preemptions > 0
+    rows = rp.replay(problems, cfg, params)["rows"]
+    a = next(r for r in rows if r["policy"] == "none+admission")
+    assert a["max_num_seqs"] == seqs and a["preemptions"] == 0 and a["accuracy"] == rows[0]["accuracy"]
+    th = next(r for r in rows if r["policy"] == "threshold")
+    assert th["admission_time_ratio"] == pytest.approx(th["model_time"] / a["model_time"])
+    # threshold spends 43 of 51 tokens; per problem the first traces closest to what it spent:
+    # A 3 of 4 traces (18 vs 12+3+3+... ), B all 4 -> fewer traces, majority over them
+    k = rp.fewer_traces(problems, rp.run_policy(problems, "threshold", 8, cfg, params))
+    assert all(1 <= x <= 4 for x in k) and th["sc_same_tokens"]["traces"] == sum(k)

@@ -113,8 +113,8 @@ def test_bench_table_plot_and_config(tmp_path):
              "time_ratio": 0.6, "output_tokens": 700, "token_ratio": 0.7, "preemptions": 0, "pruned": 5, "traces": 16,
              "vs_sc": {"diff": 0.0625, "low": -0.125, "high": 0.25}}]
     table = bench.markdown_table(rows)
-    assert "| default | none | majority | 0.500 | – | 10.0 | 1.00 | 1000 | 1.00 | 3 | 0/16 |" in table
-    assert "| 16 | memory | score | 0.562 | +0.062 [-0.125, +0.250] | 6.0 | 0.60 | 700 | 0.70 | 0 | 5/16 |" in table
+    assert "| default | none | majority | 0.500 | – | 10.0 | 1.00 | – | 1000 | 1.00 | 3 | 0/16 |" in table
+    assert "| 16 | memory | score | 0.562 | +0.062 [-0.125, +0.250] | 6.0 | 0.60 | – | 700 | 0.70 | 0 | 5/16 |" in table
     sc = [{"problem_id": f"p{i}", "correct": i < 2} for i in range(4)]
     other = [{"problem_id": f"p{i}", "correct": i < 3} for i in reversed(range(4))]  # matched by id, not order
     d = bench.paired_vs_sc(sc, other)
@@ -153,6 +153,13 @@ def test_bench_resume_keeps_only_fully_measured_kv_budgets(tmp_path, tiny_model_
     path.write_text(json.dumps(partial))
     kept = bench._resume(path, cfg, prov)
     assert list(kept) == [0] and [r["policy"] for r in kept[0][0]] == ["none", "memory"]
+    # SC sized not to preempt is measured only at a set budget: its absence at vLLM's default is no gap
+    adm = cfg.replace(policies=["none", "memory", bench.ADMISSION])
+    path.write_text(json.dumps({**partial, "config": adm.to_dict()}))
+    assert list(bench._resume(path, adm, prov)) == [0]
+    path.write_text(json.dumps(partial))
+    with pytest.raises(StepprobeError, match="list it after 'none'"):
+        bench.Config(scorer=planted_scorer, model=tiny_model_path, policies=[bench.ADMISSION, "none"])
     with pytest.raises(StepprobeError, match="another config .*n"):
         bench._resume(path, cfg.replace(n=3), prov)
     # another scorer for the same model
