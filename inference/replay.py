@@ -447,11 +447,26 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
             return False
         return live_in_group[r.prob] - 1 >= keep
 
+    members: dict[int, list[_Req]] = collections.defaultdict(list)  # each problem's submitted traces
+
+    def may_preempt(running: list[_Req]) -> bool:
+        """The scheduler's bound (``PruningMixin._sp_may_preempt``): with this many free blocks no
+        running request can run out this step, so it neither sorts nor prunes."""
+        return free < 2 * len(running) + -(-(max_num_batched_tokens + len(running)) // bs)
+
+    dirty = True  # a score, an admission or a finish since the last sort (else its order still holds)
+
     def victim_order(running: list[_Req], waiting: Any) -> None:
         """The scheduler's sort: the memory victim rule over each problem's live traces."""
-        probs = {r.prob for r in running}
+        nonlocal dirty
+        if not dirty:
+            return
+        dirty = False
+        ids = {id(r) for r in running}
+        rest = [r for p in dict.fromkeys(r.prob for r in running) for r in members[p]
+                if not r.done and id(r) not in ids]
         view = [Live(f"{r.prob}/{r.k}", str(r.prob), r.score.value, below_cutoff(r.score.value, cuts[r.prob]), keep)
-                for r in (*running, *waiting) if r.prob in probs and not r.done]
+                for r in (*running, *rest)]
         keys = memory_victim_keys(view, memory_rule)
         allowed.clear()
         allowed.update((r.prob, r.k) for r in running if keys[f"{r.prob}/{r.k}"][0] == 1)
@@ -461,10 +476,14 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
         waiting = collections.deque(reqs[key] for key in phase)
         for r in waiting:
             live_in_group[r.prob] += 1
+            members[r.prob].append(r)
         running: list[_Req] = []
         while waiting or running:
-            if memory and running:
+            if memory and running and may_preempt(running):
                 victim_order(running, waiting)
+            else:
+                allowed.clear()
+                dirty = True
             budget = max_num_batched_tokens
             scheduled: list[tuple[_Req, int]] = []
             preempted = False
@@ -479,9 +498,11 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
                     release(victim)
                     if memory and prunable(victim):
                         victim.done = victim.pruned_by_memory = True
+                        dirty = True
                         live_in_group[victim.prob] -= 1
                     else:
                         victim.computed = 0
+                        dirty = True
                         victim.preemptions += 1
                         waiting.appendleft(victim)
                     if victim is r:
@@ -512,6 +533,7 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
                         shared_refs[r.prob] += 1
                     r.computed = start
                     running.append(r)
+                    dirty = True
                     scheduled.append((r, n_new))
                     budget -= n_new
             if not scheduled:
@@ -524,16 +546,19 @@ def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: in
                 computed_total += n_new
                 while r.n_scored < len(r.step_pos) and r.step_pos[r.n_scored] < r.computed:
                     r.score.add(r.step_scores[r.n_scored])
+                    dirty = True
                     r.n_scored += 1
                 if r.computed == r.plen + r.gen:
                     r.gen += 1
                     if r.gen >= r.target:
                         r.done = True
+                        dirty = True
                         live_in_group[r.prob] -= 1
                         release(r)
                         if follow and live_in_group[r.prob] == 0 and follow.get(r.prob):
                             for key in follow.pop(r.prob):  # queued behind what is waiting, as enqueue does
                                 waiting.append(reqs[key])
+                                members[r.prob].append(reqs[key])
                                 live_in_group[r.prob] += 1
             running = [r for r in running if not r.done]
     tokens = [[reqs[(i, k)].gen for k in range(len(pr.traces))] for i, pr in enumerate(problems)]
