@@ -68,6 +68,8 @@ class Config(StageConfig, SchedulerModel):
     kv_blocks: list[int] = option(factory=lambda: [12, 16, 24, 32, 48, 64],
                                   help="KV budgets (blocks) the cutoff must hold for: a problem's loss is its worst")
     grid_points: int = option(40, "candidate cutoffs: this many score quantiles, then the paper's rule")
+    max_tolerance: float = option(0.05, "the largest --max-accuracy-loss the table serves: cutoffs past the first "
+                                        "whose observed loss exceeds it are not replayed (no such tolerance can reach them)")
     folds: int = option(2, "cross-fitted choice for replay: folds of the calibration problems")
     seed: int = option(0, "seed of the problem order in the test, the folds and the bootstrap")
     output: str | None = option(None, "where to write trust.json (default: into the run's scorer directory)")
@@ -81,18 +83,34 @@ class Config(StageConfig, SchedulerModel):
 
 
 # ---------------------------------------------------------------------------------- the tables
-def loss_table(problems: list, cutoffs: Sequence[float], config: Any, params: Any, vote: str) -> np.ndarray:
-    """``losses[j, i]``: SC's (majority) correctness minus memory pruning's at cutoff j with ``vote``,
-    the worst over ``config.kv_blocks``, for problem i."""
+def loss_tables(problems: list, cutoffs: Sequence[float], config: Any, params: Any,
+                votes: Sequence[str]) -> dict[str, np.ndarray]:
+    """``tables[vote][j, i]``: SC's (majority) correctness minus memory pruning's at cutoff j with
+    ``vote``, the worst over ``config.kv_blocks``, for problem i. Cutoffs are replayed in order
+    until each vote's observed loss exceeds ``config.max_tolerance``; later rows are not replayed and
+    hold the largest loss (1), so the fixed-sequence test never passes them."""
+    from tqdm import tqdm
+
     sc = np.array([vote_correct(pr, [False] * len(pr.traces), "majority") for pr in problems], dtype=np.int8)
-    out = np.zeros((len(cutoffs), len(problems)), dtype=np.int8)
+    out = {v: np.zeros((len(cutoffs), len(problems)), dtype=np.int8) for v in votes}
     policy = f"memory:{config.memory_victim}"
-    for j, c in enumerate(cutoffs):
-        worst = np.full(len(problems), -1, dtype=np.int8)
-        for kv in config.kv_blocks:
-            o = run_policy(problems, policy, int(kv), config, params, cutoff=c, vote=vote)
-            worst = np.maximum(worst, sc - np.asarray(o.correct, dtype=np.int8))
-        out[j] = worst
+    last = len(cutoffs) - 1
+    with tqdm(total=len(cutoffs), desc="calibrate", unit="cutoff", leave=False) as bar:
+        for j, c in enumerate(cutoffs):
+            worst = {v: np.full(len(problems), -1, dtype=np.int8) for v in votes}
+            for kv in config.kv_blocks:
+                o = run_policy(problems, policy, int(kv), config, params, cutoff=c)
+                for v in votes:  # the vote does not change what is pruned: one replay serves every vote
+                    ok = np.array([vote_correct(pr, pm, v) for pr, pm in zip(problems, o.pruned)], dtype=np.int8)
+                    worst[v] = np.maximum(worst[v], sc - ok)
+            for v in votes:
+                out[v][j] = worst[v]
+            bar.update(1)
+            if all(out[v][j].mean() > config.max_tolerance for v in votes):
+                last = j
+                break
+    for v in votes:
+        out[v][last + 1:] = 1
     return out
 
 
@@ -125,7 +143,7 @@ def calibrate(problems: list, params: Any, config: Config) -> dict[str, Any]:
     scores = [t.score for pr in problems for t in pr.traces if t.score is not None]
     cutoffs = cutoff_grid(scores, config.grid_points)
     t0 = time.perf_counter()
-    tables = {v: loss_table(problems, cutoffs, config, params, v) for v in dict.fromkeys(("majority", vote))}
+    tables = loss_tables(problems, cutoffs, config, params, list(dict.fromkeys(("majority", vote))))
     log.info("calibrate: %d cutoffs x %d KV budgets x %d problems in %.1f s", len(cutoffs), len(config.kv_blocks), n,
              time.perf_counter() - t0)
     rng = np.random.default_rng(config.seed)
@@ -248,6 +266,10 @@ def resolve_trust(scorer: str | None, max_accuracy_loss: float | None, risk_delt
         return Trust(0.0, vote, f"the scorer has no trust.json: with a tolerance of {max_accuracy_loss:g}, memory "
                                 "pruning prunes nothing (vLLM preempts as usual); calibrate it with `stepprobe "
                                 "calibrate`, or pass --max-accuracy-loss none for the paper's rule")
+    cap = doc["config"].get("max_tolerance", 1.0)
+    if max_accuracy_loss > cap:
+        raise StepprobeError(f"{scorer}/{FILE_NAME} serves tolerances up to {cap:g}; recalibrate with a larger "
+                             f"--max-tolerance for --max-accuracy-loss {max_accuracy_loss:g}")
     ch = choose(doc, float(max_accuracy_loss), float(risk_delta))
     c = ch["cutoff"]
     cutoff = 0.0 if c is None else _float(c)

@@ -665,7 +665,8 @@ def fewer_traces(problems: list[Problem], outcome: Outcome) -> list[int]:
 def admission_seqs(problems: list[Problem], kv_blocks: int, config: Any, params: Params) -> tuple[int, Outcome]:
     """The largest ``max_num_seqs`` at which self-consistency never preempts at this budget
     (what a careful user would set instead of pruning), with its outcome."""
-    lo, hi = 1, int(config.max_num_seqs)
+    smallest = min(pr.prompt_tokens + 1 for pr in problems)  # no more than this many fit at once anyway
+    lo, hi = 1, max(1, min(int(config.max_num_seqs), kv_blocks * config.block_size // smallest + 1))
     best = None
     while lo <= hi:  # preemptions grow with the requests admitted at once
         mid = (lo + hi) // 2
@@ -749,13 +750,20 @@ def replay(problems: list[Problem], config: Config, params: Params, trust: dict[
         todo = [(p, v, {}) for p in config.policies for v in _votes_of(p, config.votes)]
         if risk and kv:
             todo.append(("memory+risk", risk[1], {"cutoff": risk[0]}))
+        done: dict[tuple[str, str], Outcome] = {}
         for policy, vote, extra in todo:
             if policy == "none":
                 o = sc
             else:
                 base = "memory:" + config.memory_victim if policy == "memory+risk" else policy
-                o = run_policy(problems, base, kv, config, params, vote=vote, **extra)
-                o.policy = policy
+                same = next((x for (p, _), x in done.items() if p == policy), None)
+                if same is not None and isinstance(vote, str):  # another vote on the same pruning
+                    o = dataclasses.replace(same, vote=vote, votes=[vote] * len(problems), correct=[
+                        vote_correct(pr, pm, vote) for pr, pm in zip(problems, same.pruned)])
+                else:
+                    o = run_policy(problems, base, kv, config, params, vote=vote, **extra)
+                    o.policy = policy
+                done[(policy, str(vote))] = o
             bar.update(1)
             t = o.steps * config.step_cost_tokens + o.computed_tokens
             toks = sum(map(sum, o.tokens))
@@ -773,13 +781,15 @@ def replay(problems: list[Problem], config: Config, params: Params, trust: dict[
                 if row["pruned"]:
                     base_rows = baselines(problems, o, config.random_draws, config.seed)
                     k = fewer_traces(problems, o)
-                    fewer = run_policy(problems, "none", kv, config, params, subset=k)
-                    base_rows["sc_same_tokens"] = [float(c) for c in fewer.correct]
+                    base_rows["sc_same_tokens"] = [  # the first k traces, sampled in full, majority vote
+                        float(vote_correct(pr, [i >= ki for i in range(len(pr.traces))], "majority"))
+                        for pr, ki in zip(problems, k)]
                     for name, vals in base_rows.items():
                         row[name] = {"accuracy": float(np.mean(vals)),
                                      "vs_sc": paired_bootstrap(sc.correct, vals, seed=config.seed).to_dict(),
                                      "policy_minus": paired_bootstrap(vals, o.correct, seed=config.seed).to_dict()}
-                    row["sc_same_tokens"].update(traces=int(sum(k)), token_ratio=sum(map(sum, fewer.tokens)) / sc_tokens)
+                    row["sc_same_tokens"].update(traces=int(sum(k)), token_ratio=sum(
+                        t.num_tokens for pr, ki in zip(problems, k) for t in pr.traces[:ki]) / sc_tokens)
             rows.append(row)
             if policy == "none" and adm_time:
                 rows.append({"kv_blocks": kv, "policy": "none+admission", "vote": "majority", "problems": len(problems),
