@@ -706,9 +706,15 @@ def trust_cutoffs(problems: list[Problem], trust: dict[str, Any]) -> tuple[list[
     return cuts, votes, how
 
 
-def params_from(config: Config, header: dict[str, Any]) -> Params:
+def params_from(config: Any, header: dict[str, Any]) -> Params:
+    """The policies' parameters: the config's where it sets them (replay's options), else the run's."""
     rc = header.get("config", {})
-    thr = config.threshold if config.threshold is not None else rc.get("threshold")
+
+    def pick(name: str, run_key: str | None = None, default: Any = None) -> Any:
+        v = getattr(config, name, None)
+        return v if v is not None else rc.get(run_key or name, default)
+
+    thr = pick("threshold")
     if thr is None and rc.get("scorer"):
         from stepprobe.probes.checkpoint import read_scorer_meta
 
@@ -718,15 +724,12 @@ def params_from(config: Config, header: dict[str, Any]) -> Params:
             raise StepprobeError(f"replay: cannot read the run's scorer for its threshold ({e}); pass --threshold")
     return Params(
         threshold=float(0.5 if thr is None else thr),
-        warmup_steps=int(config.warmup_steps if config.warmup_steps is not None else rc.get("warmup_steps", 2)),
-        keep_fraction=float(config.keep_fraction if config.keep_fraction is not None else rc.get("keep_fraction", 0.5)),
-        keep_step=int(config.keep_step if config.keep_step is not None else rc.get("keep_step", 3)),
-        aggregate=str(config.aggregate or rc.get("aggregate", "mean")), ema_alpha=0.3,
+        warmup_steps=int(pick("warmup_steps", default=2)), keep_fraction=float(pick("keep_fraction", default=0.5)),
+        keep_step=int(pick("keep_step", default=3)), aggregate=str(pick("aggregate", default="mean")),
+        ema_alpha=float(rc.get("ema_alpha", 0.3)),
         conf_window=int(rc.get("confidence_window", 64)), conf_percentile=float(rc.get("confidence_percentile", 10.0)),
         conf_warmup=int(rc.get("confidence_warmup", 4)),
-        relative_margin=float(config.relative_margin if config.relative_margin is not None
-                              else rc.get("relative_margin", 0.1)),
-        min_live=int(config.min_live))
+        relative_margin=float(pick("relative_margin", default=0.1)), min_live=int(getattr(config, "min_live", 0)))
 
 
 def replay(problems: list[Problem], config: Config, params: Params, trust: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -36,11 +36,12 @@ def synthetic_records():
             {"problem_id": "B", "gold": "7", "prompt_tokens": PLEN, "pruned": 0, "traces": b}]
 
 
-def write_run(tmp_path, records, config=RUN_CONFIG):
+def write_run(tmp_path, records, config=RUN_CONFIG, **header):
     d = tmp_path / "sc"
     d.mkdir()
     with open(d / "results.jsonl", "w") as fh:
-        fh.write(json.dumps({"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION, "config": config}) + "\n")
+        fh.write(json.dumps({"kind": RESULTS_KIND, "schema_version": RESULTS_SCHEMA_VERSION, "config": config,
+                             **header}) + "\n")
         for r in records:
             fh.write(json.dumps(r) + "\n")
     return d
@@ -275,3 +276,49 @@ def test_baselines_a_careful_user_would_pick(tmp_path):
     # A 3 of 4 traces (18 vs 12+3+3+... ), B all 4 -> fewer traces, majority over them
     k = rp.fewer_traces(problems, rp.run_policy(problems, "threshold", 8, cfg, params))
     assert all(1 <= x <= 4 for x in k) and th["sc_same_tokens"]["traces"] == sum(k)
+
+
+def test_calibrate_writes_trust_and_replay_shows_the_risk_controlled_rule(tmp_path):
+    """The plumbing end to end: calibrate on a run with a scorer writes trust.json beside it
+    (provenance, loss table, cross-fitted folds); replay finds it and adds memory+risk rows;
+    run/bench/serve resolve the cutoff from it; a trust file for other weights is refused."""
+    from stepprobe.errors import ArtifactMismatch
+    from stepprobe.inference import calibrate as cal
+
+    sdir = tmp_path / "scorer"
+    sdir.mkdir()
+    sha = "ab" * 32
+    d = write_run(tmp_path, synthetic_records(), config={**RUN_CONFIG, "scorer": str(sdir), "problems": "x.jsonl"},
+                  scorer={"path": str(sdir), "weights_sha256": sha})
+    out = cal.run(cal.Config(results=str(d), kv_blocks=[8], block_size=4, grid_points=4))
+    assert out == sdir / "trust.json"
+    doc = cal.read_trust(sdir, sha)
+    assert doc["kind"] == "stepprobe-trust" and doc["calibration_set"]["problems"] == 2
+    assert doc["holds_for"]["kv_blocks"] == [8] and len(doc["losses"]) == len(doc["cutoffs"])
+    assert sorted(p for f in doc["crossfit"]["folds"] for p in f["problems"]) == ["A", "B"]
+    # two problems certify nothing: the default prunes nothing and votes by majority
+    assert doc["default"]["cutoff"] is None and doc["vote"]["rule"] == "majority"
+    with pytest.raises(ArtifactMismatch, match="other scorer weights"):
+        cal.read_trust(sdir, "cd" * 32)
+    rows = rp.read_replay(rp.run(rp.Config(results=str(d), kv_blocks=[0, 8], block_size=4, random_draws=5,
+                                           policies=["none", "memory"])))["rows"]
+    risk = [r for r in rows if r["policy"] == "memory+risk"]
+    assert [r["kv_blocks"] for r in risk] == [8] and risk[0]["rule"].endswith("(cross-fitted)")
+    assert risk[0]["pruned"] == 0 and risk[0]["accuracy"] == rows[0]["accuracy"]
+    paper = next(r for r in rows if r["policy"] == "memory" and r["kv_blocks"] == 8 and r["vote"] == "majority")
+    assert paper["pruned"] > 0  # the pressure is there; the paper's rule prunes
+    # what a run resolves from it (the scorer meta is not read when the weights are given)
+    import json as _json
+
+    from stepprobe.probes.checkpoint import SCORER_KIND, SCORER_SCHEMA_VERSION
+
+    (sdir / "scorer.json").write_text(_json.dumps({
+        "kind": SCORER_KIND, "schema_version": SCORER_SCHEMA_VERSION, "weights_sha256": sha, "architecture": "linear",
+        "params": {}, "feature_spec": {}, "hidden_size": 4, "model": {}, "boundary_rule": {}}))
+    t = cal.resolve_trust(str(sdir), 0.01, 0.1)
+    assert t.cutoff == 0.0 and t.vote == "majority" and "nothing" in t.note and "2 problems of x.jsonl" in t.note
+    assert cal.resolve_trust(str(sdir), None, 0.1).cutoff is None  # the paper's rule
+    assert cal.resolve_trust(str(sdir), 0.01, 0.1, prune_below=0.3).cutoff == 0.3
+    with pytest.raises(Exception, match="serves tolerances up to 0.05"):
+        cal.resolve_trust(str(sdir), 0.2, 0.1)
+    assert cal.resolve_trust(str(tmp_path), 0.01, 0.1).cutoff == 0.0  # no trust.json: nothing is pruned
