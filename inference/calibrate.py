@@ -203,7 +203,7 @@ def run(config: Config) -> Path:
         out = out / FILE_NAME
     atomic_write_json(out, doc)
     d = body["default"]
-    log.info("calibrate: %d problems; vote %s (score - majority %+.3f [%+.3f, %+.3f]); memory pruning below %s "
+    log.info("calibrate: %d problems; vote %s (score - majority %+.3f [%+.3f, %+.3f]); memory pruning %s "
              "(loss <= %.0f pt with probability >= %.0f%%) -> %s", len(problems), body["vote"]["rule"],
              body["vote"]["score_minus_majority"]["diff"], body["vote"]["score_minus_majority"]["low"],
              body["vote"]["score_minus_majority"]["high"], _cut_label(d["cutoff"]), 100 * d["tolerance"],
@@ -213,8 +213,9 @@ def run(config: Config) -> Path:
 
 def _cut_label(c: Any) -> str:
     if c is None:
-        return "nothing (no cutoff earned)"
-    return "any score (the paper's rule)" if c == "inf" else f"score {float(c):.3f}"
+        return "prunes nothing (no cutoff earned; vLLM preempts as usual)"
+    return "any scored trace may go (the paper's rule earned)" if c == "inf" else \
+        f"only traces scored below {float(c):.3f} may go"
 
 
 # ---------------------------------------------------------------------------------- readers
@@ -274,5 +275,5 @@ def resolve_trust(scorer: str | None, max_accuracy_loss: float | None, risk_delt
     c = ch["cutoff"]
     cutoff = 0.0 if c is None else _float(c)
     return Trust(None if math.isinf(cutoff) else cutoff, vote,
-                 f"memory pruning of traces {_cut_label(c)}: accuracy loss vs SC <= {max_accuracy_loss:g} with "
+                 f"memory pruning {_cut_label(c)}: accuracy loss vs SC <= {max_accuracy_loss:g} with "
                  f"probability >= {1 - risk_delta:.0%} (calibrated on {src}); vote {vote}")
