@@ -72,7 +72,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "export": {},
     # evaluate: the released scorer (trained on 1000 other problems) and the scorer this run trains,
     # paired on this run's test problems that neither was trained on.
-    "evaluate": {"overwrite": True},
+    "evaluate": {"overwrite": True, "allow_empty": True},
     # Eager engines: on this CPU build torch.compile costs minutes per engine, more than the
     # short runs themselves (the compiled path is what tests/inference checks).
     # sc: one self-consistency pass over every held-out problem, keeping what replay needs.

@@ -150,6 +150,8 @@ def _evaluate_section(root: Path) -> list[str]:
     doc = _load(root / "evaluate" / "eval.json")
     if not doc:
         return lines + ["evaluate has not run.", ""]
+    if doc.get("skipped"):
+        return lines + [f"Not evaluated: {doc['skipped']}.", ""]
     p, c, size = doc.get("probe", {}), doc.get("compare") or {}, doc.get("size", {})
 
     def iv(d: dict | None) -> str:

@@ -36,10 +36,11 @@ TINY = {
     "sweep": {"sites": "layer_00,layer_15,final_norm", "max_epochs": 3, "bootstrap": 20,
               "val_fraction": 0.25, "test_fraction": 0.25},
     "tune": {"n_trials": 8, "sites": "layer_15,layer_29", "archs": "linear", "max_epochs": 4,
-             "pruner_startup_trials": 1, "val_fraction": 0.25, "test_fraction": 0.25},
+             "pruner_startup_trials": 1, "val_fraction": 0.25, "test_fraction": 0.25, "cv_folds": 2},
+    "calibrate": {"kv_blocks": [4], "grid_points": 4},
     "export": {},
     "sc": {"n": 4, "max_tokens": 48, "max_model_len": 256, "batch_problems": 4},
-    "bench": {"n": 4, "max_tokens": 48, "policies": ["none", "memory"], "kv_blocks": [4],
+    "bench": {"n": 4, "max_tokens": 48, "policies": ["none", "memory", "none+admission"], "kv_blocks": [4],
               "max_model_len": 256},
     "replay": {"kv_blocks": [0, 4]},
 }
@@ -64,7 +65,9 @@ def test_shipped_configs_resolve_for_every_stage(tmp_path):
 
     from stepprobe import pipeline
 
-    for path in sorted((REPO / "configs").glob("pipeline*.yaml")):
+    paths = sorted((REPO / "configs").glob("*.yaml"))  # the release recipe too
+    assert any("released" in p.name for p in paths)
+    for path in paths:
         cfg = Config.from_file(path)
         cfg = cfg.replace(out=str(tmp_path / path.stem))
         for stage in STAGES:
@@ -146,7 +149,14 @@ def test_pipeline_end_to_end_with_resume(tmp_path):
     assert replay["problems"] == 6 and {r["policy"] for r in replay["rows"]} >= {"none", "memory", "threshold"}
     assert {r["policy"] for r in replay["live_check"]} == {"none", "memory"}
     report = (root / "report.md").read_text()
-    for section in ("## Data", "## Layer sweep", "## Tuned probe", "## Bench", "## Replay"):
+    from stepprobe.inference.calibrate import read_trust
+
+    trust = read_trust(paths.scorer)
+    assert trust["calibration_set"]["problems"] == 6 and trust["holds_for"]["kv_blocks"] == [4]
+    assert {r["policy"] for r in bench["rows"]} == {"none", "memory", "none+admission"}
+    assert json.loads((paths.evaluate / "eval.json").read_text())["kind"] == "stepprobe-eval"
+    for section in ("## Data", "## Layer sweep", "## Tuned probe", "## The released scorer", "## Trust", "## Bench",
+                    "## Replay"):
         assert section in report
     assert "has not run" not in report
     assert (root / "report.html").read_text().startswith("<!doctype html>")

@@ -64,6 +64,8 @@ class Config(StageConfig):
     exclude_problems: str = option("", "a problem source (file or builtin spec) whose questions are left out, e.g. "
                                        "the problems --scorer was trained on")
     compare: str = option("", "a second scorer, scored on the same steps beside --scorer (paired)")
+    allow_empty: bool = option(False, "when no problem is left to evaluate (or one outcome only), write eval.json "
+                                      "saying so instead of failing (the pipeline's stage)")
 
 
 def _score(scorer, hs, cache: FeatureCache) -> np.ndarray:
@@ -114,11 +116,21 @@ def run(cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(hs.steps["label"]).astype(np.int64)
     problem = row_problem_ids(hs)
-    rows = _test_rows(cfg, hs)
-    if cfg.exclude_problems:
-        rows = _drop_questions(hs, np.arange(int(hs.num_steps)) if rows is None else rows, cfg.exclude_problems)
-    if (labels if rows is None else labels[rows]).min() == (labels if rows is None else labels[rows]).max():
-        raise StepprobeError(f"{cfg.data}: every step has the same label; nothing to evaluate")
+    try:
+        rows = _test_rows(cfg, hs)
+        if cfg.exclude_problems:
+            rows = _drop_questions(hs, np.arange(int(hs.num_steps)) if rows is None else rows, cfg.exclude_problems)
+        if (labels if rows is None else labels[rows]).min() == (labels if rows is None else labels[rows]).max():
+            raise StepprobeError(f"{cfg.data}: every evaluated step has the same label; nothing to evaluate")
+    except StepprobeError as exc:
+        if not cfg.allow_empty:
+            raise
+        doc = {"kind": EVAL_KIND, "schema_version": EVAL_SCHEMA_VERSION, "config": cfg.to_dict(),
+               "skipped": str(exc), "package_versions": package_versions()}
+        atomic_write_json(out / "eval.json", doc)
+        atomic_write_text(out / "eval.md", f"# Scorer evaluation skipped\n\n{exc}\n")
+        log.warning("evaluate: skipped: %s", exc)
+        return out
     cache = FeatureCache(hs)
     scores = _score(scorer, hs, cache)
     cal = Calibration.from_dict(scorer.meta.get("calibration"))

@@ -318,9 +318,9 @@ def run(cfg: Config) -> Path:
             values.append(float(result.metrics[M.VAL][metric]))
         trial.set_user_attr("cv_values", values)
         trial.set_user_attr("seconds", time.perf_counter() - t0)
-        value = float(np.mean(values))
-        if value != value:  # nan: one class only in the early steps of a validation fold
-            raise StepprobeError(f"{cfg.objective} is undefined on a validation fold; choose another --objective")
+        value = float(np.nanmean(values)) if not all(v != v for v in values) else float("nan")
+        if value != value:  # nan: one class only in the early steps of every validation fold
+            raise StepprobeError(f"{cfg.objective} is undefined on every validation fold; choose another --objective")
         return value
 
     failed = fail_dead_trials(study, cfg.grace_period)
