@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 
 BENCH_KIND = "stepprobe-bench"
 CELL_KIND = "stepprobe-bench-cell"
-BENCH_SCHEMA_VERSION = 4  # 2: model and scorer provenance; resumable by KV budget; 3: paired intervals, per-trace seeds;
+BENCH_SCHEMA_VERSION = 5  # 2: model and scorer provenance; resumable by KV budget; 3: paired intervals, per-trace seeds;
 # 4: step_positions count generated tokens (as results.jsonl schema 4)
+# 5: none+admission rows (SC sized not to preempt), admission_time_ratio
 DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 

@@ -70,7 +70,7 @@ from .policies import (VICTIM_RULES, Live, TraceScore, below_cutoff, below_group
 log = logging.getLogger(__name__)
 
 KIND = "stepprobe-replay"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a row per (policy, vote), SC same tokens, admission-sized SC, memory+risk
 POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence", "relative")
 
 
