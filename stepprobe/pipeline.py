@@ -67,7 +67,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # vocabulary per token), and the probe trains on the sampling it is evaluated with.
     "collect": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16"},
     "record": {"dtype": "bfloat16", "storage_dtype": "float16"},
-    "sweep": {"sites": "all", "arch": "linear"},
+    # sweep: every other layer (the plot's shape; tune chooses the layer itself, by cross-validation)
+    "sweep": {"sites": "embed,0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,29,final_norm", "arch": "linear"},
     "tune": {"n_trials": 12, "sites": "layers", "archs": "linear,mlp", "max_epochs": 15, "patience": 4},
     "export": {},
     # evaluate: the released scorer (trained on 1000 other problems) and the scorer this run trains,
@@ -78,11 +79,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # sc: one self-consistency pass over every held-out problem, keeping what replay needs.
     "sc": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16", "enforce_eager": True,
            "policy": "none", "vote": "majority", "record_confidence": True, "batch_problems": 40},
-    # bench: live and paired (per-trace seeds) on the first 60 held-out problems, at 16 blocks of
+    # bench: live and paired (per-trace seeds) on the first 40 held-out problems, at 16 blocks of
     # 128 tokens, tight enough that self-consistency preempts; replay covers the other policies
     # and budgets on all of them.
     "bench": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16",
-              "enforce_eager": True, "policies": ["none", "memory", "none+admission"], "kv_blocks": [16], "limit": 60},
+              "enforce_eager": True, "policies": ["none", "memory", "none+admission"], "kv_blocks": [16], "limit": 40},
     # calibrate: how far the scorer is trusted (the memory cutoff for a 1-point tolerance, the vote),
     # on the SC pass, at every budget the replay shows; bench's memory row then uses it.
     "calibrate": {"kv_blocks": [12, 16, 24, 32, 48, 64]},
