@@ -266,9 +266,34 @@ def _resume(out: Path, config: Config, prov: dict[str, Any]) -> dict[str, dict]:
     return done
 
 
+def _truncate_torn_tail(path: Path) -> None:
+    """Cut the file after its last complete JSON line (a killed run can leave half a line), so
+    that what is appended next starts a line of its own instead of being glued to the torn one."""
+    import os
+
+    keep = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            if raw.strip():
+                try:
+                    json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    break
+            keep += len(raw)
+    if keep < path.stat().st_size:
+        log.info("%s: dropping a torn last line (%d bytes) from a killed run", path, path.stat().st_size - keep)
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 def _open_results(path: Path, config: Config, prov: dict[str, Any], done: dict[str, dict]):
     """The results file, opened for appending; (re)written with its header unless resuming."""
     if done:
+        _truncate_torn_tail(path)
         return open(path, "a", encoding="utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "w", encoding="utf-8")

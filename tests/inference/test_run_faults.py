@@ -79,3 +79,23 @@ def test_confidence_policy_streams_each_problem_after_its_second_phase(plugin_ru
         assert [t["index"] for t in rec["traces"]] == [0, 1, 2, 3]
         assert rec["kept"] + rec["pruned"] == 4 and not any(t["pruned"] for t in rec["traces"][:2])
 
+
+
+def test_a_torn_last_line_is_cut_before_the_resumed_run_appends(tmp_path):
+    """Issue 24, defect 1: a killed run can leave half a line; the resumed run used to append
+    right after it, gluing its first record onto the torn one, and every reader stopped there."""
+    import json
+
+    from stepprobe.inference import run as run_stage
+
+    path = tmp_path / "results.jsonl"
+    header = {"kind": run_stage.RESULTS_KIND, "schema_version": run_stage.RESULTS_SCHEMA_VERSION}
+    path.write_text(json.dumps(header) + "\n" + json.dumps({"problem_id": "a"}) + "\n" + '{"problem_id": "b", "tr')
+    with run_stage._open_results(path, None, {}, {"a": {}}) as fh:
+        fh.write(json.dumps({"problem_id": "c"}) + "\n")
+    lines = path.read_text().splitlines()
+    assert [json.loads(ln).get("problem_id") for ln in lines] == [None, "a", "c"]
+    # a complete file is left as it is
+    before = path.read_bytes()
+    run_stage._truncate_torn_tail(path)
+    assert path.read_bytes() == before
