@@ -847,11 +847,15 @@ def live_check(config: Config, bench: dict[str, Any]) -> list[dict[str, Any]]:
         ids = [pr.problem_id for pr in problems]
         for policy in bench["config"]["policies"]:
             live_rows = [r for r in bench["rows"] if r["kv_blocks"] == kv and r["policy"] == policy]
-            if not live_rows or policy not in POLICIES:
+            admission = policy == "none+admission"  # bench's SC sized not to preempt
+            if not live_rows or (policy not in POLICIES and not admission):
                 continue
             live = live_rows[0]
-            o = run_policy(problems, policy, kv, config, params, vote=live.get("vote"),
-                           cutoff=cutoff if policy.startswith("memory") else None)
+            if admission:
+                o = run_policy(problems, "none", kv, config, params, max_num_seqs=live.get("max_num_seqs"))
+            else:
+                o = run_policy(problems, policy, kv, config, params, vote=live.get("vote"),
+                               cutoff=cutoff if policy.startswith("memory") else None)
             sc = run_policy(problems, "none", kv, config, params) if policy != "none" else o
             by_id = {r["problem_id"]: r for r in bench["problems"][f"{kv}/{policy}"]}
             same_pruned = same_correct = n_traces = 0
