@@ -43,3 +43,5 @@ EOF
 "${SP[@]}" replay --results "$RUN/sc" --output "$RUN/replay" --kv-blocks "0,$BUDGETS" --policies "$POLICIES"
 "${SP[@]}" run --problems "builtin-ood:n=160,seed=0" --scorer "$SCORER" "${GEN[@]}" --output "$RUN/ood-sc"
 "${SP[@]}" replay --results "$RUN/ood-sc" --output "$RUN/ood-replay" --kv-blocks "0,$BUDGETS" --policies "$POLICIES"
+"$PY" -c "from pathlib import Path; from stepprobe.training.release import add_trust_to_card; add_trust_to_card(Path('$SCORER'))"
+cp "$RUN/ood-replay/replay.md" "$SCORER/replay-ood.md"

@@ -28,3 +28,4 @@ SP=("$PY" -m stepprobe.cli)
 "${SP[@]}" replay --results "$RUN/ood-sc" --output "$RUN/ood-replay" --kv-blocks 0,12,16,24,32,48,64 \
     --policies none,memory,memory:group_gap,memory:group_largest,threshold,relative,top_fraction,confidence
 "$PY" -m stepprobe.training.release --run "$RUN" --dest stepprobe/released/smollm2-135m
+scripts/calibrate_released.sh "$RUN/trust"   # the trust.json of the released scorer, on problems it never saw

@@ -155,6 +155,44 @@ def _replay_section(run: Path) -> list[str]:
     return lines + [""]
 
 
+def trust_section(dest: Path) -> list[str]:
+    """The card's section on ``dest/trust.json`` (``scripts/calibrate_released.sh``): the vote
+    and the memory cutoff the scorer earned, and on what."""
+    from stepprobe.inference.calibrate import read_trust
+
+    t = read_trust(dest)
+    if t is None:
+        return []
+    v, d, cs = t["vote"], t["default"], t["calibration_set"]
+    iv = v["score_minus_majority"]
+    cut = d.get("cutoff")
+    what = ("**no cutoff earned**, so it prunes nothing and vLLM preempts as usual" if cut is None else
+            "**the paper's rule earned** (any scored trace may go)" if cut == "inf" else
+            f"**only traces scored below {float(cut):.3f}** may go")
+    return ["## Trust (trust.json)", "",
+            "`run`, `bench` and `serve` trust this scorer only as far as `trust.json` says: one "
+            f"self-consistency pass with it on the {cs['problems']} problems of `{Path(str(cs['problems_source'])).name}` "
+            f"(N={t['holds_for']['n']}, KV budgets {', '.join(map(str, t['holds_for']['kv_blocks']))} blocks), "
+            "replayed at every candidate cutoff (stepprobe calibrate).", "",
+            f"- vote: **{v['rule']}** (score-weighted minus majority {iv['diff']:+.3f} [{iv['low']:+.3f}, "
+            f"{iv['high']:+.3f}]; the weighted vote needs the interval above zero);",
+            f"- memory pruning at a tolerance of {d['tolerance']:g} (delta {d['delta']:g}): {what} "
+            "(`--max-accuracy-loss none` restores the paper's rule).", ""]
+
+
+def add_trust_to_card(dest: Path) -> None:
+    """Write (or rewrite) the card's trust section from ``dest/trust.json``, before ``## Use``."""
+    card_path = dest / "README.md"
+    text = card_path.read_text(encoding="utf-8")
+    if "## Trust (trust.json)" in text:
+        a = text.index("## Trust (trust.json)")
+        text = text[:a] + text[text.index("## Use", a):]
+    section = "\n".join(trust_section(dest))
+    if section:
+        text = text.replace("## Use", section + "\n## Use", 1) if "## Use" in text else text + "\n" + section
+    card_path.write_text(text, encoding="utf-8")
+
+
 def release(run: Path, dest: Path) -> Path:
     from stepprobe.errors import StepprobeError
     from stepprobe.probes.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_scorer
