@@ -68,8 +68,10 @@ def plugin_runner(tiny_model_path, planted_scorer):
     from stepprobe.inference.plugin import PluginSettings
     from stepprobe.inference.runner import StepRunner
 
+    # max_accuracy_loss none: these engine tests pin the paper's memory rule (the risk-controlled
+    # default, a cutoff from trust.json, is pinned on vLLM's real scheduler classes in test_scheduler_rules).
     settings = PluginSettings(scorer=planted_scorer, policy="none", keep_records=True, record_features=True,
-                              warmup_steps=2, keep_step=3, keep_fraction=0.75, threshold=0.5)
+                              warmup_steps=2, keep_step=3, keep_fraction=0.75, threshold=0.5, max_accuracy_loss=None)
     runner = StepRunner(tiny_model_path, settings, seed=0, dtype="float32", max_model_len=MAX_MODEL_LEN,
                         num_kv_blocks=NUM_KV_BLOCKS)
     yield runner
