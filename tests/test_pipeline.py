@@ -147,7 +147,7 @@ def test_pipeline_end_to_end_with_resume(tmp_path):
 
     replay = read_replay(paths.replay)
     assert replay["problems"] == 6 and {r["policy"] for r in replay["rows"]} >= {"none", "memory", "threshold"}
-    assert {r["policy"] for r in replay["live_check"]} == {"none", "memory"}
+    assert {r["policy"] for r in replay["live_check"]} == {"none", "memory", "none+admission"}
     report = (root / "report.md").read_text()
     from stepprobe.inference.calibrate import read_trust
 
