@@ -103,7 +103,8 @@ class Config(StageConfig):
     problems: str = option("builtin:n=160,seed=0", "problems to collect and train on (file or builtin spec)")
     bench_problems: str = option("builtin:n=320,seed=1", "held-out problems for sc/replay and the bench (never "
                                  "trained on; questions also in `problems` are dropped)")
-    seed: int = option(0, "seed of sampling (collect, sc, bench) and training (split, initialization, tuning); "
+    seed: int = option(0, "seed of sampling (collect, sc, bench) and training (split, initialization, tuning; default "
+                          "run directory pipeline-<model>-seed<N>); "
                           "the problems stay the same")
     stages: list[str] = option(help="stages to run, in order", factory=lambda: list(STAGES))
     restart: bool = option(False, "forget the run directory's finished stages and start again")
@@ -291,7 +292,8 @@ def stage_configs(cfg: Config, paths: Paths, state: dict[str, Any] | None = None
 
 
 def run(cfg: Config) -> Path:
-    root = Path(cfg.out) if cfg.out else runs_dir() / f"pipeline-{Path(cfg.model).name}"
+    root = Path(cfg.out) if cfg.out else runs_dir() / (f"pipeline-{Path(cfg.model).name}"
+                                                        + (f"-seed{cfg.seed}" if cfg.seed else ""))
     paths = Paths(root)
     stage_configs(cfg, paths)  # refuse a bad section before anything is cleared or written
     if cfg.restart and root.exists():
