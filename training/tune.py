@@ -241,7 +241,8 @@ def _load_study_retrying(cfg: Config, out: Path, fingerprint: dict[str, Any], tr
     for k in range(tries):
         try:
             return load_study(cfg, out, fingerprint)
-        except sqlalchemy.exc.OperationalError:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # locked, or the schema's
+            # version row inserted by the other worker a moment earlier
             if k == tries - 1:
                 raise
             time.sleep(0.5 * (k + 1))

@@ -13,8 +13,10 @@ import optuna
 
 from stepprobe.training import tune
 
+# --cv-folds 1: these tests pin how workers share a study (timing-sensitive), not how trials are
+# chosen; cross-validated choice has its own tests in test_sweep_tune_export.py.
 ARGS = ["--max-epochs", "3", "--patience", "2", "--archs", "linear,mlp", "--sites", "1-3", "--no-progress",
-        "--no-plots"]
+        "--no-plots", "--cv-folds", "1"]
 
 
 def _worker(data, out, log, *extra):
@@ -78,7 +80,7 @@ def test_killed_workers_trial_is_failed_at_once_by_the_next_worker(synthetic_h5,
     orphans = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
     assert orphans, "the kill should leave a RUNNING trial"
     finished = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
-    cfg = tune.Config(data=str(synthetic_h5), out=str(out), n_trials=finished + 1, max_epochs=40, patience=40,
+    cfg = tune.Config(data=str(synthetic_h5), out=str(out), n_trials=finished + 1, max_epochs=40, patience=40, cv_folds=1,
                       archs="linear,mlp", sites="1-3", progress=False, plots=False, grace_period=3600,
                       heartbeat_interval=1)
     tune.run(cfg)
