@@ -93,7 +93,7 @@ def test_bf16_engine_features_and_scores_match_the_recorder(bf16_case, default_m
     print(f"bf16 engine vs {recorder_dtype} recorder, {len(diffs)} boundaries: min cosine "  # noqa: T201
           + ", ".join(f"{s} {min(c):.5f}" for s, c in cosines.items()) + f"; max |score diff| {max(diffs):.4f}")
     assert len(diffs) >= 10, "too few step boundaries to compare"
-    assert np.std(scores) > 0.02, "scores saturated; the comparison would be vacuous"  # seen: 0.047 to 0.1
+    assert np.std(scores) > 0.05, "scores saturated; the comparison would be vacuous"
     # Measured here (24 boundaries): cosine >= 0.9997 at every site; |score difference| <= 0.012
     # against the bf16 recorder, <= 0.0063 against fp32.
     for site, cos in cosines.items():
