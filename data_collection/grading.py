@@ -1,8 +1,12 @@
 """Grading: pull the final answer out of a completion and compare it with the gold answer.
 
-- :func:`extract_answer` finds the last ``\\boxed{...}`` (balanced braces), else the last
-  "The answer is ..." / "Final answer: ..." phrase; for multiple choice it returns the
-  option letter (a letter, ``(B)``, or the text of an option).
+- :func:`extract_answer` finds the final answer under a grading protocol
+  (:data:`GRADING_PROTOCOLS`): by default (``boxed-or-phrase``) the last ``\\boxed{...}``
+  (balanced braces) or the last "The answer is ..." / "Final answer: ..." phrase, whichever
+  comes last; with ``boxed-only`` (the STEP paper's protocol) the last ``\\boxed{...}`` only.
+  For multiple choice it returns the option letter (a letter in either case, ``(B)``,
+  ``\\text{D}`` / ``\\textbf{D}`` / ``\\mathrm{D}``, or the text of an option; a bare letter
+  is read as a letter before it is read as an option's text).
 - :func:`is_correct` compares with math-verify (``2/4`` == ``0.5`` == ``\\frac{1}{2}``),
   with a time limit per comparison; letters for multiple choice.
 - :func:`answers_equivalent` says whether two extracted answers are the same answer (the
@@ -31,10 +35,40 @@ log = logging.getLogger(__name__)
 MAX_ANSWER_CHARS = 200
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
+# How a trace's final answer is found; the comparison with the gold (math-verify, letters for
+# multiple choice) is the same under both. Every artifact that carries correctness names the
+# protocol its labels were made with (the ``grading`` option, :class:`stepprobe.options.GradingOption`).
+GRADING_PROTOCOLS: dict[str, str] = {
+    "boxed-or-phrase": "the last \\boxed{} or 'The answer is ...' / 'Final answer: ...' phrase, whichever comes last",
+    "boxed-only": "the last \\boxed{} only, the STEP paper's protocol: a trace without one is wrong",
+}
+DEFAULT_GRADING = "boxed-or-phrase"
+
 _ANSWER_PHRASE = re.compile(
     r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*(?:is|:|=)|answer\s*:)\s*(?:[:=]\s*)?",
     re.IGNORECASE)
 _LETTER_RE = re.compile(r"^\s*(?:\*\*)?\(?\s*([A-Z])\s*\)?(?:\*\*)?(?=$|[\s.,:;)*])")
+# A lower-case letter counts only alone ("d", "(d)", "d.") or in parentheses before text ("(d) 42"):
+# "a bit more" is no option.
+_LOWER_LETTER_RE = re.compile(r"^\s*(?:\*\*)?(?:\(\s*([a-z])\s*\)|([a-z])\s*\)?\.?\s*(?:\*\*)?$)")
+# LaTeX text wrappers models put around an option letter: \text{D}, \textbf{(D)}, \mathrm{D}.
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|textit|texttt|textrm|mathrm|mathbf|mathit|mbox|boldsymbol)\s*\{([^{}]*)\}")
+_QUOTES = "\"\u201c\u201d`"
+
+
+def check_grading(name: str) -> str:
+    """``name`` if it is a grading protocol; otherwise a one-line error listing the known ones."""
+    if name not in GRADING_PROTOCOLS:
+        from ..errors import StepprobeError
+
+        raise StepprobeError(f"unknown grading protocol {name!r}; known: {', '.join(GRADING_PROTOCOLS)}")
+    return name
+
+
+def grading_of(config: dict[str, Any] | None) -> str:
+    """The grading protocol a saved config (an artifact's ``config``) graded with; a config
+    written before the option existed graded with the default."""
+    return str((config or {}).get("grading") or DEFAULT_GRADING)
 
 
 class _Timeout(BaseException):
@@ -88,7 +122,12 @@ def _clean(ans: str) -> str:
         if ans.startswith(lo) and ans.endswith(hi) and len(ans) > len(lo) + len(hi):
             ans = ans[len(lo):-len(hi)].strip()
     ans = re.sub(r"[.\s]+$", "", ans)
-    return ans
+    return _strip_quotes(ans)
+
+
+def _strip_quotes(ans: str) -> str:
+    """``"16"`` / ``16"`` / ```16``` -> ``16``: quotes and backticks around or after an answer are no part of it."""
+    return re.sub(r"[.\s]+$", "", ans.strip().strip(_QUOTES).strip())
 
 
 def _phrase_answer(text: str) -> str | None:
@@ -100,17 +139,28 @@ def _phrase_answer(text: str) -> str | None:
         # "the answer is 7, because ..." -> keep the first clause when it is a plain value
         cand = re.split(r",\s+(?=[a-zA-Z]{2,})|\s+(?:because|since|as|which)\s", cand)[0].strip()
         cand = re.split(r"\.\s+(?=[A-Z])", cand)[0]  # "13. To check, ..." -> "13" (3.5 is kept)
-        cand = re.sub(r"[.\s]+$", "", cand)
+        cand = _strip_quotes(cand)
         if cand:
             return cand[:MAX_ANSWER_CHARS]
     return None
 
 
+def _unwrap_text(cand: str) -> str:
+    prev = None
+    while prev != cand:
+        prev, cand = cand, _TEXT_WRAP.sub(r"\1", cand)
+    return cand
+
+
 def _to_letter(cand: str, choices: list[str]) -> str | None:
     n = len(choices)
+    cand = _unwrap_text(cand)
     m = _LETTER_RE.match(cand)
     if m and _LETTERS.index(m.group(1)) < n:
         return m.group(1)
+    m = _LOWER_LETTER_RE.match(cand)
+    if m and _LETTERS.index((m.group(1) or m.group(2)).upper()) < n:
+        return (m.group(1) or m.group(2)).upper()
     norm = _norm_text(cand)
     for i, c in enumerate(choices):
         if norm and norm == _norm_text(c):
@@ -126,12 +176,14 @@ def _norm_text(s: str) -> str:
     return re.sub(r"\s+", " ", s.strip().strip(".").strip("$")).lower()
 
 
-def extract_answer(text: str, choices: list[str] | None = None) -> str | None:
-    """The final answer in ``text`` (a letter for multiple choice), or ``None`` if none is given."""
+def extract_answer(text: str, choices: list[str] | None = None, *, grading: str = DEFAULT_GRADING) -> str | None:
+    """The final answer in ``text`` (a letter for multiple choice) under the protocol
+    ``grading`` (:data:`GRADING_PROTOCOLS`), or ``None`` if none is given."""
+    check_grading(grading)
     if not text:
         return None
     boxed = last_boxed(text)
-    phrase = _phrase_answer(text)
+    phrase = _phrase_answer(text) if grading == "boxed-or-phrase" else None
     # Whichever form comes last in the text is the final one.
     cands: list[str] = []
     if boxed is not None and phrase is not None:

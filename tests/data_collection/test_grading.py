@@ -177,3 +177,77 @@ def test_multiple_choice_letters_and_option_texts():
 def test_thousands_separators_are_one_number():
     assert answers_equivalent("1,000", "1000") and is_correct("12,345", "12345")
     assert not answers_equivalent("1,000", "1")
+
+
+# --- issue 22 item 4: the paper's benchmark shapes and its grading protocol ------------------
+# (model output, options, expected extraction): GPQA-style options, where models box a letter
+# in LaTeX text commands or in lower case, and options that are themselves letters.
+GPQA_OPTIONS = ["4", "8", "12", "16"]
+LETTER_OPTIONS = ["d", "a", "c", "b"]  # "A. d", "B. a", ...: the options are letters themselves
+LETTER_FORMS = [
+    ("Thus the answer is \\boxed{\\text{D}}", GPQA_OPTIONS, "D"),
+    ("\\boxed{\\textbf{D}}", GPQA_OPTIONS, "D"),
+    ("\\boxed{\\mathrm{D}}", GPQA_OPTIONS, "D"),
+    ("\\boxed{\\text{(C)}}", GPQA_OPTIONS, "C"),
+    ("\\boxed{\\textbf{(B) 8}}", GPQA_OPTIONS, "B"),
+    ("\\boxed{d}", GPQA_OPTIONS, "D"),
+    ("The answer is (c).", GPQA_OPTIONS, "C"),
+    ("The answer is b", GPQA_OPTIONS, "B"),
+    ("\\boxed{d}", LETTER_OPTIONS, "D"),      # the letter D, not option A whose text is "d"
+    ("\\boxed{\\text{b}}", LETTER_OPTIONS, "B"),
+    ("\\boxed{e}", GPQA_OPTIONS, None),       # no option E
+    ("The answer is a bit over 12.", GPQA_OPTIONS, None),  # an article, not a letter
+]
+
+
+@pytest.mark.parametrize("text, choices, expected", LETTER_FORMS)
+def test_option_letters_in_latex_text_and_lower_case(text, choices, expected):
+    assert extract_answer(text, choices) == expected
+    if expected is not None:
+        assert is_correct(extract_answer(text, choices), expected, choices=choices)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('He said: the answer is "16".', "16"),
+    ('The final answer is 16".', "16"),
+    ("Final answer: `42`", "42"),
+    ("The answer is \u201c7\u201d.", "7"),
+])
+def test_phrase_answers_lose_stray_quotes(text, expected):
+    assert extract_answer(text) == expected
+
+
+# (model output, gold, answer under boxed-or-phrase, under boxed-only)
+PROTOCOLS = [
+    ("So the answer is 7.", "7", "7", None),                       # phrase only: the paper grades it wrong
+    ("Thus \\boxed{7}.", "7", "7", "7"),
+    ("The answer is \\boxed{7}, not 8.", "7", "7", "7"),
+    ("I first got \\boxed{5}. Rechecking, the answer is 7.", "7", "7", "5"),  # the last box, not the last phrase
+    ("\\boxed{\\sqrt{4^{2012}+1}}", "\\sqrt{4^{2012}+1}", "\\sqrt{4^{2012}+1}", "\\sqrt{4^{2012}+1}"),
+    ("Final answer: 12", "12", "12", None),
+]
+
+
+@pytest.mark.parametrize("text, gold, default, boxed_only", PROTOCOLS)
+def test_grading_protocols(text, gold, default, boxed_only):
+    from stepprobe.data_collection.grading import DEFAULT_GRADING
+
+    assert DEFAULT_GRADING == "boxed-or-phrase"
+    assert extract_answer(text) == extract_answer(text, grading="boxed-or-phrase") == default
+    assert extract_answer(text, grading="boxed-only") == boxed_only
+    assert is_correct(extract_answer(text, grading="boxed-only"), gold) is (boxed_only == gold)
+
+
+def test_boxed_only_multiple_choice_needs_a_box():
+    assert extract_answer("The answer is (B).", GPQA_OPTIONS, grading="boxed-only") is None
+    assert extract_answer("The answer is \\boxed{\\text{B}}.", GPQA_OPTIONS, grading="boxed-only") == "B"
+
+
+def test_unknown_grading_protocol_is_refused_with_the_known_ones():
+    from stepprobe.data_collection.grading import grading_of
+    from stepprobe.errors import StepprobeError
+
+    with pytest.raises(StepprobeError, match="known: boxed-or-phrase, boxed-only"):
+        extract_answer("\\boxed{1}", grading="boxed")
+    assert grading_of({}) == "boxed-or-phrase"  # artifacts written before the option: the default
+    assert grading_of({"grading": "boxed-only"}) == "boxed-only"

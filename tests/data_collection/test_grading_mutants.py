@@ -56,7 +56,8 @@ def test_phrase_box_closing_beyond_window_is_not_read():
 
 @pytest.mark.parametrize("text, choices, expected", [
     ("The answer is (E).", CHOICES, None),  # one past the last option
-    ("The answer is (b).", CHOICES, None),  # lowercase letters are not option letters (and do not crash)
+    ("The answer is (b).", CHOICES, "B"),  # a lower-case letter alone is the option letter (issue 22)
+    ("The answer is a bit more than Neon.", CHOICES, None),  # ... but not one that starts a sentence
     ("The answer is xenon.", ["Neon", "Xenon"], "B"),  # option text matches case-insensitively
     ("The answer is Noble  gas.", ["Noble gas", "Metal"], "A"),  # runs of spaces collapse
     ("The answer is Straße.", ["Strasse", "Berlin"], None),  # lower-casing, not case folding
@@ -71,8 +72,9 @@ def test_gold_letter_edge_cases():
     assert gold_letter("$Neon$", CHOICES) == "B"  # option text in math dollars
 
 
-def test_lowercase_letter_extracted_is_not_graded_as_option():
-    assert is_correct("(b)", "B", choices=CHOICES) is False
+def test_lowercase_letter_extracted_is_graded_as_option():
+    assert is_correct("(b)", "B", choices=CHOICES) is True
+    assert is_correct("b", "C", choices=CHOICES) is False
 
 
 # --- verdicts ----------------------------------------------------------------------------
