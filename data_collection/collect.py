@@ -4,8 +4,9 @@ Problems come from a file (JSONL/JSON/CSV/Parquet; common shapes detected) or fr
 built-in generator (``--problems builtin`` or ``builtin:n=300,seed=0,families=add+sub,levels=1+2``).
 Each problem is turned into a chat prompt (system prompt + question + answer instruction),
 ``chunk_size`` problems at a time are submitted to the engine together (N samples each, one
-batch as in a ``generate`` call), and each problem is graded (``\\boxed{}`` / "The answer
-is ..." / option letters, compared with math-verify) and appended to the traces file as soon
+batch as in a ``generate`` call), and each problem is graded (``--grading``: ``\\boxed{}`` /
+"The answer is ..." by default, ``\\boxed{}`` only with ``boxed-only``; option letters;
+compared with math-verify) and appended to the traces file as soon
 as its N samples finish, while the rest of its chunk is still generating.
 
 Rerunning the same command resumes: finished problems are kept and not redone; a partial
@@ -37,10 +38,11 @@ from ..io import atomic_write_json, check_writable_dir
 from ..engine import check_context, engine_kwargs, make_llm, shutdown  # noqa: F401  (make_llm: tests and the pipeline)
 from ..models import DEFAULT_MODEL, identify_model, model_display_name
 from ..paths import runs_dir
-from ..options import BUILTIN_PROMPT, BUILTIN_SAMPLING, PromptOptions, SamplingOptions, EngineOptions, resume_keys
+from ..options import (BUILTIN_PROMPT, BUILTIN_SAMPLING, EngineOptions, GradingOption, PromptOptions, SamplingOptions,
+                       absent_values, resume_keys)
 from ..provenance import package_versions
 from ..voting import Ballot, vote
-from .grading import extract_answer, is_correct
+from .grading import DEFAULT_GRADING, extract_answer, is_correct
 from .problems import Problem, load_problem_source
 from .prompts import build_prompts
 from .traces import ProblemTraces, Trace, TraceWriter, make_header, read_traces
@@ -52,8 +54,8 @@ SUMMARY_SCHEMA_VERSION = 1
 
 
 @dataclasses.dataclass
-class Config(StageConfig, PromptOptions, SamplingOptions, EngineOptions):
-    """``stepprobe collect`` options (prompt, sampling and engine groups: ``stepprobe.options``).
+class Config(StageConfig, PromptOptions, SamplingOptions, EngineOptions, GradingOption):
+    """``stepprobe collect`` options (prompt, sampling, engine and grading groups: ``stepprobe.options``).
 
     ``None`` prompt and sampling fields become the built-in defaults here, so the traces
     file (and every artifact made from it) records the values the data was made with.
@@ -135,11 +137,11 @@ def majority_vote(answers: Iterable[str | None]) -> str | None:
 
 
 def grade_problem(problem: Problem, prompt_text: str, output: Any, *, timeout_s: float,
-                  timing: dict[str, float]) -> ProblemTraces:
-    """A vLLM ``RequestOutput`` for ``problem`` -> graded :class:`ProblemTraces`."""
+                  timing: dict[str, float], grading: str = DEFAULT_GRADING) -> ProblemTraces:
+    """A vLLM ``RequestOutput`` for ``problem`` -> :class:`ProblemTraces` graded with the protocol ``grading``."""
     traces = []
     for i, c in enumerate(output.outputs):
-        extracted = extract_answer(c.text, problem.choices)
+        extracted = extract_answer(c.text, problem.choices, grading=grading)
         traces.append(Trace(sample_index=i, output_token_ids=list(c.token_ids), text=c.text,
                             finish_reason=str(c.finish_reason), num_tokens=len(c.token_ids),
                             extracted_answer=extracted,
@@ -208,7 +210,8 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
                    for q in build_prompts(problems, tokenizer, config)]
     check_context(prompt_lens, config.max_tokens, config.max_model_len)
 
-    with TraceWriter(out, header, overwrite=config.overwrite, match_keys=RESUME_KEYS) as writer:
+    with TraceWriter(out, header, overwrite=config.overwrite, match_keys=RESUME_KEYS,
+                     absent=absent_values(Config)) as writer:
         todo = [p for p in problems if p.problem_id not in writer.done_ids]
         unknown = writer.done_ids - {p.problem_id for p in problems}
         if unknown:
@@ -237,6 +240,7 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
     header_read, probs = read_traces(out)
     summary = summarize(probs)
     summary.update({
+        "grading": config.grading,  # the protocol every correct/accuracy figure here was graded with
         "this_run": {
             "traces_generated": stats["traces"],
             "output_tokens": stats["tokens"],
@@ -293,7 +297,7 @@ def _generate(config: Config, llm: Any, tokenizer: Any, todo: list[Problem], wri
                         timing = {"finished_after_s": round(now, 4), "chunk_problems": len(chunk),
                                   "generate_s": round(now * out_tokens / made, 4) if made else 0.0}
                         pt = grade_problem(chunk[k], prompts[k], output, timeout_s=config.grade_timeout_s,
-                                           timing=timing)
+                                           timing=timing, grading=config.grading)
                         pt.timing["grade_s"] = round(time.perf_counter() - g0, 4)
                         writer.write(pt)  # durable now (flushed and fsync'ed)
                         stats["traces"] += len(pt.traces)
@@ -312,9 +316,9 @@ def _log_summary(out: Path, s: dict[str, Any]) -> None:
 
     r = s["this_run"]
     log.info("collect: %d problems x %d traces -> %s", s["problems"], s["traces"] // max(s["problems"], 1), out)
-    log.info("sample accuracy %s | majority vote %s | pass@N %s | answer extracted %s",
+    log.info("sample accuracy %s | majority vote %s | pass@N %s | answer extracted %s (grading %s)",
              pct(s["sample_accuracy"]), pct(s["majority_vote_accuracy"]), pct(s["pass_at_n"]),
-             pct(s["answer_extracted_rate"]))
+             pct(s["answer_extracted_rate"]), s["grading"])
     log.info("tokens: %d total, %.1f mean per trace (correct %s, incorrect %s)", s["tokens_total"],
              s["tokens_mean"] or 0, s["tokens_mean_correct"], s["tokens_mean_incorrect"])
     if r["traces_generated"]:

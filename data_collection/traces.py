@@ -129,21 +129,23 @@ class TraceWriter:
     """Append-only, resumable writer. Use as a context manager.
 
     ``resume=True`` (the default) continues an existing file whose header matches
-    ``match_keys`` of the new config and the model identity; ``done_ids`` lists the
+    ``match_keys`` of the new config and the model identity (a key the old header lacks counts
+    as its value in ``absent``, the value files made before the key existed were made with); ``done_ids`` lists the
     problems already written. ``overwrite=True`` starts afresh.
     """
 
     def __init__(self, path: str | os.PathLike, header: dict[str, Any], *, overwrite: bool = False,
-                 match_keys: tuple[str, ...] = ()):
+                 match_keys: tuple[str, ...] = (), absent: dict[str, Any] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done_ids: set[str] = set()
         if self.path.exists() and not overwrite:
             old = read_header(self.path)
+            old_config = {**(absent or {}), **old["config"]}
             for key in match_keys:
-                if old["config"].get(key) != header["config"].get(key):
+                if old_config.get(key) != header["config"].get(key):
                     raise ArtifactMismatch(
-                        f"{self.path} was made with {key}={old['config'].get(key)!r}, this run has "
+                        f"{self.path} was made with {key}={old_config.get(key)!r}, this run has "
                         f"{key}={header['config'].get(key)!r}; pass a new output or --overwrite")
             if old.get("model", {}).get("config_hash") != header.get("model", {}).get("config_hash"):
                 raise ArtifactMismatch(f"{self.path} was made with model {old['model'].get('name')!r}; "

@@ -34,8 +34,8 @@ from stepprobe.errors import StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text
 from stepprobe.paths import runs_dir
 from stepprobe.options import (
-    ConfidenceOptions, EngineOptions, PromptOptions, PruningOptions, SamplingOptions, TraceSeedOption, check_policy,
-    config_diff, group_values, resume_view, with_scorer_generation,
+    ConfidenceOptions, EngineOptions, GradingOption, PromptOptions, PruningOptions, SamplingOptions, TraceSeedOption,
+    check_policy, config_diff, group_values, resume_view, with_scorer_generation,
 )
 from stepprobe.provenance import package_versions
 
@@ -54,8 +54,8 @@ DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 @dataclasses.dataclass
 @stage_defaults(max_model_len=1024)
 class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, PruningOptions, EngineOptions,
-             ConfidenceOptions):
-    """``stepprobe bench`` options. The prompt, sampling, pruning, engine and confidence groups
+             ConfidenceOptions, GradingOption):
+    """``stepprobe bench`` options. The prompt, sampling, pruning, engine, confidence and grading groups
     are :mod:`stepprobe.options` and reach every policy's ``run`` config unchanged; prompt
     and sampling fields left unset take the scorer's."""
 
@@ -104,7 +104,7 @@ def admission_size(records: list[dict[str, Any]], kv: int, header: dict[str, Any
 def _run_config(config: Config, policy: str, kv_blocks: int) -> run_stage.Config:
     """One policy's ``run`` config: every shared group as bench has it."""
     shared = group_values(config, PromptOptions, SamplingOptions, TraceSeedOption, PruningOptions, EngineOptions,
-                          ConfidenceOptions)
+                          ConfidenceOptions, GradingOption)
     shared["num_kv_blocks"] = kv_blocks or None
     if policy == ADMISSION:
         return run_stage.Config(**shared, problems=config.problems, policy="none", vote="majority", limit=config.limit)
@@ -314,7 +314,8 @@ def run(config: Config) -> Path:
         r["problems"] = len(details[f"{r['kv_blocks']}/{r['policy']}"])
         if r["policy"] != "none":
             r["vs_sc"] = paired_vs_sc(details[f"{r['kv_blocks']}/none"], details[f"{r['kv_blocks']}/{r['policy']}"])
-    table = f"{len(problems)} problems, n={config.n}; Δ vs SC: paired bootstrap 95% interval over problems.\n\n" + \
+    table = f"{len(problems)} problems, n={config.n}, graded {config.grading}; Δ vs SC: paired bootstrap 95% " \
+        "interval over problems.\n\n" + \
         markdown_table(rows)
     atomic_write_json(out / "bench.json", {**header, "rows": rows, "problems": details})
     (out / "bench.partial.json").unlink(missing_ok=True)

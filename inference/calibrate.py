@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from stepprobe.config import StageConfig, option
+from stepprobe.data_collection.grading import grading_of
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json
 from stepprobe.provenance import check_schema, package_versions
@@ -192,6 +193,7 @@ def run(config: Config) -> Path:
                                "problems": len(problems), "problem_ids_sha256":
                                    _problem_ids_sha([pr.problem_id for pr in problems]),
                                "traces_per_problem": ns[0] if len(ns) == 1 else ns,
+                               "grading": grading_of(rc),
                                "sampling": {k: rc.get(k) for k in ("temperature", "top_p", "top_k", "max_tokens",
                                                                    "seed", "per_trace_seeds")}},
            "holds_for": {"policy": f"memory:{config.memory_victim}", "kv_blocks": list(config.kv_blocks),

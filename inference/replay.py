@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from stepprobe.config import OptionGroup, StageConfig, option
+from stepprobe.data_collection.grading import grading_of
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text
 from stepprobe.provenance import check_schema, package_versions
@@ -1003,11 +1004,16 @@ def run(config: Config) -> Path:
     res = Path(config.results)
     out = Path(config.output) if config.output else (res if res.is_dir() else res.parent) / "replay"
     out.mkdir(parents=True, exist_ok=True)
+    grading = grading_of(header.get("config"))
+    bench = load_bench(config.live_bench) if config.live_bench else None
+    if bench is not None and grading_of(bench.get("config")) != grading:
+        raise ArtifactMismatch(f"replay: {config.results} was graded {grading}, the bench {config.live_bench} "
+                               f"{grading_of(bench.get('config'))}; their accuracies are not comparable")
     problems = build_problems(records)
     params = params_from(config, header)
     trust, trust_path = load_trust(config, header)
     result = replay(problems, config, params, trust)
-    doc = {"kind": KIND, "schema_version": SCHEMA_VERSION, "config": config.to_dict(),
+    doc = {"kind": KIND, "schema_version": SCHEMA_VERSION, "config": config.to_dict(), "grading": grading,
            "trust": {"path": trust_path, "vote": trust["vote"], "calibration_set": trust["calibration_set"],
                      "holds_for": trust["holds_for"], "default": trust["default"]} if trust else None,
            "params": dataclasses.asdict(params), "package_versions": package_versions(),
@@ -1015,14 +1021,14 @@ def run(config: Config) -> Path:
                       "model": header.get("model"), "scorer": header.get("scorer")},
            "problems": len(problems), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "seconds": time.perf_counter() - t0, **result}
-    text = (f"Replay on {len(problems)} problems (paired: the same traces for every policy; Δ vs SC with a paired "
+    text = (f"Replay on {len(problems)} problems (graded {grading}; paired: the same traces for every policy; Δ vs SC with a paired "
             "bootstrap 95% interval over problems; random/oracle prune the same number of traces per problem at the "
             "same points; 'SC same tokens' samples fewer traces per problem, in full, for the same output tokens; "
             "'none+admission' is SC with max_num_seqs sized so that it never preempts; 'memory+risk' is memory "
             "pruning only below the cutoff its scorer's calibration earned; time from the scheduler model).\n\n"
             + markdown(result["rows"]))
-    if config.live_bench:
-        doc["live_check"] = live_check(config, load_bench(config.live_bench))
+    if bench is not None:
+        doc["live_check"] = live_check(config, bench)
         doc["time_fit"] = fit_step_cost(doc["live_check"])
         text += ("\nReplay vs. live: the bench's own SC traces replayed at its KV budgets, beside what its live "
                  "policies did on the same problems.\n\n" + live_markdown(doc["live_check"]))

@@ -32,8 +32,8 @@ from stepprobe.provenance import package_versions
 from stepprobe.voting import METHODS, Ballot, vote
 
 from stepprobe.options import (
-    ConfidenceOptions, EngineOptions, PolicyOption, PromptOptions, PruningOptions, SamplingOptions, TraceSeedOption,
-    config_diff, resume_view, with_scorer_generation,
+    ConfidenceOptions, EngineOptions, GradingOption, PolicyOption, PromptOptions, PruningOptions, SamplingOptions,
+    TraceSeedOption, config_diff, resume_view, with_scorer_generation,
 )
 
 from .plugin import PluginSettings
@@ -47,8 +47,8 @@ RESULTS_SCHEMA_VERSION = 4  # 2: model and scorer provenance; 3: per-trace seeds
 
 @dataclasses.dataclass
 class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, PruningOptions, PolicyOption,
-             EngineOptions, ConfidenceOptions):
-    """``stepprobe run`` options. The prompt, sampling, pruning and engine groups are
+             EngineOptions, ConfidenceOptions, GradingOption):
+    """``stepprobe run`` options. The prompt, sampling, pruning, engine and grading groups are
     :mod:`stepprobe.options`; prompt and sampling fields left unset take the scorer's."""
 
     SECTION = "run"
@@ -129,7 +129,7 @@ def problem_record(prob: Any, traces: list[Any], config: Config, policy: str, wa
 
     ballots, tdicts = [], []
     for t in traces:
-        ans = extract_answer(t.text, prob.choices)
+        ans = extract_answer(t.text, prob.choices, grading=config.grading)
         conf = trace_confidence(t.confidence, config.confidence_window) if t.confidence else None
         ballots.append(Ballot(ans, t.pruned, t.score, conf))
         d = t.to_dict(token_confidence=config.record_confidence)
@@ -157,6 +157,7 @@ def summarize(records: list[dict], config: Config, extra: dict | None = None) ->
     n = max(len(records), 1)
     out = {
         "problems": len(records),
+        "grading": config.grading,  # the protocol every correct/accuracy figure was graded with
         "accuracy": sum(r["correct"] for r in records) / n,
         "accuracy_by_vote": {m: sum(r["votes"][m]["correct"] for r in records) / n for m in METHODS},
         "pass_at_n": sum(r["pass_at_n"] for r in records) / n,
@@ -363,6 +364,6 @@ def run(config: Config, runner: Any = None) -> Path:
     summary = summarize(records, config, {"wall_s_this_session": wall,
                                           "engine_preemptions_this_session": engine_preemptions})
     atomic_write_json(out / "summary.json", {**_header(config, prov), "summary": summary})
-    log.info("run: accuracy %.3f (%s vote), %d/%d traces pruned, %d preemptions -> %s", summary["accuracy"],
-             config.vote, summary["pruned"], summary["traces"], summary["preemptions"], out)
+    log.info("run: accuracy %.3f (%s vote, graded %s), %d/%d traces pruned, %d preemptions -> %s", summary["accuracy"],
+             config.vote, config.grading, summary["pruned"], summary["traces"], summary["preemptions"], out)
     return out

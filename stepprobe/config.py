@@ -26,14 +26,17 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, resume_ok: bool = False,  # noqa: A002
-           blank: bool = False) -> Any:
+           blank: bool = False, absent: Any = _MISSING) -> Any:
     """A config field with help text (``factory`` for mutable defaults).
 
     ``resume_ok``: the field may differ between a run and the run it resumes (paths,
     progress flags); readers compare everything else. ``blank``: an empty string is a value
-    of its own (e.g. ``system_prompt: ""``), not "none".
+    of its own (e.g. ``system_prompt: ""``), not "none". ``absent``: the value an artifact
+    saved before the field existed was made with (a run resuming it compares with that).
     """
     meta = {"help": help, "resume_ok": resume_ok, "blank": blank}
+    if absent is not _MISSING:
+        meta["absent"] = absent
     if factory is not _MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

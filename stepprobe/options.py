@@ -14,6 +14,8 @@ The groups and their fields are described in ``docs/options.md``.
   ``EngineArgs`` (``collect``, ``run``, ``bench``, ``serve``).
 - :class:`TrainingOptions` and :class:`FitOptions`: the problem split and the training loop
   (``train``, ``sweep``, ``tune``).
+- :class:`GradingOption`: how a trace's final answer is found (``collect``, ``run``, ``bench``);
+  every artifact that carries correctness records it.
 
 **One rule for prompt and sampling defaults.** The prompt fields and ``temperature``,
 ``top_p``, ``top_k`` default to ``None``: "what the data was made with". ``collect`` makes
@@ -36,6 +38,7 @@ import logging
 from typing import Any, Iterable, Mapping
 
 from .config import OptionGroup, option
+from .data_collection.grading import DEFAULT_GRADING, check_grading
 from .errors import StepprobeError
 from .risk import DEFAULT_DELTA, DEFAULT_TOLERANCE
 
@@ -122,6 +125,19 @@ class TraceSeedOption(OptionGroup):
 
     per_trace_seeds: bool = option(True, "give each trace its own seed from (seed, problem id, trace index), so what "
                                          "it samples does not depend on the batch or on pruning")
+
+
+@dataclasses.dataclass
+class GradingOption(OptionGroup):
+    """How a trace is graded (``data_collection/grading.py``; ``collect``, ``run``, ``bench``)."""
+
+    grading: str = option(
+        DEFAULT_GRADING, "grading protocol: boxed-or-phrase (the last \\boxed{} or 'The answer is ...', whichever "
+        "comes last) | boxed-only (the STEP paper's: the last \\boxed{} only); recorded in every artifact that "
+        "carries correctness", absent=DEFAULT_GRADING)
+
+    def check(self) -> None:
+        check_grading(self.grading)
 
 
 POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence", "relative")
@@ -278,10 +294,16 @@ def group_values(config: Any, *groups: type) -> dict[str, Any]:
 
 
 def resume_view(data: Mapping[str, Any], config_cls: type) -> dict[str, Any]:
-    """``data`` (a saved config dict) without the fields that may change on resume."""
+    """``data`` (a saved config dict) without the fields that may change on resume, with the
+    fields it predates at their ``absent`` value."""
     volatile = {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("resume_ok")}
     volatile.add("stepprobe_version")
-    return {k: v for k, v in data.items() if k not in volatile}
+    return {k: v for k, v in {**absent_values(config_cls), **data}.items() if k not in volatile}
+
+
+def absent_values(config_cls: type) -> dict[str, Any]:
+    """field -> the value an artifact saved before the field existed was made with."""
+    return {f.name: f.metadata["absent"] for f in dataclasses.fields(config_cls) if "absent" in f.metadata}
 
 
 def resume_keys(config_cls: type) -> tuple[str, ...]:
@@ -357,7 +379,7 @@ GROUPS: dict[str, type] = {
     "PromptOptions": PromptOptions, "SamplingOptions": SamplingOptions, "TraceSeedOption": TraceSeedOption,
     "PolicyOption": PolicyOption,
     "PruningOptions": PruningOptions, "EngineOptions": EngineOptions, "ConfidenceOptions": ConfidenceOptions,
-    "TrainingOptions": TrainingOptions, "FitOptions": FitOptions,
+    "TrainingOptions": TrainingOptions, "FitOptions": FitOptions, "GradingOption": GradingOption,
 }
 
 

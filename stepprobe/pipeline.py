@@ -288,6 +288,13 @@ def stage_configs(cfg: Config, paths: Paths, state: dict[str, Any] | None = None
             if str(exc).startswith(source):
                 raise
             raise type(exc)(f"{source}: {exc}") from None
+    # One grading protocol for the whole run: the probe's labels and every accuracy it is
+    # judged by must count the same answers as right.
+    grading = {stage: c.grading for stage, (_, c) in out.items() if hasattr(c, "grading")}
+    if len(set(grading.values())) > 1:
+        raise StepprobeError("pipeline: the stages grade with different protocols ("
+                             + ", ".join(f"{s} {g}" for s, g in grading.items())
+                             + "); set the same grading in the collect, sc and bench sections")
     return out
 
 

