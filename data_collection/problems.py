@@ -8,7 +8,11 @@ and recognises the common shapes without configuration:
 - ``{question, answer}`` with GSM8K's ``... #### 72`` answers (the gold is what follows ``####``),
 - multiple choice: a ``choices``/``options`` list (or ``{"A": ..}`` mapping) with a letter,
   index or option-text answer; or a letter answer with the options written in the question
-  as ``(A) ...`` / ``A. ...`` lines.
+  as ``(A) ...`` / ``A. ...`` lines (the last run A, B, C, ...: a line of the question itself
+  may look like an option, "C. elegans ...") or on one line as ``(A) ... (B) ...``.
+
+The question is kept as written, surrounding whitespace included (the STEP paper's prompt is
+the question as the whole user turn, unstripped); answers and options are stripped.
 
 Field names can be given explicitly (``question_field=`` etc.). A malformed line is a
 :class:`~stepprobe.errors.StepprobeError` naming the file and line; nothing is skipped
@@ -43,6 +47,7 @@ CHOICE_FIELDS = ("choices", "options")
 LETTERS = "ABCDEFGHIJ"
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-J])[).:]\s+(.+?)\s*$", re.MULTILINE)
+_INLINE_OPTION = re.compile(r"\(([A-J])\)\s*(.+?)\s*(?=\([A-J]\)|$)")
 
 
 @dataclasses.dataclass
@@ -115,17 +120,32 @@ def _pick(rec: dict, explicit: str | None, candidates: tuple[str, ...], what: st
     return None
 
 
-def _as_text(value: Any, what: str, where: str) -> str:
+def _as_text(value: Any, what: str, where: str, *, strip: bool = True) -> str:
     if value is None:
         raise StepprobeError(f"{where}: {what} is null")
     if isinstance(value, bool) or isinstance(value, (dict, list)):
         raise StepprobeError(f"{where}: {what} must be text or a number, got {type(value).__name__}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    text = str(value).strip()
-    if not text:
+    text = str(value)
+    if not text.strip():
         raise StepprobeError(f"{where}: {what} is empty")
-    return text
+    return text.strip() if strip else text
+
+
+def options_in_question(question: str) -> list[str] | None:
+    """The options a question lists itself (GPQA-style files), in order A, B, C, ..., or ``None``:
+    the last run of ``A. ..`` / ``(A) ..`` lines that starts at A, else ``(A) .. (B) ..`` on one line."""
+    found = _OPTION_LINE.findall(question)
+    letters = [f[0] for f in found]
+    for start in reversed([i for i, c in enumerate(letters) if c == "A"]):
+        if len(found) - start >= 2 and letters[start:] == list(LETTERS[:len(found) - start]):
+            return [f[1] for f in found[start:]]
+    for line in reversed(question.splitlines()):
+        inline = _INLINE_OPTION.findall(line)
+        if len(inline) >= 2 and [f[0] for f in inline] == list(LETTERS[:len(inline)]):
+            return [f[1] for f in inline]
+    return None
 
 
 def _boxed(text: str) -> str | None:
@@ -173,7 +193,7 @@ def _problem(rec: Any, index: int, where: str, stem: str, *, question_field: str
     if not isinstance(rec, dict):
         raise StepprobeError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     qf = _pick(rec, question_field, QUESTION_FIELDS, "question", where)
-    question = _as_text(rec[qf], "the question", where)
+    question = _as_text(rec[qf], "the question", where, strip=False)
     meta: dict[str, Any] = {}
     af = _pick(rec, answer_field, ANSWER_FIELDS, "answer", where, required=False)
     if af is None:
@@ -201,10 +221,9 @@ def _problem(rec: Any, index: int, where: str, stem: str, *, question_field: str
         gold = _gold_to_letter(gold, choices, where)
     elif re.fullmatch(r"\(?[A-J]\)?", gold):
         # A letter answer with the options written into the question (GPQA-style files).
-        found = _OPTION_LINE.findall(question)
-        letters = [f[0] for f in found]
-        if len(found) >= 2 and letters == list(LETTERS[:len(found)]):
-            choices = [f[1] for f in found]
+        found = options_in_question(question)
+        if found:
+            choices = found
             gold = _gold_to_letter(gold, choices, where)
             meta["choices_in_question"] = True
     idf = _pick(rec, id_field, ID_FIELDS, "id", where, required=False)

@@ -26,15 +26,19 @@ def format_choices(choices: list[str]) -> str:
 
 
 def user_message(problem: Problem, answer_instruction: str | None = None) -> str:
-    """The user turn: question, options (unless the question already lists them), instruction."""
-    parts = [problem.question.strip()]
+    """The user turn: question, options (unless the question already lists them), instruction.
+
+    A question that is the whole turn (the STEP paper's prompt: no options added, no
+    instruction) is given as written, surrounding whitespace included; beside other parts
+    it is stripped, so the parts are joined by one blank line."""
+    rest = []
     if problem.choices and not problem.meta.get("choices_in_question"):
-        parts.append(format_choices(problem.choices))
+        rest.append(format_choices(problem.choices))
     if answer_instruction is None:
         answer_instruction = DEFAULT_CHOICE_INSTRUCTION if problem.choices else DEFAULT_ANSWER_INSTRUCTION
     if answer_instruction:
-        parts.append(answer_instruction.strip())
-    return "\n\n".join(parts)
+        rest.append(answer_instruction.strip())
+    return "\n\n".join([problem.question.strip(), *rest]) if rest else problem.question
 
 
 def build_prompt(problem: Problem, tokenizer: Any, *, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,

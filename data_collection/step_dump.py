@@ -22,7 +22,8 @@ Token positions: with the model's tokenizer the paper's rule is re-run over
 are stored, relative to the first response token when the rebuilt paper prompt
 (``stepprobe.step_paper.STEP_PROMPT``) is a prefix of the ids (prompt boundaries then have
 negative positions), else from the sequence start; otherwise positions are unknown (-1).
-``attrs["extra"]["positions"]`` says which. The paper's rows include the prompt's blank
+``attrs["extra"]["positions"]`` says which. ``num_tokens`` counts the response tokens (the ids
+after the rebuilt prompt); -1 where that prompt is not a prefix of the ids. The paper's rows include the prompt's blank
 lines; ``--prompt-steps drop`` leaves those out (a stepprobe detector only ever sees
 generated tokens), which needs response-relative positions.
 
@@ -207,15 +208,14 @@ def _entries(files: Sequence[Path], hidden: int, vocab: int) -> Iterator[_Entry]
 # -- positions ---------------------------------------------------------------------------------
 
 def _positions(entry: _Entry, detector: Any, prompt_ids: list[int]) -> tuple[list[int] | None, int | None]:
-    """(absolute boundary positions, prompt length) when recoverable from the ids."""
+    """(absolute boundary positions when the rule finds one per row, prompt length when the
+    rebuilt prompt is a prefix of the ids); each ``None`` when not recoverable."""
     if entry.ids is None:
-        return None, None
-    pos = detector.find(entry.ids)
-    if len(pos) != int(entry.states.shape[0]):
         return None, None
     n = len(prompt_ids)
     plen = n if n and entry.ids[:n] == prompt_ids else None
-    return pos, plen
+    pos = detector.find(entry.ids)
+    return (pos if len(pos) == int(entry.states.shape[0]) else None), plen
 
 
 # -- the stage -------------------------------------------------------------------------------
@@ -261,17 +261,20 @@ def run(config: Config) -> Path:
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         for e in entries:
             info[id(e)] = _positions(e, detector, prompt_ids)
-    if all(pl is not None for _, pl in info.values()):
-        origin = POSITIONS_RESPONSE
-    elif all(pos is not None for pos, _ in info.values()):
-        origin = POSITIONS_SEQUENCE
-    else:
+    n_no_rows = sum(pos is None for pos, _ in info.values())
+    n_no_prompt = sum(pl is None for _, pl in info.values())
+    if n_no_rows:
         origin = POSITIONS_UNKNOWN
-    n_unknown = sum(pos is None for pos, _ in info.values())
-    if origin != POSITIONS_RESPONSE:
-        log.warning("token positions are %s (%d of %d traces without recoverable boundaries; the paper's prompt "
-                    "was %s found as a prefix)", origin, n_unknown, len(info),
-                    "not always" if origin == POSITIONS_SEQUENCE else "not")
+        log.warning("token positions are unknown: for %d of %d traces the paper's rule over full_input_ids does not "
+                    "give one boundary per row of select_hidden_states (or full_input_ids is missing); were the dumps "
+                    "made with this model's tokenizer?", n_no_rows, len(info))
+    elif n_no_prompt:
+        origin = POSITIONS_SEQUENCE
+        log.warning("token positions count from the sequence start: for %d of %d traces the paper's prompt, rebuilt "
+                    "with this model's chat template, is not a prefix of full_input_ids (another system prompt or "
+                    "template?)", n_no_prompt, len(info))
+    else:
+        origin = POSITIONS_RESPONSE
     drop = config.prompt_steps == "drop"
     if drop and origin != POSITIONS_RESPONSE:
         raise StepprobeError("--prompt-steps drop needs to know which rows lie in the prompt, but the positions "
@@ -316,7 +319,7 @@ def run(config: Config) -> Path:
                     keep = [i for i, p in enumerate(rel) if p >= 0]
                     n_dropped += len(rel) - len(keep)
                     rel, feats = [rel[i] for i in keep], feats[keep]
-                n_tokens = (len(e.ids) - plen) if (e.ids is not None and plen is not None) else len(e.ids or [])
+                n_tokens = (len(e.ids) - plen) if (e.ids is not None and plen is not None) else -1  # -1: unknown
                 records.append(hdf5.TraceRecord(k, e.label, n_tokens, e.finish_reason, rel, {FINAL_NORM: feats}))
             writer.add_problem(pid, question, entries[0].gold, records)
             bar.update(len(entries))

@@ -10,8 +10,11 @@ fields are used when present: ``correct`` / ``is_correct`` / ``label`` (otherwis
 label is ``extracted_answer`` graded against ``ground_truth`` with
 :func:`stepprobe.data_collection.grading.is_correct`), ``finish_reason``, ``id`` /
 ``problem_id``. The prompt is rebuilt with the model's chat template
-(:func:`stepprobe.data_collection.prompts.build_prompt`, question as the whole user turn)
-and the response is re-tokenized with the model's tokenizer. When the template's
+(:func:`stepprobe.data_collection.prompts.build_prompt`, question as the whole user turn, as
+written) and the response is re-tokenized with the model's tokenizer the way the paper does:
+the text before the first ``</think>`` on its own (the paper cuts the text there, then
+tokenizes, so a final ``"\\n\\n"`` stays one token and keeps its boundary on tokenizers without
+a ``</think>`` token), then ``</think>`` and the rest (:func:`tokenize_response`). When the template's
 generation prompt already opens the think block (``...<think>\\n``), a leading
 ``<think>`` in the response is not repeated.
 
@@ -28,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..boundaries import STEP_PAPER_END_TEXT
 from ..errors import StepprobeError
 from .traces import ProblemTraces, Trace
 
@@ -40,6 +44,16 @@ THINK_OPEN = "<think>"
 
 def looks_like_step(record: dict[str, Any]) -> bool:
     return isinstance(record, dict) and all(k in record for k in REQUIRED) and "kind" not in record
+
+
+def tokenize_response(tokenizer: Any, response: str) -> list[int]:
+    """A STEP response's token ids: the text before the first ``</think>`` tokenized alone (what
+    the paper forwards), then ``</think>`` with everything after it."""
+    head, end, tail = response.partition(STEP_PAPER_END_TEXT)
+    ids = list(tokenizer(head, add_special_tokens=False)["input_ids"]) if head else []
+    if end:
+        ids += tokenizer(end + tail, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def problem_id_for(question: str) -> str:
@@ -136,7 +150,7 @@ def read_step_jsonl(path: str | os.PathLike, tokenizer: Any, model: dict[str, An
                     response = str(rec["response"])
                     if prompt.rstrip().endswith(THINK_OPEN) and response.lstrip().startswith(THINK_OPEN):
                         response = response.lstrip()[len(THINK_OPEN):].lstrip("\n")
-                    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+                    ids = tokenize_response(tokenizer, response)
                     traces.append(Trace(sample_index=i, output_token_ids=list(ids), text=response,
                                         finish_reason=str(rec.get("finish_reason", "unknown")), num_tokens=len(ids),
                                         extracted_answer=rec.get("extracted_answer"), correct=_label(rec)))
