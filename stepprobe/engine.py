@@ -96,6 +96,12 @@ def check_engine_args(engine_args: Mapping[str, Any] | None) -> None:
     if unknown:
         raise StepprobeError(f"engine_args: unknown vLLM engine argument(s) {', '.join(unknown)} "
                              "(see vllm.engine.arg_utils.EngineArgs)")
+    dp = int(engine_args.get("data_parallel_size") or 1)
+    if dp > 1 and engine_args.get("distributed_executor_backend") != "external_launcher":
+        # vllm.LLM raises ValueError for this once the model path is resolved (entrypoints/llm.py)
+        raise StepprobeError(f"engine_args: data_parallel_size={dp}: vLLM's offline engine (vllm.LLM) runs one "
+                             "data-parallel rank per process; run one stepprobe process per replica, each on its "
+                             "own share of the problems, or use tensor_parallel_size")
 
 
 def engine_kwargs(options: Any, *, seed: int = 0) -> dict[str, Any]:
