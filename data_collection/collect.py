@@ -34,6 +34,7 @@ from typing import Any, Iterable
 
 from ..config import StageConfig, option
 from ..errors import StepprobeError
+from .. import locks
 from ..io import atomic_write_json, check_writable_dir
 from ..engine import check_context, engine_kwargs, make_llm, shutdown  # noqa: F401  (make_llm: tests and the pipeline)
 from ..models import DEFAULT_MODEL, identify_model, model_display_name
@@ -206,6 +207,7 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
     model_path, identity, tokenizer = identify_model(config.model)
     header = make_header(config.to_dict(), identity, model_path=model_path, num_problems=len(problems))
     check_writable_dir(out.parent, "--output")
+    locks.hold(out)  # one writer per traces file, for the whole run
     prompt_lens = [len(tokenizer(q, add_special_tokens=False)["input_ids"])
                    for q in build_prompts(problems, tokenizer, config)]
     check_context(prompt_lens, config.max_tokens, config.max_model_len)

@@ -37,6 +37,7 @@ import numpy as np
 from ..boundaries import DEFAULT_DELIMITER, BoundaryDetector, BoundaryRule, step_paper_rule
 from ..config import StageConfig, option
 from ..errors import ArtifactMismatch, StepprobeError
+from .. import locks
 from ..io import check_writable_dir, open_text
 from ..layers import FINAL_NORM, EMBED, all_sites, layer_name, mean_name, parse_sites
 from ..models import identify_model
@@ -313,6 +314,7 @@ def run(config: Config) -> Path:
     if config.merge:
         if not config.output:
             raise StepprobeError("--merge needs --output")
+        locks.hold(config.output)
         return hdf5.merge(config.merge, config.output, overwrite=config.overwrite)
     if not config.traces:
         raise StepprobeError("--traces is required (or --merge to join shard files)")
@@ -324,6 +326,7 @@ def run(config: Config) -> Path:
     shard = parse_shard(config.shard)
     output = shard_output(Path(config.output) if config.output else _default_output(traces_path), shard)
     check_writable_dir(output.parent, "--output")
+    locks.hold(output)  # one writer per file (and its parts); each --shard writes a file of its own
     storage_dtype = hdf5._check_dtype(config.storage_dtype)
     hdf5.parse_compression(config.compression)
     if config.batch_size < 1 or config.max_batch_tokens < 1:

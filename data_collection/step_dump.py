@@ -45,6 +45,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .. import locks
 from ..config import StageConfig, option
 from ..errors import ArtifactMismatch, StepprobeError
 from ..layers import FINAL_NORM
@@ -238,6 +239,7 @@ def run(config: Config) -> Path:
     hidden = int(identity["hidden_size"])
     vocab = max(int(identity.get("vocab_size") or 0), len(tok))
     output = Path(config.output)
+    locks.hold(output)  # one writer per file
 
     # First pass: read, check and group every entry (tensors stay memory-mapped).
     groups: dict[str, list[_Entry]] = {}

@@ -233,10 +233,12 @@ def run(config: Config) -> Path:
     from tqdm import tqdm
 
     from stepprobe.engine import check_kv_budget
+    from stepprobe import locks
     from stepprobe.io import check_writable_dir
 
     out = Path(config.output) if config.output else runs_dir() / time.strftime("bench-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--output")
+    locks.hold(out)  # one writer per output directory, for the whole run
     config = with_scorer_generation(config)
     config, trust = run_stage.with_trust(config)
     base = _run_config(config, "none", 0)

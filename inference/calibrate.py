@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from stepprobe import locks
 from stepprobe.config import StageConfig, option
 from stepprobe.data_collection.grading import grading_of
 from stepprobe.errors import ArtifactMismatch, StepprobeError
@@ -167,9 +168,16 @@ def calibrate(problems: list, params: Any, config: Config) -> dict[str, Any]:
             "crossfit": {"folds": folds, "tolerance": DEFAULT_TOLERANCE, "delta": DEFAULT_DELTA}}
 
 
+def _trust_path(config: Config, scorer_dir: str) -> Path:
+    out = Path(config.output) if config.output else Path(scorer_dir) / FILE_NAME
+    return out / FILE_NAME if out.is_dir() else out
+
+
 def run(config: Config) -> Path:
     if not config.results:
         raise StepprobeError("calibrate needs --results (a run with the scorer and policy none)")
+    if config.output:
+        locks.hold(_trust_path(config, ""))  # one writer per trust file
     header, records = load_run(config.results)
     if not records:
         raise StepprobeError(f"{config.results} has no problems")
@@ -177,6 +185,8 @@ def run(config: Config) -> Path:
     scorer_dir = (header.get("config") or {}).get("scorer") or scorer_info.get("path")
     if not scorer_dir or not scorer_info.get("weights_sha256"):
         raise ArtifactMismatch(f"{config.results} was run without a scorer: nothing to calibrate")
+    out = _trust_path(config, scorer_dir)
+    locks.hold(out)  # one writer per trust file
     problems = build_problems(records)
     if not any(t.score is not None for pr in problems for t in pr.traces):
         raise ArtifactMismatch(f"{config.results} has no step scores: nothing to calibrate")
@@ -200,9 +210,6 @@ def run(config: Config) -> Path:
                          "block_size": config.block_size, "aggregate": params.aggregate,
                          "n": ns[0] if len(ns) == 1 else ns},
            "seconds": round(time.perf_counter() - t0, 1), **body}
-    out = Path(config.output) if config.output else Path(scorer_dir) / FILE_NAME
-    if out.is_dir():
-        out = out / FILE_NAME
     atomic_write_json(out, doc)
     d = body["default"]
     log.info("calibrate: %d problems; vote %s (score - majority %+.3f [%+.3f, %+.3f]); memory pruning %s "

@@ -58,6 +58,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from stepprobe import locks
 from stepprobe.config import OptionGroup, StageConfig, option
 from stepprobe.data_collection.grading import grading_of
 from stepprobe.errors import ArtifactMismatch, StepprobeError
@@ -994,6 +995,9 @@ def load_trust(config: Config, header: dict[str, Any]) -> tuple[dict[str, Any] |
 def run(config: Config) -> Path:
     if not config.results:
         raise StepprobeError("replay needs --results (a run's output directory or results.jsonl)")
+    res = Path(config.results)
+    out = Path(config.output) if config.output else (res if res.is_dir() else res.parent) / "replay"
+    locks.hold(out)  # one writer per output directory
     t0 = time.perf_counter()
     header, records = load_run(config.results, config.limit)
     if not records:
@@ -1001,8 +1005,6 @@ def run(config: Config) -> Path:
     if "confidence" in config.policies and not any(t.get("stop_confidence") for r in records for t in r["traces"]):
         raise StepprobeError("replay of the confidence policy needs a run with --record-confidence "
                              "(per-token confidences); drop 'confidence' from --policies or rerun")
-    res = Path(config.results)
-    out = Path(config.output) if config.output else (res if res.is_dir() else res.parent) / "replay"
     out.mkdir(parents=True, exist_ok=True)
     grading = grading_of(header.get("config"))
     bench = load_bench(config.live_bench) if config.live_bench else None

@@ -314,13 +314,15 @@ def run(config: Config, runner: Any = None) -> Path:
     from tqdm import tqdm
 
     from stepprobe.engine import check_kv_budget
-    from stepprobe.io import check_writable_dir
+    from stepprobe import locks
+    from stepprobe.io import check_writable_dir, naming_file
 
     out = Path(config.output) if config.output else runs_dir() / time.strftime("run-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--output")
     config = with_scorer_generation(config)
     config.settings()  # aggregate, keep_fraction, a scorer the policy needs: refused before anything is written
     config, trust = with_trust(config)
+    locks.hold(out)  # one writer per output directory, for the whole run
     problems = load_problems(config)
     prov = provenance(config.model, config.scorer)
     if runner is None:

@@ -40,6 +40,7 @@ from typing import Any, Mapping
 
 import torch
 
+from stepprobe import locks
 from stepprobe.config import StageConfig, option
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import sha256_file
@@ -236,6 +237,7 @@ def convert_step_scorer(checkpoint: str | Path, out: str | Path, *, model: Mappi
 def run(config: Config) -> Path:
     # The checkpoint first: a bad or hostile file is refused before any model is read.
     check_step_state_dict(read_step_checkpoint(config.checkpoint)[0], str(config.checkpoint))
+    locks.hold(config.out)  # one writer per scorer directory
     identity, tokenizer = model_identity_for(config.model)
     return convert_step_scorer(config.checkpoint, config.out, model=identity, tokenizer=tokenizer,
                                threshold=config.threshold, overwrite=config.overwrite,

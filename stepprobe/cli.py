@@ -9,15 +9,17 @@ applies the flags on top and calls ``run``. Stage modules are imported lazily, s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import logging
+import signal
 import sys
 import typing
 from typing import Any, Sequence
 
-from . import __version__
+from . import __version__, locks
 from .config import StageConfig, _unwrap_optional
 from .errors import StepprobeError
 
@@ -129,18 +131,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         setattr(args, passthrough, extra)
     try:
         config = build_config(config_cls, args)
-        module.run(config)
+        with locks.scope(top.stage), _sigterm_ends_the_command():
+            module.run(config)
     except StepprobeError as exc:
         return _refuse(top.stage, str(exc))
     except OSError as exc:  # an unwritable or missing path, a full disk: the user's to fix
-        where = f"{exc.filename}: " if exc.filename else ""
+        filename = _filename(exc)
+        where = f"{filename}: " if filename else ""
         return _refuse(top.stage, f"{where}{exc.strerror or exc}")
     except UnicodeDecodeError as exc:
         return _refuse(top.stage, f"an input file is not UTF-8 text ({exc.reason}); save it as UTF-8")
     except KeyboardInterrupt:
         print(f"stepprobe {top.stage}: interrupted; rerun the same command to resume", file=sys.stderr)  # noqa: T201
         return 130
+    except Terminated:
+        print(f"stepprobe {top.stage}: terminated (SIGTERM); what was finished is kept, rerun the same command to "
+              "resume", file=sys.stderr)  # noqa: T201
+        return 128 + signal.SIGTERM
     return 0
+
+
+def _filename(exc: OSError) -> str | None:
+    """The file an OSError concerns: its own, or that of the same error it was raised while
+    handling (a file that could not be flushed fails again, without a name, when closed)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == exc.errno and seen.filename:
+            return seen.filename
+        seen = seen.__context__
+    return None
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds the command like Ctrl-C does (writers close, engines stop)."""
+
+
+@contextlib.contextmanager
+def _sigterm_ends_the_command():
+    """Turn SIGTERM into :class:`Terminated` while the stage runs, so that it ends with one
+    line and the ``finally`` blocks that keep its output resumable run (by default the
+    process would just vanish with exit 143)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def _raise(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _refuse(stage: str, message: str) -> int:

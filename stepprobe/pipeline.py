@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import locks
 from .config import StageConfig, option
 from .errors import ArtifactMismatch, StepprobeError
 from .io import atomic_write_json, atomic_write_text, read_json
@@ -303,6 +304,9 @@ def run(cfg: Config) -> Path:
                                                         + (f"-seed{cfg.seed}" if cfg.seed else ""))
     paths = Paths(root)
     stage_configs(cfg, paths)  # refuse a bad section before anything is cleared or written
+    # One pipeline per run directory; each stage also locks its own output inside it (other
+    # lock files, so the stages run in-process under this lock without waiting for it).
+    locks.hold(root)
     if cfg.restart and root.exists():
         log.info("--restart: clearing %s", root)
         shutil.rmtree(root)

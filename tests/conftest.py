@@ -18,6 +18,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(autouse=True)
+def _release_output_locks():
+    """A stage called from Python (not the CLI) keeps its output lock until the process ends;
+    the test process runs many, so drop them after each test (stepprobe.locks)."""
+    yield
+    from stepprobe import locks
+
+    locks.release_all()
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     import torch
 

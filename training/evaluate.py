@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from stepprobe import locks
 from stepprobe.config import StageConfig, option
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text
@@ -105,12 +106,13 @@ def run(cfg: Config) -> Path:
 
     if not cfg.scorer or not cfg.data:
         raise StepprobeError("--scorer and --data are required")
+    out = Path(cfg.out) if cfg.out else Path(cfg.data).parent / f"eval-{Path(cfg.scorer).name}"
+    locks.hold(out)  # one writer per output directory
     hs = open_hidden_states(cfg.data)
     scorer = load_scorer(cfg.scorer, expected_model=hs.model)
     if scorer.boundary_rule.get("delimiter") != hs.boundary_rule.get("delimiter"):
         raise ArtifactMismatch(f"{cfg.data} was segmented with delimiter {hs.boundary_rule.get('delimiter')!r}, the "
                                f"scorer with {scorer.boundary_rule.get('delimiter')!r}")
-    out = Path(cfg.out) if cfg.out else Path(cfg.data).parent / f"eval-{Path(cfg.scorer).name}"
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise StepprobeError(f"{out}/eval.json exists; pass --overwrite or another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from stepprobe import locks
 from stepprobe.config import StageConfig, option, stage_defaults
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text, read_json
@@ -230,6 +231,8 @@ def run(cfg: Config) -> Path:
                        max_steps_per_trace=cfg.max_steps_per_trace, subsample_seed=cfg.seed)
     check_classes(split, hs)
     out = Path(cfg.out) if cfg.out else None
+    if out:
+        locks.hold(out)  # one writer per sweep directory (resumed or new)
     rows: list[dict[str, Any]] = []
     test_scores: dict[str, np.ndarray] = {}
     if out and (out / "sweep.json").is_file() and not cfg.overwrite:

@@ -282,13 +282,17 @@ def _epoch_of_best(trainer, stop) -> int | None:
 
 
 def prepare_out_dir(out: str, prefix: str, overwrite: bool, marker: str) -> Path:
-    """Resolve (or create) an output directory; refuse one holding ``marker`` unless ``overwrite``."""
+    """Resolve (or create) an output directory; refuse one holding ``marker`` unless ``overwrite``.
+    Locks it first (one writer per output, :mod:`stepprobe.locks`): nothing is replaced under
+    another writer."""
     import datetime as dt
     import shutil
 
+    from stepprobe import locks
     from stepprobe.paths import runs_dir
 
     path = Path(out) if out else runs_dir() / f"{prefix}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    locks.hold(path)
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise StepprobeError(f"{path} exists and is not empty; choose another --out or pass --overwrite")

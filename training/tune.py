@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from stepprobe import locks
 from stepprobe.config import StageConfig, option, stage_defaults
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, read_json
@@ -322,6 +323,9 @@ def run(cfg: Config) -> Path:
         value = float(np.nanmean(values)) if not all(v != v for v in values) else float("nan")
         if value != value:  # nan: one class only in the early steps of every validation fold
             raise StepprobeError(f"{cfg.objective} is undefined on every validation fold; choose another --objective")
+    if cfg.out:
+        # Workers share a study directory (a shared lock); any other writer of it is refused.
+        locks.hold(cfg.out, shared=True)
         return value
 
     failed = fail_dead_trials(study, cfg.grace_period)
@@ -338,7 +342,8 @@ def run(cfg: Config) -> Path:
                                                                    optuna.trial.TrialState.PRUNED))
         study.optimize(objective, n_trials=remaining, timeout=cfg.timeout or None, callbacks=[cb, _log_trial],
                        gc_after_trial=False, show_progress_bar=cfg.progress)
-    write_outputs(study, out, cfg)
+    with locks.holding(out / "trials.csv", wait=True):  # the study's files: one worker at a time
+        write_outputs(study, out, cfg)
     return out
 
 
