@@ -306,6 +306,26 @@ class _Asked:
     gold: str
 
 
+def check_free_space(output: Path, features: int, *, consolidate: bool) -> None:
+    """Refuse (one line) a run whose peak on disk does not fit. The block files hold every
+    feature once; consolidating them into one file writes a second copy before the blocks are
+    removed, so the peak is twice the features. What an earlier run of this output already
+    wrote counts as written (a resumed run, or an overwrite that first removes it)."""
+    on_disk = output.stat().st_size if output.is_file() else 0
+    pdir = hdf5.parts_dir(output)
+    if pdir.is_dir():
+        on_disk += sum(f.stat().st_size for f in pdir.iterdir() if f.is_file())
+    peak = features * (2 if consolidate else 1)
+    need = max(0, peak - on_disk)
+    free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
+    if need > free:
+        how = (f"{hdf5.human_bytes(features)} of features, and as much again while the blocks are merged into one "
+               f"file (--no-consolidate needs only the first)" if consolidate else
+               f"{hdf5.human_bytes(features)} of features")
+        raise StepprobeError(f"about {hdf5.human_bytes(need)} needed ({how}) but only {hdf5.human_bytes(free)} "
+                             f"free at {output.parent}")
+
+
 def _default_output(traces: Path) -> Path:
     return traces.with_name("hidden_states.h5")
 
@@ -368,13 +388,9 @@ def run(config: Config) -> Path:
         raise StepprobeError(f"{traces_path}: {n_problems} problems, {n_traces} traces, but no step boundary "
                              f"(delimiter {rule.delimiter!r}) in any trace; nothing to record (check --delimiter)")
     est = hdf5.estimate_bytes(n_steps, sites_n, hidden, storage_dtype)
-    free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
     log.info("%s: %d problems, %d traces, %d step boundaries -> about %s of features (%d sites x %d x %s)%s",
              traces_path, n_problems, n_traces, n_steps, hdf5.human_bytes(est), sites_n, hidden, storage_dtype,
              f" for shard {shard[0]}/{shard[1]}" if shard else "")
-    if est > free:
-        raise StepprobeError(f"about {hdf5.human_bytes(est)} needed but only {hdf5.human_bytes(free)} free "
-                             f"at {output.parent}")
 
     if output.exists() and not config.overwrite:
         old = hdf5.HiddenStates(output)
@@ -391,6 +407,7 @@ def run(config: Config) -> Path:
                 old.close()
                 return output
         old.close()
+    check_free_space(output, est, consolidate=config.consolidate)
 
     extractor = SiteExtractor(model_path, dtype=config.dtype, device=config.device, mean_sites=mean_sites)
     if extractor.num_layers != identity["num_hidden_layers"] or extractor.hidden_size != hidden:

@@ -53,7 +53,9 @@ class HiddenStates:
             for rel, *_ in (self.header.get("extra") or {}).get("parts", []):
                 if not (self.path.parent / rel).is_file():
                     raise ArtifactMismatch(f"{self.path}: block file {rel} is missing (a run in progress keeps its "
-                                           f"features in {parts_dir(self.path).name}/ next to the file)")
+                                           f"features in {parts_dir(self.path).name}/ next to the file); the file "
+                                           "cannot be resumed: record it again with `stepprobe record ... "
+                                           "--overwrite`")
 
     # -- lifecycle ---------------------------------------------------------------------
     def _h5(self) -> Any:

@@ -8,11 +8,12 @@ writer, :func:`~.writer.consolidate_file` and :func:`~.merge.merge`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -56,6 +57,69 @@ def _h5py():
     return h5py
 
 
+class WriteFailed(StepprobeError):
+    """Writing an HDF5 file failed (a full disk, a file-size limit): one line naming the file."""
+
+
+def _reason(exc: BaseException) -> str:
+    """The operating system's words from an h5py error (HDF5 wraps them in a long message)."""
+    import re
+
+    text = str(exc)
+    found = re.findall(r"error message = '([^']+)'", text)
+    if found:
+        return found[-1]
+    return getattr(exc, "strerror", None) or " ".join(text.split())[:200]
+
+
+def _abandon(f: Any) -> None:
+    """Close an HDF5 file that can no longer be written (its disk is full) without crashing.
+
+    HDF5 keeps unwritten metadata for a failed file and retries it on every close, and at
+    exit, where it crashes the process (a segmentation fault). Pointing the file's descriptor
+    at /dev/null lets the close finish; the caller then removes the half-written file."""
+    try:
+        fd = f.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except Exception:  # pragma: no cover - already closed, or no POSIX descriptor
+        pass
+    try:
+        f.close()
+    except Exception:  # pragma: no cover - nothing more can be done for it
+        pass
+
+
+@contextlib.contextmanager
+def create_h5(tmp: Path, final: Path | None = None) -> Iterator[Any]:
+    """``h5py.File(tmp, "w")`` for a file that is renamed into place once written. An error
+    while writing or closing it (a full disk) closes it safely, removes it and becomes one line
+    naming ``final`` (:class:`WriteFailed`); what was there before is untouched."""
+    # No raw-data chunk cache: a chunk that cannot be written fails the assignment that writes
+    # it, instead of failing later, silently, when h5py drops the dataset.
+    f = _h5py().File(tmp, "w", rdcc_nbytes=0)
+    try:
+        try:
+            yield f
+            f.flush()
+        except BaseException:
+            _abandon(f)
+            raise
+        try:
+            f.close()
+        except BaseException:
+            _abandon(f)
+            raise
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise WriteFailed(f"{final or tmp}: writing failed ({_reason(exc)}); free space and rerun the same "
+                          "command (what it finished before is kept)") from None
+
+
 def parts_dir(path: str | os.PathLike) -> Path:
     """Folder with the block files of a run in progress (``<file>.parts``)."""
     path = Path(path)
@@ -93,6 +157,8 @@ def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:  # name the file (a bare fsync error has no file name)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.close(fd)
 
@@ -243,13 +309,12 @@ def _write_single(path: Path, attrs: dict[str, Any], tables: dict[str, dict[str,
                   feature_source: Any, compression: dict[str, Any]) -> None:
     """Write a self-contained file atomically. ``feature_source(name, lo, hi)`` yields rows of a feature
     (a site, or a site's step mean ``<site>.mean``)."""
-    h5py = _h5py()
     n = len(tables["steps"]["trace"])
     hidden, dtype = attrs["hidden_size"], attrs["storage_dtype"]
     block = max(1, _COPY_BLOCK_BYTES // (hidden * np.dtype(dtype).itemsize))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as f:
+        with create_h5(tmp, path) as f:
             for k, v in attrs.items():
                 f.attrs[k] = _encode_attr(k, v)
             _write_tables(f, tables)
@@ -261,6 +326,9 @@ def _write_single(path: Path, attrs: dict[str, Any], tables: dict[str, dict[str,
                 for lo in range(0, n, block):
                     hi = min(n, lo + block)
                     ds[lo:hi] = feature_source(name, lo, hi)
+                    # Flushed while the dataset is open: a failed write (a full disk) is raised
+                    # here, not swallowed when the dataset is dropped.
+                    f.flush()
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(path.parent)

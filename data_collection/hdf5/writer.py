@@ -25,7 +25,7 @@ from ...layers import is_step_mean, site_depth, split_feature
 from ...provenance import check_model_identity
 from .reader import HiddenStates
 from .schema import (FEATURE_GROUP, KIND, LAYOUT_PARTS, LAYOUT_SINGLE, MEAN_GROUP, _as_table, _base_attrs,
-                     _check_consistency, _check_dtype, _create_feature_dataset, _empty_tables, _encode_attr,
+                     _check_consistency, _check_dtype, _create_feature_dataset, _empty_tables, _encode_attr, create_h5,
                      _fsync_path, _h5py, _infer_num_layers, _step_start, _write_single, _write_tables, estimate_bytes,
                      feature_names, feature_path, parse_compression, parts_dir)
 
@@ -280,7 +280,7 @@ class HiddenStatesWriter:
             self._seq += 1
         self._seq += 1
         tmp = pdir / f".{name}.tmp"
-        with _h5py().File(tmp, "w") as f:
+        with create_h5(tmp, pdir / name) as f:
             f.attrs["kind"] = KIND + "-part"
             for site in self.features:
                 arr = data[site]
@@ -328,7 +328,7 @@ class HiddenStatesWriter:
         attrs["extra"] = {**attrs.get("extra", {}), "parts": [list(p) for p in self._parts]}
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
-            with h5py.File(tmp, "w") as f:
+            with create_h5(tmp, self.path) as f:
                 for k, v in attrs.items():
                     f.attrs[k] = _encode_attr(k, v)
                 _write_tables(f, tables)
@@ -429,11 +429,15 @@ def consolidate_file(path: str | os.PathLike) -> Path:
     extra = dict(attrs.get("extra") or {})
     extra.pop("parts", None)
     attrs["extra"] = extra
-    tables = hs._load_tables()
-    f = hs._h5()
-    _write_single(path, attrs, tables, lambda site, lo, hi: f[feature_path(site)][lo:hi],
-                  parse_compression(attrs.get("compression")))
-    hs.close()
+    try:
+        tables = hs._load_tables()
+        f = hs._h5()
+        # A failure here (a full disk) leaves the parts layout as it was: complete and readable,
+        # and the same command consolidates it when rerun.
+        _write_single(path, attrs, tables, lambda site, lo, hi: f[feature_path(site)][lo:hi],
+                      parse_compression(attrs.get("compression")))
+    finally:
+        hs.close()
     shutil.rmtree(parts_dir(path), ignore_errors=True)
     return path
 
