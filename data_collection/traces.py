@@ -171,9 +171,12 @@ class TraceWriter:
     def write(self, problem: ProblemTraces) -> None:
         if problem.problem_id in self.done_ids:
             raise StepprobeError(f"problem {problem.problem_id!r} is already in {self.path}")
-        self._fh.write(json.dumps(problem.to_dict()) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        from ..io import naming_file
+
+        with naming_file(self.path):  # a full disk names the file
+            self._fh.write(json.dumps(problem.to_dict()) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
         self.done_ids.add(problem.problem_id)
 
     def close(self) -> None:

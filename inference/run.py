@@ -297,9 +297,12 @@ def _open_results(path: Path, config: Config, prov: dict[str, Any], done: dict[s
         _truncate_torn_tail(path)
         return open(path, "a", encoding="utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
+    from stepprobe.io import naming_file
+
     fh = open(path, "w", encoding="utf-8")
-    fh.write(json.dumps(_header(config, prov)) + "\n")
-    fh.flush()
+    with naming_file(path):
+        fh.write(json.dumps(_header(config, prov)) + "\n")
+        fh.flush()
     return fh
 
 
@@ -319,10 +322,10 @@ def run(config: Config, runner: Any = None) -> Path:
 
     out = Path(config.output) if config.output else runs_dir() / time.strftime("run-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--output")
+    locks.hold(out)  # one writer per output directory, for the whole run
     config = with_scorer_generation(config)
     config.settings()  # aggregate, keep_fraction, a scorer the policy needs: refused before anything is written
     config, trust = with_trust(config)
-    locks.hold(out)  # one writer per output directory, for the whole run
     problems = load_problems(config)
     prov = provenance(config.model, config.scorer)
     if runner is None:
@@ -353,8 +356,9 @@ def run(config: Config, runner: Any = None) -> Path:
                         batch = todo[i:i + size]
                         stats: dict[str, Any] = {}
                         for _, r in solve_stream(runner, batch, config, stats=stats):
-                            fh.write(json.dumps(r) + "\n")
-                            fh.flush()  # durable problem by problem: a kill loses only those in flight
+                            with naming_file(path):  # a full disk names the file
+                                fh.write(json.dumps(r) + "\n")
+                                fh.flush()  # durable problem by problem: a kill loses only those in flight
                             done[r["problem_id"]] = r
                             bar.update(1)
                         wall += stats["wall_s"]
