@@ -216,7 +216,7 @@ def load_study(cfg: Config, out: Path, fingerprint: dict[str, Any], create: bool
 
     url = storage_url(cfg, out)
     storage = make_storage(url, cfg)
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed)
+    sampler = per_trial_seed_sampler(cfg.seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                          n_warmup_steps=cfg.pruner_warmup_epochs)
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="maximize", sampler=sampler,
@@ -233,6 +233,48 @@ def load_study(cfg: Config, out: Path, fingerprint: dict[str, Any], create: bool
                 raise ArtifactMismatch(f"study {cfg.study_name!r} in {url} was made with another {k} "
                                        f"({_short(prev.get(k))} vs {_short(meta[k])}); use another --study-name or --out")
     return study, url
+
+
+def per_trial_seed_sampler(seed: int):
+    """Optuna's TPE sampler, seeded anew for every trial from ``seed`` and the trial's number.
+
+    A trial's number is unique in its study (the storage hands them out), so parallel workers
+    and a resumed study never replay each other's random draws, as one ``TPESampler(seed)``
+    per worker would: every worker would draw the same startup trials, and a resumed study
+    would repeat its first ones. One worker from scratch stays reproducible (trial k always
+    gets the same seed). Public :class:`optuna.samplers.BaseSampler` interface only; the
+    worker that ran each trial is in its ``worker`` user attribute.
+    """
+    import optuna
+
+    def make(number: int):
+        # A fixed mix of (seed, trial number): no Python hash randomisation involved.
+        return optuna.samplers.TPESampler(seed=(int(seed) * 1_000_003 + number * 7_919 + 12_345) % (2 ** 32))
+
+    class PerTrialSeedSampler(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self.inner = make(0)
+
+        def before_trial(self, study, trial) -> None:
+            self.inner = make(trial.number)
+            self.inner.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self.inner.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.inner.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self.inner.after_trial(study, trial, state, values)
+
+        def reseed_rng(self) -> None:
+            self.inner.reseed_rng()
+
+    return PerTrialSeedSampler()
 
 
 def _load_study_retrying(cfg: Config, out: Path, fingerprint: dict[str, Any], tries: int = 5):
@@ -281,6 +323,9 @@ def run(cfg: Config) -> Path:
     check_classes(split, hs, test=False)
     folds = cv_splits(hs, split, cfg.cv_folds, cfg.split_seed) if cfg.cv_folds > 1 else [split]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if cfg.out:
+        # Workers share a study directory (a shared lock); any other writer of it is refused.
+        locks.hold(cfg.out, shared=True)
     if cfg.out and (Path(cfg.out) / "tune.json").is_file():
         out = Path(cfg.out)
         prev = read_json(out / "tune.json")
@@ -323,9 +368,6 @@ def run(cfg: Config) -> Path:
         value = float(np.nanmean(values)) if not all(v != v for v in values) else float("nan")
         if value != value:  # nan: one class only in the early steps of every validation fold
             raise StepprobeError(f"{cfg.objective} is undefined on every validation fold; choose another --objective")
-    if cfg.out:
-        # Workers share a study directory (a shared lock); any other writer of it is refused.
-        locks.hold(cfg.out, shared=True)
         return value
 
     failed = fail_dead_trials(study, cfg.grace_period)

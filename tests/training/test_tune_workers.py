@@ -53,6 +53,29 @@ def test_two_workers_share_one_study(synthetic_h5, tmp_path):
         by_worker.setdefault(t.user_attrs[tune.WORKER_ATTR]["pid"], []).append(t.number)
     assert set(by_worker) == {p.pid for p in procs}, "both workers ran trials"
     assert sum(len(v) for v in by_worker.values()) == len(trials)  # each trial run by exactly one worker
+    # Issue 25: the workers drew distinct trials (one seed per worker made identical pairs).
+    assert len({_params(t) for t in trials}) == len(trials), [t.params for t in trials]
+
+
+def _params(trial) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in trial.params.items()))
+
+
+def test_a_resumed_study_draws_new_trials(synthetic_h5, tmp_path):
+    """Issue 25: the rerun that resumes a study continues it instead of repeating its first
+    trials (a sampler seeded only with --seed drew them again); a fresh study with the same
+    seed draws the same trials (reproducible)."""
+    def study(out, n):
+        cfg = tune.Config(data=str(synthetic_h5), out=str(out), n_trials=n, max_epochs=1, patience=1, cv_folds=1,
+                          archs="linear,mlp", sites="1-3", progress=False, plots=False)
+        tune.run(cfg)
+        return optuna.load_study(study_name="stepprobe", storage=f"sqlite:///{(out / 'study.db').resolve()}").trials
+
+    first = study(tmp_path / "a", 1)
+    resumed = study(tmp_path / "a", 2)
+    assert _params(resumed[0]) == _params(first[0])
+    assert _params(resumed[1]) != _params(first[0]), [t.params for t in resumed]
+    assert [_params(t) for t in study(tmp_path / "b", 1)] == [_params(first[0])]
 
 
 def test_killed_workers_trial_is_failed_at_once_by_the_next_worker(synthetic_h5, tmp_path):
