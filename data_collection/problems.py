@@ -16,7 +16,9 @@ the question as the whole user turn, unstripped); answers and options are stripp
 
 Field names can be given explicitly (``question_field=`` etc.). A malformed line is a
 :class:`~stepprobe.errors.StepprobeError` naming the file and line; nothing is skipped
-except blank lines.
+except blank lines. One problem (a JSONL line, a CSV field, a question) holds at most
+``MAX_PROBLEM_CHARS`` (one million) characters; JSONL and CSV are streamed, so a longer line
+is refused by its number before it is read whole.
 
 :func:`load_problem_source` takes a spec: a file path, or the built-in generator
 ``builtin`` / ``builtin:n=300,seed=0,families=add+word_add,levels=1+2`` (see
@@ -26,6 +28,7 @@ except blank lines.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -46,6 +49,11 @@ ID_FIELDS = ("id", "problem_id", "unique_id", "idx", "qid", "ID")
 CHOICE_FIELDS = ("choices", "options")
 LETTERS = "ABCDEFGHIJ"
 
+#: The most one problem may hold: a JSONL line, a CSV field, a question. Files are read line
+#: by line, so a longer line is refused by its number before it is read whole (a prompt this
+#: long would not fit any model's context anyway).
+MAX_PROBLEM_CHARS = 1_000_000
+
 _OPTION_LINE = re.compile(r"^\s*\(?([A-J])[).:]\s+(.+?)\s*$", re.MULTILINE)
 _INLINE_OPTION = re.compile(r"\(([A-J])\)\s*(.+?)\s*(?=\([A-J]\)|$)")
 
@@ -61,20 +69,67 @@ class Problem:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _too_long(where: str, what: str) -> StepprobeError:
+    return StepprobeError(f"{where}: {what} longer than {MAX_PROBLEM_CHARS:,} characters, the limit for one problem "
+                          f"(is this a problem file?)")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file, streamed: a line over the limit is refused by its
+    number before it is read whole."""
+    with open_text(path) as fh:
+        lineno = 0
+        while True:
+            line = fh.readline(MAX_PROBLEM_CHARS + 1)
+            if not line:
+                return
+            lineno += 1
+            if len(line) > MAX_PROBLEM_CHARS and not line.endswith("\n"):
+                raise _too_long(f"{path}:{lineno}", "line is")
+            yield lineno, line
+
+
+def _starts_with(path: Path, char: str) -> bool:
+    """Whether the file's first non-blank character is ``char`` (read in small pieces)."""
+    with open_text(path) as fh:
+        while piece := fh.read(4096):
+            if piece.strip():
+                return piece.lstrip().startswith(char)
+    return False
+
+
+@contextlib.contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    old = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _csv_rows(reader: Any, path: Path) -> Iterator[dict]:
+    try:
+        yield from reader
+    except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise _too_long(f"{path}:{reader.line_num}", "a field is") from None
+        raise StepprobeError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+
+
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) pairs; line numbers are 1-based (CSV: the header is line 1)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        with open_text(path) as fh:
-            text = fh.read()
-        if suffix == ".json" and text.lstrip().startswith("["):
+        if suffix == ".json" and _starts_with(path, "["):
+            with open_text(path) as fh:
+                text = fh.read()
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise StepprobeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
             yield from ((i + 1, r) for i, r in enumerate(data))  # "line" = list position
             return
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        for lineno, line in _lines(path):
             if not line.strip():
                 continue
             try:
@@ -82,11 +137,11 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
             except json.JSONDecodeError as exc:
                 raise StepprobeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
     elif suffix in (".csv", ".tsv"):
-        with open_text(path, newline="") as fh:
+        with open_text(path, newline="") as fh, _csv_field_limit(MAX_PROBLEM_CHARS):
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             if not reader.fieldnames:
                 return
-            for row in reader:
+            for row in _csv_rows(reader, path):
                 if None in row or any(v is None for v in row.values()):
                     count = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
                     raise StepprobeError(f"{path}:{reader.line_num}: row has {count} fields, "
@@ -193,6 +248,8 @@ def _problem(rec: Any, index: int, where: str, stem: str, *, question_field: str
     if not isinstance(rec, dict):
         raise StepprobeError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     qf = _pick(rec, question_field, QUESTION_FIELDS, "question", where)
+    if isinstance(rec[qf], str) and len(rec[qf]) > MAX_PROBLEM_CHARS:  # a .json list or Parquet row
+        raise _too_long(where, "the question is")
     question = _as_text(rec[qf], "the question", where, strip=False)
     meta: dict[str, Any] = {}
     af = _pick(rec, answer_field, ANSWER_FIELDS, "answer", where, required=False)

@@ -88,6 +88,19 @@ def _parse_line(line: str, path: Path, lineno: int) -> dict[str, Any]:
         raise StepprobeError(f"{path}:{lineno}: corrupt traces line ({exc.msg})") from None
 
 
+def _problem_line(rec: Any, path: Path, lineno: int) -> ProblemTraces:
+    """One problem line, or one line saying why it is not one (a stepprobe header followed by
+    lines of another format: a hand-made or concatenated file)."""
+    try:
+        return ProblemTraces.from_dict(rec)
+    except (KeyError, TypeError, AttributeError) as exc:
+        shape = f"fields {', '.join(sorted(rec)[:8])}" if isinstance(rec, dict) else f"a JSON {type(rec).__name__}"
+        why = f"no {exc.args[0]!r} field" if isinstance(exc, KeyError) else " ".join(str(exc).split())
+        raise ArtifactMismatch(f"{path}:{lineno}: not a problem line of collect's traces ({why}; the line has "
+                               f"{shape}); the header says stepprobe-traces but the lines are of another "
+                               "format") from None
+
+
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -115,7 +128,7 @@ def read_traces(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[Probl
                     log.warning("%s:%d: partial last line (interrupted run) ignored", path, lineno)
                     return
                 if line.strip():
-                    prob = ProblemTraces.from_dict(_parse_line(line, path, lineno))
+                    prob = _problem_line(_parse_line(line, path, lineno), path, lineno)
                     if prob.problem_id in seen:
                         raise StepprobeError(f"{path}:{lineno}: duplicate problem id {prob.problem_id!r} (first at "
                                              f"line {seen[prob.problem_id]}); give each problem line its own id")

@@ -77,7 +77,8 @@ def package_versions() -> dict[str, str]:
 def check_schema(header: dict[str, Any], kind: str, version: int, what: str) -> None:
     """Refuse an artifact of another kind or schema version."""
     if header.get("kind") != kind:
-        raise ArtifactMismatch(f"{what} is not a stepprobe {kind} file (kind={header.get('kind')!r})")
+        name = kind.removeprefix("stepprobe-")  # "a stepprobe hidden-states file", not "stepprobe stepprobe-..."
+        raise ArtifactMismatch(f"{what} is not a stepprobe {name} file (kind={header.get('kind')!r})")
     if header.get("schema_version") != version:
         raise ArtifactMismatch(
             f"{what} has {kind} schema version {header.get('schema_version')}, this stepprobe reads version {version}")

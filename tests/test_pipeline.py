@@ -175,5 +175,5 @@ def test_state_file_kind_is_checked(tmp_path):
     root = tmp_path / "run"
     root.mkdir()
     (root / "pipeline.json").write_text(json.dumps({"kind": "something-else"}))
-    with pytest.raises(ArtifactMismatch, match="not a stepprobe stepprobe-pipeline"):
+    with pytest.raises(ArtifactMismatch, match="not a stepprobe pipeline file"):
         run(Config(out=str(root), stages=["collect"], report=False))

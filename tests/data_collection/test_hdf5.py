@@ -98,7 +98,7 @@ def test_float16_default_storage(tmp_path, record_model_identity):
 
 
 @pytest.mark.parametrize("attr,value,message", [
-    ("kind", "something-else", "not a stepprobe stepprobe-hidden-states file"),
+    ("kind", "something-else", "not a stepprobe hidden-states file"),
     ("schema_version", 99, "schema version 99"),
 ])
 def test_refuses_wrong_kind_or_version(tmp_path, record_model_identity, attr, value, message):

@@ -75,6 +75,25 @@ def write_traces(path: Path, model_path: str, problems: list[tuple[str, str, lis
 STEPS = ["First.\n\nSecond.\n\nSo 1.", "Hmm.\n\nIt is 1."]
 
 
+def _parts_without_a_block(path: Path) -> Path:
+    """A hidden-states file in the ``parts`` layout (a run in progress) whose block file was
+    deleted, as a second writer of the same output used to leave it."""
+    from stepprobe.data_collection.hdf5 import HiddenStatesWriter, TraceRecord, parts_dir
+    from stepprobe.layers import all_sites
+
+    sites = all_sites(IDENTITY["num_hidden_layers"])
+    w = HiddenStatesWriter(path, sites=sites, hidden_size=IDENTITY["hidden_size"], model=IDENTITY,
+                           boundary_rule=RULE, dtype="float32")
+    rng = np.random.default_rng(0)
+    for p in range(4):
+        w.add_problem(f"p{p}", f"q{p}", "1", [TraceRecord(j, j % 2, 13, "stop", [3, 7], {
+            s: rng.normal(size=(2, IDENTITY["hidden_size"])) for s in sites}) for j in range(2)])
+    w.commit()
+    for part in parts_dir(path).glob("*.h5"):
+        part.unlink()
+    return path
+
+
 @pytest.fixture(scope="session")
 def bad(tmp_path_factory, tiny_model_path) -> dict[str, Any]:
     """Every bad input of the refusal table, by name."""
@@ -95,6 +114,23 @@ def bad(tmp_path_factory, tiny_model_path) -> dict[str, Any]:
     files["good_traces"] = write_traces(d / "good.jsonl", tiny_model_path,
                                         [("a", "1+0?", STEPS), ("b", "0+1?", STEPS)])
     files["good_h5"] = synthetic_h5(d / "good.h5")
+    # Issue 25: a stepprobe header followed by lines of another format (STEP-paper JSONL).
+    header = files["good_traces"].read_text(encoding="utf-8").splitlines()[0]
+    files["mixed_traces"] = d / "mixed.jsonl"
+    files["mixed_traces"].write_text(header + "\n" + '{"question": "1+0?", "response": "1"}\n', encoding="utf-8")
+    # A question line over the documented limit, after a good one.
+    from stepprobe.data_collection.problems import MAX_PROBLEM_CHARS
+
+    files["huge_line"] = d / "huge.jsonl"
+    files["huge_line"].write_text('{"question": "1+1?", "answer": "2"}\n{"question": "' + "x" * MAX_PROBLEM_CHARS
+                                  + '", "answer": "1"}\n', encoding="utf-8")
+    # An HDF5 file of another program, and a run in progress whose block file is gone.
+    import h5py
+
+    files["foreign_h5"] = d / "foreign.h5"
+    with h5py.File(files["foreign_h5"], "w") as f:
+        f.attrs["kind"] = "someone-elses-activations"
+    files["broken_parts_h5"] = _parts_without_a_block(d / "broken.h5")
     files["nan_h5"] = synthetic_h5(d / "nan.h5", nan_site="layer_01")
     # Only problems 0 and 6 have an incorrect trace: find a split seed whose validation part
     # has neither (one class) while training has one.

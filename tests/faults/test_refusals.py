@@ -78,6 +78,22 @@ TABLE = [
      ["no-scorer"], None),
     ("pipeline-config", "pipeline", lambda b: ["--config", str(b["latin1"])], ["latin1.jsonl", "not UTF-8"], None),
     ("model-path", "model", lambda b: ["--model", "/nonexistent/model"], ["does not exist"], None),
+    # Issue 25: a stepprobe header, then lines of another format (was KeyError: 'traces').
+    ("record-mixed-traces", "record", lambda b: ["--traces", str(b["mixed_traces"]), "--output",
+                                                 str(b["dir"] / "h4.h5")],
+     ["mixed.jsonl:2", "not a problem line of collect's traces", "'traces'"], "h4.h5"),
+    # Issue 25: a question line over the documented limit is refused by its line number, streamed.
+    ("collect-huge-line", "collect", lambda b: ["--problems", str(b["huge_line"]), "--model", b["tiny"],
+                                                "--output", str(b["dir"] / "c4.jsonl")],
+     ["huge.jsonl:2", "longer than 1,000,000 characters"], "c4.jsonl"),
+    ("run-huge-line", "run", lambda b: ["--policy", "none", "--problems", str(b["huge_line"]), "--model", b["tiny"],
+                                        "--output", str(b["dir"] / "r8")], ["huge.jsonl:2", "1,000,000"], "r8"),
+    # Issue 25: another program's HDF5 file, named once ("stepprobe stepprobe-hidden-states" before).
+    ("train-foreign-h5", "train", lambda b: ["--data", str(b["foreign_h5"]), "--out", str(b["dir"] / "t4")],
+     ["foreign.h5 is not a stepprobe hidden-states file"], "t4"),
+    # Issue 25: a file whose block file is gone says how to get a good one again.
+    ("sweep-missing-block", "sweep", lambda b: ["--data", str(b["broken_parts_h5"]), "--out", str(b["dir"] / "s3")],
+     ["block file", "is missing", "--overwrite"], "s3"),
 ]
 
 

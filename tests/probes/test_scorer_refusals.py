@@ -116,7 +116,7 @@ def test_weights_that_do_not_match_the_recorded_hash_are_refused(tmp_path, score
 @pytest.mark.parametrize("text,reason", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"kind": "stepprobe-traces", "schema_version": 1}', "is not a stepprobe stepprobe-scorer file"),
+    ('{"kind": "stepprobe-traces", "schema_version": 1}', "is not a stepprobe scorer file"),
 ], ids=["syntax", "not-an-object", "other-kind"])
 def test_bad_scorer_json_is_refused(scorer_dir, text, reason):
     (scorer_dir / CONFIG_FILE).write_text(text)
