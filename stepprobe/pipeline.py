@@ -61,15 +61,15 @@ _MODULES = {
     "replay": "stepprobe.inference.replay",
 }
 
-# Stage settings for the embedded default on 2 CPU cores (~15 min in all). A config file's
+# Stage settings for the embedded default on 2 CPU cores (the 20-minute budget: see README, "Time"). A config file's
 # per-stage sections are merged over these; paths are always the pipeline's.
 DEFAULTS: dict[str, dict[str, Any]] = {
     # top_p 1.0 everywhere: on the CPU backend top_p < 1 doubles generation time (vLLM sorts the
     # vocabulary per token), and the probe trains on the sampling it is evaluated with.
     "collect": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16"},
     "record": {"dtype": "bfloat16", "storage_dtype": "float16"},
-    # sweep: every other layer (the plot's shape; tune chooses the layer itself, by cross-validation)
-    "sweep": {"sites": "embed,0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,29,final_norm", "arch": "linear"},
+    # sweep: every fourth layer (the plot's shape; tune chooses the layer itself, by cross-validation)
+    "sweep": {"sites": "embed,0,4,8,12,16,20,24,28,29,final_norm", "arch": "linear"},
     "tune": {"n_trials": 12, "sites": "layers", "archs": "linear,mlp", "max_epochs": 15, "patience": 4},
     "export": {},
     # evaluate: the released scorer (trained on 1000 other problems) and the scorer this run trains,
@@ -80,11 +80,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # sc: one self-consistency pass over every held-out problem, keeping what replay needs.
     "sc": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16", "enforce_eager": True,
            "policy": "none", "vote": "majority", "record_confidence": True, "batch_problems": 40},
-    # bench: live and paired (per-trace seeds) on the first 40 held-out problems, at 16 blocks of
+    # bench: live and paired (per-trace seeds) on the first 30 held-out problems, at 16 blocks of
     # 128 tokens, tight enough that self-consistency preempts; replay covers the other policies
     # and budgets on all of them.
     "bench": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16",
-              "enforce_eager": True, "policies": ["none", "memory", "none+admission"], "kv_blocks": [16], "limit": 40},
+              "enforce_eager": True, "policies": ["none", "memory", "none+admission"], "kv_blocks": [16], "limit": 30},
     # calibrate: how far the scorer is trusted (the memory cutoff for a 1-point tolerance, the vote),
     # on the SC pass, at every budget the replay shows; bench's memory row then uses it.
     "calibrate": {"kv_blocks": [12, 16, 24, 32, 48, 64]},
@@ -102,7 +102,7 @@ class Config(StageConfig):
     out: str = option("", "run directory (default: $STEPPROBE_HOME/runs/pipeline-<model>)")
     model: str = option(DEFAULT_MODEL, "model name or path, used by every stage")
     problems: str = option("builtin:n=160,seed=0", "problems to collect and train on (file or builtin spec)")
-    bench_problems: str = option("builtin:n=320,seed=1", "held-out problems for sc/replay and the bench (never "
+    bench_problems: str = option("builtin:n=240,seed=1", "held-out problems for sc/replay and the bench (never "
                                  "trained on; questions also in `problems` are dropped)")
     seed: int = option(0, "seed of sampling (collect, sc, bench) and training (split, initialization, tuning; default "
                           "run directory pipeline-<model>-seed<N>); "
