@@ -61,8 +61,8 @@ _MODULES = {
     "replay": "stepprobe.inference.replay",
 }
 
-# Stage settings for the embedded default on 2 CPU cores (the 20-minute budget: see README, "Time"). A config file's
-# per-stage sections are merged over these; paths are always the pipeline's.
+# Stage settings for the embedded default on 2 CPU cores (within the 20-minute budget: README, "Time").
+# A config file's per-stage sections are merged over these; paths are always the pipeline's.
 DEFAULTS: dict[str, dict[str, Any]] = {
     # top_p 1.0 everywhere: on the CPU backend top_p < 1 doubles generation time (vLLM sorts the
     # vocabulary per token), and the probe trains on the sampling it is evaluated with.
