@@ -235,7 +235,8 @@ def test_every_blank_line_token_of_the_vocabulary_is_a_boundary_on_its_own(famil
     "\\n" left over past its last occurrence (so "\\n\\n\\n" + "\\n" is two, as in the text)."""
     tok, default, paper = family
     blank = [i for i, p in enumerate(default.pieces) if NL2 in p]
-    assert len(blank) > 300
+    assert len(blank) == {151669: 565, 128815: 400}[len(tok)]
+    assert all(default.pieces[i].endswith("\n") for i in blank)  # never "\n\n" + text in one token
     for i in blank:
         piece = default.pieces[i]
         assert paper.step("", i)[0], repr(piece)
@@ -292,3 +293,19 @@ def test_paper_rule_with_think_spelled_in_bpe_pieces(qwen_family, qwen_reference
     inside = _truth(qwen_tokenizer, ids, stop="</think>")
     assert inside[-1] < close and len(inside) == len(text.split("</think>")[0].split(NL2)) - 1 == 6
     assert paper.find(ids) == _streamed(paper, ids) == inside
+
+
+def test_smollm2_splits_a_blank_line_before_text(record_tokenizer, record_detector):
+    """The contrast (docs/coming_from_step.md): SmolLM2's tokenizer (GPT-2's pre-tokenizer) never
+    merges "\\n\\n" with punctuation and writes it as "\\n" + "\\n" when text follows, so under
+    the paper's rule such blank lines never count; stepprobe's default counts every one. Only a
+    blank line before a space or at the end, or a longer run, holds a "\\n\\n" token."""
+    paper = BoundaryDetector(step_paper_rule(), record_detector.pieces)
+    ids = _encode(record_tokenizer, "Let me see.\n\nFirst, 3 + 4 = 7:\n\nThen 7 * 2 = 14 \n\nThe answer is 14.")
+    pieces = [record_detector.pieces[i] for i in ids]
+    assert " \n" in pieces and pieces.count("\n") == 5 and not any(NL2 in p for p in pieces)
+    assert paper.find(ids) == [] and len(record_detector.find(ids)) == 3
+    assert record_detector.find(ids) == _truth(record_tokenizer, ids)
+    ids = _encode(record_tokenizer, "See.\n\n\nThen.\n\n So.\n\n")
+    assert [record_detector.pieces[ids[p]] for p in paper.find(ids)] == ["\n\n", "\n\n", "\n\n"]
+    assert record_detector.find(ids) == paper.find(ids) == _truth(record_tokenizer, ids)
