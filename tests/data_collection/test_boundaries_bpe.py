@@ -309,3 +309,17 @@ def test_smollm2_splits_a_blank_line_before_text(record_tokenizer, record_detect
     ids = _encode(record_tokenizer, "See.\n\n\nThen.\n\n So.\n\n")
     assert [record_detector.pieces[ids[p]] for p in paper.find(ids)] == ["\n\n", "\n\n", "\n\n"]
     assert record_detector.find(ids) == paper.find(ids) == _truth(record_tokenizer, ids)
+
+
+def test_recorded_paper_rule_lists_every_blank_line_token(qwen_tokenizer, qwen_family):
+    """What a converted scorer or file records for the paper's rule on Qwen3's tokenizer
+    (``stepprobe.step_paper``): every token holding "\\n\\n" and ``</think>``; no single "\\n"."""
+    from stepprobe.step_paper import paper_boundary_rule
+
+    _, default, _ = qwen_family
+    recorded = paper_boundary_rule(qwen_tokenizer)
+    assert recorded["mode"] == "token-contains" and recorded["end_text"] == "</think>"
+    ids = set(recorded["token_ids"])
+    assert {i for i, p in enumerate(default.pieces) if NL2 in p} <= ids
+    assert qwen_tokenizer.convert_tokens_to_ids("</think>") in ids
+    assert qwen_tokenizer.convert_tokens_to_ids("\u010a") not in ids  # "\n"
