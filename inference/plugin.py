@@ -141,13 +141,22 @@ def unsupported_features(vllm_config: Any) -> list[str]:
     - speculative decoding: rejected draft tokens would advance the boundary detector;
     - M-RoPE models: positions are ``[3, N]``;
     - weight offloading (``--cpu-offload-gb``, prefetch offloading): not verified;
-    - prefill/decode context parallelism: rows are partitioned across ranks.
+    - prefill/decode context parallelism: rows are partitioned across ranks;
+    - data parallelism: vLLM routes each child of an ``n > 1`` request to an engine of its own
+      (``DPLBAsyncMPClient.get_core_engine_for_request``), so the group rules would see part of a
+      group; run one server per replica behind a balancer that keeps a request whole;
+    - ``external_launcher`` (one engine per torchrun rank): only tensor-parallel rank 0's
+      scheduler would see scores, so the ranks' schedulers would decide differently.
     """
     out = []
     pc = getattr(vllm_config, "parallel_config", None)
     if pc is not None:
         if getattr(pc, "pipeline_parallel_size", 1) > 1:
             out.append(f"pipeline parallelism (pipeline_parallel_size={pc.pipeline_parallel_size})")
+        if getattr(pc, "data_parallel_size", 1) > 1:
+            out.append(f"data parallelism (data_parallel_size={pc.data_parallel_size})")
+        if getattr(pc, "distributed_executor_backend", None) == "external_launcher":
+            out.append("distributed_executor_backend=external_launcher")
         if getattr(pc, "use_ubatching", False):
             out.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size)")
         if getattr(pc, "prefill_context_parallel_size", 1) > 1 or getattr(pc, "decode_context_parallel_size", 1) > 1:
@@ -175,6 +184,10 @@ def engine_args_features(args: Mapping[str, Any], model_path: str | None = None)
     out = []
     if int(args.get("pipeline_parallel_size") or 1) > 1:
         out.append(f"pipeline parallelism (pipeline_parallel_size={args['pipeline_parallel_size']})")
+    if int(args.get("data_parallel_size") or 1) > 1:
+        out.append(f"data parallelism (data_parallel_size={args['data_parallel_size']})")
+    if args.get("distributed_executor_backend") == "external_launcher":
+        out.append("distributed_executor_backend=external_launcher")
     if args.get("enable_dbo") or int(args.get("ubatch_size") or 0) > 1:
         out.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size)")
     if int(args.get("prefill_context_parallel_size") or 1) > 1 or int(args.get("decode_context_parallel_size") or 1) > 1:
@@ -201,6 +214,51 @@ def check_engine_args(args: Mapping[str, Any], model_path: str | None = None) ->
     bad = engine_args_features(args, model_path)
     if bad:
         raise StepprobeError(f"stepprobe cannot score with {', '.join(bad)}; run without it, or without a scorer")
+
+
+def preflight(vllm_config: Any) -> None:
+    """What the worker and scheduler would refuse, checked on a ``VllmConfig`` before any
+    engine process starts or any weights load: the configuration, and the scorer against
+    the model (a no-op without a stepprobe scorer in ``additional_config``)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if not isinstance(extra, Mapping) or not isinstance(extra.get(KEY), Mapping) or not extra[KEY].get("scorer"):
+        return
+    settings = PluginSettings.from_vllm_config(vllm_config)
+    check_supported(vllm_config)
+    from .runner import check_scorer_for_model
+
+    check_scorer_for_model(settings.scorer, vllm_config.model_config.model)
+
+
+def register_preflight() -> None:
+    """vLLM general plugin (entry point ``vllm.general_plugins: stepprobe``): vLLM loads it in
+    every process, ``vllm serve``'s API server first. It wraps ``EngineArgs.create_engine_config``
+    so that a stepprobe configuration is checked (:func:`preflight`) in the process that builds
+    the config, before the engine core starts and the model loads. Under the ``vllm`` command
+    line a refusal is one line on stderr and exit code 2 (instead of vLLM's multi-line engine
+    start-up failure after the weights loaded); elsewhere it raises :class:`StepprobeError`."""
+    import os
+    import sys
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_stepprobe_preflight", False):
+        return
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        config = original(self, *args, **kwargs)
+        try:
+            preflight(config)
+        except StepprobeError as exc:
+            if os.path.basename(sys.argv[0] or "") == "vllm":
+                print(f"stepprobe: error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
+        return config
+
+    create_engine_config._stepprobe_preflight = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
 
 
 def parse_vllm_cli_engine_args(argv: list[str]) -> dict[str, Any]:

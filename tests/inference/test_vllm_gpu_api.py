@@ -211,6 +211,27 @@ def test_start_up_refuses_configurations_it_cannot_score(cuda_like_config):
     assert engine_args_features(parse_vllm_cli_engine_args(["--tensor-parallel-size", "2"])) == []
 
 
+def test_data_parallel_and_external_launcher_refused_with_a_scorer(cuda_like_config):
+    """Issue 22 defects 1 and 3: under `serve`, DP sends each child of an n > 1 request to an
+    engine of its own (group rules would see part of a group); under external_launcher only
+    rank 0's scheduler would see scores. Both refused, engine-side and before `vllm serve` starts."""
+    from stepprobe.errors import StepprobeError
+    from stepprobe.inference.plugin import check_supported, engine_args_features, parse_vllm_cli_engine_args
+
+    config = cuda_like_config
+    config.parallel_config.data_parallel_size = 2
+    with pytest.raises(StepprobeError, match=r"data parallelism \(data_parallel_size=2\)"):
+        check_supported(config)
+    config.parallel_config.data_parallel_size = 1
+    config.parallel_config.distributed_executor_backend = "external_launcher"
+    with pytest.raises(StepprobeError, match="external_launcher"):
+        check_supported(config)
+    assert engine_args_features(parse_vllm_cli_engine_args(["--data-parallel-size", "2"])) == [
+        "data parallelism (data_parallel_size=2)"]
+    assert engine_args_features(parse_vllm_cli_engine_args(["--distributed-executor-backend", "external_launcher"])) \
+        == ["distributed_executor_backend=external_launcher"]
+
+
 def test_runner_refuses_before_the_engine_starts(tiny_model_path, planted_scorer):
     from stepprobe.errors import StepprobeError
     from stepprobe.inference.plugin import PluginSettings
