@@ -56,7 +56,7 @@ def tiny_model_path(tmp_path_factory, default_model_path) -> str:
 # Fixtures that start a vLLM engine: a test using one must be marked `vllm`, so that the
 # fast tier (`make test-fast`: -m "not vllm and not e2e") never starts an engine.
 ENGINE_FIXTURES = {"collect_tiny_llm", "collect_default_llm", "collect_tiny_run", "plugin_runner", "plain_llm",
-                   "bf16_case"}
+                   "bf16_case", "tp2_runner", "arch_case"}
 
 
 def pytest_collection_modifyitems(config, items):

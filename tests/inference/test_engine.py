@@ -228,3 +228,11 @@ def test_self_check_stops_the_engine_when_the_hooks_do_not_fire(tiny_model_path,
         runner.close()
     captured = capfd.readouterr()
     assert "stepprobe self-check: " in captured.out + captured.err, type(err.value)
+
+
+def test_start_up_self_test_covers_mixed_and_wider_batches(plugin_runner):
+    """Issue 22 defect 4: the self-test ran single-row decodes only; it now also runs a mixed
+    batch (a prefill beside a decode) and two-row decodes, and every boundary is scored once."""
+    got = plugin_runner.llm.collective_rpc("_stepprobe_self_test")[0]
+    assert got["requests"] == 2 and got["mixed_steps"] >= 1 and got["max_decode_rows"] == 2, got
+    assert got["captured"] == got["expected"] > 0, got
