@@ -80,11 +80,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # sc: one self-consistency pass over every held-out problem, keeping what replay needs.
     "sc": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16", "enforce_eager": True,
            "policy": "none", "vote": "majority", "record_confidence": True, "batch_problems": 40},
-    # bench: live and paired (per-trace seeds) on the first 30 held-out problems, at 16 blocks of
+    # bench: live and paired (per-trace seeds) on the first 20 held-out problems, at 16 blocks of
     # 128 tokens, tight enough that self-consistency preempts; replay covers the other policies
     # and budgets on all of them.
     "bench": {"n": 8, "max_tokens": 192, "temperature": 0.7, "top_p": 1.0, "dtype": "bfloat16",
-              "enforce_eager": True, "policies": ["none", "memory", "none+admission"], "kv_blocks": [16], "limit": 30},
+              "enforce_eager": True, "policies": ["none", "memory", "none+admission"], "kv_blocks": [16], "limit": 20},
     # calibrate: how far the scorer is trusted (the memory cutoff for a 1-point tolerance, the vote),
     # on the SC pass, at every budget the replay shows; bench's memory row then uses it.
     "calibrate": {"kv_blocks": [12, 16, 24, 32, 48, 64]},
@@ -101,8 +101,8 @@ class Config(StageConfig):
 
     out: str = option("", "run directory (default: $STEPPROBE_HOME/runs/pipeline-<model>)")
     model: str = option(DEFAULT_MODEL, "model name or path, used by every stage")
-    problems: str = option("builtin:n=160,seed=0", "problems to collect and train on (file or builtin spec)")
-    bench_problems: str = option("builtin:n=240,seed=1", "held-out problems for sc/replay and the bench (never "
+    problems: str = option("builtin:n=120,seed=0", "problems to collect and train on (file or builtin spec)")
+    bench_problems: str = option("builtin:n=160,seed=1", "held-out problems for sc/replay and the bench (never "
                                  "trained on; questions also in `problems` are dropped)")
     seed: int = option(0, "seed of sampling (collect, sc, bench) and training (split, initialization, tuning; default "
                           "run directory pipeline-<model>-seed<N>); "
