@@ -164,34 +164,89 @@ def identify_model(name_or_path: str | None, *, tokenizer: Any = None) -> tuple[
     return path, identity, tokenizer
 
 
-def build_random_llama(out: str | Path, *, tokenizer_from: str | None = None, hidden_size: int = 64,
-                       num_layers: int = 2, num_heads: int = 2, intermediate_size: int | None = None,
-                       seed: int = 0, **config_overrides: Any) -> Path:
-    """Save a random-weight Llama (default tokenizer) that transformers and vLLM both load.
+# Architectures build_random_model makes (transformers model_type), each a tiny random copy
+# of a real family's layout; tests/inference/test_architectures.py runs each in vLLM.
+RANDOM_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3_text")
 
-    Tests use tiny ones (hidden 64, 2 layers, 2 heads: head_dim 32, which vLLM's CPU
-    attention accepts; head_dim 16 it rejects). Benchmarks use real sizes on a GPU.
+
+def _random_config(arch: str, tok: Any, *, hidden_size: int, num_layers: int, num_heads: int,
+                   intermediate_size: int, **overrides: Any) -> Any:
+    """A transformers config for ``arch`` with the default tokenizer's vocabulary and ids."""
+    from transformers import (Gemma3TextConfig, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config,
+                              Qwen3MoeConfig)
+
+    head_dim = hidden_size // num_heads
+    common = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                  max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  tie_word_embeddings=True)
+    if arch == "llama":
+        return LlamaConfig(**common, **overrides)
+    if arch == "qwen2":  # q/k/v biases
+        return Qwen2Config(**common, **overrides)
+    if arch == "qwen3":  # q/k RMSNorm per head
+        return Qwen3Config(**common, head_dim=head_dim, **overrides)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj weights
+        return Phi3Config(**common, pad_token_id=tok.pad_token_id, **overrides)
+    if arch == "qwen3_moe":  # every layer a sparse MoE block (4 experts, top 2)
+        extra = dict(head_dim=head_dim, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size,
+                     decoder_sparse_step=1, norm_topk_prob=True)
+        extra.update(overrides)
+        return Qwen3MoeConfig(**common, **extra)
+    if arch == "gemma3_text":  # scaled embeddings, post-norms, sliding-window layers
+        n = num_layers
+        extra = dict(head_dim=head_dim, query_pre_attn_scalar=head_dim, pad_token_id=tok.pad_token_id,
+                     sliding_window=32,
+                     layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(n)])
+        extra.update(overrides)
+        return Gemma3TextConfig(**common, **extra)
+    raise StepprobeError(f"unknown architecture {arch!r}; one of {', '.join(RANDOM_ARCHITECTURES)}")
+
+
+def build_random_model(out: str | Path, *, arch: str = "llama", tokenizer_from: str | None = None,
+                       hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
+                       intermediate_size: int | None = None, seed: int = 0, perturb: float = 0.0,
+                       **config_overrides: Any) -> Path:
+    """Save a random-weight model of architecture ``arch`` (a transformers ``model_type`` in
+    :data:`RANDOM_ARCHITECTURES`) with the default tokenizer, which transformers and vLLM both load.
+
+    Tests use tiny ones (hidden 64, 2 heads: head_dim 32, which vLLM's CPU attention accepts;
+    head_dim 16 it rejects). ``perturb``: transformers initialises norm weights to one (Gemma:
+    zero, it adds one) and biases to zero, which would leave those code paths untested; this
+    adds Gaussian noise of that size to every norm weight and bias (0: the plain init).
     """
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out)
     if (out / "config.json").is_file():
         return out
     tok = AutoTokenizer.from_pretrained(tokenizer_from or resolve_model(None))
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True, **config_overrides)
+    config = _random_config(arch, tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                            intermediate_size=intermediate_size or 2 * hidden_size, **config_overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
+    if perturb:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias") or "norm" in name.rsplit(".", 2)[-2]:
+                    param.add_(perturb * torch.randn_like(param))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
+
+
+def build_random_llama(out: str | Path, *, tokenizer_from: str | None = None, hidden_size: int = 64,
+                       num_layers: int = 2, num_heads: int = 2, intermediate_size: int | None = None,
+                       seed: int = 0, **config_overrides: Any) -> Path:
+    """Save a random-weight Llama (default tokenizer): :func:`build_random_model` with
+    ``arch="llama"``. Benchmarks use real sizes on a GPU."""
+    return build_random_model(out, arch="llama", tokenizer_from=tokenizer_from, hidden_size=hidden_size,
+                              num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
+                              seed=seed, **config_overrides)
 
 
 @dataclasses.dataclass
