@@ -85,6 +85,16 @@ def _hook_plain(module, args, output):  # embed_tokens: output is [n, hidden]
     getattr(module, BUFFER_NAME)[: output.shape[0]].copy_(output)
 
 
+def _hook_scaled(scale_owner: torch.nn.Module):
+    """embed_tokens of a model that scales its embeddings after the lookup (vLLM's Gemma family:
+    ``embed_tokens(ids) * self.normalizer`` in the model's forward; transformers scales inside
+    its embedding module). Stores the product the model computes, so ``embed`` is what decoder
+    layer 0 reads, as in the recorder."""
+    def hook(module, args, output):
+        getattr(module, BUFFER_NAME)[: output.shape[0]].copy_(output * scale_owner.normalizer)
+    return hook
+
+
 def _hook_first(module, args, output):  # final norm with residual: (normed, residual)
     out = output[0] if isinstance(output, tuple) else output
     getattr(module, BUFFER_NAME)[: out.shape[0]].copy_(out)
@@ -100,7 +110,8 @@ def _hook_layer(module, args, output):  # decoder layer: (hidden_states, residua
 
 
 def site_modules(model: torch.nn.Module, sites: list[str]) -> dict[str, tuple[torch.nn.Module, Any]]:
-    """The module and hook for each site of a vLLM decoder (``model.model.{embed_tokens,layers,norm}``)."""
+    """The module and hook for each site of a vLLM decoder (``model.model.{embed_tokens,layers,norm}``);
+    what each reads, per architecture, is in :mod:`stepprobe.layers`."""
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers"):
         raise ArtifactMismatch(f"stepprobe cannot find decoder layers in {type(model).__name__} "
@@ -108,7 +119,8 @@ def site_modules(model: torch.nn.Module, sites: list[str]) -> dict[str, tuple[to
     out = {}
     for site in sites:
         if site == EMBED:
-            out[site] = (inner.embed_tokens, _hook_plain)
+            scaled = isinstance(getattr(inner, "normalizer", None), torch.Tensor)
+            out[site] = (inner.embed_tokens, _hook_scaled(inner) if scaled else _hook_plain)
         elif site == FINAL_NORM:
             out[site] = (inner.norm, _hook_first)
         else:
