@@ -14,6 +14,28 @@ Sites, for a decoder with ``n`` layers:
 The same strings name HDF5 datasets, probe feature specs, Optuna parameters and the
 runner's hooks.
 
+What is read, per architecture (recorder: ``data_collection/record.py: SiteExtractor``, hooks
+on the transformers model; live: ``inference/worker.py: site_modules``, hooks on vLLM's model;
+both agree in fp32 for every family below, ``tests/inference/test_architectures.py``):
+
+- Llama, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), Phi-3 (fused ``qkv_proj`` and
+  ``gate_up_proj``: only the weights are packed, the layer's output is the same), Qwen3-MoE
+  (sparse MoE MLP in every layer): ``embed`` = ``embed_tokens`` output; ``layer_XX`` =
+  residual stream after the layer (recorder: the layer's output; vLLM: the layer returns
+  ``(hidden_states, residual)`` unsummed, the hook reads ``hidden_states + residual``, which
+  vLLM computes only inside the next fused add-norm); ``final_norm`` = the final norm's
+  output (vLLM's fused add-norm returns ``(normed, residual)``; the hook reads ``normed``).
+- Gemma 3 (``gemma3_text``): **scaled embeddings**: transformers multiplies by
+  ``sqrt(hidden_size)`` inside ``embed_tokens`` (``Gemma3TextScaledWordEmbedding``), vLLM after
+  it, in the model's forward (``embed_tokens(ids) * normalizer``). ``embed`` is the scaled
+  embedding, what decoder layer 0 reads, in both: the vLLM hook on ``embed_tokens`` multiplies
+  by the model's own ``normalizer`` buffer (same op, same dtype as the model). **Post-norms**
+  (``post_attention_layernorm`` and ``post_feedforward_layernorm`` on each branch before it is
+  added): ``layer_XX`` is still the residual stream after the layer (the branches' sums),
+  never a post-norm's output. **Sliding-window layers** read the same sites; the window
+  changes attention, not what is read. ``final_norm`` = the final ``GemmaRMSNorm``
+  (``1 + weight``) output, before the LM head (no logit soft-cap involved).
+
 A *feature* is a site read one of two ways: ``layer_20`` is the hidden state at the step's
 boundary token; ``layer_20.mean`` (:func:`mean_name`) is the mean of that site's hidden
 states over the step's tokens (from the token after the previous boundary, or the first
