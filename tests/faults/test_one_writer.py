@@ -249,11 +249,25 @@ def test_sigterm_to_collect_is_one_line_and_resumable(tiny_model_path, tmp_path)
 
 @pytest.mark.vllm
 def test_full_disk_in_run_names_the_file(tiny_model_path, tmp_path):
+    """The file-size limit is set on the run's own process once its engine is up and a problem
+    is written (``prlimit``): set before the start, vLLM's engine processes inherit it and fail
+    to size their shared memory instead."""
+    import resource
+    import time
+
     out = tmp_path / "r"
-    limit = 40_000  # the header and some problems fit, not all 60 x 4 traces
-    p = subprocess.run([*CLI, "run", "--model", tiny_model_path, "--problems", "builtin:n=60,seed=5", "--n", "4",
-                        "--max-tokens", "24", "--policy", "none", "--vote", "majority", *TINY, "--output", str(out)],
-                       capture_output=True, text=True, timeout=900, preexec_fn=_file_size_limit(limit))
-    line = _last_line(p.stderr, "run")
-    assert p.returncode == 2 and f"{out / 'results.jsonl'}: File too large" in line, p.stderr[-3000:]
-    assert os.path.getsize(out / "results.jsonl") <= limit
+    res = out / "results.jsonl"
+    p = subprocess.Popen([*CLI, "run", "--model", tiny_model_path, "--problems", "builtin:n=60,seed=5", "--n", "4",
+                          "--max-tokens", "24", "--policy", "none", "--vote", "majority", *TINY, "--output", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and p.poll() is None:
+        if res.exists() and res.read_text(errors="replace").count("\n") >= 2:  # header + a problem
+            break
+        time.sleep(0.05)
+    limit = res.stat().st_size + 200  # room for less than one more problem
+    resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    _, stderr = p.communicate(timeout=600)
+    line = _last_line(stderr, "run")
+    assert p.returncode == 2 and f"{res}: File too large" in line, stderr[-3000:]
+    assert os.path.getsize(res) <= limit
