@@ -341,6 +341,7 @@ def warn_duplicate_questions(problems: Iterable[Any], where: str) -> dict[str, l
 
 BUILTIN = "builtin"
 BUILTIN_OOD = "builtin-ood"
+BUILTIN_OOD2 = "builtin-ood2"  # issue 23's third test set (ood2_tasks.py)
 
 
 def parse_builtin_spec(spec: str) -> dict[str, Any]:
@@ -368,8 +369,14 @@ def parse_builtin_spec(spec: str) -> dict[str, Any]:
 
 
 def load_problem_source(spec: str, **field_overrides: Any) -> list[Problem]:
-    """Problems from a file path or a built-in spec (``builtin[:key=value,...]``, ``builtin-ood[:...]``)."""
+    """Problems from a file path or a built-in spec (``builtin[:key=value,...]``, ``builtin-ood[:...]``, ``builtin-ood2[:...]``)."""
     spec = str(spec).strip()
+    if spec == BUILTIN_OOD2 or spec.startswith(BUILTIN_OOD2 + ":"):
+        from .ood2_tasks import generate_ood2_tasks
+
+        if any(v is not None for v in field_overrides.values()):
+            raise StepprobeError("field names (question_field, ...) apply to problem files, not to the built-in tasks")
+        return generate_ood2_tasks(**parse_builtin_spec(spec))
     if spec == BUILTIN_OOD or spec.startswith(BUILTIN_OOD + ":"):
         from .ood_tasks import generate_ood_tasks
 
