@@ -6,30 +6,28 @@ Format (schema version 1): JSON Lines.
   "model": <provenance.model_identity>, "packages": {...}, "created": ISO time, ...}``.
 - Every further line: one problem with all its sampled traces (:class:`ProblemTraces`).
 
-Problems are appended one line at a time and fsync'ed, so a run killed at any point
-leaves every finished problem on disk; the only damage a kill can do is a partial last
-line, which :class:`TraceWriter` cuts off when it resumes and :func:`read_traces` ignores
-with a warning. Resuming checks that the header's config and model match the new run.
+Written and read with :mod:`stepprobe.jsonl`: problems are appended one line at a time and
+fsync'ed, so a run killed at any point leaves every finished problem on disk; the only damage
+a kill can do is a partial last line, which :class:`TraceWriter` cuts off when it resumes and
+:func:`read_traces` ignores with a warning. Resuming checks that the header's config and model
+match the new run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from .. import jsonl
 from ..errors import ArtifactMismatch, StepprobeError
-from ..io import open_text
-from ..provenance import check_schema, package_versions
-
-log = logging.getLogger(__name__)
+from ..provenance import package_versions
 
 KIND = "stepprobe-traces"
 SCHEMA_VERSION = 1
+WHAT = "traces file"
 
 
 @dataclasses.dataclass
@@ -81,13 +79,6 @@ def make_header(config: dict[str, Any], model: dict[str, Any], **extra: Any) -> 
     }
 
 
-def _parse_line(line: str, path: Path, lineno: int) -> dict[str, Any]:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise StepprobeError(f"{path}:{lineno}: corrupt traces line ({exc.msg})") from None
-
-
 def _problem_line(rec: Any, path: Path, lineno: int) -> ProblemTraces:
     """One problem line, or one line saying why it is not one (a stepprobe header followed by
     lines of another format: a hand-made or concatenated file)."""
@@ -102,38 +93,23 @@ def _problem_line(rec: Any, path: Path, lineno: int) -> ProblemTraces:
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise StepprobeError(f"traces file not found: {path}")
-    with open_text(path) as fh:
-        first = fh.readline()
-    if not first.endswith("\n"):
-        raise ArtifactMismatch(f"{path}: no complete header line; not a traces file")
-    header = _parse_line(first, path, 1)
-    check_schema(header, KIND, SCHEMA_VERSION, str(path))
-    return header
+    return jsonl.read_header(path, KIND, SCHEMA_VERSION, WHAT)
 
 
 def read_traces(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[ProblemTraces]]:
     """The header (checked) and an iterator over problems, streaming from disk."""
     path = Path(path)
-    header = read_header(path)
+    header, lines = jsonl.read(path, KIND, SCHEMA_VERSION, WHAT)
 
     def problems() -> Iterator[ProblemTraces]:
         seen: dict[str, int] = {}
-        with open_text(path) as fh:
-            fh.readline()
-            for lineno, line in enumerate(fh, start=2):
-                if not line.endswith("\n"):
-                    log.warning("%s:%d: partial last line (interrupted run) ignored", path, lineno)
-                    return
-                if line.strip():
-                    prob = _problem_line(_parse_line(line, path, lineno), path, lineno)
-                    if prob.problem_id in seen:
-                        raise StepprobeError(f"{path}:{lineno}: duplicate problem id {prob.problem_id!r} (first at "
-                                             f"line {seen[prob.problem_id]}); give each problem line its own id")
-                    seen[prob.problem_id] = lineno
-                    yield prob
+        for lineno, rec in lines:
+            prob = _problem_line(rec, path, lineno)
+            if prob.problem_id in seen:
+                raise StepprobeError(f"{path}:{lineno}: duplicate problem id {prob.problem_id!r} (first at "
+                                     f"line {seen[prob.problem_id]}); give each problem line its own id")
+            seen[prob.problem_id] = lineno
+            yield prob
 
     return header, problems()
 
@@ -163,37 +139,23 @@ class TraceWriter:
             if old.get("model", {}).get("config_hash") != header.get("model", {}).get("config_hash"):
                 raise ArtifactMismatch(f"{self.path} was made with model {old['model'].get('name')!r}; "
                                        f"this run uses {header['model'].get('name')!r}")
-            self._truncate_partial_tail()
+            jsonl.truncate_torn_tail(self.path)
             _, probs = read_traces(self.path)
             self.done_ids = {p.problem_id for p in probs}
             self.header = old
+            self._out = jsonl.append(self.path)
         else:
-            from ..io import atomic_write_text
-            atomic_write_text(self.path, json.dumps(header) + "\n")
+            self._out = jsonl.create(self.path, header)
             self.header = header
-        self._fh = open(self.path, "a", encoding="utf-8")
-
-    def _truncate_partial_tail(self) -> None:
-        with open(self.path, "rb+") as fh:
-            data = fh.read()
-            if data and not data.endswith(b"\n"):
-                cut = data.rfind(b"\n") + 1
-                log.warning("%s: cutting a partial last line left by an interrupted run", self.path)
-                fh.truncate(cut)
 
     def write(self, problem: ProblemTraces) -> None:
         if problem.problem_id in self.done_ids:
             raise StepprobeError(f"problem {problem.problem_id!r} is already in {self.path}")
-        from ..io import naming_file
-
-        with naming_file(self.path):  # a full disk names the file
-            self._fh.write(json.dumps(problem.to_dict()) + "\n")
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+        self._out.write(problem.to_dict())
         self.done_ids.add(problem.problem_id)
 
     def close(self) -> None:
-        self._fh.close()
+        self._out.close()
 
     def __enter__(self) -> "TraceWriter":
         return self

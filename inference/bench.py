@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stepprobe import jsonl
 from stepprobe.config import StageConfig, option, stage_defaults
 from stepprobe.errors import StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text
@@ -207,8 +208,6 @@ def _measure_cell(runner: Any, problems: list[Any], rc: run_stage.Config, policy
                   header: dict[str, Any], name: str | None = None) -> tuple[list[dict], dict]:
     """One timed cell: every problem in one batch, each line written and flushed as soon as its
     traces finish (a kill loses only the problems in flight)."""
-    import json
-
     path = cell_path(out, kv, name or policy)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file():  # from a killed bench: kept beside, never mixed into this measurement
@@ -217,13 +216,10 @@ def _measure_cell(runner: Any, problems: list[Any], rc: run_stage.Config, policy
                  path.name, path.with_suffix(".interrupted.jsonl").name)
     records: list[dict | None] = [None] * len(problems)
     stats: dict[str, Any] = {}
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps({**header, "kind": CELL_KIND, "kv_blocks": kv, "policy": name or policy}) + "\n")
-        fh.flush()
+    with jsonl.create(path, {**header, "kind": CELL_KIND, "kv_blocks": kv, "policy": name or policy}) as fh:
         for k, rec in run_stage.solve_stream(runner, problems, rc, policy=policy, stats=stats):
             records[k] = rec
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
+            fh.write(rec)
     for rec in records:
         rec["batch_wall_s"] = stats["wall_s"]  # the whole cell's time
     return records, stats

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from stepprobe import jsonl
 from stepprobe.config import StageConfig, option
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json
@@ -41,6 +41,7 @@ from .plugin import PluginSettings
 log = logging.getLogger(__name__)
 
 RESULTS_KIND = "stepprobe-run-results"
+RESULTS_WHAT = "run results file"
 RESULTS_SCHEMA_VERSION = 4  # 2: model and scorer provenance; 3: per-trace seeds, prompt_tokens, token confidences;
 # 4: step_positions count generated tokens (0 = the first generated token), as the HDF5 position does
 
@@ -228,29 +229,16 @@ def _header(config: Config, prov: dict[str, Any]) -> dict[str, Any]:
 
 def _resume(out: Path, config: Config, prov: dict[str, Any]) -> dict[str, dict]:
     path = out / "results.jsonl"
-    if not path.is_file():
-        return {}
-    if config.overwrite:
-        return {}  # replaced once the engine has started
-    with open(path, encoding="utf-8") as fh:
-        lines = [ln for ln in fh if ln.strip()]
-    if not lines:
-        return {}
+    if not path.is_file() or config.overwrite:
+        return {}  # an overwritten file is replaced once the engine has started
+    with open(path, "rb") as fh:
+        if not fh.read(1 << 16).strip():
+            return {}
     try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError:
-        raise ArtifactMismatch(f"{path} does not start with a results header; pass --overwrite or another "
-                               "--output") from None
-    from stepprobe.provenance import check_schema
-
-    check_schema(header, RESULTS_KIND, RESULTS_SCHEMA_VERSION, str(path))
-    done = {}
-    for ln in lines[1:]:
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            break  # a torn last line from a killed run
-        done[rec["problem_id"]] = rec
+        header, lines = jsonl.read(path, RESULTS_KIND, RESULTS_SCHEMA_VERSION, RESULTS_WHAT)
+        done = {rec["problem_id"]: rec for _, rec in lines}
+    except StepprobeError as exc:
+        raise ArtifactMismatch(f"{exc}; pass --overwrite or another --output") from None
     mine, theirs = resume_view(config.to_dict(), Config), resume_view(header.get("config", {}), Config)
     try:
         if mine != theirs:
@@ -267,43 +255,13 @@ def _resume(out: Path, config: Config, prov: dict[str, Any]) -> dict[str, dict]:
     return done
 
 
-def _truncate_torn_tail(path: Path) -> None:
-    """Cut the file after its last complete JSON line (a killed run can leave half a line), so
-    that what is appended next starts a line of its own instead of being glued to the torn one."""
-    import os
-
-    keep = 0
-    with open(path, "rb") as fh:
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                break
-            if raw.strip():
-                try:
-                    json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    break
-            keep += len(raw)
-    if keep < path.stat().st_size:
-        log.info("%s: dropping a torn last line (%d bytes) from a killed run", path, path.stat().st_size - keep)
-        with open(path, "r+b") as fh:
-            fh.truncate(keep)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def _open_results(path: Path, config: Config, prov: dict[str, Any], done: dict[str, dict]):
-    """The results file, opened for appending; (re)written with its header unless resuming."""
+def _open_results(path: Path, config: Config, prov: dict[str, Any], done: dict[str, dict]) -> jsonl.Writer:
+    """The results file, opened to append after its last complete line when resuming (a torn
+    line from a killed run is cut first), else written anew with its header."""
     if done:
-        _truncate_torn_tail(path)
-        return open(path, "a", encoding="utf-8")
+        return jsonl.append(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from stepprobe.io import naming_file
-
-    fh = open(path, "w", encoding="utf-8")
-    with naming_file(path):
-        fh.write(json.dumps(_header(config, prov)) + "\n")
-        fh.flush()
-    return fh
+    return jsonl.create(path, _header(config, prov))
 
 
 def run(config: Config, runner: Any = None) -> Path:
@@ -318,7 +276,7 @@ def run(config: Config, runner: Any = None) -> Path:
 
     from stepprobe.engine import check_kv_budget
     from stepprobe import locks
-    from stepprobe.io import check_writable_dir, naming_file
+    from stepprobe.io import check_writable_dir
 
     out = Path(config.output) if config.output else runs_dir() / time.strftime("run-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--output")
@@ -356,9 +314,7 @@ def run(config: Config, runner: Any = None) -> Path:
                         batch = todo[i:i + size]
                         stats: dict[str, Any] = {}
                         for _, r in solve_stream(runner, batch, config, stats=stats):
-                            with naming_file(path):  # a full disk names the file
-                                fh.write(json.dumps(r) + "\n")
-                                fh.flush()  # durable problem by problem: a kill loses only those in flight
+                            fh.write(r)  # durable problem by problem: a kill loses only those in flight
                             done[r["problem_id"]] = r
                             bar.update(1)
                         wall += stats["wall_s"]

@@ -198,6 +198,13 @@ def test_run_stage_results_summary_and_resume(plugin_runner, planted_scorer, tin
     run_stage.run(cfg, runner=plugin_runner)
     assert (out / "results.jsonl").read_text().splitlines() == lines
     assert plugin_runner.llm.collective_rpc("stepprobe_info")[0]["steps_processed"] == steps  # nothing generated
+    # killed mid-line (issue 24, defect 1): the resumed run cuts the torn line before it appends
+    path = out / "results.jsonl"
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:len(lines[2]) // 2])
+    run_stage.run(cfg, runner=plugin_runner)
+    again = path.read_text().splitlines()
+    assert again[:2] == lines[:2] and len(again) == 4
+    assert sorted(json.loads(x)["problem_id"] for x in again[1:]) == sorted(r["problem_id"] for r in recs)
     with pytest.raises(ArtifactMismatch, match="different config"):
         run_stage.run(cfg.replace(n=3), runner=plugin_runner)
 

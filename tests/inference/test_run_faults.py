@@ -80,22 +80,27 @@ def test_confidence_policy_streams_each_problem_after_its_second_phase(plugin_ru
         assert rec["kept"] + rec["pruned"] == 4 and not any(t["pruned"] for t in rec["traces"][:2])
 
 
-
-def test_a_torn_last_line_is_cut_before_the_resumed_run_appends(tmp_path):
+def test_a_torn_last_line_is_cut_before_the_resumed_run_appends(tmp_path, tiny_model_path):
     """Issue 24, defect 1: a killed run can leave half a line; the resumed run used to append
-    right after it, gluing its first record onto the torn one, and every reader stopped there."""
-    import json
-
+    right after it, gluing its first record onto the torn one, and every reader stopped there.
+    Driven through run's own resume and open, as run() calls them (the engine test
+    test_run_stage_results_summary_and_resume does the same through run())."""
+    from stepprobe import jsonl
     from stepprobe.inference import run as run_stage
 
+    cfg = run_stage.Config(model=tiny_model_path, output=str(tmp_path))
+    prov = run_stage.provenance(tiny_model_path, None)
     path = tmp_path / "results.jsonl"
-    header = {"kind": run_stage.RESULTS_KIND, "schema_version": run_stage.RESULTS_SCHEMA_VERSION}
-    path.write_text(json.dumps(header) + "\n" + json.dumps({"problem_id": "a"}) + "\n" + '{"problem_id": "b", "tr')
-    with run_stage._open_results(path, None, {}, {"a": {}}) as fh:
-        fh.write(json.dumps({"problem_id": "c"}) + "\n")
-    lines = path.read_text().splitlines()
-    assert [json.loads(ln).get("problem_id") for ln in lines] == [None, "a", "c"]
-    # a complete file is left as it is
-    before = path.read_bytes()
-    run_stage._truncate_torn_tail(path)
-    assert path.read_bytes() == before
+    with run_stage._open_results(path, cfg, prov, {}) as w:
+        w.write({"problem_id": "a"})
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"problem_id": "b", "tr')  # killed mid-line
+    done = run_stage._resume(tmp_path, cfg, prov)
+    assert list(done) == ["a"]
+    with run_stage._open_results(path, cfg, prov, done) as w:
+        w.write({"problem_id": "b"})
+        w.write({"problem_id": "c"})
+    header, lines = jsonl.read(path, run_stage.RESULTS_KIND, run_stage.RESULTS_SCHEMA_VERSION, "results")
+    assert header["config"] == cfg.to_dict()
+    assert [rec["problem_id"] for _, rec in lines] == ["a", "b", "c"]
+    assert list(run_stage._resume(tmp_path, cfg, prov)) == ["a", "b", "c"]
