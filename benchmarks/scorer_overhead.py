@@ -54,7 +54,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from stepprobe.data_collection.problems import load_problem_source
+    from stepprobe.data_collection.sources import load_problem_source
     from stepprobe.data_collection.prompts import build_prompt
     from stepprobe.inference.plugin import PluginSettings, engine_kwargs
     from stepprobe.models import resolve_model

@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--out", default="seed_divergence")
     args = ap.parse_args()
 
-    from stepprobe.data_collection.problems import load_problem_source
+    from stepprobe.data_collection.sources import load_problem_source
 
     problems = load_problem_source(args.problems)
     a, wall_a, pre_a = _run(problems, args, kv_blocks=None, order=list(range(len(problems))), batch=len(problems))

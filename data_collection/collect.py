@@ -44,7 +44,8 @@ from ..options import (BUILTIN_PROMPT, BUILTIN_SAMPLING, EngineOptions, GradingO
 from ..provenance import package_versions
 from ..voting import Ballot, vote
 from .grading import DEFAULT_GRADING, extract_answer, is_correct
-from .problems import Problem, load_problem_source
+from .problems import Problem
+from .sources import load_problem_source
 from .prompts import build_prompts
 from .traces import ProblemTraces, Trace, TraceWriter, make_header, read_traces
 
@@ -80,13 +81,15 @@ class Config(StageConfig, PromptOptions, SamplingOptions, EngineOptions, Grading
                              resume_ok=True)
     grade_timeout_s: float = option(5.0, "time limit per math-verify comparison (seconds)", resume_ok=True)
 
-    def check(self) -> None:
+    def resolve(self) -> None:
         # collect makes the data: "from the data" means the built-in defaults here.
         if self.model is None:
             self.model = DEFAULT_MODEL
         for name, value in {**BUILTIN_PROMPT, **BUILTIN_SAMPLING}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+
+    def check(self) -> None:
         if self.chunk_size < 1:
             raise StepprobeError(f"chunk_size must be at least 1, got {self.chunk_size}")
         if self.limit is not None and self.limit < 1:

@@ -20,10 +20,8 @@ except blank lines. One problem (a JSONL line, a CSV field, a question) holds at
 ``MAX_PROBLEM_CHARS`` (one million) characters; JSONL and CSV are streamed, so a longer line
 is refused by its number before it is read whole.
 
-:func:`load_problem_source` takes a spec: a file path, or the built-in generator
-``builtin`` / ``builtin:n=300,seed=0,families=add+word_add,levels=1+2`` (see
-:mod:`stepprobe.data_collection.tasks`), or the test-only set of other phrasings
-``builtin-ood`` / ``builtin-ood:n=96,seed=0`` (:mod:`stepprobe.data_collection.ood_tasks`).
+A problem *spec* (a file or a built-in generator) is read by
+:func:`stepprobe.data_collection.sources.load_problem_source`.
 """
 
 from __future__ import annotations
@@ -337,56 +335,3 @@ def warn_duplicate_questions(problems: Iterable[Any], where: str) -> dict[str, l
                     f", gold answers {golds}" if len(golds) > 1 else "",
                     f"; {conflict} of them with different gold answers" if conflict else "")
     return dups
-
-
-BUILTIN = "builtin"
-BUILTIN_OOD = "builtin-ood"
-BUILTIN_OOD2 = "builtin-ood2"  # issue 23's third test set (ood2_tasks.py)
-
-
-def parse_builtin_spec(spec: str) -> dict[str, Any]:
-    """``builtin:n=300,seed=0,families=add+word_add,levels=1+2`` -> generate_tasks kwargs."""
-    _, _, rest = spec.partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or not value.strip():
-            raise StepprobeError(f"problem spec {spec!r}: expected key=value, got {item!r}")
-        value = value.strip()
-        try:
-            if key in ("n", "seed"):
-                kwargs[key] = int(value)
-            elif key == "families":
-                kwargs[key] = [v for v in value.split("+") if v]
-            elif key == "levels":
-                kwargs[key] = [int(v) for v in value.split("+") if v]
-            else:
-                raise StepprobeError(f"problem spec {spec!r}: unknown key {key!r}; known: n, seed, families, levels")
-        except ValueError:
-            raise StepprobeError(f"problem spec {spec!r}: {key} must be an integer (levels: 1+2)") from None
-    return kwargs
-
-
-def load_problem_source(spec: str, **field_overrides: Any) -> list[Problem]:
-    """Problems from a file path or a built-in spec (``builtin[:key=value,...]``, ``builtin-ood[:...]``, ``builtin-ood2[:...]``)."""
-    spec = str(spec).strip()
-    if spec == BUILTIN_OOD2 or spec.startswith(BUILTIN_OOD2 + ":"):
-        from .ood2_tasks import generate_ood2_tasks
-
-        if any(v is not None for v in field_overrides.values()):
-            raise StepprobeError("field names (question_field, ...) apply to problem files, not to the built-in tasks")
-        return generate_ood2_tasks(**parse_builtin_spec(spec))
-    if spec == BUILTIN_OOD or spec.startswith(BUILTIN_OOD + ":"):
-        from .ood_tasks import generate_ood_tasks
-
-        if any(v is not None for v in field_overrides.values()):
-            raise StepprobeError("field names (question_field, ...) apply to problem files, not to the built-in tasks")
-        return generate_ood_tasks(**parse_builtin_spec(spec))
-    if spec == BUILTIN or spec.startswith(BUILTIN + ":"):
-        from .tasks import generate_tasks
-
-        if any(v is not None for v in field_overrides.values()):
-            raise StepprobeError("field names (question_field, ...) apply to problem files, not to the built-in tasks")
-        return generate_tasks(**parse_builtin_spec(spec))
-    return load_problems(spec, **{k: v for k, v in field_overrides.items() if v is not None})

@@ -10,8 +10,9 @@ from __future__ import annotations
 import string
 from typing import Any, Sequence
 
-from ..options import DEFAULT_SYSTEM_PROMPT
 from .problems import Problem
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step by step."
 # Small models copy placeholders ("The answer is N."), so the instructions name none.
 DEFAULT_ANSWER_INSTRUCTION = "Solve it step by step. Finish with \"The answer is\" followed by the final number."
 DEFAULT_CHOICE_INSTRUCTION = ("Solve it step by step. Finish with \"The answer is\" followed by the letter "

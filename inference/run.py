@@ -75,7 +75,7 @@ class Config(StageConfig, PromptOptions, SamplingOptions, TraceSeedOption, Pruni
 
 
 def load_problems(config: Config) -> list[Any]:
-    from stepprobe.data_collection.problems import load_problem_source
+    from stepprobe.data_collection.sources import load_problem_source
 
     problems = load_problem_source(config.problems)
     return problems[: config.limit] if config.limit else problems

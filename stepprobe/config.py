@@ -92,15 +92,21 @@ def coerce(value: Any, tp: Any, name: str, *, blank: bool = False) -> Any:
 class OptionGroup:
     """Base of the option groups (``stepprobe.options``) and of every stage config.
 
-    Validation lives in one ``check()`` per class: building a config runs the ``check`` of
-    every class in its bases, groups first, so a config cannot exist unchecked.
+    Building a config does two things, here and nowhere else, each for every class in its
+    bases, groups first: ``resolve()`` fills what a field leaves to the defaults or to a file
+    (a prompt preset, a released scorer, the built-in sampling defaults of ``collect``), then
+    ``check()`` validates: it raises or returns, and changes nothing. So a config cannot
+    exist unresolved or unchecked, and a value that is not what the user typed was set by a
+    ``resolve``.
     """
 
     def __post_init__(self) -> None:
-        for klass in reversed(type(self).__mro__):
-            check = klass.__dict__.get("check")
-            if check is not None:
-                check(self)
+        classes = list(reversed(type(self).__mro__))
+        for step in ("resolve", "check"):
+            for klass in classes:
+                method = klass.__dict__.get(step)
+                if method is not None:
+                    method(self)
 
 
 def stage_defaults(**values: Any):

@@ -39,12 +39,11 @@ from typing import Any, Iterable, Mapping
 
 from .config import OptionGroup, option
 from .data_collection.grading import DEFAULT_GRADING, check_grading
+from .data_collection.prompts import DEFAULT_SYSTEM_PROMPT, prompt_preset
 from .errors import StepprobeError
 from .risk import DEFAULT_DELTA, DEFAULT_TOLERANCE
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step by step."
 
 PROMPT_FIELDS = ("system_prompt", "answer_instruction", "use_chat_template")
 TRAINED_SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
@@ -70,11 +69,9 @@ class PromptOptions(OptionGroup):
               "reason step by step, and put your final answer within \\boxed{}', the question as the whole user "
               "turn); the fields it sets are recorded like given ones", resume_ok=True)
 
-    def check(self) -> None:
+    def resolve(self) -> None:
         # A preset fills the prompt fields the user left unset; given fields win.
         if self.prompt_preset:
-            from .data_collection.prompts import prompt_preset
-
             for name, value in prompt_preset(self.prompt_preset).items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
@@ -97,6 +94,10 @@ class SamplingOptions(OptionGroup):
     seed: int = option(0, "engine seed (LLM(seed=...)); with per_trace_seeds, the run seed every trace's seed "
                           "derives from")
 
+    def resolve(self) -> None:
+        if self.top_k == -1:  # vLLM's other spelling of "off"
+            self.top_k = 0
+
     def check(self) -> None:
         if self.n < 1:
             raise StepprobeError(f"n must be at least 1, got {self.n}")
@@ -107,9 +108,7 @@ class SamplingOptions(OptionGroup):
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise StepprobeError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 0:
-            if self.top_k != -1:
-                raise StepprobeError(f"top_k must be >= 0 (0 or -1 = off), got {self.top_k}")
-            self.top_k = 0
+            raise StepprobeError(f"top_k must be >= 0 (0 or -1 = off), got {self.top_k}")
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """``SamplingParams`` keyword arguments of one trace (without ``n``)."""
@@ -187,7 +186,7 @@ class PruningOptions(OptionGroup):
     prune_below: float | None = option(None, "memory policy: prune only traces scored below this (overrides the "
                                              "calibrated cutoff)")
 
-    def check(self) -> None:
+    def resolve(self) -> None:
         from .released import resolve_scorer
 
         # A stage that knows its model (run, bench, serve): the default model without --scorer gets
@@ -199,6 +198,8 @@ class PruningOptions(OptionGroup):
             self.scorer = resolve_scorer(self.model, self.scorer)
         elif self.scorer is not None:
             self.scorer = resolve_scorer(None, self.scorer)  # "none" -> ""; a path stays
+
+    def check(self) -> None:
         if self.aggregate not in AGGREGATES:
             raise StepprobeError(f"unknown score aggregate {self.aggregate!r}; known: {', '.join(AGGREGATES)}")
         if not 0 < self.keep_fraction <= 1:

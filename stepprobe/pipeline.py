@@ -238,7 +238,7 @@ def stage_settings(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
 
 def write_heldout_problems(cfg: Config, paths: Paths) -> Path:
     """The bench's problems as a file, without any question the probe was trained on."""
-    from .data_collection.problems import load_problem_source
+    from .data_collection.sources import load_problem_source
 
     train_questions = {p.question.strip() for p in load_problem_source(cfg.problems)}
     bench = load_problem_source(cfg.bench_problems)

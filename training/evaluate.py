@@ -197,7 +197,7 @@ def _test_rows(cfg: Config, hs) -> np.ndarray | None:
 
 def _drop_questions(hs, rows: np.ndarray, source: str) -> np.ndarray:
     """``rows`` without the steps of problems whose question is in ``source``."""
-    from stepprobe.data_collection.problems import load_problem_source
+    from stepprobe.data_collection.sources import load_problem_source
 
     if "question" not in hs.problems:
         raise StepprobeError(f"{getattr(hs, 'path', 'the data')} records no questions; --exclude-problems cannot match them")

@@ -9,7 +9,7 @@ import pytest
 
 from stepprobe.data_collection import collect
 from stepprobe.data_collection.grading import extract_answer, is_correct
-from stepprobe.data_collection.problems import load_problem_source
+from stepprobe.data_collection.sources import load_problem_source
 from stepprobe.data_collection.prompts import build_prompt
 from stepprobe.data_collection.traces import KIND, SCHEMA_VERSION, read_traces
 from stepprobe.errors import ArtifactMismatch, StepprobeError

@@ -8,7 +8,7 @@ import pytest
 
 from stepprobe.data_collection.ood2_tasks import FAMILIES, generate_ood2_tasks
 from stepprobe.data_collection.ood_tasks import generate_ood_tasks
-from stepprobe.data_collection.problems import load_problem_source
+from stepprobe.data_collection.sources import load_problem_source
 from stepprobe.data_collection.tasks import FAMILIES as TRAIN_FAMILIES
 from stepprobe.data_collection.tasks import LEVELS, generate_tasks
 from stepprobe.errors import StepprobeError

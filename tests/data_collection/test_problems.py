@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from stepprobe.data_collection.problems import load_problem_source, load_problems, parse_builtin_spec
+from stepprobe.data_collection.problems import load_problems
+from stepprobe.data_collection.sources import load_problem_source, parse_builtin_spec
 from stepprobe.errors import StepprobeError
 
 

@@ -15,7 +15,8 @@ import torch
 from stepprobe.boundaries import BoundaryDetector, step_paper_rule
 from stepprobe.data_collection import hdf5
 from stepprobe.data_collection.grading import extract_answer, is_correct
-from stepprobe.data_collection.problems import Problem, load_problem_source, load_problems, options_in_question
+from stepprobe.data_collection.problems import Problem, load_problems, options_in_question
+from stepprobe.data_collection.sources import load_problem_source
 from stepprobe.data_collection.prompts import build_prompt, user_message
 from stepprobe.step_paper import STEP_PROMPT, STEP_SYSTEM_PROMPT, model_identity_for
 

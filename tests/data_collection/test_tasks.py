@@ -91,7 +91,7 @@ def _shingles(q: str, k: int = 5) -> set[tuple[str, ...]]:
 
 def test_out_of_template_set_is_written_differently():
     from stepprobe.data_collection.ood_tasks import generate_ood_tasks
-    from stepprobe.data_collection.problems import load_problem_source
+    from stepprobe.data_collection.sources import load_problem_source
 
     ood = load_problem_source("builtin-ood:n=120,seed=3")
     assert [p.question for p in ood] == [p.question for p in generate_ood_tasks(120, seed=3)]

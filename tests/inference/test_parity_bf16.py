@@ -27,7 +27,7 @@ def bf16_case(tmp_path_factory, default_model_path):
     from transformers import AutoConfig, AutoTokenizer
 
     from stepprobe.boundaries import BoundaryRule
-    from stepprobe.data_collection.problems import load_problem_source
+    from stepprobe.data_collection.sources import load_problem_source
     from stepprobe.data_collection.prompts import build_prompt
     from stepprobe.data_collection.record import SiteExtractor
     from stepprobe.inference.plugin import PluginSettings
