@@ -72,6 +72,20 @@ def is_step_mean(name: str) -> bool:
     return name.endswith(MEAN_SUFFIX)
 
 
+#: Group features (issue 23, :mod:`stepprobe.probes.group_features`): a site read against the
+#: trace's siblings (``layer_20.group``, ``layer_20.group_step``, ``layer_20.gdev``), and ``text.group``.
+GROUP_KINDS = (".group_step", ".group", ".gdev")
+TEXT_GROUP = "text.group"
+
+
+def split_group(name: str) -> tuple[str, str | None]:
+    """``layer_20.group`` -> ``("layer_20", ".group")``; a plain feature -> ``(name, None)``."""
+    for kind in GROUP_KINDS:
+        if name.endswith(kind):
+            return name[:-len(kind)], kind
+    return name, None
+
+
 def layer_name(index: int) -> str:
     """Name of the residual stream after decoder layer ``index`` (0-based)."""
     return f"layer_{index:02d}"
@@ -91,8 +105,11 @@ def layer_index(name: str) -> int | None:
 def site_depth(name: str, num_layers: int) -> int:
     """Position of a site in model order (embed 0, layer_i i+1, final_norm n+1); for plots.
 
-    A step-mean feature (``layer_20.mean``) has the depth of its site."""
-    name = split_feature(name)[0]
+    A step-mean feature (``layer_20.mean``) or a group feature has the depth of its site
+    (``text.group``: 0)."""
+    if name == TEXT_GROUP:
+        return 0
+    name = split_feature(split_group(name)[0])[0]
     if name == EMBED:
         return 0
     if name == FINAL_NORM:

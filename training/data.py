@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset, WeightedRandomSampler
 
 from stepprobe.errors import StepprobeError
+from stepprobe.layers import split_group
 from stepprobe.probes.features import FeatureSpec
 
 from .metrics import TEST, TRAIN, VAL
@@ -198,24 +199,35 @@ class FeatureCache:
     the most recent ones).
     """
 
-    def __init__(self, hs, max_bytes: int = 4 << 30):
+    def __init__(self, hs, max_bytes: int = 4 << 30, traces: str | None = None):
         self.hs = hs
         self.max_bytes = max_bytes
+        self.traces = traces  # the collect traces of ``hs``, for text group features (default: found)
         self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._group_memo: dict = {}
         self.reads = 0
 
     def site(self, name: str) -> np.ndarray:
         if name in self._data:
             self._data.move_to_end(name)
             return self._data[name]
+        if split_group(name)[1] is not None:  # computed from the plain site and the trace's siblings
+            from stepprobe.probes.group_features import compute_feature
+
+            return self._keep(name, compute_feature(self.hs, name, self.site, traces=self.traces,
+                                                    memo=self._group_memo))
         known = getattr(self.hs, "feature_names", self.hs.sites)
         if name not in known:
             hint = " (step means are recorded with `stepprobe record --step-mean`)" if name.endswith(".mean") else ""
             raise StepprobeError(f"site {name!r} is not in {getattr(self.hs, 'path', 'the file')}{hint}; "
                                  f"it has {', '.join(known)}")
         arr = np.ascontiguousarray(self.hs.features(name), dtype=np.float32)
-        check_finite(self.hs, arr[:, None, :], [name])
         self.reads += 1
+        return self._keep(name, arr)
+
+    def _keep(self, name: str, arr: np.ndarray) -> np.ndarray:
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        check_finite(self.hs, arr[:, None, :], [name])
         self._data[name] = arr
         while len(self._data) > 1 and sum(a.nbytes for a in self._data.values()) > self.max_bytes:
             self._data.popitem(last=False)

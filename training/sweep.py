@@ -4,7 +4,8 @@ Candidates: each site (embed, layer_00 .., final_norm, or the `--sites` given) a
 the boundary token; with `--step-features` (auto: where the file has them) each site's
 step mean (`layer_20.mean`, recorded by `stepprobe record --step-mean`); and with
 `--ranges W` each window of W consecutive decoder layers combined by `--range-combines`
-(mean and/or concat of their boundary states; and of their step means where recorded).
+(mean and/or concat of their boundary states; and of their step means where recorded); with
+`--group` each site's features against the trace's siblings (`probes/group_features.py`).
 Each site is read from the HDF5
 file once into memory, a probe is trained on it with the same training function as
 `stepprobe train` (cheap linear probe by default; `--arch` selects another), and scored on
@@ -67,6 +68,9 @@ class Config(StageConfig, FitOptions, TrainingOptions):
                                         "means)")
     ranges: int = option(0, "also sweep windows of this many consecutive decoder layers, e.g. 4 (0: none)")
     range_combines: str = option("mean,concat", "how a window's layers combine: mean, concat")
+    group: str = option("", "also sweep group features of each site against the trace's siblings (issue 23): any of "
+                            "group, group_step, gdev, text (e.g. group,text; empty: none)")
+    traces: str = option("", "the collect traces of --data, for --group text (default: the file it was recorded from)")
     arch: str = option("linear", "probe architecture per site: " + ", ".join(a for a in known_probes() if a != "mixture"))
     params: dict = option(help="architecture parameters as JSON", factory=dict)
     bootstrap: int = option(1000, "bootstrap resamples (of problems) for the confidence intervals")
@@ -134,8 +138,24 @@ def candidates(cfg: Config, hs) -> list[Candidate]:
                 if "mean" in kinds and all(s in have_means for s in win):
                     ms = tuple(mean_name(s) for s in win)
                     out.append(Candidate(f"{c}({ms[0]}..{ms[-1]})", ms, c, f"range-{c}-of-means", depth))
+    out += group_candidates(cfg.group, sites, hs.num_layers)
     if not out:
         raise StepprobeError("the sweep has no candidates; check --sites and --step-features")
+    return out
+
+
+def group_candidates(spec: str, sites: list[str], num_layers: int) -> list[Candidate]:
+    """``--group``: per site, a probe on its group features; ``text``: one on the text features."""
+    from stepprobe.layers import TEXT_GROUP
+
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("group", "group_step", "gdev", "text")]
+    if bad:
+        raise StepprobeError(f"--group: use group, group_step, gdev and/or text (got {spec!r})")
+    out = [Candidate(f"{s}.{k}", (f"{s}.{k}",), "single", k, site_depth(s, num_layers))
+           for k in kinds if k != "text" for s in sites]
+    if "text" in kinds:
+        out.append(Candidate(TEXT_GROUP, (TEXT_GROUP,), "single", "text", 0))
     return out
 
 
@@ -176,7 +196,7 @@ def _order(r: dict[str, Any]) -> tuple:
 
 
 KIND_ORDER = {"boundary": 0, "step-mean": 1, "range-mean": 2, "range-concat": 3, "range-mean-of-means": 4,
-              "range-concat-of-means": 5}
+              "range-concat-of-means": 5, "group": 6, "group_step": 7, "gdev": 8, "text": 9}
 
 
 def sweep_site(cfg: Config, hs, cand: Candidate | str, split, cache: FeatureCache) -> dict[str, Any]:
@@ -254,7 +274,7 @@ def run(cfg: Config) -> Path:
     atomic_write_json(out / "sweep.json", {**doc, "rows": M.clean({"r": rows})["r"] if rows else []})
     done = {r["site"] for r in rows}
     # Whole sites in memory, least recently used out: each site is read from the file about once.
-    cache = FeatureCache(hs, max_bytes=1 << 30)
+    cache = FeatureCache(hs, max_bytes=1 << 30, traces=cfg.traces or None)
     t0 = time.perf_counter()
     for cand in tqdm([c for c in cands if c.label not in done], desc="sweep", unit="candidate",
                      disable=not cfg.progress):

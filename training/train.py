@@ -171,7 +171,7 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
         raise StepprobeError(f"the training split has only one class ({n_pos} correct, {n_neg} incorrect steps); "
                              "a probe cannot learn from it")
     L.seed_everything(config.seed, verbose=False)
-    probe = ProbeModel(spec, config.arch, hs.hidden_size, dict(config.params))
+    probe = ProbeModel(spec, config.arch, dm.arrays[M.TRAIN].x.shape[2], dict(config.params))  # group features: their width
     probe.norm.fit(dm.arrays[M.TRAIN].x)
     pos_weight = n_neg / n_pos if config.imbalance == "pos_weight" else None
     module = ProbeLightningModule(probe, lr=config.lr, weight_decay=config.weight_decay, pos_weight=pos_weight,
