@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, sha256_file
-from stepprobe.layers import site_depth
+from stepprobe.layers import site_depth, split_group
 from stepprobe.provenance import check_model_identity, check_schema, package_versions
 
 from .features import FeatureSpec, ProbeModel
@@ -194,6 +194,10 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
         raise StepprobeError(f"{directory} already holds a scorer; pass overwrite to replace it")
     if not isinstance(probe, ProbeModel):
         raise StepprobeError(f"save_scorer needs a ProbeModel, got {type(probe).__name__}")
+    groups = [s for s in probe.spec.sites if split_group(s)[1] is not None]
+    if groups:
+        raise StepprobeError(f"the probe reads group features ({', '.join(groups)}), which the live runner cannot "
+                             "compute yet (issue 23, item 3); they are measured offline (docs/group_signal.md)")
     if model.get("hidden_size") is not None and int(model["hidden_size"]) != probe.hidden_size:
         raise ArtifactMismatch(f"probe reads hidden size {probe.hidden_size}, model identity says {model['hidden_size']}")
     if "delimiter" not in boundary_rule:

@@ -176,3 +176,15 @@ def test_visible_siblings_pick_each_siblings_latest_boundary():
     assert [v.tolist() for v in vis] == [[], [3], [0], [0], [1], []]
     vis = G.visible_siblings(problem, trace, step, position, "step")
     assert [v.tolist() for v in vis] == [[2], [3], [0], [1], [1], []]
+
+
+def test_a_group_probe_is_not_exported_as_a_live_scorer(tmp_path):
+    from stepprobe.errors import StepprobeError
+    from stepprobe.probes.checkpoint import save_scorer
+    from stepprobe.probes.features import FeatureSpec, ProbeModel
+
+    probe = ProbeModel(FeatureSpec(("layer_01.gdev",)), "linear", HIDDEN)  # same width as a plain site
+    with pytest.raises(StepprobeError, match=r"group features \(layer_01.gdev\).*issue 23"):
+        save_scorer(tmp_path / "s", probe, model=IDENTITY, boundary_rule=RULE)
+    save_scorer(tmp_path / "plain", ProbeModel(FeatureSpec(("layer_01",)), "linear", HIDDEN), model=IDENTITY,
+                boundary_rule=RULE)
