@@ -41,10 +41,6 @@ WORKER_CLS = "stepprobe.inference.worker.StepprobeWorker"
 SCHEDULER_CLS = "stepprobe.inference.scheduler.StepprobeScheduler"
 TESTED_VLLM = ("0.32.0",)
 
-#: Per-request settings (``extra_args={"stepprobe": {...}}``) besides ``policy`` and ``group``.
-REQUEST_SETTINGS = ("min_live", "relative_margin", "conf_threshold", "conf_window")
-
-
 @dataclasses.dataclass
 @stage_defaults(policy="none")
 class PluginSettings(PruningOptions, PolicyOption):

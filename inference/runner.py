@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import re
 import time
 from typing import Any, Iterator, Sequence
 
-from stepprobe.engine import check_kv_budget, engine_kwargs, note_compile, shutdown
+from stepprobe.engine import check_kv_budget, client_request_id, engine_kwargs, note_compile, shutdown
 from stepprobe.errors import StepprobeError
 from stepprobe.options import EngineOptions
 
@@ -64,29 +63,6 @@ class TraceResult:
             d["token_confidence"] = [round(x, 4) for x in self.confidence or []]
             d["stop_confidence"] = [round(x, 4) for x in self.stop_confidence or []]
         return d
-
-
-def _engine_ids(key: str, ext_ids: set[str], n: int) -> tuple[str, int] | None:
-    """Engine request id -> (client request id, child index). vLLM appends ``-<8 chars>`` to a
-    client id and names the children of an ``n > 1`` request ``{index}_{parent}``."""
-    index = 0
-    rest = key
-    if n > 1:
-        m = re.match(r"^(\d+)_(.+)$", key)
-        if not m:
-            return None
-        index, rest = int(m.group(1)), m.group(2)
-    if rest in ext_ids:
-        return rest, index
-    base = rest.rsplit("-", 1)[0]
-    return (base, index) if base in ext_ids else None
-
-
-def _client_id(internal_id: str) -> str:
-    """vLLM's internal request id -> the client's (it appends ``-<8 chars>`` unless request id
-    randomization is disabled)."""
-    base, sep, tail = internal_id.rpartition("-")
-    return base if sep and len(tail) == 8 else internal_id
 
 
 class StepRunner:
@@ -245,7 +221,7 @@ class StepRunner:
         ids = self.llm.enqueue(flat_prompts, params, use_tqdm=False)
         # enqueue returns vLLM's internal ids ("<client id>-<8 random chars>"); outputs carry the client id.
         for rid, (k, i), p in zip(ids, pairs, params):
-            self._owner[_client_id(rid)] = (sub, k, i, p.seed, rid)
+            self._owner[client_request_id(rid)] = (sub, k, i, p.seed, rid)
         self._left[sub] = [n] * len(prompts)
         self._done[sub] = [[] for _ in prompts]
         self._logprobs[sub] = logprobs
@@ -273,7 +249,7 @@ class StepRunner:
                         continue
                     if scoring:
                         for key, rec in self._take_records().items():
-                            acc = self._pending.setdefault(_client_id(key),
+                            acc = self._pending.setdefault(client_request_id(key),
                                                            {"positions": [], "scores": [], "features": []})
                             for f in acc:
                                 acc[f].extend(rec.get(f) or [])

@@ -15,17 +15,21 @@ cd "$(dirname "$0")/.."
 RUN="${1:-runs/released-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 SP=("$PY" -m stepprobe.cli)
+# The run directory's layout is stepprobe.paths.RunPaths: one path per name, asked once.
+{ read -r HIDDEN; read -r SCORER; read -r OOD_TRACES; read -r OOD_HIDDEN; read -r EVAL_OOD; read -r OOD_SC
+  read -r OOD_REPLAY; } < <("$PY" -m stepprobe.paths "$RUN" hidden_states scorer ood_traces ood_hidden_states \
+    eval_ood ood_sc ood_replay)
 "${SP[@]}" pipeline --config configs/released-smollm2-135m.yaml --out "$RUN"
 "${SP[@]}" collect --problems "builtin-ood:n=160,seed=0" --n 8 --max-tokens 192 --temperature 0.7 --top-p 1.0 \
-    --dtype bfloat16 --output "$RUN/ood/traces.jsonl"
-"${SP[@]}" record --traces "$RUN/ood/traces.jsonl" --output "$RUN/ood/hidden_states.h5" --dtype bfloat16 \
+    --dtype bfloat16 --output "$OOD_TRACES"
+"${SP[@]}" record --traces "$OOD_TRACES" --output "$OOD_HIDDEN" --dtype bfloat16 \
     --storage-dtype float16 --step-mean all
-"${SP[@]}" evaluate --scorer "$RUN/scorer" --data "$RUN/ood/hidden_states.h5" \
-    --reference-data "$RUN/record/hidden_states.h5" --out "$RUN/eval-ood" --overwrite
-"${SP[@]}" run --problems "builtin-ood:n=160,seed=0" --scorer "$RUN/scorer" --n 8 --max-tokens 192 \
+"${SP[@]}" evaluate --scorer "$SCORER" --data "$OOD_HIDDEN" \
+    --reference-data "$HIDDEN" --out "$EVAL_OOD" --overwrite
+"${SP[@]}" run --problems "builtin-ood:n=160,seed=0" --scorer "$SCORER" --n 8 --max-tokens 192 \
     --temperature 0.7 --top-p 1.0 --dtype bfloat16 --enforce-eager --policy none --vote majority \
-    --record-confidence --batch-problems 40 --output "$RUN/ood-sc"
-"${SP[@]}" replay --results "$RUN/ood-sc" --output "$RUN/ood-replay" --kv-blocks 0,12,16,24,32,48,64 \
+    --record-confidence --batch-problems 40 --output "$OOD_SC"
+"${SP[@]}" replay --results "$OOD_SC" --output "$OOD_REPLAY" --kv-blocks 0,12,16,24,32,48,64 \
     --policies none,memory,memory:group_gap,memory:group_largest,threshold,relative,top_fraction,confidence
 "$PY" -m stepprobe.training.release --run "$RUN" --dest stepprobe/released/smollm2-135m
 scripts/calibrate_released.sh "$RUN/trust"   # the trust.json of the released scorer, on problems it never saw

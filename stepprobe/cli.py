@@ -101,22 +101,12 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser()
-    top, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not top.verbose:
-        # vLLM's import says on every CPU machine that Triton has no CPU backend: noise, not news.
-        logging.getLogger("vllm.triton_utils").setLevel(logging.ERROR)
-    if not top.stage:
-        parser.print_help()
-        return 2
-    module_name, line = STAGES[top.stage]
+def _parse_stage(stage: str, rest: list[str]) -> tuple[Any, argparse.Namespace]:
+    """The stage's module and its parsed flags (``--help`` and unknown flags exit here)."""
+    module_name, line = STAGES[stage]
     module = importlib.import_module(module_name)
     config_cls: type[StageConfig] = module.Config
-    stage_parser = argparse.ArgumentParser(prog=f"stepprobe {top.stage}", description=(module.__doc__ or line).strip(),
+    stage_parser = argparse.ArgumentParser(prog=f"stepprobe {stage}", description=(module.__doc__ or line).strip(),
                                            formatter_class=argparse.RawDescriptionHelpFormatter)
     stage_parser.add_argument("--config", help="YAML or JSON file with config fields; flags override it")
     # A stage that wraps another program takes that program's arguments after "--".
@@ -129,8 +119,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = stage_parser.parse_args(rest)
     if extra is not None:
         setattr(args, passthrough, extra)
+    return module, args
+
+
+def stage_config(argv: Sequence[str]) -> StageConfig:
+    """The config a command line (``STAGE --flag ...``) builds, checked, without running it."""
+    top, rest = make_parser().parse_known_args(list(argv))
+    module, args = _parse_stage(top.stage, rest)
+    return build_config(module.Config, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    top, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not top.verbose:
+        # vLLM's import says on every CPU machine that Triton has no CPU backend: noise, not news.
+        logging.getLogger("vllm.triton_utils").setLevel(logging.ERROR)
+    if not top.stage:
+        parser.print_help()
+        return 2
+    module, args = _parse_stage(top.stage, rest)
     try:
-        config = build_config(config_cls, args)
+        config = build_config(module.Config, args)
         with locks.scope(top.stage), _sigterm_ends_the_command():
             module.run(config)
     except StepprobeError as exc:

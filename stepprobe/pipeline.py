@@ -40,7 +40,7 @@ from .config import StageConfig, option
 from .errors import ArtifactMismatch, StepprobeError
 from .io import atomic_write_json, atomic_write_text, read_json
 from .models import DEFAULT_MODEL
-from .paths import runs_dir
+from .paths import RunPaths, runs_dir
 from .provenance import check_schema, package_versions
 
 log = logging.getLogger(__name__)
@@ -48,18 +48,16 @@ log = logging.getLogger(__name__)
 KIND = "stepprobe-pipeline"
 SCHEMA_VERSION = 1
 STAGES = ["collect", "record", "sweep", "tune", "export", "evaluate", "sc", "calibrate", "bench", "replay"]
-_MODULES = {
-    "collect": "stepprobe.data_collection.collect",
-    "record": "stepprobe.data_collection.record",
-    "sweep": "stepprobe.training.sweep",
-    "tune": "stepprobe.training.tune",
-    "export": "stepprobe.training.export",
-    "evaluate": "stepprobe.training.evaluate",
-    "sc": "stepprobe.inference.run",
-    "calibrate": "stepprobe.inference.calibrate",
-    "bench": "stepprobe.inference.bench",
-    "replay": "stepprobe.inference.replay",
-}
+#: A pipeline stage runs the module of the command of the same name; ``sc`` is a ``run``.
+_COMMAND = {"sc": "run"}
+
+
+def stage_module(stage: str) -> Any:
+    """The module (``Config``, ``run``) of a pipeline stage: the CLI's command of that name."""
+    from .cli import STAGES as COMMANDS
+
+    return importlib.import_module(COMMANDS[_COMMAND.get(stage, stage)][0])
+
 
 # Stage settings for the embedded default on 2 CPU cores (within the 20-minute budget: README, "Time").
 # A config file's per-stage sections are merged over these; paths are always the pipeline's.
@@ -128,62 +126,7 @@ class Config(StageConfig):
             raise StepprobeError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
 
 
-@dataclasses.dataclass
-class Paths:
-    """Where each stage's artifact lives inside the run directory."""
-
-    root: Path
-
-    @property
-    def traces(self) -> Path:
-        return self.root / "collect" / "traces.jsonl"
-
-    @property
-    def hidden_states(self) -> Path:
-        return self.root / "record" / "hidden_states.h5"
-
-    @property
-    def sweep(self) -> Path:
-        return self.root / "sweep"
-
-    @property
-    def tune(self) -> Path:
-        return self.root / "tune"
-
-    @property
-    def scorer(self) -> Path:
-        return self.root / "scorer"
-
-    @property
-    def bench(self) -> Path:
-        return self.root / "bench"
-
-    @property
-    def evaluate(self) -> Path:
-        return self.root / "evaluate"
-
-    @property
-    def trust(self) -> Path:
-        return self.scorer / "trust.json"
-
-    @property
-    def sc(self) -> Path:
-        return self.root / "sc"
-
-    @property
-    def replay(self) -> Path:
-        return self.root / "replay"
-
-    @property
-    def bench_problems(self) -> Path:
-        return self.root / "bench_problems.jsonl"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "pipeline.json"
-
-
-def _wiring(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
+def _wiring(stage: str, cfg: Config, paths: RunPaths) -> dict[str, Any]:
     """The fields the pipeline owns: paths between stages, the model, the problems."""
     return {
         "collect": {"model": cfg.model, "problems": cfg.problems, "output": str(paths.traces)},
@@ -222,7 +165,7 @@ _SEEDED = {"collect": ("seed",), "sweep": ("seed", "split_seed"), "tune": ("seed
            "bench": ("seed",), "calibrate": ("seed",), "replay": ("seed",)}
 
 
-def stage_settings(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
+def stage_settings(stage: str, cfg: Config, paths: RunPaths) -> dict[str, Any]:
     settings = copy.deepcopy(DEFAULTS[stage])
     if cfg.seed:
         settings.update({k: cfg.seed for k in _SEEDED.get(stage, ())})
@@ -236,7 +179,7 @@ def stage_settings(stage: str, cfg: Config, paths: Paths) -> dict[str, Any]:
     return settings
 
 
-def write_heldout_problems(cfg: Config, paths: Paths) -> Path:
+def write_heldout_problems(cfg: Config, paths: RunPaths) -> Path:
     """The bench's problems as a file, without any question the probe was trained on."""
     from .data_collection.sources import load_problem_source
 
@@ -255,7 +198,7 @@ def write_heldout_problems(cfg: Config, paths: Paths) -> Path:
     return paths.bench_problems
 
 
-def _load_state(paths: Paths, cfg: Config) -> dict[str, Any]:
+def _load_state(paths: RunPaths, cfg: Config) -> dict[str, Any]:
     if paths.state.is_file() and not cfg.restart:
         state = read_json(paths.state)
         check_schema(state, KIND, SCHEMA_VERSION, str(paths.state))
@@ -266,10 +209,10 @@ def _load_state(paths: Paths, cfg: Config) -> dict[str, Any]:
 
 def _stage_overwrites(stage: str) -> dict[str, Any]:
     # Stages that do not resume internally start over when they did not finish before.
-    return {"export": {"overwrite": True}, "bench": {}}.get(stage, {})
+    return {"export": {"overwrite": True}}.get(stage, {})
 
 
-def stage_configs(cfg: Config, paths: Paths, state: dict[str, Any] | None = None) -> dict[str, tuple[dict, StageConfig]]:
+def stage_configs(cfg: Config, paths: RunPaths, state: dict[str, Any] | None = None) -> dict[str, tuple[dict, StageConfig]]:
     """Every stage's settings and built (so validated) config, before any stage runs: a
     mistake in the last stage's section is refused before the first stage starts."""
     out: dict[str, tuple[dict, StageConfig]] = {}
@@ -281,7 +224,7 @@ def stage_configs(cfg: Config, paths: Paths, state: dict[str, Any] | None = None
             settings_run = {**settings, **_stage_overwrites(stage)}
         else:
             settings_run = settings
-        module = importlib.import_module(_MODULES[stage])
+        module = stage_module(stage)
         source = f"pipeline {stage}"
         try:
             out[stage] = (settings, module.Config.from_dict(settings_run, source=source))
@@ -302,7 +245,7 @@ def stage_configs(cfg: Config, paths: Paths, state: dict[str, Any] | None = None
 def run(cfg: Config) -> Path:
     root = Path(cfg.out) if cfg.out else runs_dir() / (f"pipeline-{Path(cfg.model).name}"
                                                         + (f"-seed{cfg.seed}" if cfg.seed else ""))
-    paths = Paths(root)
+    paths = RunPaths(root)
     stage_configs(cfg, paths)  # refuse a bad section before anything is cleared or written
     # One pipeline per run directory; each stage also locks its own output inside it (other
     # lock files, so the stages run in-process under this lock without waiting for it).
@@ -326,7 +269,7 @@ def run(cfg: Config) -> Path:
             continue
         if stage in ("sc", "bench"):
             write_heldout_problems(cfg, paths)
-        module = importlib.import_module(_MODULES[stage])
+        module = stage_module(stage)
         if entry and entry.get("status") == "started":
             log.info("[%d/%d] %s: resuming an interrupted run", i, len(cfg.stages), stage)
         state["stages"][stage] = {"status": "started", "settings": settings,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_text
+from .paths import RunPaths
 from .provenance import package_versions
 
 
@@ -35,18 +36,17 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def _img(root: Path, rel: str, alt: str) -> list[str]:
-    return [f"![{alt}]({rel})", ""] if (root / rel).is_file() else []
+def _img(root: Path, path: Path, alt: str) -> list[str]:
+    return [f"![{alt}]({path.relative_to(root).as_posix()})", ""] if path.is_file() else []
 
 
 def _collect_section(root: Path) -> list[str]:
     lines = ["## Data", ""]
-    summaries = sorted((root / "collect").glob("*summary*.json"))
-    s = _load(summaries[0]) if summaries else None
+    s = _load(RunPaths(root).collect_summary)
     if not s:
         return lines + ["collect has not run.", ""]
     this_run = s.get("this_run", {})
-    rows = [("problems", s.get("num_problems", s.get("problems"))), ("traces", s.get("num_traces", s.get("traces"))),
+    rows = [("problems", s.get("problems")), ("traces", s.get("traces")),
             ("sample accuracy", s.get("sample_accuracy")), ("majority-vote accuracy", s.get("majority_vote_accuracy")),
             ("pass@N", s.get("pass_at_n")), ("answer extracted", s.get("answer_extracted_rate")),
             ("mean output tokens", s.get("tokens_mean")), ("output tokens/s (this run)", this_run.get("output_tokens_per_s"))]
@@ -55,7 +55,7 @@ def _collect_section(root: Path) -> list[str]:
     by_family = s.get("sample_accuracy_by_family")
     if isinstance(by_family, dict) and by_family:
         lines.append("| sample accuracy by family | " + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in by_family.items()) + " |")
-    h5 = root / "record" / "hidden_states.h5"
+    h5 = RunPaths(root).hidden_states
     if h5.is_file():
         lines.append(f"| hidden states (HDF5) | {h5.stat().st_size / 2**20:.1f} MiB |")
     return lines + [""]
@@ -63,14 +63,14 @@ def _collect_section(root: Path) -> list[str]:
 
 def _sweep_section(root: Path) -> list[str]:
     lines = ["## Layer sweep", ""]
-    s = _load(root / "sweep" / "sweep.json")
+    s = _load(RunPaths(root).sweep / "sweep.json")
     if not s:
         return lines + ["sweep has not run.", ""]
     rows = s.get("rows", [])
     best = s.get("best_site") or s.get("best")
     if best:
         lines += [f"Best site by validation AUROC: **{best if isinstance(best, str) else json.dumps(best)}**.", ""]
-    lines += _img(root, "sweep/sweep.png", "AUROC vs. layer")
+    lines += _img(root, RunPaths(root).sweep / "sweep.png", "AUROC vs. layer")
     if rows:
         cols = [c for c in ("site", "val_auroc", "test_auroc", "test_auroc_lo", "test_auroc_hi", "reference_test_auroc",
                             "test_within_auroc", "test_within_rank50", "reference_test_within_auroc")
@@ -100,7 +100,7 @@ def _sweep_section(root: Path) -> list[str]:
 
 def _probe_section(root: Path) -> list[str]:
     lines = ["## Tuned probe (test split, never seen while tuning)", ""]
-    m = _load(root / "scorer" / "metrics.json")
+    m = _load(RunPaths(root).scorer / "metrics.json")
     if not m:
         return lines + ["export has not run.", ""]
     metrics = m.get("metrics", {})
@@ -133,21 +133,22 @@ def _probe_section(root: Path) -> list[str]:
                   f"{_fmt(before.get('test'))} before, {_fmt(after.get('test'))} after (validation "
                   f"{_fmt(before.get('val'))} -> {_fmt(after.get('val'))}). Scores and the threshold are calibrated "
                   "probabilities.", ""]
-    exp = _load(root / "scorer" / "export.json") or {}
+    exp = _load(RunPaths(root).scorer / "export.json") or {}
     if exp.get("trial_value") is not None:
         test = (metrics.get("test") or {}).get(str(exp.get("objective", "")).removeprefix("val_"))
         lines += [f"Chosen by the study on {exp.get('objective')} = {_fmt(exp.get('trial_value'))} (the mean over "
                   f"cross-validation folds of the non-test problems); the same metric on test: {_fmt(test)}. A "
                   "validation figure well above test is the winner's curse of picking the best of many trials.", ""]
-    lines += _img(root, "scorer/plots/score_vs_step.png", "score trajectories of correct and incorrect traces")
-    lines += _img(root, "scorer/plots/roc.png", "ROC")
-    lines += _img(root, "scorer/plots/calibration.png", "calibration")
+    plots = RunPaths(root).scorer / "plots"
+    lines += _img(root, plots / "score_vs_step.png", "score trajectories of correct and incorrect traces")
+    lines += _img(root, plots / "roc.png", "ROC")
+    lines += _img(root, plots / "calibration.png", "calibration")
     return lines
 
 
 def _evaluate_section(root: Path) -> list[str]:
     lines = ["## The released scorer beside this run's, on test problems neither saw", ""]
-    doc = _load(root / "evaluate" / "eval.json")
+    doc = _load(RunPaths(root).evaluate / "eval.json")
     if not doc:
         return lines + ["evaluate has not run.", ""]
     if doc.get("skipped"):
@@ -172,7 +173,7 @@ def _evaluate_section(root: Path) -> list[str]:
 
 def _trust_section(root: Path) -> list[str]:
     lines = ["## Trust: how far pruning and votes may trust this scorer", ""]
-    doc = _load(root / "scorer" / "trust.json")
+    doc = _load(RunPaths(root).trust)
     if not doc:
         return lines + ["calibrate has not run.", ""]
     from stepprobe.inference.calibrate import KIND, SCHEMA_VERSION
@@ -181,7 +182,7 @@ def _trust_section(root: Path) -> list[str]:
     from stepprobe.errors import ArtifactMismatch
 
     try:
-        check_schema(doc, KIND, SCHEMA_VERSION, str(root / "scorer" / "trust.json"))
+        check_schema(doc, KIND, SCHEMA_VERSION, str(RunPaths(root).trust))
     except ArtifactMismatch as exc:
         return lines + [f"trust.json not shown: {exc}; rerun the calibrate stage.", ""]
     v, d, cs = doc["vote"], doc["default"], doc["calibration_set"]
@@ -204,8 +205,8 @@ def _trust_section(root: Path) -> list[str]:
 
 def _bench_section(root: Path) -> list[str]:
     lines = ["## Bench: self-consistency vs. STEP pruning vs. confidence", ""]
-    md = root / "bench" / "bench.md"
-    data = _load(root / "bench" / "bench.json")
+    md = RunPaths(root).bench / "bench.md"
+    data = _load(RunPaths(root).bench / "bench.json")
     if not md.is_file() or data is None:
         return lines + ["bench has not run.", ""]
     from stepprobe.inference.bench import BENCH_KIND, BENCH_SCHEMA_VERSION
@@ -214,7 +215,7 @@ def _bench_section(root: Path) -> list[str]:
     from stepprobe.errors import ArtifactMismatch
 
     try:
-        check_schema(data, BENCH_KIND, BENCH_SCHEMA_VERSION, str(root / "bench" / "bench.json"))
+        check_schema(data, BENCH_KIND, BENCH_SCHEMA_VERSION, str(RunPaths(root).bench / "bench.json"))
     except ArtifactMismatch as exc:  # e.g. written by an older stepprobe: say so, do not guess
         return lines + [f"bench results not shown: {exc}; rerun the bench stage.", ""]
     model = (data.get("model") or {}).get("name")
@@ -222,15 +223,15 @@ def _bench_section(root: Path) -> list[str]:
     lines += [f"Model `{model}`, scorer `{scorer.get('architecture')}` on {', '.join(scorer.get('sites', []))} "
               f"(weights sha256 `{str(scorer.get('weights_sha256'))[:12]}`), measured {data.get('date')}.", ""]
     lines += [md.read_text(encoding="utf-8").strip(), ""]
-    lines += _img(root, "bench/bench.png", "accuracy vs. wall time")
+    lines += _img(root, RunPaths(root).bench / "bench.png", "accuracy vs. wall time")
     return lines
 
 
 def _replay_section(root: Path) -> list[str]:
     lines = ["## Replay: every policy on the same held-out traces", ""]
-    path = root / "replay" / "replay.json"
+    path = RunPaths(root).replay / "replay.json"
     data = _load(path)
-    md = root / "replay" / "replay.md"
+    md = RunPaths(root).replay / "replay.md"
     if data is None or not md.is_file():
         return lines + ["replay has not run.", ""]
     from stepprobe.errors import ArtifactMismatch
@@ -248,12 +249,13 @@ def _replay_section(root: Path) -> list[str]:
               f"{p.get('keep_step')}). Votes: pruned traces do not vote; ties go to the answer seen first in "
               "trace order.", ""]
     lines += [md.read_text(encoding="utf-8").strip(), ""]
-    lines += _img(root, "replay/replay.png", "accuracy vs. output tokens and vs. model time across KV budgets")
+    lines += _img(root, RunPaths(root).replay / "replay.png",
+                  "accuracy vs. output tokens and vs. model time across KV budgets")
     return lines
 
 
 def _timing_section(root: Path) -> list[str]:
-    state = _load(root / "pipeline.json") or {}
+    state = _load(RunPaths(root).state) or {}
     stages = state.get("stages", {})
     if not stages:
         return []
@@ -263,7 +265,7 @@ def _timing_section(root: Path) -> list[str]:
 
 
 def render_markdown(root: Path) -> str:
-    state = _load(root / "pipeline.json") or {}
+    state = _load(RunPaths(root).state) or {}
     cfg = state.get("config", {})
     versions = package_versions()
     from .data_collection.grading import GRADING_PROTOCOLS, grading_of
@@ -329,6 +331,7 @@ def write_report(root: str | Path) -> Path:
     """Write report.md and report.html into a pipeline run directory; returns report.md."""
     root = Path(root)
     md = render_markdown(root)
-    atomic_write_text(root / "report.md", md)
-    atomic_write_text(root / "report.html", markdown_to_html(md))
-    return root / "report.md"
+    report = RunPaths(root).report
+    atomic_write_text(report, md)
+    atomic_write_text(report.with_suffix(".html"), markdown_to_html(md))
+    return report

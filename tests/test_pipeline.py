@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from stepprobe.errors import ArtifactMismatch, StepprobeError
-from stepprobe.pipeline import STAGES, Config, Paths, stage_settings
+from stepprobe.paths import RunPaths
+from stepprobe.pipeline import STAGES, Config, stage_settings
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,25 +61,65 @@ def _state(root: Path) -> dict:
 
 
 def test_shipped_configs_resolve_for_every_stage(tmp_path):
-    """configs/*.yaml build a valid config for every stage (unknown fields would fail here)."""
-    import importlib
-
+    """Issue 24, defect 3: every file under configs/ (the release recipe too, which a glob of
+    pipeline*.yaml missed) builds every stage's config through the pipeline's own check."""
     from stepprobe import pipeline
 
-    paths = sorted((REPO / "configs").glob("*.yaml"))  # the release recipe too
-    assert any("released" in p.name for p in paths)
+    paths = sorted((REPO / "configs").iterdir())
+    assert {p.name for p in paths} >= {"released-smollm2-135m.yaml", "pipeline-gpu-example.yaml"}
     for path in paths:
-        cfg = Config.from_file(path)
-        cfg = cfg.replace(out=str(tmp_path / path.stem))
-        for stage in STAGES:
-            module = importlib.import_module(pipeline._MODULES[stage])
-            module.Config.from_dict(stage_settings(stage, cfg, Paths(Path(cfg.out))), source=f"{path.name} {stage}")
+        cfg = Config.from_file(path).replace(out=str(tmp_path / path.stem), stages=list(STAGES))
+        built = pipeline.stage_configs(cfg, RunPaths(Path(cfg.out)))
+        assert list(built) == STAGES, path.name
+
+
+def _script_commands(script: Path, values: dict[str, str]) -> list[list[str]]:
+    """Each ``"${SP[@]}" STAGE ...`` command line of a shell script, its variables replaced."""
+    import re
+    import shlex
+
+    text = script.read_text(encoding="utf-8").replace("\\\n", " ")
+    arrays = {m[0]: shlex.split(m[1]) for m in re.findall(r"^(\w+)=\(([^)]*)\)", text, flags=re.M)}
+    out = []
+    for line in text.splitlines():
+        if not line.startswith('"${SP[@]}" '):
+            continue
+        words = []
+        for w in shlex.split(line.split("#")[0])[1:]:
+            if w.startswith("${") and w.endswith("[@]}"):
+                words += arrays[w[2:-4]]
+            else:
+                for k, v in values.items():
+                    w = w.replace("$" + k, v)
+                w = str(REPO / w) if w.startswith("configs/") else w
+                assert "$" not in w, (script.name, w)
+                words.append(w)
+        out.append(words)
+    return out
+
+
+def test_release_scripts_command_lines_build_their_configs(tmp_path):
+    """The release recipe's other half: every stepprobe command of scripts/release_scorer.sh
+    and scripts/calibrate_released.sh parses and builds a checked config (nothing runs)."""
+    from stepprobe.cli import stage_config
+
+    run = RunPaths(tmp_path / "run")
+    values = {"RUN": str(run.root), "SCORER": str(run.scorer), "HIDDEN": str(run.hidden_states),
+              "OOD_TRACES": str(run.ood_traces), "OOD_HIDDEN": str(run.ood_hidden_states),
+              "EVAL_OOD": str(run.eval_ood), "OOD_SC": str(run.ood_sc), "OOD_REPLAY": str(run.ood_replay),
+              "BUDGETS": "12,16", "POLICIES": "none,memory"}
+    seen = []
+    for name in ("release_scorer.sh", "calibrate_released.sh"):
+        for argv in _script_commands(REPO / "scripts" / name, values):
+            stage_config(argv)
+            seen.append(argv[0])
+    assert {"pipeline", "collect", "record", "evaluate", "run", "calibrate", "replay"} <= set(seen)
 
 
 def test_pipeline_owned_fields_are_refused():
     cfg = Config(collect={"output": "elsewhere.jsonl"})
     with pytest.raises(StepprobeError, match="set by the pipeline"):
-        stage_settings("collect", cfg, Paths(Path("x")))
+        stage_settings("collect", cfg, RunPaths(Path("x")))
 
 
 @pytest.mark.vllm
@@ -120,7 +161,7 @@ def test_pipeline_end_to_end_with_resume(tmp_path):
     from stepprobe.data_collection.traces import read_traces
     from stepprobe.probes.checkpoint import load_scorer
 
-    paths = Paths(root)
+    paths = RunPaths(root)
     header, problems = read_traces(paths.traces)
     problems = list(problems)
     assert len(problems) == 12 and all(len(p.traces) == 4 for p in problems)

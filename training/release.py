@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stepprobe.paths import RunPaths
+
 GOALS = {"within_rank50": 0.75, "auroc": 0.80}
 ECE_GOAL = 0.05
 MIN_PROBLEMS, MIN_TRACES = 1000, 8000
@@ -45,11 +47,11 @@ def _ci(d: dict[str, Any] | None) -> str:
 
 
 def card(run: Path, *, recipe: str = "configs/released-smollm2-135m.yaml") -> str:
-    summary = _load(run / "collect" / "traces.summary.json")
-    metrics = _load(run / "scorer" / "metrics.json")
-    ev = _load(run / "eval-ood" / "eval.json")
-    sweep = _load(run / "sweep" / "sweep.json")
-    meta = _load(run / "scorer" / "scorer.json")
+    summary = _load(RunPaths(run).collect_summary)
+    metrics = _load(RunPaths(run).scorer / "metrics.json")
+    ev = _load(RunPaths(run).eval_ood / "eval.json")
+    sweep = _load(RunPaths(run).sweep / "sweep.json")
+    meta = _load(RunPaths(run).scorer / "scorer.json")
     m = metrics.get("metrics", {})
     test, ref = m.get("test", {}), m.get("reference_test", {})
     cal = metrics.get("calibration") or meta.get("calibration") or {}
@@ -126,7 +128,7 @@ CARD_KV = 16
 def _replay_section(run: Path) -> list[str]:
     """Pruning with this scorer on the out-of-template problems: the replay of one SC pass
     (``ood-sc`` -> ``ood-replay``), every policy paired with SC, random and oracle beside it."""
-    path = run / "ood-replay" / "replay.json"
+    path = RunPaths(run).ood_replay / "replay.json"
     if not path.is_file():
         return []
     from stepprobe.inference.replay import read_replay
@@ -197,7 +199,7 @@ def release(run: Path, dest: Path) -> Path:
     from stepprobe.errors import StepprobeError
     from stepprobe.probes.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_scorer
 
-    state = _load(run / "pipeline.json")
+    state = _load(RunPaths(run).state)
     stages = state.get("stages", {})
     unfinished = [s for s in ("collect", "record", "sweep", "tune", "export") if stages.get(s, {}).get("status") != "done"]
     if unfinished:
@@ -205,22 +207,22 @@ def release(run: Path, dest: Path) -> Path:
     from stepprobe.data_collection.collect import SUMMARY_KIND, SUMMARY_SCHEMA_VERSION
     from stepprobe.provenance import check_schema
 
-    summary_path = run / "collect" / "traces.summary.json"
+    summary_path = RunPaths(run).collect_summary
     summary = _load(summary_path)
     check_schema(summary, SUMMARY_KIND, SUMMARY_SCHEMA_VERSION, str(summary_path))
     if (summary.get("problems") or 0) < MIN_PROBLEMS or (summary.get("traces") or 0) < MIN_TRACES:
         raise StepprobeError(f"{run}: {summary.get('problems')} problems / {summary.get('traces')} traces; a "
                              f"release needs at least {MIN_PROBLEMS} / {MIN_TRACES}")
-    if not (run / "eval-ood" / "eval.json").is_file():
+    if not (RunPaths(run).eval_ood / "eval.json").is_file():
         raise StepprobeError(f"{run}: no out-of-template evaluation (eval-ood/eval.json)")
-    scorer = load_scorer(run / "scorer")
+    scorer = load_scorer(RunPaths(run).scorer)
     scorer.check_live()
     dest.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE, "metrics.json"):
-        shutil.copy2(run / "scorer" / name, dest / name)
-    shutil.copy2(run / "eval-ood" / "eval.json", dest / "eval-ood.json")
-    if (run / "ood-replay" / "replay.json").is_file():
-        shutil.copy2(run / "ood-replay" / "replay.md", dest / "replay-ood.md")
+        shutil.copy2(RunPaths(run).scorer / name, dest / name)
+    shutil.copy2(RunPaths(run).eval_ood / "eval.json", dest / "eval-ood.json")
+    if (RunPaths(run).ood_replay / "replay.json").is_file():
+        shutil.copy2(RunPaths(run).ood_replay / "replay.md", dest / "replay-ood.md")
     (dest / "README.md").write_text(card(run), encoding="utf-8")
     load_scorer(dest)
     return dest

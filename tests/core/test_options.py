@@ -44,10 +44,11 @@ def _scorer(tmp_path: Path, generation: dict) -> str:
 
 
 def _gpu_pipeline(tmp_path):
-    from stepprobe.pipeline import Config, Paths
+    from stepprobe.paths import RunPaths
+    from stepprobe.pipeline import Config
 
     cfg = Config.from_file(GPU_EXAMPLE).replace(out=str(tmp_path / "run"))
-    return cfg, Paths(Path(cfg.out))
+    return cfg, RunPaths(Path(cfg.out))
 
 
 def test_gpu_example_collect_settings_reach_bench_prompts_and_sampling(tmp_path, default_model_path, caplog):

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from stepprobe.errors import ArtifactMismatch, StepprobeError
-from stepprobe.pipeline import Config, Paths, run, stage_settings, write_heldout_problems
+from stepprobe.paths import RunPaths
+from stepprobe.pipeline import Config, run, stage_settings, write_heldout_problems
 
 
 def _jsonl(path, rows):
@@ -29,7 +30,7 @@ def test_bench_problems_drop_every_training_question(tmp_path):
              {"id": "b5", "question": "What is 2 + 3 + 1?", "answer": "6"}]
     cfg = Config(out=str(tmp_path / "run"), problems=_jsonl(tmp_path / "train.jsonl", TRAIN),
                  bench_problems=_jsonl(tmp_path / "bench.jsonl", bench))
-    paths = Paths(tmp_path / "run")
+    paths = RunPaths(tmp_path / "run")
     paths.root.mkdir()
     out = write_heldout_problems(cfg, paths)
     assert out == paths.bench_problems
@@ -44,7 +45,7 @@ def test_bench_problems_all_seen_in_training_is_an_error(tmp_path):
                  bench_problems=_jsonl(tmp_path / "bench.jsonl", TRAIN[:2]))
     (tmp_path / "run").mkdir()
     with pytest.raises(StepprobeError, match="every bench problem .* is also a training problem"):
-        write_heldout_problems(cfg, Paths(tmp_path / "run"))
+        write_heldout_problems(cfg, RunPaths(tmp_path / "run"))
 
 
 def _finished(root, cfg: Config, stage: str, settings: dict) -> None:
@@ -77,8 +78,18 @@ def test_a_finished_stage_with_the_same_settings_is_skipped(tmp_path):
     root = tmp_path / "run"
     train = _jsonl(tmp_path / "train.jsonl", TRAIN)
     cfg = Config(out=str(root), problems=train, bench_problems=train, stages=["bench"], report=False)
-    _finished(root, cfg, "bench", stage_settings("bench", cfg, Paths(root)))
+    _finished(root, cfg, "bench", stage_settings("bench", cfg, RunPaths(root)))
     assert run(cfg) == root  # no error from the filter: the stage did not run again
-    assert not Paths(root).bench_problems.exists()
+    assert not RunPaths(root).bench_problems.exists()
     state = json.loads((root / "pipeline.json").read_text())
     assert state["stages"]["bench"]["status"] == "done" and state["config"]["stages"] == ["bench"]
+
+
+def test_run_layout_is_asked_by_name(tmp_path, capsys):
+    """Shell scripts ask stepprobe.paths for a run directory's paths instead of spelling them."""
+    from stepprobe import paths
+
+    assert paths.main([str(tmp_path), "scorer", "ood_replay", "collect_summary"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "scorer"), str(tmp_path / "ood-replay"),
+                                              str(tmp_path / "collect" / "traces.summary.json")]
+    assert paths.main([str(tmp_path), "nope"]) == 2 and "names: traces" in capsys.readouterr().err

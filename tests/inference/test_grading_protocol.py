@@ -144,9 +144,9 @@ def test_the_pipeline_grades_every_stage_alike_and_the_report_says_how(tmp_path)
     cfg = pl.Config(out=str(tmp_path / "run"), stages=["collect", "sc", "bench"],
                     collect={"grading": "boxed-only"}, sc={"grading": "boxed-only"})
     with pytest.raises(StepprobeError, match="collect boxed-only, sc boxed-only, bench boxed-or-phrase"):
-        pl.stage_configs(cfg, pl.Paths(tmp_path / "run"))
+        pl.stage_configs(cfg, pl.RunPaths(tmp_path / "run"))
     cfg = cfg.replace(bench={"grading": "boxed-only"})
-    pl.stage_configs(cfg, pl.Paths(tmp_path / "run"))
+    pl.stage_configs(cfg, pl.RunPaths(tmp_path / "run"))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "pipeline.json").write_text(json.dumps(
         {"config": cfg.to_dict(), "stages": {"collect": {"status": "done", "settings": {"grading": "boxed-only"}}}}))

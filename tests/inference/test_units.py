@@ -9,7 +9,6 @@ from stepprobe.inference.confidence import ConfidenceFilter, trace_confidence
 from stepprobe.inference.plugin import PluginSettings, engine_kwargs, request_overrides, serve_args
 from stepprobe.inference.policies import (TraceScore, aggregate_scores, below_threshold, memory_rank_key,
                                           top_fraction_losers)
-from stepprobe.inference.runner import _engine_ids
 from stepprobe.inference.voting import Ballot, vote
 
 
@@ -59,13 +58,6 @@ def test_trace_confidence_is_lowest_window_mean():
 
     f = ConfidenceFilter(window=2, percentile=50.0)
     assert f.thresholds([[T([1, 1]), T([3, 3]), T([5, 5])]]) == [pytest.approx(3.0)]
-
-
-def test_engine_id_mapping():
-    ids = {"0", "1", "12"}
-    assert _engine_ids("0-911924ae", ids, 1) == ("0", 0)
-    assert _engine_ids("3_12-ae21a71d", ids, 4) == ("12", 3)
-    assert _engine_ids("7-zzzzzzzz", ids, 1) is None
 
 
 def test_settings_validation_and_flags(tmp_path):
