@@ -38,7 +38,7 @@ from .. import locks
 from ..io import atomic_write_json, check_writable_dir
 from ..engine import check_context, engine_kwargs, make_llm, shutdown  # noqa: F401  (make_llm: tests and the pipeline)
 from ..models import DEFAULT_MODEL, identify_model, model_display_name
-from ..paths import runs_dir
+from ..paths import runs_dir, traces_summary_path as summary_path
 from ..options import (BUILTIN_PROMPT, BUILTIN_SAMPLING, EngineOptions, GradingOption, PromptOptions, SamplingOptions,
                        absent_values, resume_keys)
 from ..provenance import package_versions
@@ -107,11 +107,6 @@ def _slug(text: str) -> str:
 def default_output(config: Config) -> Path:
     name = f"{_slug(model_display_name(config.model))}_{_slug(config.problems)}_n{config.n}_s{config.seed}"
     return runs_dir() / "collect" / name / "traces.jsonl"
-
-
-def summary_path(traces_path: str | os.PathLike) -> Path:
-    p = Path(traces_path)
-    return p.with_name(p.stem + ".summary.json")
 
 
 def _llm_model_path(llm: Any) -> str | None:

@@ -35,6 +35,12 @@ def runs_dir() -> Path:
     return path
 
 
+def traces_summary_path(traces: str | os.PathLike) -> Path:
+    """Where collect writes the summary of a traces file: beside it, ``<stem>.summary.json``."""
+    p = Path(traces)
+    return p.with_name(p.stem + ".summary.json")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPaths:
     """The layout of a pipeline run directory: where each stage's folder and the artifacts the
@@ -54,9 +60,7 @@ class RunPaths:
 
     @property
     def collect_summary(self) -> Path:
-        from .data_collection.collect import summary_path
-
-        return summary_path(self.traces)
+        return traces_summary_path(self.traces)
 
     @property
     def hidden_states(self) -> Path:

@@ -21,17 +21,14 @@ from stepprobe.errors import StepprobeError
 REPO = Path(__file__).resolve().parents[2]
 GPU_EXAMPLE = REPO / "configs" / "pipeline-gpu-example.yaml"
 
-STAGE_MODULES = {
-    "collect": "stepprobe.data_collection.collect", "run": "stepprobe.inference.run",
-    "bench": "stepprobe.inference.bench", "serve": "stepprobe.inference.serve",
-    "train": "stepprobe.training.train", "sweep": "stepprobe.training.sweep", "tune": "stepprobe.training.tune",
-}
 SHARED_GROUPS = (O.PromptOptions, O.SamplingOptions, O.PruningOptions, O.PolicyOption, O.EngineOptions,
                  O.ConfidenceOptions, O.TrainingOptions, O.FitOptions)
 
 
 def _config_cls(stage: str):
-    return importlib.import_module(STAGE_MODULES[stage]).Config
+    from stepprobe.cli import STAGES
+
+    return importlib.import_module(STAGES[stage][0]).Config
 
 
 def _scorer(tmp_path: Path, generation: dict) -> str:
