@@ -96,7 +96,8 @@ ADMISSION = "none+admission"
 def admission_size(records: list[dict[str, Any]], kv: int, header: dict[str, Any]) -> int:
     """The largest ``max_num_seqs`` at which SC (these traces) does not preempt at ``kv`` blocks."""
     from .replay import Config as ReplayConfig
-    from .replay import admission_seqs, build_problems, params_from
+    from .replay_data import build_problems, params_from
+    from .replay_rows import admission_seqs
 
     rcfg = ReplayConfig(kv_blocks=[kv])
     return admission_seqs(build_problems(records), kv, rcfg, params_from(rcfg, header))[0]

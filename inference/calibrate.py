@@ -50,7 +50,10 @@ from stepprobe.io import atomic_write_json
 from stepprobe.provenance import check_schema, package_versions
 from stepprobe.risk import DEFAULT_DELTA, DEFAULT_TOLERANCE, choose_cutoff, choose_vote, cutoff_grid
 
-from .replay import SchedulerModel, build_problems, load_run, params_from, run_policy, vote_correct
+from .deciders import vote_correct
+from .kv_model import SchedulerModel
+from .replay_data import build_problems, load_run, params_from
+from .replay_rows import run_policy
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,11 @@ import json
 import pytest
 
 from stepprobe.inference import replay as rp
+from stepprobe.inference.deciders import vote_correct
+from stepprobe.inference.kv_model import simulate
+from stepprobe.inference.replay_data import Params, Problem, Trace, build_problems, load_bench, load_run, params_from
+from stepprobe.inference.replay_report import live_markdown
+from stepprobe.inference.replay_rows import admission_seqs, fewer_traces, live_check, replay, run_policy
 from stepprobe.inference.run import RESULTS_KIND, RESULTS_SCHEMA_VERSION
 
 PLEN = 10
@@ -101,17 +106,17 @@ def test_memory_policy_on_a_tight_cache_by_hand():
         _trace(2, "1", True, 6, [0], [0.5])]}]
     for t in recs[0]["traces"]:
         t["step_positions"] = [0]
-    problems = rp.build_problems(recs)
-    params = rp.Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2)
+    problems = build_problems(recs)
+    params = Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2)
     cfg = rp.Config(block_size=4, kv_blocks=[5], max_num_batched_tokens=100)
     # SC: step 3 needs a second block for each trace; 2 are free: t2 (last) is preempted,
     # readmitted after t0 and t1 finish at step 6 (recomputing 5 tokens), done at step 10.
     # Computed tokens: 9 + 3 + 2 + 2 + 2 + 2 + 5 + 1 + 1 + 1 = 28.
-    sc = rp.run_policy(problems, "none", 5, cfg, params)
+    sc = run_policy(problems, "none", 5, cfg, params)
     assert (sc.steps, sc.computed_tokens, sc.preemptions, sc.tokens) == (10, 28, 1, [[6, 6, 6]])
     # memory: at step 3 the running traces are sorted t0 (.9), t2 (.5), t1 (.2); t1 is the victim
     # and is pruned at 2 tokens instead of preempted; t0 and t2 finish at step 6.
-    mem = rp.run_policy(problems, "memory", 5, cfg, params)
+    mem = run_policy(problems, "memory", 5, cfg, params)
     assert (mem.steps, mem.computed_tokens, mem.preemptions, mem.tokens) == (6, 20, 0, [[6, 2, 6]])
     assert mem.pruned == [[False, True, False]] and mem.correct == [True]
 
@@ -119,7 +124,7 @@ def test_memory_policy_on_a_tight_cache_by_hand():
 def test_fast_vote_equals_the_voting_module(tmp_path):
     from stepprobe.inference.voting import Ballot, vote
 
-    problems = rp.build_problems(synthetic_records())
+    problems = build_problems(synthetic_records())
     for pr in problems:
         for mask in range(16):
             pruned = [bool(mask >> k & 1) for k in range(4)]
@@ -127,7 +132,7 @@ def test_fast_vote_equals_the_voting_module(tmp_path):
                 ballots = [Ballot(t.answer, p, t.score, t.confidence) for t, p in zip(pr.traces, pruned)]
                 v = vote(ballots, method)
                 expect = v.answer is not None and any(t.correct for t in pr.traces if t.answer == v.answer)
-                assert rp.vote_correct(pr, pruned, method) == expect
+                assert vote_correct(pr, pruned, method) == expect
 
 
 def test_replay_refuses_a_pruned_run_and_a_missing_file(tmp_path):
@@ -162,12 +167,12 @@ def test_live_check_compares_a_bench_trace_by_trace(tmp_path):
              "problems": {"0/none": sc, "0/threshold": live}}
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "bench.json").write_text(json.dumps(bench))
-    rows = rp.live_check(rp.Config(), rp.load_bench(tmp_path / "bench"))
+    rows = live_check(rp.Config(), load_bench(tmp_path / "bench"))
     th = next(r for r in rows if r["policy"] == "threshold")
     # replay prunes A's t1, t2 and B's t1: 7 of 8 traces alike (B's t3 differs); both problems vote alike
     assert th["traces_pruned_alike"] == 7 / 8 and th["problems_voted_alike"] == 1.0
     assert th["replay"]["pruned"] == 3 and th["live"]["pruned"] == 4
-    assert "| default | threshold | 0.500 / 0.500 |" in rp.live_markdown(rows)
+    assert "| default | threshold | 0.500 / 0.500 |" in live_markdown(rows)
 
 
 def test_relative_policy_and_min_live_by_hand(tmp_path):
@@ -177,17 +182,17 @@ def test_relative_policy_and_min_live_by_hand(tmp_path):
     # mean is .41 -> cut at 6. The same cuts as threshold here: 43 tokens, 3 pruned.
     # With min_live 3: A keeps 3 of 4 (t1, the lowest, goes); B has 3 live at step 5 -> t1 stays.
     d = write_run(tmp_path, synthetic_records())
-    problems = rp.build_problems(rp.load_run(d)[1])
-    params = rp.Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2, relative_margin=0.15)
+    problems = build_problems(load_run(d)[1])
+    params = Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2, relative_margin=0.15)
     cfg = rp.Config(kv_blocks=[0])
-    rel = rp.run_policy(problems, "relative", 0, cfg, params)
+    rel = run_policy(problems, "relative", 0, cfg, params)
     assert rel.pruned == [[False, True, True, False], [False, True, False, False]]
     assert sum(map(sum, rel.tokens)) == 43
-    capped = rp.run_policy(problems, "relative", 0, cfg, rp.Params(**{**params.__dict__, "min_live": 3}))
+    capped = run_policy(problems, "relative", 0, cfg, Params(**{**params.__dict__, "min_live": 3}))
     assert capped.pruned == [[False, True, False, False], [False] * 4]
     assert sum(map(sum, capped.tokens)) == 48
     # min_live caps the other deciders too: threshold would cut A's t1, t2 and B's t1.
-    th = rp.run_policy(problems, "threshold", 0, cfg, rp.Params(**{**params.__dict__, "min_live": 3}))
+    th = run_policy(problems, "threshold", 0, cfg, Params(**{**params.__dict__, "min_live": 3}))
     assert th.pruned == [[False, True, False, False], [False] * 4]
 
 
@@ -204,17 +209,17 @@ def test_memory_victim_rules_in_the_scheduler_model():
     for r in recs:
         for t in r["traces"]:
             t["step_positions"] = [0]
-    problems = rp.build_problems(recs)
-    params = rp.Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2)
+    problems = build_problems(recs)
+    params = Params(0.5, 1, 0.5, 1, "mean", 0.3, 2, 50.0, 2)
     cfg = rp.Config(block_size=4, kv_blocks=[7], max_num_batched_tokens=100, memory_victim="group_gap")
-    sc = rp.run_policy(problems, "none", 7, cfg, params)
+    sc = run_policy(problems, "none", 7, cfg, params)
     assert sc.preemptions == 2 and sc.pruned == [[False] * 3, [False] * 2]
-    paper = rp.run_policy(problems, "memory:score", 7, cfg, params)
+    paper = run_policy(problems, "memory:score", 7, cfg, params)
     assert paper.pruned == [[False, True, False], [False, True]] and paper.preemptions == 0
-    group = rp.run_policy(problems, "memory", 7, cfg, params)  # the config's rule: group_gap
+    group = run_policy(problems, "memory", 7, cfg, params)  # the config's rule: group_gap
     assert group.policy == "memory" and group.pruned == [[False, True, True], [False, False]]
     # min_live 2: each problem may lose one trace at most; the rest is preempted.
-    capped = rp.run_policy(problems, "memory:group_gap", 7, cfg, rp.Params(**{**params.__dict__, "min_live": 2}))
+    capped = run_policy(problems, "memory:group_gap", 7, cfg, Params(**{**params.__dict__, "min_live": 2}))
     assert capped.pruned == [[False, True, False], [False, False]] and capped.preemptions > 0
     with pytest.raises(Exception, match="unknown policy"):
         rp.Config(policies=["none", "memory:bogus"])
@@ -237,18 +242,18 @@ def test_second_phase_of_a_problem_starts_when_its_own_warm_up_ends():
     """The live confidence baseline queues a problem's second phase as soon as its own warm-up
     finishes (no barrier across problems); the scheduler model does the same."""
     def problem(pid, warm, rest):
-        traces = [rp.Trace(k, t, "1", True, [], []) for k, t in enumerate([warm, warm, rest, rest])]
-        return rp.Problem(pid, 10, traces, [0] * 4)
+        traces = [Trace(k, t, "1", True, [], []) for k, t in enumerate([warm, warm, rest, rest])]
+        return Problem(pid, 10, traces, [0] * 4)
 
     probs = [problem("short-warm-up", 2, 10), problem("long-warm-up", 10, 2)]
-    params = rp.Params(threshold=0.5, warmup_steps=2, keep_fraction=0.5, keep_step=1, aggregate="mean",
+    params = Params(threshold=0.5, warmup_steps=2, keep_fraction=0.5, keep_step=1, aggregate="mean",
                        ema_alpha=0.5, conf_window=2, conf_percentile=50.0, conf_warmup=2)
     targets = [[t.num_tokens for t in p.traces] for p in probs]
     kw = dict(kv_blocks=0, block_size=16, max_num_batched_tokens=4096, max_num_seqs=256, memory=False,
               params=params)
     warm = [[(i, k) for i in range(2) for k in range(2)]]
-    per_problem = rp.simulate(probs, targets, phases=warm, follow={i: [(i, 2), (i, 3)] for i in range(2)}, **kw)
-    barrier = rp.simulate(probs, targets, phases=warm + [[(i, k) for i in range(2) for k in (2, 3)]], **kw)
+    per_problem = simulate(probs, targets, phases=warm, follow={i: [(i, 2), (i, 3)] for i in range(2)}, **kw)
+    barrier = simulate(probs, targets, phases=warm + [[(i, k) for i in range(2) for k in (2, 3)]], **kw)
     # per problem: the short warm-up's rest runs in steps 3-12, the long one's in steps 11-12
     assert per_problem.steps == 12 and barrier.steps == 20
     assert per_problem.tokens == barrier.tokens == targets
@@ -261,20 +266,20 @@ def test_baselines_a_careful_user_would_pick(tmp_path):
     d = write_run(tmp_path, synthetic_records())
     cfg = rp.Config(results=str(d), kv_blocks=[8], block_size=4, policies=["none", "threshold"], votes=["majority"],
                     random_draws=10)
-    header, records = rp.load_run(d)
-    problems = rp.build_problems(records)
-    params = rp.params_from(cfg, header)
-    assert rp.run_policy(problems, "none", 8, cfg, params).preemptions > 0
-    seqs, adm = rp.admission_seqs(problems, 8, cfg, params)
-    assert adm.preemptions == 0 and rp.run_policy(problems, "none", 8, cfg, params, max_num_seqs=seqs + 1).preemptions > 0
-    rows = rp.replay(problems, cfg, params)["rows"]
+    header, records = load_run(d)
+    problems = build_problems(records)
+    params = params_from(cfg, header)
+    assert run_policy(problems, "none", 8, cfg, params).preemptions > 0
+    seqs, adm = admission_seqs(problems, 8, cfg, params)
+    assert adm.preemptions == 0 and run_policy(problems, "none", 8, cfg, params, max_num_seqs=seqs + 1).preemptions > 0
+    rows = replay(problems, cfg, params)["rows"]
     a = next(r for r in rows if r["policy"] == "none+admission")
     assert a["max_num_seqs"] == seqs and a["preemptions"] == 0 and a["accuracy"] == rows[0]["accuracy"]
     th = next(r for r in rows if r["policy"] == "threshold")
     assert th["admission_time_ratio"] == pytest.approx(th["model_time"] / a["model_time"])
     # threshold spends 43 of 51 tokens; per problem the first traces closest to what it spent:
     # A 3 of 4 traces (18 vs 12+3+3+... ), B all 4 -> fewer traces, majority over them
-    k = rp.fewer_traces(problems, rp.run_policy(problems, "threshold", 8, cfg, params))
+    k = fewer_traces(problems, run_policy(problems, "threshold", 8, cfg, params))
     assert all(1 <= x <= 4 for x in k) and th["sc_same_tokens"]["traces"] == sum(k)
 
 

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from stepprobe.inference import calibrate as cal
-from stepprobe.inference import replay as rp
+from stepprobe.inference.deciders import vote_correct
+from stepprobe.inference.replay_data import Params, Problem, Trace
+from stepprobe.inference.replay_rows import run_policy
 from stepprobe.risk import choose_cutoff, cutoff_grid, wsr_pvalue
 
-PARAMS = rp.Params(threshold=0.5, warmup_steps=1, keep_fraction=0.5, keep_step=1, aggregate="mean", ema_alpha=0.3,
+PARAMS = Params(threshold=0.5, warmup_steps=1, keep_fraction=0.5, keep_step=1, aggregate="mean", ema_alpha=0.3,
                    conf_window=4, conf_percentile=10.0, conf_warmup=2)
 
 
@@ -63,7 +65,7 @@ def test_cutoff_grid_is_ascending_and_ends_with_the_papers_rule():
 
 
 # ------------------------------------------------------------------ end to end on the scheduler model
-def synthetic(n_problems: int, seed: int, scorer: str) -> list[rp.Problem]:
+def synthetic(n_problems: int, seed: int, scorer: str) -> list[Problem]:
     """Problems of 8 traces; each problem's traces are right with its own rate. ``scorer``:
     ``noise`` (scores independent of correctness), ``oracle`` (0.8-0.95 right, 0.05-0.2 wrong)."""
     rng = np.random.default_rng(seed)
@@ -78,12 +80,12 @@ def synthetic(n_problems: int, seed: int, scorer: str) -> list[rp.Problem]:
             base = (rng.uniform(0.8, 0.95) if right else rng.uniform(0.05, 0.2)) if scorer == "oracle" else rng.random()
             scores = [float(np.clip(base + rng.normal(0, 0.02), 0, 1)) for _ in gens]
             cls = 0 if right else int(rng.integers(1, 4))
-            traces.append(rp.Trace(index=k, num_tokens=n_tok, answer=str(cls), correct=right, step_gen=gens,
+            traces.append(Trace(index=k, num_tokens=n_tok, answer=str(cls), correct=right, step_gen=gens,
                                    step_scores=scores, score=float(np.mean(scores)) if scores else None))
             classes.append(cls)
         # answer classes numbered by first appearance, as build_problems does
         order = list(dict.fromkeys(classes))
-        out.append(rp.Problem(f"p{seed}-{i}", 20, traces, [order.index(c) for c in classes]))
+        out.append(Problem(f"p{seed}-{i}", 20, traces, [order.index(c) for c in classes]))
     return out
 
 
@@ -91,8 +93,8 @@ CONFIG = cal.Config(kv_blocks=[40], block_size=16, grid_points=12, folds=2)
 
 
 def fresh_loss(problems, cutoff, vote="majority"):
-    sc = [rp.vote_correct(pr, [False] * 8, "majority") for pr in problems]
-    o = rp.run_policy(problems, "memory", CONFIG.kv_blocks[0], CONFIG, PARAMS, cutoff=cutoff, vote=vote)
+    sc = [vote_correct(pr, [False] * 8, "majority") for pr in problems]
+    o = run_policy(problems, "memory", CONFIG.kv_blocks[0], CONFIG, PARAMS, cutoff=cutoff, vote=vote)
     wrong = sum(pm[k] and not pr.traces[k].correct for pr, pm in zip(problems, o.pruned) for k in range(8))
     return float(np.mean(sc) - np.mean(o.correct)), sum(map(sum, o.pruned)), wrong
 
