@@ -70,8 +70,10 @@ def make_agreement(path: Path, *, n_problems: int = 160, traces_per_problem: int
         for t in np.flatnonzero(np.array(t_problem) == p):
             value = 100 + p if t_label[t] else 1000 + t
             traces.append({"sample_index": int(t % traces_per_problem),
-                           "text": "".join(f"Step {k}: so far {value}\n\n" for k in range(t_steps[t])) + "Done."})
-        lines.append(json.dumps({"problem_id": f"p{p:03d}", "traces": traces}))
+                           "text": "".join(f"Step {k}: so far {value}\n\n" for k in range(t_steps[t])) + "Done.",
+                           "num_tokens": int(steps_a[t] * 10 + 3), "extracted_answer": str(value),
+                           "correct": bool(t_label[t])})
+        lines.append(json.dumps({"problem_id": f"p{p:03d}", "prompt_token_ids": [1] * 20, "traces": traces}))
     (path.parent / "traces.jsonl").write_text("\n".join(lines) + "\n")
     return h5
 
@@ -188,3 +190,27 @@ def test_a_group_probe_is_not_exported_as_a_live_scorer(tmp_path):
         save_scorer(tmp_path / "s", probe, model=IDENTITY, boundary_rule=RULE)
     save_scorer(tmp_path / "plain", ProbeModel(FeatureSpec(("layer_01",)), "linear", HIDDEN), model=IDENTITY,
                 boundary_rule=RULE)
+
+
+def test_group_eval_ranks_and_replays_a_set(agreement_h5):
+    """The measurement's pieces on the synthetic file: the text agreement ranks right, a random
+    score does not, the replay's records carry every trace (SC accuracy = majority of the file)."""
+    from stepprobe.training import group_eval as E
+
+    rng = np.random.default_rng(0)
+    fns = {"text": lambda hs, tr, memo, vn: G.text_agreement(G.step_texts(hs, tr), *vn),
+           "random": lambda hs, tr, memo, vn: rng.random(hs.num_steps)}
+    res = E.evaluate_set("synthetic", str(agreement_h5), str(agreement_h5.parent / "traces.jsonl"), fns, {"q0", "q1"})
+    assert res["problems"] == 158
+    text, rand = res["variants"]["text"], res["variants"]["random"]
+    assert text["ranking"]["rank50"]["value"] > 0.9 and text["ranking"]["rank50"]["problems"] == 158
+    assert rand["ranking"]["rank50"]["lo"] < 0.5 < rand["ranking"]["rank50"]["hi"]
+    majority = []
+    for line in (agreement_h5.parent / "traces.jsonl").read_text().splitlines()[1:]:
+        rec = json.loads(line)
+        if rec["problem_id"] in ("p000", "p001"):
+            continue
+        answers = [t["extracted_answer"] for t in rec["traces"]]
+        top = max(answers, key=lambda a: (answers.count(a), -answers.index(a)))
+        majority.append(next(t["correct"] for t in rec["traces"] if t["extracted_answer"] == top))
+    assert text["replay16"]["sc_accuracy"] == pytest.approx(np.mean(majority))
