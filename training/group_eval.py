@@ -64,14 +64,14 @@ def paired(per_a: dict[str, float], per_b: dict[str, float]) -> dict[str, float]
 
 
 def choose(train_h5: str, out: Path, sites: str) -> tuple[dict[str, str], Any]:
-    """Run the sweep with group candidates on the training file; the best candidate of each kind
-    by validation within-problem AUROC (ties: validation AUROC)."""
+    """Run (or resume) the sweep with group candidates on the training file, in ``out``; the best
+    candidate of each kind by validation within-problem AUROC (ties: validation AUROC)."""
     from . import sweep
 
-    cfg = sweep.Config(data=train_h5, out=str(out / "sweep"), sites=sites, group="group,group_step,gdev,text",
+    cfg = sweep.Config(data=train_h5, out=str(out), sites=sites, group="group,group_step,gdev,text",
                        step_features="boundary", progress=False)
     sweep.run(cfg)
-    rows = sweep.read_rows(out / "sweep" / "sweep.csv")
+    rows = sweep.read_rows(out / "sweep.csv")
     chosen = {}
     for kind in KINDS:
         cand = [r for r in rows if r["kind"] == kind and np.isfinite(r["val_within_auroc"])]
@@ -289,12 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scorer", action="append", default=[], help="NAME=DIR: a further scorer to compare")
     p.add_argument("--sc-pass", default="", help="a run's SC pass with token confidences (baselines on it)")
     p.add_argument("--out", required=True)
+    p.add_argument("--sweep-dir", default="", help="the choice's sweep (default: <out>/sweep; resumed when there)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_hs = open_hidden_states(args.train_h5)
-    chosen, cfg = choose(args.train_h5, out, args.sites)
+    chosen, cfg = choose(args.train_h5, Path(args.sweep_dir) if args.sweep_dir else out / "sweep", args.sites)
     exclude = {" ".join(str(q).split()) for q in np.asarray(train_hs.problems["question"]).astype(str)}
     fns = build_scorers(args, train_hs, chosen, cfg)
     doc: dict[str, Any] = {"chosen": chosen, "sites": args.sites, "sets": {}}
