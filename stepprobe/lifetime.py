@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 _WATCHDOG: subprocess.Popen | None = None
@@ -46,40 +48,19 @@ def guard_children(interval: float = 0.5, grace: float = 2.0) -> None:
     log.debug("engine watchdog %d guards process %d", _WATCHDOG.pid, os.getpid())
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+def _start_time(pid: int) -> float | None:
+    """The process's creation time (psutil), which tells a reused pid from the process; None when gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
         return None
-    rest = data[data.rindex(b")") + 2:].split()
-    return int(rest[19])
-
-
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        ppid = int(data[data.rindex(b")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(name))
-    return kids
 
 
 def _descendants(pid: int) -> list[int]:
-    kids = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def watch(parent: int, interval: float = 0.5, grace: float = 2.0) -> None:
@@ -89,7 +70,7 @@ def watch(parent: int, interval: float = 0.5, grace: float = 2.0) -> None:
     parent_start = _start_time(parent)
     if parent_start is None:
         return
-    seen: dict[int, int] = {}
+    seen: dict[int, float] = {}
     while _start_time(parent) == parent_start:
         for pid in _descendants(parent):
             if pid != me and pid not in seen:

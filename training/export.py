@@ -77,7 +77,7 @@ def _study_trial(cfg: Config):
     import optuna
 
     from .tune import Config as TuneConfig
-    from .tune import STUDY_ATTR, make_storage
+    from .study import STUDY_ATTR, make_storage
 
     tune_doc: dict[str, Any] | None = None
     if cfg.storage:

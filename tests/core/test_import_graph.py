@@ -4,6 +4,7 @@ cycle means neither module can be read, tested or split without the other (issue
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ PACKAGES = {"stepprobe": "stepprobe", "stepprobe.inference": "inference", "stepp
 ACYCLIC = ["stepprobe.options", "stepprobe.config", "stepprobe.data_collection.problems",
            "stepprobe.data_collection.sources", "stepprobe.data_collection.tasks",
            "stepprobe.data_collection.ood_tasks", "stepprobe.data_collection.ood2_tasks",
-           "stepprobe.data_collection.prompts"]
+           "stepprobe.data_collection.prompts",
+           "stepprobe.training.tune", "stepprobe.training.search_space", "stepprobe.training.study",
+           "stepprobe.training.liveness", "stepprobe.lifetime"]
 
 
 def _modules() -> dict[str, Path]:
@@ -28,6 +31,7 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
+@functools.lru_cache(maxsize=1)
 def import_graph() -> dict[str, set[str]]:
     mods = _modules()
     graph: dict[str, set[str]] = {}

@@ -12,6 +12,7 @@ import time
 import optuna
 
 from stepprobe.training import tune
+from stepprobe.training.liveness import WORKER_ATTR
 
 # --cv-folds 1: these tests pin how workers share a study (timing-sensitive), not how trials are
 # chosen; cross-validated choice has its own tests in test_sweep_tune_export.py.
@@ -50,7 +51,7 @@ def test_two_workers_share_one_study(synthetic_h5, tmp_path):
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     by_worker: dict[int, list[int]] = {}
     for t in trials:
-        by_worker.setdefault(t.user_attrs[tune.WORKER_ATTR]["pid"], []).append(t.number)
+        by_worker.setdefault(t.user_attrs[WORKER_ATTR]["pid"], []).append(t.number)
     assert set(by_worker) == {p.pid for p in procs}, "both workers ran trials"
     assert sum(len(v) for v in by_worker.values()) == len(trials)  # each trial run by exactly one worker
     # Issue 25: the workers drew distinct trials (one seed per worker made identical pairs).
@@ -93,7 +94,7 @@ def test_killed_workers_trial_is_failed_at_once_by_the_next_worker(synthetic_h5,
             if (out / "tune.json").exists():
                 running = optuna.load_study(study_name="stepprobe", storage=url).get_trials(
                     states=(optuna.trial.TrialState.RUNNING,))
-                if running and tune.WORKER_ATTR in running[0].user_attrs:
+                if running and WORKER_ATTR in running[0].user_attrs:
                     break
             time.sleep(0.3)
     finally:
