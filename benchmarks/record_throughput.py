@@ -141,7 +141,9 @@ def main() -> None:
     steps, size = hs.num_steps, out.stat().st_size
 
     # Baselines on the same batches.
-    ex = record.SiteExtractor(model_path, dtype=args.dtype, device=args.device)
+    from stepprobe.data_collection.extractor import SiteExtractor
+
+    ex = SiteExtractor(model_path, dtype=args.dtype, device=args.device)
     from transformers import AutoTokenizer
 
     det = BoundaryDetector.from_tokenizer(BoundaryRule(), AutoTokenizer.from_pretrained(model_path))

@@ -30,26 +30,25 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import numpy as np
+from typing import Any, Iterator
 
 from ..boundaries import DEFAULT_DELIMITER, BoundaryDetector, BoundaryRule, step_paper_rule
 from ..config import StageConfig, option
 from ..errors import ArtifactMismatch, StepprobeError
 from .. import locks
 from ..io import check_writable_dir, open_text
-from ..layers import FINAL_NORM, EMBED, all_sites, layer_name, mean_name, parse_sites
+from ..layers import parse_sites
 from ..models import identify_model
+from ..options import absent_values
 from ..provenance import check_model_identity
 from . import hdf5
+from .extractor import SiteExtractor
 from .problems import warn_duplicate_questions
 from .traces import ProblemTraces, read_traces
 
 log = logging.getLogger(__name__)
 
 INPUT_FORMATS = ("auto", "stepprobe", "step")
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -77,142 +76,7 @@ class Config(StageConfig):
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     system_prompt: str | None = option(None, "STEP format only: system prompt for the rebuilt chat prompt")
     step_mean: str = option("", "also store each step's mean over its tokens for these sites ('' none, all, "
-                                "layers, 10-20, layer_12,...): features <site>.mean")
-
-
-# -- hidden-state extraction -----------------------------------------------------------------
-
-def _find_attr(obj: Any, names: Sequence[str]) -> Any:
-    for dotted in names:
-        cur = obj
-        for part in dotted.split("."):
-            cur = getattr(cur, part, None)
-            if cur is None:
-                break
-        if cur is not None:
-            return cur
-    return None
-
-
-class SiteExtractor:
-    """Teacher-forced forward pass that returns every site's hidden state at chosen positions.
-
-    Sites are read with hooks, so they follow :mod:`stepprobe.layers` exactly: ``embed``
-    is the input of decoder layer 0, ``layer_i`` the output of decoder layer ``i``
-    (residual stream, before any final norm) and ``final_norm`` the final norm's output.
-    Only the base model runs (no LM head), and only the requested positions leave the hook.
-    """
-
-    def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto",
-                 mean_sites: Sequence[str] = ()):
-        import torch
-        from transformers import AutoModel
-
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
-        if dtype not in COMPUTE_DTYPES:
-            raise StepprobeError(f"compute dtype {dtype!r} not supported; use one of {', '.join(COMPUTE_DTYPES)}")
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype_name = dtype
-        self.model = AutoModel.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
-        base = self.model
-        layers = _find_attr(base, ["layers", "model.layers", "decoder.layers", "h", "transformer.h"])
-        norm = _find_attr(base, ["norm", "model.norm", "final_layernorm", "decoder.final_layer_norm", "ln_f"])
-        if layers is None or norm is None:
-            raise StepprobeError(f"cannot find the decoder layers and final norm of {type(base).__name__}")
-        self.num_layers = len(layers)
-        self.hidden_size = int(self.model.config.hidden_size)
-        self.sites = all_sites(self.num_layers)
-        self.mean_sites = list(mean_sites)
-        self._index: tuple[Any, Any] | None = None
-        self._segments: tuple[Any, Any, Any, Any] | None = None  # token batch, token pos, row, row lengths
-        self._out: dict[str, Any] = {}
-        self._handles = [layers[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
-        for i, layer in enumerate(layers):
-            self._handles.append(layer.register_forward_hook(self._make_hook(layer_name(i))))
-        self._handles.append(norm.register_forward_hook(self._make_hook(FINAL_NORM)))
-
-    def _take(self, site: str, h: Any) -> None:
-        if self._index is None:
-            return
-        if isinstance(h, (tuple, list)):
-            h = h[0]
-        b, p = self._index
-        self._out[site] = h[b, p].float()
-        if self._segments is not None and site in self.mean_sites:
-            tb, tp, row, counts = self._segments
-            import torch
-
-            sums = torch.zeros((counts.numel(), h.shape[-1]), dtype=torch.float32, device=h.device)
-            sums.index_add_(0, row, h[tb, tp].float())
-            self._out[mean_name(site)] = sums / counts[:, None]
-
-    def _pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
-        self._take(EMBED, args[0] if args else kwargs["hidden_states"])
-
-    def _make_hook(self, site: str):
-        def hook(module: Any, args: Any, output: Any) -> None:
-            self._take(site, output)
-        return hook
-
-    def extract(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-                pad_id: int = 0, starts: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
-        """For each sequence, ``{site: float32 [len(positions[i]), hidden]}`` at absolute positions.
-
-        With ``mean_sites``, also ``{<site>.mean: ...}``: the mean over each step's tokens,
-        from the token after the previous boundary (the first step: from ``starts[i]``, the
-        first generated token) up to and including the boundary token.
-
-        Sequences are right-padded and run without an attention mask: with causal
-        attention, padding after a position cannot change it.
-        """
-        import torch
-
-        lengths = [len(s) for s in sequences]
-        T = max(lengths)
-        ids = torch.full((len(sequences), T), int(pad_id), dtype=torch.long)
-        for i, s in enumerate(sequences):
-            ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        b = torch.as_tensor([i for i, ps in enumerate(positions) for _ in ps], dtype=torch.long, device=self.device)
-        p = torch.as_tensor([q for ps in positions for q in ps], dtype=torch.long, device=self.device)
-        if p.numel() and int(p.max()) >= T:
-            raise StepprobeError("a boundary position lies beyond its sequence")
-        self._index, self._out = (b, p), {}
-        if self.mean_sites:
-            if starts is None:
-                raise StepprobeError("step means need the first generated position of each sequence")
-            tb, tp, row, counts, r = [], [], [], [], 0
-            for i, ps in enumerate(positions):
-                lo = int(starts[i])
-                for q in ps:
-                    span = range(lo, int(q) + 1)
-                    tb.extend([i] * len(span))
-                    tp.extend(span)
-                    row.extend([r] * len(span))
-                    counts.append(len(span))
-                    lo, r = int(q) + 1, r + 1
-            dev = self.device
-            self._segments = (torch.as_tensor(tb, dtype=torch.long, device=dev),
-                              torch.as_tensor(tp, dtype=torch.long, device=dev),
-                              torch.as_tensor(row, dtype=torch.long, device=dev),
-                              torch.as_tensor(counts, dtype=torch.float32, device=dev))
-        try:
-            with torch.inference_mode():
-                self.model(input_ids=ids.to(self.device), use_cache=False)
-            names = self.sites + [mean_name(s) for s in self.mean_sites]
-            got = {s: self._out[s].cpu().numpy() for s in names}
-        finally:
-            self._index, self._out, self._segments = None, {}, None
-        result, lo = [], 0
-        for ps in positions:
-            result.append({s: got[s][lo:lo + len(ps)] for s in names})
-            lo += len(ps)
-        return result
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
+                                "layers, 10-20, layer_12,...): features <site>.mean", absent="")
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -330,6 +194,30 @@ def _default_output(traces: Path) -> Path:
     return traces.with_name("hidden_states.h5")
 
 
+#: The record settings a resumed file must share with this run (besides collect's config, and
+#: what the writer compares itself: model, sites, hidden size, storage dtype, boundary rule).
+RESUME_KEYS = ("dtype", "input_format", "shard", "traces", "step_mean")
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What the counting pass found: the inputs, the output and the sizes."""
+
+    source: _Source
+    shard: tuple[int, int] | None
+    output: Path
+    model_path: str
+    identity: dict[str, Any]
+    tokenizer: Any
+    detector: BoundaryDetector
+    boundary_rule: dict[str, Any]
+    file_config: dict[str, Any]
+    mean_sites: list[str]
+    n_problems: int
+    n_traces: int
+    est_bytes: int
+
+
 def run(config: Config) -> Path:
     if config.merge:
         if not config.output:
@@ -339,6 +227,24 @@ def run(config: Config) -> Path:
     if not config.traces:
         raise StepprobeError("--traces is required (or --merge to join shard files)")
     t_start = time.monotonic()
+    plan = _plan(config)
+    output = plan.output
+    if output.exists() and not config.overwrite and _already_complete(plan):
+        return output
+    check_free_space(output, plan.est_bytes, consolidate=config.consolidate)
+    writer, done_before, t_forward = _record(config, plan)
+    elapsed = time.monotonic() - t_start
+    size = output.stat().st_size + sum(f.stat().st_size for f in hdf5.parts_dir(output).glob("*.h5")) \
+        if hdf5.parts_dir(output).is_dir() else output.stat().st_size
+    log.info("wrote %s: %d problems (%d new), %d traces, %d steps, %s on disk, %.1f s (forward %.1f s)",
+             output, len(writer.done_problem_ids), len(writer.done_problem_ids) - done_before, writer.num_traces,
+             writer.num_steps, hdf5.human_bytes(size), elapsed, t_forward)
+    return output
+
+
+def _plan(config: Config) -> _Plan:
+    """Inputs, model and output checked, then the counting pass: boundaries per trace decide
+    the bytes to write. Refuses a duplicate problem id before anything is written."""
     traces_path = Path(config.traces)
     fmt = config.input_format if config.input_format != "auto" else detect_format(traces_path)
     if fmt not in INPUT_FORMATS[1:]:
@@ -356,20 +262,15 @@ def run(config: Config) -> Path:
     # Model: the one the traces were generated with, unless told otherwise.
     traces_header = read_traces(traces_path)[0] if fmt == "stepprobe" else {}
     traces_model = traces_header.get("model") or {}
-    model_name = config.model or traces_model.get("name")
-    model_path, identity, tokenizer = identify_model(model_name)
+    model_path, identity, tokenizer = identify_model(config.model or traces_model.get("name"))
     if traces_model:
         check_model_identity(traces_model, identity, f"traces {traces_path}")
     source = _Source(traces_path, fmt, tokenizer, identity, config.system_prompt)
     detector = BoundaryDetector.from_tokenizer(rule, tokenizer)
-    boundary_rule = {**rule.to_dict(), "token_ids": detector.boundary_token_ids(), "scope": "generated-tokens"}
-
     record_cfg = config.to_dict()
     record_cfg.update({"input_format": fmt, "output": str(output), "model_path": model_path,
                        "traces": str(traces_path.resolve())})
-    file_config = {"collect": source.header.get("config", {}), "record": record_cfg}
 
-    # Counting pass: boundaries per trace decide the bytes to write.
     mean_sites = parse_sites(config.step_mean, identity["num_hidden_layers"]) if config.step_mean else []
     if any(s.endswith(".mean") for s in mean_sites):
         raise StepprobeError(f"--step-mean takes sites (all, layers, 10-20, ...), got {config.step_mean!r}")
@@ -377,7 +278,7 @@ def run(config: Config) -> Path:
     hidden = identity["hidden_size"]
     n_problems = n_traces = n_steps = 0
     asked = []
-    for prob in source.problems(shard):  # refuses a duplicate problem id, before anything is written
+    for prob in source.problems(shard):
         n_problems += 1
         asked.append(_Asked(prob.problem_id, prob.question, prob.gold))
         for t in prob.traces:
@@ -391,49 +292,69 @@ def run(config: Config) -> Path:
     log.info("%s: %d problems, %d traces, %d step boundaries -> about %s of features (%d sites x %d x %s)%s",
              traces_path, n_problems, n_traces, n_steps, hdf5.human_bytes(est), sites_n, hidden, storage_dtype,
              f" for shard {shard[0]}/{shard[1]}" if shard else "")
+    return _Plan(source=source, shard=shard, output=output, model_path=model_path, identity=identity,
+                 tokenizer=tokenizer, detector=detector,
+                 boundary_rule={**rule.to_dict(), "token_ids": detector.boundary_token_ids(),
+                                "scope": "generated-tokens"},
+                 file_config={"collect": source.header.get("config", {}), "record": record_cfg},
+                 mean_sites=mean_sites, n_problems=n_problems, n_traces=n_traces, est_bytes=est)
 
-    if output.exists() and not config.overwrite:
-        old = hdf5.HiddenStates(output)
-        old_rec = (old.header.get("config") or {}).get("record", {})
-        for key in ("dtype", "input_format", "shard", "traces", "step_mean"):
-            if old_rec.get(key, "" if key == "step_mean" else None) != record_cfg.get(key):
-                raise ArtifactMismatch(f"{output} exists and was recorded with {key}={old_rec.get(key)!r} "
-                                       f"(this run: {record_cfg.get(key)!r}); pass --overwrite or a new --output")
-        if old.complete and old.layout == hdf5.LAYOUT_SINGLE and old.num_problems >= n_problems:
+
+def _already_complete(plan: _Plan) -> bool:
+    """An existing output: refuse it when made with other settings (:data:`RESUME_KEYS`, before the
+    model loads); True when it already holds every problem of this run."""
+    output = plan.output
+    old = hdf5.HiddenStates(output)
+    try:
+        saved = old.header.get("config") or {}
+        old_rec = {**absent_values(Config), **(saved.get("record") or {})}
+        mine = plan.file_config
+        for key, theirs, ours in [("collect", saved.get("collect"), mine["collect"]),
+                                  *((f"record.{k}", old_rec.get(k), mine["record"].get(k)) for k in RESUME_KEYS)]:
+            if theirs != ours:
+                raise ArtifactMismatch(f"{output} exists and was recorded with {key}={theirs!r} "
+                                       f"(this run: {ours!r}); pass --overwrite or a new --output")
+        if old.complete and old.layout == hdf5.LAYOUT_SINGLE and old.num_problems >= plan.n_problems:
             have = set(map(str, old.problems["problem_id"]))
-            if all(p.problem_id in have for p in source.problems(shard)):
+            if all(p.problem_id in have for p in plan.source.problems(plan.shard)):
                 log.info("%s is complete (%d problems, %d steps); nothing to do (pass --overwrite to redo it)",
                          output, old.num_problems, old.num_steps)
-                old.close()
-                return output
+                return True
+        return False
+    finally:
         old.close()
-    check_free_space(output, est, consolidate=config.consolidate)
 
-    extractor = SiteExtractor(model_path, dtype=config.dtype, device=config.device, mean_sites=mean_sites)
+
+def _record(config: Config, plan: _Plan) -> tuple[hdf5.HiddenStatesWriter, int, float]:
+    """Forward the traces in windows and write each problem as it is done; returns the writer,
+    the problems it held before and the seconds spent in forward passes."""
+    identity, shard = plan.identity, plan.shard
+    extractor = SiteExtractor(plan.model_path, dtype=config.dtype, device=config.device, mean_sites=plan.mean_sites)
+    hidden = identity["hidden_size"]
     if extractor.num_layers != identity["num_hidden_layers"] or extractor.hidden_size != hidden:
-        raise ArtifactMismatch(f"model {model_path} has {extractor.num_layers} layers / hidden "
+        raise ArtifactMismatch(f"model {plan.model_path} has {extractor.num_layers} layers / hidden "
                                f"{extractor.hidden_size}, its config says {identity['num_hidden_layers']} / {hidden}")
-    record_cfg["compute_dtype"] = extractor.dtype_name
-    record_cfg["device"] = str(extractor.device)
+    plan.file_config["record"]["compute_dtype"] = extractor.dtype_name
+    plan.file_config["record"]["device"] = str(extractor.device)
     writer = hdf5.HiddenStatesWriter(
-        output, sites=extractor.sites, hidden_size=hidden, model=identity, boundary_rule=boundary_rule,
-        config=file_config, dtype=storage_dtype, compression=config.compression, overwrite=config.overwrite,
-        num_layers=extractor.num_layers, commit_interval_s=config.commit_interval_s, mean_sites=mean_sites,
+        plan.output, sites=extractor.sites, hidden_size=hidden, model=identity, boundary_rule=plan.boundary_rule,
+        config=plan.file_config, dtype=config.storage_dtype, compression=config.compression,
+        overwrite=config.overwrite, num_layers=extractor.num_layers, commit_interval_s=config.commit_interval_s,
+        mean_sites=plan.mean_sites,
         extra_attrs={"shard": f"{shard[0]}/{shard[1]}" if shard else None,
-                     "source": {"path": str(traces_path.resolve()), "format": fmt}},
-        match_config_keys=("collect", "record.dtype", "record.input_format", "record.traces", "record.shard"))
+                     "source": {"path": str(plan.source.path.resolve()), "format": plan.source.fmt}})
+    tokenizer = plan.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     done_before = len(writer.done_problem_ids)
     t_forward = 0.0
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_traces, unit="trace", desc="record", mininterval=1.0)
-    todo: Iterator[ProblemTraces] = source.problems(shard)
+    bar = tqdm(total=plan.n_traces, unit="trace", desc="record", mininterval=1.0)
     window = max(config.batch_size * 4, 1)
     pending: list[ProblemTraces] = []
     n_pending = 0
     try:
-        for prob in _chain(todo):
+        for prob in _chain(plan.source.problems(shard)):
             if prob is not None:
                 if prob.problem_id in writer.done_problem_ids:
                     bar.update(len(prob.traces))
@@ -445,7 +366,7 @@ def run(config: Config) -> Path:
             if not pending:
                 continue
             t0 = time.monotonic()
-            records = _record_window(pending, extractor, detector, config, pad_id)
+            records = _record_window(pending, extractor, plan.detector, config, pad_id)
             t_forward += time.monotonic() - t0
             for p, recs in zip(pending, records):
                 writer.add_problem(p.problem_id, p.question, p.gold, recs)
@@ -458,13 +379,7 @@ def run(config: Config) -> Path:
         bar.close()
         writer.close()
         extractor.close()
-    elapsed = time.monotonic() - t_start
-    size = output.stat().st_size + sum(f.stat().st_size for f in hdf5.parts_dir(output).glob("*.h5")) \
-        if hdf5.parts_dir(output).is_dir() else output.stat().st_size
-    log.info("wrote %s: %d problems (%d new), %d traces, %d steps, %s on disk, %.1f s (forward %.1f s)",
-             output, len(writer.done_problem_ids), len(writer.done_problem_ids) - done_before, writer.num_traces,
-             writer.num_steps, hdf5.human_bytes(size), elapsed, t_forward)
-    return output
+    return writer, done_before, t_forward
 
 
 def _chain(it: Iterator[ProblemTraces]) -> Iterator[ProblemTraces | None]:

@@ -60,7 +60,7 @@ def child(model: str, scorer: str, tp: int, q: mp.Queue) -> None:
     import torch
 
     from stepprobe.boundaries import BoundaryDetector, BoundaryRule
-    from stepprobe.data_collection.record import SiteExtractor
+    from stepprobe.data_collection.extractor import SiteExtractor
     from stepprobe.inference.plugin import PluginSettings
     from stepprobe.inference.runner import StepRunner, captured_boundaries
     from stepprobe.probes.checkpoint import load_scorer

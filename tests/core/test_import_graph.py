@@ -15,7 +15,7 @@ PACKAGES = {"stepprobe": "stepprobe", "stepprobe.inference": "inference", "stepp
 ACYCLIC = ["stepprobe.options", "stepprobe.config", "stepprobe.data_collection.problems",
            "stepprobe.data_collection.sources", "stepprobe.data_collection.tasks",
            "stepprobe.data_collection.ood_tasks", "stepprobe.data_collection.ood2_tasks",
-           "stepprobe.data_collection.prompts",
+           "stepprobe.data_collection.prompts", "stepprobe.data_collection.record", "stepprobe.data_collection.extractor",
            "stepprobe.training.tune", "stepprobe.training.search_space", "stepprobe.training.study",
            "stepprobe.training.liveness", "stepprobe.lifetime"]
 

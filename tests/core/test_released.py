@@ -76,7 +76,7 @@ def test_shipped_released_scorer_loads_matches_the_default_model_and_scores(defa
     scorer.check_live()
     assert (shipped / "README.md").is_file()
     # a recorded step: the hidden states of the default model at a boundary token
-    from stepprobe.data_collection.record import SiteExtractor
+    from stepprobe.data_collection.extractor import SiteExtractor
 
     ex = SiteExtractor(default_model_path, dtype="float32")
     ids = tok("First, 2 + 3 = 5.\n\nThe answer is 5.", add_special_tokens=False)["input_ids"]

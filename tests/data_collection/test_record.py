@@ -289,3 +289,20 @@ def test_step_mean_equals_mean_of_direct_forward(record_traces, tiny_model_path,
     assert checked == 9
     with pytest.raises(ArtifactMismatch, match="step_mean"):
         _run(record_traces, out, storage_dtype="float32", dtype="float32", batch_size=3)
+
+
+def test_a_file_of_other_traces_settings_is_refused_before_the_model_loads(record_traces, tmp_path):
+    """The resume settings (collect's config and record.RESUME_KEYS) are compared in one place, on the
+    existing file, before the model loads; the file stays as it was."""
+    traces = tmp_path / "traces.jsonl"
+    lines = record_traces.read_text().splitlines(keepends=True)
+    traces.write_text("".join(lines))
+    out = _run(traces, tmp_path / "hs.h5")
+    stamp = os.stat(out).st_mtime_ns
+    header = json.loads(lines[0])
+    header["config"] = {**header.get("config", {}), "temperature": 1.25}
+    traces.write_text(json.dumps(header) + "\n" + "".join(lines[1:]))
+    with pytest.raises(ArtifactMismatch, match="collect"):
+        _run(traces, out, device="no-such-device")  # would fail when the model loads
+    assert os.stat(out).st_mtime_ns == stamp
+    assert set(record.RESUME_KEYS) <= set(record.Config.__dataclass_fields__)

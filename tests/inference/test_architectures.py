@@ -87,7 +87,7 @@ def arch_case(request, tmp_path_factory, default_model_path, helpers):
     from transformers import AutoTokenizer
 
     from stepprobe.boundaries import BoundaryDetector, BoundaryRule
-    from stepprobe.data_collection.record import SiteExtractor
+    from stepprobe.data_collection.extractor import SiteExtractor
     from stepprobe.inference.plugin import PluginSettings
     from stepprobe.inference.runner import StepRunner
     from stepprobe.models import build_random_model
@@ -120,7 +120,7 @@ def test_live_features_and_scores_equal_the_recorders(arch_case, helpers):
     """Same boundaries, same features at every site (cosine > 0.9999 in fp32), same scores."""
     import torch
 
-    from stepprobe.data_collection.record import SiteExtractor
+    from stepprobe.data_collection.extractor import SiteExtractor
     from stepprobe.inference.runner import captured_boundaries
     from stepprobe.probes.checkpoint import load_scorer
 

@@ -59,7 +59,7 @@ def test_parity_with_recorder_features_fp32(plugin_runner, tiny_model_path, plan
     """The runner's features are the recorder's (transformers) features; same scores."""
     import torch
 
-    from stepprobe.data_collection.record import SiteExtractor
+    from stepprobe.data_collection.extractor import SiteExtractor
     from stepprobe.probes.checkpoint import load_scorer
 
     prompt = "Parity check:"

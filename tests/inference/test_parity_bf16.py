@@ -29,7 +29,7 @@ def bf16_case(tmp_path_factory, default_model_path):
     from stepprobe.boundaries import BoundaryRule
     from stepprobe.data_collection.sources import load_problem_source
     from stepprobe.data_collection.prompts import build_prompt
-    from stepprobe.data_collection.record import SiteExtractor
+    from stepprobe.data_collection.extractor import SiteExtractor
     from stepprobe.inference.plugin import PluginSettings
     from stepprobe.inference.runner import StepRunner
     from stepprobe.probes.checkpoint import linear_probe, save_scorer
@@ -67,7 +67,7 @@ def bf16_case(tmp_path_factory, default_model_path):
 def test_bf16_engine_features_and_scores_match_the_recorder(bf16_case, default_model_path, recorder_dtype):
     import torch
 
-    from stepprobe.data_collection.record import SiteExtractor
+    from stepprobe.data_collection.extractor import SiteExtractor
     from stepprobe.probes.checkpoint import load_scorer
 
     scorer_dir, prompts, results, tok = bf16_case

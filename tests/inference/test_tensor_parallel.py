@@ -49,7 +49,7 @@ def test_every_rank_hooks_the_same_sites_and_only_rank_0_scores(tp2_runner, help
 def test_tp2_features_and_scores_equal_the_recorders(tp2_runner, tiny_model_path, planted_scorer, helpers):
     import torch
 
-    from stepprobe.data_collection.record import SiteExtractor
+    from stepprobe.data_collection.extractor import SiteExtractor
     from stepprobe.probes.checkpoint import load_scorer
 
     prompt = "Parity check:"
