@@ -239,16 +239,6 @@ def build_random_model(out: str | Path, *, arch: str = "llama", tokenizer_from: 
     return out
 
 
-def build_random_llama(out: str | Path, *, tokenizer_from: str | None = None, hidden_size: int = 64,
-                       num_layers: int = 2, num_heads: int = 2, intermediate_size: int | None = None,
-                       seed: int = 0, **config_overrides: Any) -> Path:
-    """Save a random-weight Llama (default tokenizer): :func:`build_random_model` with
-    ``arch="llama"``. Benchmarks use real sizes on a GPU."""
-    return build_random_model(out, arch="llama", tokenizer_from=tokenizer_from, hidden_size=hidden_size,
-                              num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
-                              seed=seed, **config_overrides)
-
-
 @dataclasses.dataclass
 class Config(StageConfig):
     model: str = option(DEFAULT_MODEL, "model name or path; the default is converted from the embedded GGUF")

@@ -47,9 +47,9 @@ def default_model_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory, default_model_path) -> str:
     """A random-weight Llama: 2 layers, hidden 64, 2 heads (head_dim 32), default tokenizer."""
-    from stepprobe.models import build_random_llama
+    from stepprobe.models import build_random_model
 
-    return str(build_random_llama(tmp_path_factory.mktemp("models") / "tiny-llama",
+    return str(build_random_model(tmp_path_factory.mktemp("models") / "tiny-llama",
                                   tokenizer_from=default_model_path))
 
 

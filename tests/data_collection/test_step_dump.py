@@ -142,7 +142,7 @@ def test_hostile_dump_refused_and_never_runs(tmp_path, tiny, capsys):
 
 
 def test_malformed_dumps_refused(tmp_path, tiny, default_model_path):
-    from stepprobe.models import build_random_llama
+    from stepprobe.models import build_random_model
 
     model_path, identity, tok = tiny
     entries = make_entries(tok, identity["hidden_size"], n_questions=2, per_q=1)
@@ -160,7 +160,7 @@ def test_malformed_dumps_refused(tmp_path, tiny, default_model_path):
     bad["select_hidden_states"][0, 0] = float("nan")
     attempt("c_hiddenstates_0_1.pt", [bad], r"holds NaN or inf")
     attempt("d_hiddenstates_0_1.pt", [dict(clean[0], is_correct="maybe")], r"is_correct is 'maybe'")
-    wide = build_random_llama(tmp_path / "wide", tokenizer_from=default_model_path, hidden_size=96, num_heads=3)
+    wide = build_random_model(tmp_path / "wide", tokenizer_from=default_model_path, hidden_size=96, num_heads=3)
     attempt("e_hiddenstates_0_1.pt", clean, r"D=64, but the model has hidden size 96", model=str(wide))
     (tmp_path / "o").mkdir()
     torch.save(clean, tmp_path / "o" / "p_hiddenstates_0_2.pt")

@@ -129,13 +129,13 @@ def test_hostile_checkpoint_is_refused_and_never_runs(tmp_path, tiny, capsys, ho
 
 def test_scorer_refused_for_a_model_of_another_hidden_size(tmp_path, tiny, tiny_model_path, default_model_path):
     from stepprobe.inference.runner import check_scorer_for_model
-    from stepprobe.models import build_random_llama
+    from stepprobe.models import build_random_model
 
     model_path, identity, tok = tiny
     clf, ckpt = _paper_checkpoint(identity["hidden_size"])
     torch.save(ckpt, tmp_path / "best.pt")
     out = convert_step_scorer(tmp_path / "best.pt", tmp_path / "s", model=identity, tokenizer=tok)
-    other = build_random_llama(tmp_path / "wide", tokenizer_from=default_model_path, hidden_size=96, num_heads=3)
+    other = build_random_model(tmp_path / "wide", tokenizer_from=default_model_path, hidden_size=96, num_heads=3)
     with pytest.raises(ArtifactMismatch, match="reads hidden size 64, but model .* has hidden size 96"):
         check_scorer_for_model(str(out), str(other))
     # Converting for the wrong model is refused too, in one line, before anything is written.
