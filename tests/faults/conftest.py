@@ -8,43 +8,20 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.synthetic_h5 import RULE, make_synthetic
+
 IDENTITY = {"name": "synthetic-2x8", "config_hash": "synthetic0002", "vocab_hash": "vocab0002",
             "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2, "vocab_size": 100}
-RULE = {"delimiter": "\n\n", "mode": "completes-occurrence-nonoverlapping", "token_ids": [5, 7]}
 
 
 def synthetic_h5(path: Path, *, n_problems: int = 30, labels=None, nan_site: str | None = None,
                  questions=None, seed: int = 0) -> Path:
-    """A small hidden-state file: 2 traces x 4 steps per problem, random features.
+    """A small hidden-state file: 2 traces x 4 steps per problem, noise features.
     ``labels(p, j)`` gives trace j of problem p its label (default: alternating);
     ``nan_site``: one step of that site is NaN; ``questions``: the question of each problem."""
-    from stepprobe.data_collection.hdf5 import write_arrays
-    from stepprobe.layers import all_sites
-
-    rng = np.random.default_rng(seed)
-    labels = labels or (lambda p, j: (p + j) % 2)
-    t_problem, t_label = [], []
-    for p in range(n_problems):
-        for j in range(2):
-            t_problem.append(p)
-            t_label.append(int(labels(p, j)))
-    n_traces, k = len(t_label), 4
-    trace = np.repeat(np.arange(n_traces), k)
-    features = {s: rng.normal(size=(n_traces * k, IDENTITY["hidden_size"])).astype(np.float32)
-                for s in all_sites(IDENTITY["num_hidden_layers"])}
-    if nan_site:
-        features[nan_site][3, 1] = np.nan
-    return write_arrays(
-        path, features=features,
-        steps={"trace": trace, "problem": np.array(t_problem)[trace], "step": np.tile(np.arange(k), n_traces),
-               "position": np.tile(np.arange(k), n_traces) * 10 + 5, "label": np.array(t_label)[trace]},
-        traces={"problem": t_problem, "sample_index": [i % 2 for i in range(n_traces)], "label": t_label,
-                "num_steps": [k] * n_traces, "num_tokens": [k * 10 + 3] * n_traces,
-                "finish_reason": ["stop"] * n_traces},
-        problems={"problem_id": [f"p{p:03d}" for p in range(n_problems)],
-                  "question": list(questions) if questions else [f"q{p}" for p in range(n_problems)],
-                  "gold": [str(p) for p in range(n_problems)]},
-        model=IDENTITY, boundary_rule=RULE, config={"synthetic": True}, dtype="float32")
+    return make_synthetic(path, n_problems=n_problems, traces_per_problem=2, steps=(4, 5),
+                          labels=labels or (lambda p, j: (p + j) % 2), signal_site=None, seed=seed, model=IDENTITY,
+                          config={"synthetic": True}, nan_site=nan_site, questions=questions, dtype="float32")
 
 
 def write_traces(path: Path, model_path: str, problems: list[tuple[str, str, list[str]]],
