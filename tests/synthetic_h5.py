@@ -1,7 +1,8 @@
 """The one builder of synthetic hidden-state files for the tests (training and refusal tests).
 
-Import it as ``from tests.synthetic_h5 import make_synthetic`` (the repository root is on the
-path when pytest runs from it, as for ``tests.training.conftest``).
+Import it as ``from synthetic_h5 import make_synthetic``: pytest puts ``tests/`` on the path
+(its root conftest.py sits in a folder without ``__init__.py``), whatever the working
+directory, so the mutation harness's copies find it too.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.synthetic_h5 import RULE, make_synthetic
+from synthetic_h5 import RULE, make_synthetic
 
 IDENTITY = {"name": "synthetic-2x8", "config_hash": "synthetic0002", "vocab_hash": "vocab0002",
             "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2, "vocab_size": 100}

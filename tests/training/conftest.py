@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.synthetic_h5 import HIDDEN, IDENTITY, NUM_LAYERS, RULE, SIGNAL_SITE, make_synthetic  # noqa: F401
+from synthetic_h5 import HIDDEN, IDENTITY, NUM_LAYERS, RULE, SIGNAL_SITE, make_synthetic  # noqa: F401
 
 
 @pytest.fixture(scope="session")
