@@ -101,14 +101,16 @@ class Config(StageConfig, SchedulerModel):
                                           "and compare with what its live policies did (replay vs. live)")
     output: str | None = option(None, "output directory (default: <results dir>/replay)")
 
+    def resolve(self) -> None:
+        if "none" not in self.policies:  # SC, the baseline every row is compared with
+            self.policies = ["none", *self.policies]
+
     def check(self) -> None:
         for p in self.policies:
             parse_policy(p)
         bad = [v for v in self.votes if v not in ("majority", "score", "confidence")]
         if bad or not self.votes:
             raise StepprobeError(f"replay: votes must be majority, score or confidence, got {self.votes}")
-        if "none" not in self.policies:
-            self.policies = ["none", *self.policies]
 
 
 

@@ -15,7 +15,7 @@ from stepprobe.errors import StepprobeError
 # Raw values a resolve() turns into others: a preset, vLLM's -1 for "no top-k", "from the
 # data" (None) for collect's model and the scorer.
 RAW = {"prompt_preset": "step-paper", "top_k": -1, "model": None, "scorer": None, "system_prompt": None,
-       "temperature": None}
+       "temperature": None, "policies": ["memory"]}
 
 
 def _stage_configs() -> list[type]:
