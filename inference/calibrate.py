@@ -49,6 +49,7 @@ from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json
 from stepprobe.provenance import check_schema, package_versions
 from stepprobe.risk import DEFAULT_DELTA, DEFAULT_TOLERANCE, choose_cutoff, choose_vote, cutoff_grid
+from stepprobe.stats import format_interval
 
 from .deciders import vote_correct
 from .kv_model import SchedulerModel
@@ -215,11 +216,10 @@ def run(config: Config) -> Path:
            "seconds": round(time.perf_counter() - t0, 1), **body}
     atomic_write_json(out, doc)
     d = body["default"]
-    log.info("calibrate: %d problems; vote %s (score - majority %+.3f [%+.3f, %+.3f]); memory pruning %s "
+    log.info("calibrate: %d problems; vote %s (score - majority %s); memory pruning %s "
              "(loss <= %.0f pt with probability >= %.0f%%) -> %s", len(problems), body["vote"]["rule"],
-             body["vote"]["score_minus_majority"]["diff"], body["vote"]["score_minus_majority"]["low"],
-             body["vote"]["score_minus_majority"]["high"], _cut_label(d["cutoff"]), 100 * d["tolerance"],
-             100 * (1 - d["delta"]), out)
+             format_interval(body["vote"]["score_minus_majority"], signed=True), _cut_label(d["cutoff"]),
+             100 * d["tolerance"], 100 * (1 - d["delta"]), out)
     return out
 
 

@@ -35,6 +35,7 @@ from stepprobe.config import StageConfig, option
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text
 from stepprobe.provenance import check_model_identity, package_versions
+from stepprobe.stats import N_BOOT, Interval, format_interval
 
 from . import metrics as M
 from .data import FeatureCache, data_fingerprint, open_hidden_states, row_problem_ids
@@ -57,7 +58,7 @@ class Config(StageConfig):
     reference_data: str = option("", "HDF5 file the scorer was trained on: fit the logistic-regression reference "
                                      "on its training split and score it here too ('' to skip)")
     out: str = option("", "output directory (default: next to --data, eval-<scorer name>)")
-    bootstrap: int = option(1000, "bootstrap resamples of problems for the intervals")
+    bootstrap: int = option(N_BOOT, "bootstrap resamples of problems for the intervals")
     seed: int = option(0, "bootstrap seed")
     overwrite: bool = option(False, "replace an existing eval.json")
     test_split_of: str = option("", "a scorer trained on --data: evaluate only on the problems of its test split "
@@ -86,18 +87,19 @@ def _block(scores: np.ndarray, hs, labels: np.ndarray, problem: np.ndarray, cfg:
         scores, labels, problem, trace, rel = scores[rows], labels[rows], problem[rows], trace[rows], rel[rows]
     out: dict[str, Any] = {}
     for name in ("auroc", "ece"):
-        out[name] = metric_with_ci(name, scores, labels, problem, n=cfg.bootstrap, seed=cfg.seed)
+        out[name] = metric_with_ci(name, scores, labels, problem, n=cfg.bootstrap, seed=cfg.seed).to_dict()
     early = rel <= 0.5 + 1e-9
     out["early50_auroc"] = metric_with_ci("auroc", scores[early], labels[early], problem[early], n=cfg.bootstrap,
-                                          seed=cfg.seed)
+                                          seed=cfg.seed).to_dict()
     ts, tl = M.trace_scores(scores, labels, trace)
     t_problem = problem[np.unique(trace, return_index=True)[1]]
-    out["trace_auroc"] = metric_with_ci("auroc", ts, tl, t_problem, n=cfg.bootstrap, seed=cfg.seed)
+    out["trace_auroc"] = metric_with_ci("auroc", ts, tl, t_problem, n=cfg.bootstrap, seed=cfg.seed).to_dict()
     within = M.within_problem_metrics(scores, labels, trace=trace, problem=problem, rel_position=rel,
                                       bootstrap=cfg.bootstrap, seed=cfg.seed)
+    n_within = int(within[M.WITHIN_PROBLEMS])
     for name in (M.WITHIN_AUROC, *M.WITHIN_RANK.values()):
-        out[name] = {"value": within[name], "lo": within.get(f"{name}_lo"), "hi": within.get(f"{name}_hi")}
-    out["within_problems"] = int(within[M.WITHIN_PROBLEMS])
+        out[name] = Interval.from_flat(within, name, n_within).to_dict()
+    out["within_problems"] = n_within
     return out
 
 
@@ -136,10 +138,7 @@ def run(cfg: Config) -> Path:
     cache = FeatureCache(hs)
     scores = _score(scorer, hs, cache)
     cal = Calibration.from_dict(scorer.meta.get("calibration"))
-    # the same scorer without its calibration: invert p = sigmoid(a z + b)
-    z = (np.log(np.clip(scores, 1e-12, 1)) - np.log(np.clip(1 - scores, 1e-12, 1)) - scorer.calibration["b"]) \
-        / scorer.calibration["a"]
-    uncal = 1.0 / (1.0 + np.exp(-z))
+    uncal = Calibration.from_dict(scorer.calibration).invert(scores)  # the same scorer without its calibration
     n_traces = int(hs.num_traces)
     tr_labels = np.asarray(hs.traces["label"])
     doc: dict[str, Any] = {
@@ -154,7 +153,7 @@ def run(cfg: Config) -> Path:
         "probe_uncalibrated_ece": metric_with_ci("ece", uncal if rows is None else uncal[rows],
                                                  labels if rows is None else labels[rows],
                                                  problem if rows is None else problem[rows], n=cfg.bootstrap,
-                                                 seed=cfg.seed),
+                                                 seed=cfg.seed).to_dict(),
         "package_versions": package_versions(),
     }
     if cfg.compare:
@@ -167,12 +166,10 @@ def run(cfg: Config) -> Path:
     atomic_write_json(out / "eval.json", M.clean(doc))
     atomic_write_text(out / "eval.md", render(doc))
     p = doc["probe"]
-    log.info("%s on %s (%d problems, %d traces, %d steps): step AUROC %.3f [%.3f, %.3f], within_rank50 %.3f "
-             "[%.3f, %.3f], ECE %.3f [%.3f, %.3f] (uncalibrated %.3f)", Path(cfg.scorer).name, cfg.data,
-             doc["size"]["problems"], doc["size"]["traces"], doc["size"]["steps"], p["auroc"]["value"], p["auroc"]["lo"], p["auroc"]["hi"],
-             p["within_rank50"]["value"], p["within_rank50"]["lo"] or float("nan"),
-             p["within_rank50"]["hi"] or float("nan"), p["ece"]["value"], p["ece"]["lo"], p["ece"]["hi"],
-             doc["probe_uncalibrated_ece"]["value"])
+    log.info("%s on %s (%d problems, %d traces, %d steps): step AUROC %s, within_rank50 %s, ECE %s (uncalibrated "
+             "%.3f)", Path(cfg.scorer).name, cfg.data, doc["size"]["problems"], doc["size"]["traces"],
+             doc["size"]["steps"], format_interval(p["auroc"]), format_interval(p["within_rank50"]),
+             format_interval(p["ece"]), doc["probe_uncalibrated_ece"]["value"])
     return out
 
 
@@ -240,14 +237,6 @@ def _reference(cfg: Config, scorer, hs, cache: FeatureCache, labels, problem, ev
             **_block(ref, hs, labels, problem, cfg, eval_rows)}
 
 
-def _c(d: dict[str, Any] | None) -> str:
-    if not d:
-        return "n/a"
-    v, lo, hi = d.get("value"), d.get("lo"), d.get("hi")
-    f = (lambda x: "n/a" if x is None or x != x else f"{x:.3f}")
-    return f"{f(v)} [{f(lo)}, {f(hi)}]"
-
-
 def render(doc: dict[str, Any]) -> str:
     size = doc["size"]
     p, r = doc["probe"], doc.get("reference")
@@ -262,7 +251,7 @@ def render(doc: dict[str, Any]) -> str:
     names = ["auroc", "early50_auroc", "trace_auroc", "within_auroc", "within_rank25", "within_rank50",
              "within_rank75", "ece"]
     for n in names:
-        lines.append(f"| {n} | {_c(p.get(n))} | {_c(r.get(n)) if r else 'n/a'} |" + (f" {_c(c.get(n))} |" if c else ""))
-    lines.append(f"| ece without calibration | {_c(doc.get('probe_uncalibrated_ece'))} | |")
+        lines.append(f"| {n} | {format_interval(p.get(n))} | {format_interval(r.get(n)) if r else 'n/a'} |" + (f" {format_interval(c.get(n))} |" if c else ""))
+    lines.append(f"| ece without calibration | {format_interval(doc.get('probe_uncalibrated_ece'))} | |")
     lines += ["", f"within_*: over the {p.get('within_problems')} problems with both outcomes.", ""]
     return "\n".join(lines)

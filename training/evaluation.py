@@ -1,8 +1,9 @@
-"""Evaluation helpers that resample problems: calibration, paired differences, within-problem ranking.
+"""Evaluation helpers: calibration, and metrics with their problem-bootstrap interval.
 
 - :class:`Calibration`: temperature or Platt scaling of a probe's logit, fitted on the
   validation split only (by log-loss), stored in the scorer, applied before the sigmoid.
-- :func:`bootstrap_ci`: percentile interval of any metric, resampling whole problems.
+- :func:`metric_with_ci`: ``auroc`` or ``ece`` with its interval from resampling whole
+  problems (:func:`stepprobe.stats.bootstrap`).
 - :func:`paired_difference`: the difference of one metric between two scorers on the same
   steps, with its interval from the same problem resamples (a difference whose interval
   holds 0 is "no difference").
@@ -13,11 +14,15 @@ Within-problem ranking is :func:`stepprobe.training.metrics.within_problem_metri
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit
+from scipy.special import logit as _logit
 
 from stepprobe.errors import StepprobeError
+from stepprobe.stats import LEVEL, N_BOOT, Interval, bootstrap
 
 from . import metrics as M
 
@@ -25,13 +30,9 @@ CALIBRATIONS = ("none", "temperature", "platt")
 MIN_SLOPE = 1e-3  # calibration keeps the score's order
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
-
-
 def logit(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
-    return np.log(p) - np.log1p(-p)
+    """``log(p / (1 - p))`` of ``p`` clipped to ``[eps, 1 - eps]`` (a score of exactly 0 or 1 stays finite)."""
+    return _logit(np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +44,17 @@ class Calibration:
     b: float = 0.0
 
     def apply_logits(self, z: np.ndarray) -> np.ndarray:
-        return _sigmoid(self.a * np.asarray(z, dtype=np.float64) + self.b)
+        return expit(self.a * np.asarray(z, dtype=np.float64) + self.b)
 
     def apply(self, p: np.ndarray) -> np.ndarray:
         """Calibrated probability from an uncalibrated one."""
         if self.method == "none":
             return np.asarray(p, dtype=np.float64)
         return self.apply_logits(logit(p))
+
+    def invert(self, p: np.ndarray) -> np.ndarray:
+        """The uncalibrated probability behind a calibrated one (``p = sigmoid(a z + b)`` solved for z)."""
+        return expit((logit(p, eps=1e-12) - self.b) / self.a)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "a": float(self.a), "b": float(self.b)}
@@ -64,7 +69,7 @@ class Calibration:
 
 
 def fit_calibration(scores: np.ndarray, labels: np.ndarray, method: str = "platt") -> Calibration:
-    """Fit on (uncalibrated probability, label) pairs by minimizing log-loss (Newton steps).
+    """Fit on (uncalibrated probability, label) pairs by minimizing the mean log-loss (L-BFGS-B).
 
     ``temperature`` fits ``a`` alone; ``platt`` fits ``a`` and ``b``. ``a`` is kept at or
     above :data:`MIN_SLOPE`, so calibration never reverses the ranking (a probe trained with
@@ -78,95 +83,45 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, method: str = "platt
     if y.size == 0 or y.min() == y.max():
         raise StepprobeError("calibration needs both classes in the validation split")
     z = logit(scores)
-    a, b = 1.0, 0.0
     fit_b = method == "platt"
-    for _ in range(100):
-        p = _sigmoid(a * z + b)
-        r = p - y
-        w = np.maximum(p * (1 - p), 1e-12)
-        ga, gb = float((r * z).sum()), float(r.sum())
-        haa, hab, hbb = float((w * z * z).sum()) + 1e-9, float((w * z).sum()), float(w.sum()) + 1e-9
-        if fit_b:
-            det = haa * hbb - hab * hab
-            if det <= 0:
-                break
-            da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
-        else:
-            da, db = ga / haa, 0.0
-        step = 1.0
-        loss0 = _logloss(a * z + b, y)
-        while step > 1e-4 and _logloss(max(a - step * da, MIN_SLOPE) * z + (b - step * db), y) > loss0 + 1e-12:
-            step /= 2
-        a_new, b_new = max(a - step * da, MIN_SLOPE), b - step * db
-        done = abs(a_new - a) < 1e-9 and abs(b_new - b) < 1e-9
-        a, b = a_new, b_new
-        if done:
-            break
-    return Calibration(method, float(a), float(b))
+
+    def loss(ab: np.ndarray) -> tuple[float, np.ndarray]:
+        a, b = ab[0], ab[1] if fit_b else 0.0
+        t = a * z + b
+        r = (expit(t) - y) / y.size  # d loss / d t, per row
+        grad = np.array([r @ z, r.sum()] if fit_b else [r @ z])
+        return float((np.logaddexp(0.0, t) - y * t).mean()), grad  # log(1 + e^t) - y t, stably
+
+    x0 = np.array([1.0, 0.0] if fit_b else [1.0])
+    bounds = [(MIN_SLOPE, None)] + ([(None, None)] if fit_b else [])
+    res = minimize(loss, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 1000})
+    return Calibration(method, float(res.x[0]), float(res.x[1]) if fit_b else 0.0)
 
 
-def _logloss(z: np.ndarray, y: np.ndarray) -> float:
-    # log(1 + e^z) - y z, stably
-    return float((np.logaddexp(0.0, z) - y * z).mean())
+#: name -> (the metric, the metric under many row weightings ``w[b, n]`` at once)
+_METRIC = {"auroc": (M.auroc, M.weighted_auroc), "ece": (M.ece, lambda s, y, w: M.ece(s, y, weights=w))}
 
 
-def _resample_counts(groups: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
-    rng = np.random.default_rng(seed)
-    counts = np.stack([np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)) for _ in range(n)])
-    return counts, inv
+def _metric(name: str):
+    if name not in _METRIC:
+        raise StepprobeError(f"unknown metric {name!r} for an interval; known: {', '.join(_METRIC)}")
+    return _METRIC[name]
 
 
-def bootstrap_ci(metric: Callable[[np.ndarray], float], groups: np.ndarray, *, n: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of ``metric(weights)`` over resamples of whole groups (problems).
-
-    ``metric`` receives per-row integer weights (how often each row's problem was drawn)."""
-    if n <= 0 or len(groups) == 0:
-        return float("nan"), float("nan")
-    counts, inv = _resample_counts(groups, n, seed)
-    vals = np.array([metric(c[inv]) for c in counts], dtype=np.float64)
-    vals = vals[np.isfinite(vals)]
-    if not vals.size:
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
-
-
-def weighted_ece(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None, bins: int = 15) -> float:
-    """Expected calibration error (equal-width bins), rows weighted (bootstrap weights)."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.float64)
-    w = np.ones_like(s) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.sum() <= 0:
-        return float("nan")
-    idx = np.clip((s * bins).astype(int), 0, bins - 1)
-    tw = np.bincount(idx, weights=w, minlength=bins)
-    ts = np.bincount(idx, weights=w * s, minlength=bins)
-    ty = np.bincount(idx, weights=w * y, minlength=bins)
-    m = tw > 0
-    return float(np.abs(ts[m] - ty[m]).sum() / w.sum())
-
-
-def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
-    if weights is None:
-        return M.auroc(scores, labels)
-    return float(M.weighted_auroc(scores, labels, np.asarray(weights)[None, :])[0])
-
-
-def metric_with_ci(name: str, scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, n: int = 1000,
-                   seed: int = 0) -> dict[str, float]:
-    """``{value, lo, hi}`` of ``auroc`` or ``ece`` with a problem-bootstrap interval."""
-    fn = {"auroc": weighted_auroc, "ece": weighted_ece}[name]
-    value = fn(scores, labels, None)
-    lo, hi = bootstrap_ci(lambda w: fn(scores, labels, w), groups, n=n, seed=seed)
-    return {"value": value, "lo": lo, "hi": hi}
+def metric_with_ci(name: str, scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, n: int = N_BOOT,
+                   level: float = LEVEL, seed: int = 0) -> Interval:
+    """``auroc`` or ``ece`` over the rows with its interval from ``n`` resamples of the problems ``groups``."""
+    plain, weighted = _metric(name)
+    low, high = bootstrap(lambda w: weighted(scores, labels, w), groups, n_boot=n, level=level, seed=seed)
+    return Interval(plain(scores, labels), low, high, int(np.unique(np.asarray(groups)).size), level)
 
 
 def paired_difference(name: str, scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray,
-                      groups: np.ndarray, *, n: int = 1000, seed: int = 0) -> dict[str, float]:
+                      groups: np.ndarray, *, n: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> Interval:
     """``metric(a) - metric(b)`` on the same rows, interval from the same problem resamples."""
-    fn = {"auroc": weighted_auroc, "ece": weighted_ece}[name]
-    diff = fn(scores_a, labels, None) - fn(scores_b, labels, None)
-    lo, hi = bootstrap_ci(lambda w: fn(scores_a, labels, w) - fn(scores_b, labels, w), groups, n=n, seed=seed)
-    return {"value": float(diff), "lo": lo, "hi": hi}
+    plain, weighted = _metric(name)
+    diff = plain(scores_a, labels) - plain(scores_b, labels)
+    low, high = bootstrap(lambda w: weighted(scores_a, labels, w) - weighted(scores_b, labels, w), groups, n_boot=n,
+                          level=level, seed=seed)
+    return Interval(float(diff), low, high, int(np.unique(np.asarray(groups)).size), level)

@@ -5,7 +5,7 @@ Scores are probabilities that the trace ends **correct** (label 1). On a split:
 - ``auroc``, ``auprc`` (average precision, positives = correct): step level;
 - ``accuracy``, ``f1`` at the chosen threshold (picked on validation to maximize F1, then
   applied unchanged to test);
-- ``ece``: expected calibration error, 15 equal-width bins;
+- ``ece``: expected calibration error, :data:`ECE_BINS` equal-width bins;
 - ``trace_auroc``: AUROC over traces of the running-mean score at the trace's last step
   (the mean of its step scores: what the runner's default aggregation sees at the end);
 - ``early25_auroc``, ``early50_auroc``, ``early75_auroc``: step-level AUROC using only steps
@@ -25,8 +25,8 @@ trace count, and each such problem weighs the same:
   what the runner's default aggregate sees at that point) order correctly, ties counting one
   half; the mean over problems.
 
-:func:`within_problem_ci` gives a percentile bootstrap interval of these means, resampling
-problems; :func:`compute_metrics` adds ``<metric>_lo`` / ``<metric>_hi`` when asked.
+:func:`compute_metrics` adds each one's interval (``<metric>_lo`` / ``<metric>_hi``) when asked:
+the problem bootstrap of :mod:`stepprobe.stats` over the per-problem values.
 
 Logged names are ``<split>_<metric>``, e.g. :data:`VAL_AUROC` = ``"val_auroc"``.
 An AUROC on one class only is ``nan``.
@@ -37,7 +37,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from stepprobe.stats import mean_interval
 
 AUROC = "auroc"
 AUPRC = "auprc"
@@ -55,6 +57,7 @@ LOSS = "loss"
 METRICS = (AUROC, AUPRC, ACCURACY, F1, ECE, TRACE_AUROC, *EARLY_AUROC.values())
 ALL_METRICS = (*METRICS, *WITHIN_METRICS)
 HIGHER_IS_BETTER = {m: m != ECE for m in ALL_METRICS} | {LOSS: False}
+ECE_BINS = 15
 
 TRAIN, VAL, TEST = "train", "val", "test"
 
@@ -65,14 +68,8 @@ def key(split: str, metric: str) -> str:
 
 
 VAL_LOSS = key(VAL, LOSS)
-VAL_AUROC = key(VAL, AUROC)
-VAL_EARLY50_AUROC = key(VAL, EARLY_AUROC[0.5])
-VAL_TRACE_AUROC = key(VAL, TRACE_AUROC)
-VAL_WITHIN_AUROC = key(VAL, WITHIN_AUROC)
-VAL_WITHIN_RANK50 = key(VAL, WITHIN_RANK[0.5])
-#: What early stopping, checkpointing and the tuner maximize unless told otherwise.
-DEFAULT_MONITOR = VAL_AUROC
-DEFAULT_TUNE_OBJECTIVE = VAL_EARLY50_AUROC
+#: What the tuner maximizes unless told otherwise.
+DEFAULT_TUNE_OBJECTIVE = key(VAL, EARLY_AUROC[0.5])
 
 
 def split_of(name: str) -> tuple[str, str]:
@@ -92,20 +89,20 @@ def mode_of(name: str) -> str:
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Rank AUROC (ties count one half); ``nan`` when only one class is present."""
-    labels = np.asarray(labels).astype(bool)
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    """AUROC (ties count one half); ``nan`` when only one class is present."""
+    y = np.asarray(labels).astype(bool)
+    if y.all() or not y.any():
         return float("nan")
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
 
 
 def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUROC under many weightings at once: ``weights[b, n]`` -> ``[b]`` (for the bootstrap)."""
+    """AUROC under many row weightings at once: ``weights[b, n]`` -> ``[b]`` (``nan`` where a class weighs 0).
+
+    Kept beside :func:`auroc` (scikit-learn's ``roc_auc_score``) because the problem bootstrap
+    needs thousands of weightings of the same rows and the within-problem metrics one weighting
+    per problem: one sort serves them all here, where ``roc_auc_score(sample_weight=...)`` would
+    sort and validate once per weighting (about 1 ms each)."""
     order = np.argsort(scores, kind="mergesort")
     s, y, w = np.asarray(scores)[order], np.asarray(labels).astype(bool)[order], weights[:, order].astype(np.float64)
     # Group tied scores: each group contributes pos_w * (neg_w below + neg_w in group / 2).
@@ -119,41 +116,42 @@ def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) 
         return np.where(den > 0, num / den, np.nan)
 
 
-def bootstrap_auroc_ci(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, n: int = 1000,
-                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile CI of AUROC, resampling whole groups (problems) with replacement.
-
-    Steps of one problem are correlated; resampling steps would give too narrow an interval.
-    """
-    if n <= 0:
-        return float("nan"), float("nan")
-    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
-    rng = np.random.default_rng(seed)
-    vals: list[np.ndarray] = []
-    for start in range(0, n, 256):  # bounded memory
-        b = min(256, n - start)
-        counts = np.stack([np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)) for _ in range(b)])
-        vals.append(weighted_auroc(scores, labels, counts[:, inv]))
-    v = np.concatenate(vals)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    return float(np.quantile(v, a)), float(np.quantile(v, 1 - a))
+def within_problem_auroc(scores: np.ndarray, labels: np.ndarray, problem: np.ndarray) -> dict[str, float]:
+    """Per problem with both outcomes: the AUROC of its rows (``{str(problem): auroc}``, sorted by problem)."""
+    scores, y, problem = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool), np.asarray(problem)
+    if not problem.size:
+        return {}
+    uniq, inv = np.unique(problem, return_inverse=True)
+    pos, cnt = np.bincount(inv, weights=y, minlength=len(uniq)), np.bincount(inv, minlength=len(uniq))
+    both = np.flatnonzero((pos > 0) & (pos < cnt))
+    out: dict[str, float] = {}
+    chunk = max(1, 4_000_000 // scores.size)  # one-hot weights: chunk x rows
+    for a in range(0, len(both), chunk):
+        g = both[a:a + chunk]
+        vals = weighted_auroc(scores, y, inv[None, :] == g[:, None])
+        out.update((str(uniq[k]), float(v)) for k, v in zip(g, vals))
+    return out
 
 
-def ece(scores: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
-    if scores.size == 0:
-        return float("nan")
-    idx = np.clip((scores * bins).astype(int), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
+def ece(scores: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS,
+        weights: np.ndarray | None = None) -> float | np.ndarray:
+    """Expected calibration error over equal-width bins: ``sum over bins |sum(score) - sum(label)| / n``.
+
+    ``weights``: per-row weights (``[n]`` gives a float) or many weightings at once (``[b, n]``
+    gives ``[b]``, for the bootstrap); ``nan`` where the rows weigh nothing."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    w = np.ones(s.size) if weights is None else np.asarray(weights, dtype=np.float64)
+    w2 = np.atleast_2d(w)
+    idx = np.clip((s * bins).astype(int), 0, bins - 1)
+    gap = np.zeros(w2.shape[0])
+    for b in np.unique(idx):
         m = idx == b
-        if m.any():
-            total += m.sum() * abs(scores[m].mean() - labels[m].mean())
-    return float(total / scores.size)
+        gap += np.abs(w2[:, m] @ (s[m] - y[m]))
+    total = w2.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(total > 0, gap / total, np.nan)
+    return out if w.ndim == 2 else float(out[0])
 
 
 def best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -182,28 +180,6 @@ def trace_scores(scores: np.ndarray, labels: np.ndarray, trace: np.ndarray) -> t
     return sums / np.maximum(counts, 1), lab
 
 
-def _groups(values: np.ndarray) -> list[np.ndarray]:
-    """Row indices of each distinct value (sorted by value)."""
-    values = np.asarray(values)
-    if values.size == 0:
-        return []
-    order = np.argsort(values, kind="stable")
-    v = values[order]
-    bounds = np.flatnonzero(np.r_[True, v[1:] != v[:-1], True])
-    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def within_problem_auroc(scores: np.ndarray, labels: np.ndarray, problem: np.ndarray) -> dict[str, float]:
-    """Per problem with both outcomes: the AUROC of its steps (``{problem: auroc}``)."""
-    scores, labels, problem = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool), np.asarray(problem)
-    out: dict[str, float] = {}
-    for idx in _groups(problem):
-        y = labels[idx]
-        if y.any() and not y.all():
-            out[str(problem[idx[0]])] = auroc(scores[idx], y)
-    return out
-
-
 def running_mean_at(scores: np.ndarray, trace: np.ndarray, rel_position: np.ndarray,
                     fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Each trace's running-mean score at ``fraction`` of its steps: the mean of its step scores
@@ -214,12 +190,6 @@ def running_mean_at(scores: np.ndarray, trace: np.ndarray, rel_position: np.ndar
     uniq, inv = np.unique(np.asarray(trace)[m], return_inverse=True)
     sums = np.bincount(inv, weights=np.asarray(scores, dtype=np.float64)[m], minlength=len(uniq))
     return uniq, sums / np.bincount(inv, minlength=len(uniq))
-
-
-def pairwise_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of (correct, wrong) pairs with the correct one scored higher (ties: one half)
-    = the AUROC of these items; ``nan`` without both outcomes."""
-    return auroc(scores, labels)
 
 
 def within_problem_rank(scores: np.ndarray, labels: np.ndarray, trace: np.ndarray, problem: np.ndarray,
@@ -233,13 +203,8 @@ def within_problem_rank(scores: np.ndarray, labels: np.ndarray, trace: np.ndarra
     # one row per trace: its problem and label (constant within a trace)
     uniq_all, first_row = np.unique(trace, return_index=True)
     rows = first_row[np.searchsorted(uniq_all, ids)]
-    t_prob, t_lab = problem[rows], labels[rows]
-    out: dict[str, float] = {}
-    for idx in _groups(t_prob):
-        y = t_lab[idx]
-        if y.any() and not y.all():
-            out[str(t_prob[idx[0]])] = pairwise_accuracy(means[idx], y)
-    return out
+    # the fraction of (correct, wrong) pairs ordered right, ties one half = the AUROC of the traces
+    return within_problem_auroc(means, labels[rows], problem[rows])
 
 
 def _mean(per_problem: dict[str, float]) -> float:
@@ -247,22 +212,10 @@ def _mean(per_problem: dict[str, float]) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
-def within_problem_ci(per_problem: dict[str, float], *, n: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-problem values, resampling problems."""
-    v = np.array([x for x in per_problem.values() if np.isfinite(x)], dtype=np.float64)
-    if n <= 0 or v.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
-
-
 def within_problem_metrics(scores: np.ndarray, labels: np.ndarray, *, trace: np.ndarray, problem: np.ndarray,
                            rel_position: np.ndarray, bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
-    """``within_auroc`` and ``within_rank25/50/75`` (with ``_lo``/``_hi`` when ``bootstrap`` > 0),
-    plus ``within_problems``: how many problems have both outcomes."""
+    """``within_auroc`` and ``within_rank25/50/75`` (with ``_lo``/``_hi`` when ``bootstrap`` > 0:
+    that many problem resamples), plus ``within_problems``: how many problems have both outcomes."""
     per = {WITHIN_AUROC: within_problem_auroc(scores, labels, problem)}
     for frac, name in WITHIN_RANK.items():
         per[name] = within_problem_rank(scores, labels, trace, problem, rel_position, frac)
@@ -270,18 +223,13 @@ def within_problem_metrics(scores: np.ndarray, labels: np.ndarray, *, trace: np.
     for name, d in per.items():
         out[name] = _mean(d)
         if bootstrap > 0:
-            out[f"{name}_lo"], out[f"{name}_hi"] = within_problem_ci(d, n=bootstrap, seed=seed)
+            iv = mean_interval(list(d.values()), n_boot=bootstrap, seed=seed)
+            out[f"{name}_lo"], out[f"{name}_hi"] = iv.low, iv.high
     out[WITHIN_PROBLEMS] = float(len(per[WITHIN_AUROC]))
     return out
 
 
 WITHIN_PROBLEMS = "within_problems"
-
-
-def within_names(intervals: bool = True) -> set[str]:
-    """Every name :func:`within_problem_metrics` writes (with or without the interval bounds)."""
-    names = {*WITHIN_METRICS, WITHIN_PROBLEMS}
-    return names | ({f"{m}_{b}" for m in WITHIN_METRICS for b in ("lo", "hi")} if intervals else set())
 
 
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, *, trace: np.ndarray | None = None,

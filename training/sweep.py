@@ -42,9 +42,11 @@ from stepprobe.options import FitOptions, TrainingOptions, group_values, resume_
 from stepprobe.layers import parse_sites, site_depth
 from stepprobe.probes.registry import known_probes
 from stepprobe.provenance import package_versions
+from stepprobe.stats import N_BOOT, Interval, format_interval
 
 from . import metrics as M
 from .data import FeatureCache, check_classes, data_fingerprint, make_split, open_hidden_states
+from .evaluation import metric_with_ci, paired_difference
 from .train import Config as TrainConfig
 from .train import train_probe
 
@@ -73,7 +75,7 @@ class Config(StageConfig, FitOptions, TrainingOptions):
     traces: str = option("", "the collect traces of --data, for --group text (default: the file it was recorded from)")
     arch: str = option("linear", "probe architecture per site: " + ", ".join(a for a in known_probes() if a != "mixture"))
     params: dict = option(help="architecture parameters as JSON", factory=dict)
-    bootstrap: int = option(1000, "bootstrap resamples (of problems) for the confidence intervals")
+    bootstrap: int = option(N_BOOT, "bootstrap resamples (of problems) for the confidence intervals")
     reference: bool = option(True, "fit the scikit-learn reference per site too")
     overwrite: bool = option(False, "start over in an existing sweep directory", resume_ok=True)
     plots: bool = option(True, "write sweep.png", resume_ok=True)
@@ -211,8 +213,8 @@ def sweep_site(cfg: Config, hs, cand: Candidate | str, split, cache: FeatureCach
         m = result.metrics[s]
         p = result.predictions[s]
         row[f"{s}_auroc"] = m[M.AUROC]
-        lo, hi = M.bootstrap_auroc_ci(p["scores"], p["labels"], p["problem"], n=cfg.bootstrap, seed=cfg.seed)
-        row[f"{s}_auroc_lo"], row[f"{s}_auroc_hi"] = lo, hi
+        iv = metric_with_ci("auroc", p["scores"], p["labels"], p["problem"], n=cfg.bootstrap, seed=cfg.seed)
+        row[f"{s}_auroc_lo"], row[f"{s}_auroc_hi"] = iv.low, iv.high
         row[f"{s}_early50_auroc"] = m[M.EARLY_AUROC[0.5]]
         row[f"{s}_trace_auroc"] = m[M.TRACE_AUROC]
         row[f"{s}_auprc"] = m[M.AUPRC]
@@ -283,9 +285,9 @@ def run(cfg: Config) -> Path:
         rows.append(row)
         _write_predictions(out, test_scores, hs, split)
         write_rows(out / "sweep.csv", rows)
-        log.info("%s: val AUROC %.3f [%.3f, %.3f], test %.3f [%.3f, %.3f], reference test %.3f (%.1fs)",
-                 cand.label, row["val_auroc"], row["val_auroc_lo"], row["val_auroc_hi"], row["test_auroc"],
-                 row["test_auroc_lo"], row["test_auroc_hi"], row["reference_test_auroc"], row["seconds"])
+        log.info("%s: val AUROC %s, test %s, reference test %.3f (%.1fs)", cand.label,
+                 Interval.from_flat(row, "val_auroc").label(), Interval.from_flat(row, "test_auroc").label(),
+                 row["reference_test_auroc"], row["seconds"])
     rows = sorted(rows, key=_order)
     best = _best(rows)
     winners = compare_winners(rows, test_scores, hs, split, n=cfg.bootstrap, seed=cfg.seed)
@@ -301,9 +303,8 @@ def run(cfg: Config) -> Path:
     log.info("best candidate by validation AUROC: %s (val %.3f, test %.3f); %s", best["site"], best["val_auroc"],
              best["test_auroc"], out)
     for w in winners:
-        log.info("best %s: %s (val %.3f, test %.3f; test minus best boundary site %+.3f [%+.3f, %+.3f])", w["kind"],
-                 w["site"], w["val_auroc"], w["test_auroc"], w["test_auroc_minus_boundary"]["value"],
-                 w["test_auroc_minus_boundary"]["lo"], w["test_auroc_minus_boundary"]["hi"])
+        log.info("best %s: %s (val %.3f, test %.3f; test minus best boundary site %s)", w["kind"], w["site"],
+                 w["val_auroc"], w["test_auroc"], format_interval(w["test_auroc_minus_boundary"], signed=True))
     return out
 
 
@@ -330,12 +331,11 @@ def _read_predictions(out: Path) -> dict[str, np.ndarray]:
         return {str(name): z[f"s{i}"] for i, name in enumerate(z["__names__"])}
 
 
-def compare_winners(rows: list[dict[str, Any]], test_scores: dict[str, np.ndarray], hs, split, *, n: int = 1000,
+def compare_winners(rows: list[dict[str, Any]], test_scores: dict[str, np.ndarray], hs, split, *, n: int = N_BOOT,
                     seed: int = 0) -> list[dict[str, Any]]:
     """Best candidate of each kind (by validation AUROC) and its test AUROC minus the best
     boundary site's, on the same test steps, with a paired problem-bootstrap interval."""
     from .data import row_problem_ids
-    from .evaluation import paired_difference
 
     test_rows = split.rows[M.TEST]
     labels = np.asarray(hs.steps["label"])[test_rows]
@@ -350,9 +350,9 @@ def compare_winners(rows: list[dict[str, Any]], test_scores: dict[str, np.ndarra
         if base is not None and w["site"] in test_scores and base["site"] in test_scores:
             entry["baseline"] = base["site"]
             entry["test_auroc_minus_boundary"] = paired_difference(
-                "auroc", test_scores[w["site"]], test_scores[base["site"]], labels, groups, n=n, seed=seed)
+                "auroc", test_scores[w["site"]], test_scores[base["site"]], labels, groups, n=n, seed=seed).to_dict()
         else:
-            entry["test_auroc_minus_boundary"] = {"value": float("nan"), "lo": float("nan"), "hi": float("nan")}
+            entry["test_auroc_minus_boundary"] = Interval(float("nan"), float("nan"), float("nan")).to_dict()
         out.append(entry)
     overall = _best(rows)
     for e in out:

@@ -35,6 +35,7 @@ from stepprobe.probes.checkpoint import save_scorer
 from stepprobe.probes.features import FeatureSpec, ProbeModel
 from stepprobe.probes.registry import known_probes
 from stepprobe.provenance import package_versions
+from stepprobe.stats import N_BOOT
 
 from . import metrics as M
 from .data import (FeatureCache, ProbeDataModule, SplitRows, check_classes, data_fingerprint, make_split,
@@ -66,7 +67,7 @@ class Config(StageConfig, FitOptions, TrainingOptions):
     pair_weight: float = option(0.5, "mixed loss: weight of the pairwise part (1 - weight on BCE)")
     pair_window: float = option(0.25, "pairwise loss: largest relative-position gap of a (correct, wrong) step pair")
     reference: bool = option(True, "also fit the scikit-learn logistic-regression reference")
-    bootstrap: int = option(1000, "bootstrap resamples (of problems) for the within-problem metrics' intervals (0: none)")
+    bootstrap: int = option(N_BOOT, "bootstrap resamples (of problems) for the within-problem metrics' intervals (0: none)")
     calibration: str = option("platt", "calibration fitted on the validation split and stored in the scorer: "
                                        "platt (a * logit + b), temperature (logit / T), none")
     plots: bool = option(True, "write ROC, calibration and score-vs-step plots")

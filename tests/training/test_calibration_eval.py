@@ -13,7 +13,7 @@ from stepprobe.probes.checkpoint import linear_probe, load_scorer, save_scorer
 from stepprobe.training import evaluate, train
 from stepprobe.training import metrics as M
 from stepprobe.training.data import open_hidden_states
-from stepprobe.training.evaluation import Calibration, fit_calibration, metric_with_ci, weighted_ece
+from stepprobe.training.evaluation import MIN_SLOPE, Calibration, fit_calibration, logit, metric_with_ci
 
 from .conftest import IDENTITY, RULE, SIGNAL_SITE, make_synthetic
 
@@ -27,7 +27,7 @@ def test_calibration_lowers_ece_of_a_miscalibrated_scorer(method):
     y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)  # calibrated: p = sigmoid(z)
     over = 1 / (1 + np.exp(-(3 * z + (1.0 if method == "platt" else 0.0))))  # overconfident (and shifted)
     cal = fit_calibration(over[:2000], y[:2000], method)  # fit on one half, measure on the other
-    before, after = weighted_ece(over[2000:], y[2000:]), weighted_ece(cal.apply(over[2000:]), y[2000:])
+    before, after = M.ece(over[2000:], y[2000:]), M.ece(cal.apply(over[2000:]), y[2000:])
     assert before > 0.1 and after < 0.04 and after < before / 3
     assert cal.a == pytest.approx(1 / 3, abs=0.08)
     assert method == "platt" or cal.b == 0.0
@@ -118,7 +118,7 @@ def test_metric_with_ci_brackets_the_value():
     s, y = rng.random(600), (rng.random(600) < 0.4).astype(int)
     for name in ("auroc", "ece"):
         d = metric_with_ci(name, s, y, np.arange(600) // 6, n=200)
-        assert d["lo"] <= d["value"] <= d["hi"]
+        assert d.low <= d.value <= d.high and d.n == 100
 
 
 def test_calibration_never_reverses_the_ranking():
@@ -129,3 +129,21 @@ def test_calibration_never_reverses_the_ranking():
     assert cal.a > 0
     p = cal.apply(1 / (1 + np.exp(-z)))
     assert (np.diff(p[np.argsort(z)]) >= 0).all()
+
+
+def test_platt_at_the_slope_bound_still_fits_the_intercept():
+    # An anti-correlated score pins a at MIN_SLOPE; b must then be the best intercept for that a:
+    # the mean calibrated probability equals the base rate (d log-loss / d b = mean(p - y) = 0).
+    # (The hand-written Newton steps stopped short here: b -0.0034 instead of -0.0160.)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)
+    s = 1 / (1 + np.exp(z))
+    cal = fit_calibration(s, y, "platt")
+    assert cal.a == MIN_SLOPE
+    assert np.mean(cal.apply(s) - y) == pytest.approx(0.0, abs=1e-6)
+    # where the optimum is inside the bound, the fit is the unconstrained maximum likelihood: both gradients 0
+    over = 1 / (1 + np.exp(-(3 * z + 1)))
+    cal = fit_calibration(over, y, "platt")
+    r = cal.apply(over) - y
+    assert abs(np.mean(r)) < 1e-6 and abs(np.mean(r * logit(over))) < 1e-6

@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 from stepprobe.errors import StepprobeError
 from stepprobe.training import metrics as M
 from stepprobe.training.data import make_split, open_hidden_states, row_problem_ids, split_problems
+from stepprobe.training.evaluation import metric_with_ci
 
 
 def test_split_by_problem_is_disjoint_seeded_and_recorded(synthetic_h5):
@@ -57,8 +58,8 @@ def test_auroc_matches_sklearn_and_bootstrap_weights():
         keep = np.repeat(np.arange(300), row)
         assert M.weighted_auroc(s, y, row[None])[0] == pytest.approx(roc_auc_score(y[keep], s[keep]))
     groups = np.repeat(np.arange(30), 10)
-    lo, hi = M.bootstrap_auroc_ci(s, y, groups, n=200)
-    assert lo < M.auroc(s, y) < hi and hi - lo < 0.3
+    iv = metric_with_ci("auroc", s, y, groups, n=200)
+    assert iv.low < M.auroc(s, y) == iv.value < iv.high and iv.high - iv.low < 0.3 and iv.n == 30
     assert np.isnan(M.auroc(s, np.ones(300)))
 
 
@@ -69,9 +70,9 @@ def test_compute_metrics_names_and_values():
     rel = np.array([0.0, 0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.9])
     m = M.compute_metrics(scores, labels, trace=trace, rel_position=rel, threshold=0.5, prefix="val")
     assert set(m) == {M.key("val", k) for k in M.METRICS}
-    assert m[M.VAL_AUROC] == 1.0 and m["val_accuracy"] == 1.0 and m["val_f1"] == 1.0
-    assert m[M.VAL_TRACE_AUROC] == 1.0
-    assert m[M.VAL_EARLY50_AUROC] == 1.0
+    assert m["val_auroc"] == 1.0 and m["val_accuracy"] == 1.0 and m["val_f1"] == 1.0
+    assert m["val_trace_auroc"] == 1.0
+    assert m[M.DEFAULT_TUNE_OBJECTIVE] == 1.0
     assert m["val_ece"] == pytest.approx(np.mean([0.1, 0.2, 0.3, 0.2, 0.1, 0.4, 0.3, 0.4]))
     assert M.best_f1_threshold(scores, labels) == 0.6
     assert M.mode_of("val_ece") == "min" and M.mode_of(M.DEFAULT_TUNE_OBJECTIVE) == "max"

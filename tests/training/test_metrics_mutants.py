@@ -16,7 +16,9 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from stepprobe.errors import StepprobeError
+from stepprobe.stats import N_BOOT, mean_interval, resample_counts
 from stepprobe.training import metrics as M
+from stepprobe.training.evaluation import metric_with_ci
 
 
 def _quiet():
@@ -38,14 +40,9 @@ def test_mode_of_error_lists_every_known_validation_name():
     assert "val_auroc, val_auprc" in msg and "None" not in msg
 
 
-def test_within_names_with_and_without_intervals():
-    base = {"within_auroc", "within_rank25", "within_rank50", "within_rank75", "within_problems"}
-    assert M.within_names(False) == base
-    bounds = {f"{m}_{b}" for m in ("within_auroc", "within_rank25", "within_rank50", "within_rank75")
-              for b in ("lo", "hi")}
-    assert M.within_names() == base | bounds  # default: with intervals
-    assert M.within_names(True) == base | bounds
-    assert "within_auroc_lo" in M.within_names() and "within_rank75_hi" in M.within_names()
+#: what within_problem_metrics writes, without and with the interval bounds
+BASE = {"within_auroc", "within_rank25", "within_rank50", "within_rank75", "within_problems"}
+BOUNDS = {f"{m}_{b}" for m in ("within_auroc", "within_rank25", "within_rank50", "within_rank75") for b in ("lo", "hi")}
 
 
 # --------------------------------------------------------------------------- auroc
@@ -179,10 +176,13 @@ def test_early_auroc_tolerance_is_inclusive():
 
 # --------------------------------------------------------------------------- groups / within
 
-def test_groups_of_one_row_and_none():
-    assert [g.tolist() for g in M._groups(np.array([7]))] == [[0]]
-    assert M._groups(np.array([])) == []
-    assert [g.tolist() for g in M._groups(np.array([2, 1, 2, 1, 3]))] == [[1, 3], [0, 2], [4]]
+def test_within_problem_auroc_of_one_row_none_and_the_problem_order():
+    assert M.within_problem_auroc(np.array([0.3]), np.array([1]), np.array([7])) == {}
+    assert M.within_problem_auroc(np.array([]), np.array([]), np.array([])) == {}
+    s = np.array([0.9, 0.2, 0.1, 0.4, 0.5, 0.6])
+    y = np.array([1, 0, 1, 0, 1, 1])
+    got = M.within_problem_auroc(s, y, np.array([2, 2, 1, 1, 3, 3]))  # problem 3 has one outcome only
+    assert list(got) == ["1", "2"] and got == {"1": 0.0, "2": 1.0}
 
 
 def test_within_problem_rank_keeps_only_problems_with_both_outcomes():
@@ -225,42 +225,6 @@ def test_mean_of_no_finite_value_is_nan_quietly():
     assert M._mean({"a": 0.2, "b": float("nan"), "c": 0.6}) == pytest.approx(0.4)
 
 
-# --------------------------------------------------------------------------- within_problem_ci
-
-PER = {f"p{i}": float(x) for i, x in enumerate(np.random.default_rng(8).random(13))} | {"nan": float("nan")}
-
-
-def _ref_ci(values, n, level, seed):
-    v = np.array([x for x in values if np.isfinite(x)])
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
-    a = (1 - level) / 2
-    return np.quantile(means, a), np.quantile(means, 1 - a)
-
-
-def test_within_problem_ci_percentile_bounds_and_defaults():
-    for level in (0.95, 0.5, 0.8):
-        lo, hi = M.within_problem_ci(PER, n=200, level=level, seed=4)
-        ref = _ref_ci(PER.values(), 200, level, 4)
-        assert (lo, hi) == pytest.approx(ref, abs=1e-15)
-    # defaults: n=1000, level=0.95, seed=0
-    assert M.within_problem_ci(PER) == pytest.approx(_ref_ci(PER.values(), 1000, 0.95, 0), abs=1e-15)
-    assert M.within_problem_ci(PER) == M.within_problem_ci(PER, n=1000, level=0.95, seed=0)
-    assert M.within_problem_ci(PER) != M.within_problem_ci(PER, n=1001, seed=0)
-    assert M.within_problem_ci(PER) != M.within_problem_ci(PER, seed=1)
-    # seeded: the same call gives the same interval
-    assert M.within_problem_ci(PER, n=50, seed=9) == M.within_problem_ci(PER, n=50, seed=9)
-
-
-def test_within_problem_ci_one_resample_and_one_problem():
-    lo, hi = M.within_problem_ci(PER, n=1, seed=2)
-    assert np.isfinite(lo) and np.isfinite(hi) and lo == hi
-    assert (lo, hi) == pytest.approx(_ref_ci(PER.values(), 1, 0.95, 2))
-    assert M.within_problem_ci({"only": 0.75}, n=20) == (0.75, 0.75)
-    assert all(np.isnan(M.within_problem_ci(PER, n=0)))
-    assert all(np.isnan(M.within_problem_ci({"x": float("nan")}, n=5)))
-
-
 # --------------------------------------------------------------------------- within_problem_metrics
 
 def _within_data():
@@ -280,20 +244,20 @@ def test_within_problem_metrics_keys_and_bootstrap_arguments():
     s, y, tr, pr, rel = _within_data()
     kw = dict(trace=tr, problem=pr, rel_position=rel)
     plain = M.within_problem_metrics(s, y, **kw)  # default: no intervals
-    assert set(plain) == M.within_names(False)
-    assert set(M.within_problem_metrics(s, y, bootstrap=0, **kw)) == M.within_names(False)
+    assert set(plain) == BASE
+    assert set(M.within_problem_metrics(s, y, bootstrap=0, **kw)) == BASE
     one = M.within_problem_metrics(s, y, bootstrap=1, **kw)
-    assert set(one) == M.within_names(True)
+    assert set(one) == BASE | BOUNDS
     assert plain[M.WITHIN_PROBLEMS] == 8.0
     per_auroc = M.within_problem_auroc(s, y, pr)
     assert plain[M.WITHIN_AUROC] == pytest.approx(np.mean(list(per_auroc.values())))
     for seed in (0, 3):
         b = M.within_problem_metrics(s, y, bootstrap=40, seed=seed, **kw)
-        ci = M.within_problem_ci(per_auroc, n=40, seed=seed)
-        assert (b["within_auroc_lo"], b["within_auroc_hi"]) == ci
+        ci = mean_interval(list(per_auroc.values()), n_boot=40, seed=seed)
+        assert (b["within_auroc_lo"], b["within_auroc_hi"]) == (ci.low, ci.high)
         for frac, name in M.WITHIN_RANK.items():
-            d = M.within_problem_rank(s, y, tr, pr, rel, frac)
-            assert (b[f"{name}_lo"], b[f"{name}_hi"]) == M.within_problem_ci(d, n=40, seed=seed)
+            d = mean_interval(list(M.within_problem_rank(s, y, tr, pr, rel, frac).values()), n_boot=40, seed=seed)
+            assert (b[f"{name}_lo"], b[f"{name}_hi"]) == (d.low, d.high)
     # default seed is 0 and the result is reproducible
     assert M.within_problem_metrics(s, y, bootstrap=40, **kw) == M.within_problem_metrics(s, y, bootstrap=40,
                                                                                           seed=0, **kw)
@@ -301,7 +265,7 @@ def test_within_problem_metrics_keys_and_bootstrap_arguments():
                                                                                           seed=1, **kw)
 
 
-# --------------------------------------------------------------------------- bootstrap_auroc_ci
+# --------------------------------------------------------------------------- the AUROC's interval
 
 def _boot_data():
     rng = np.random.default_rng(2)
@@ -311,22 +275,21 @@ def _boot_data():
     return scores, labels, groups
 
 
-def test_bootstrap_auroc_ci_defaults_and_one_resample():
+def test_auroc_interval_defaults_and_one_resample():
     s, y, g = _boot_data()
-    d = M.bootstrap_auroc_ci(s, y, g)
-    assert d == M.bootstrap_auroc_ci(s, y, g, n=1000, level=0.95, seed=0)
-    assert d != M.bootstrap_auroc_ci(s, y, g, n=1001, seed=0)
-    assert d != M.bootstrap_auroc_ci(s, y, g, seed=1)
-    lo, hi = M.bootstrap_auroc_ci(s, y, g, n=1, seed=5)
-    assert np.isfinite(lo) and lo == hi
+    d = metric_with_ci("auroc", s, y, g)
+    assert d == metric_with_ci("auroc", s, y, g, n=N_BOOT, level=0.95, seed=0) and d.n == 15
+    assert d != metric_with_ci("auroc", s, y, g, n=N_BOOT // 2, seed=0)
+    assert d != metric_with_ci("auroc", s, y, g, seed=1)
+    one = metric_with_ci("auroc", s, y, g, n=1, seed=5)
+    assert np.isfinite(one.low) and one.low == one.high
     # one resample = the AUROC of the rows of the drawn problems, with multiplicity
-    rng = np.random.default_rng(5)
-    uniq, inv = np.unique(g, return_inverse=True)
-    counts = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))[inv]
-    assert lo == pytest.approx(roc_auc_score(y, s, sample_weight=counts), abs=1e-12)
-    assert all(np.isnan(M.bootstrap_auroc_ci(s, y, g, n=0)))
+    counts = resample_counts(15, n_boot=1, seed=5)[0][np.unique(g, return_inverse=True)[1]]
+    assert one.low == pytest.approx(roc_auc_score(y, s, sample_weight=counts), abs=1e-12)
+    assert np.isnan(metric_with_ci("auroc", s, y, g, n=0).low)
     # one class everywhere: every resample degenerate
-    assert all(np.isnan(M.bootstrap_auroc_ci(s, np.ones_like(y), g, n=20)))
+    iv = metric_with_ci("auroc", s, np.ones_like(y), g, n=20)
+    assert np.isnan(iv.low) and np.isnan(iv.high) and np.isnan(iv.value)
 
 
 # --------------------------------------------------------------------------- compute_metrics
@@ -353,9 +316,9 @@ def test_compute_metrics_default_threshold_and_auprc_edges():
 def test_compute_metrics_defaults_with_problems_have_no_intervals():
     s, y, tr, pr, rel = _within_data()
     m = M.compute_metrics(s, y, trace=tr, rel_position=rel, problem=pr)
-    assert set(m) == set(M.METRICS) | M.within_names(False)
+    assert set(m) == set(M.METRICS) | BASE
     mb = M.compute_metrics(s, y, trace=tr, rel_position=rel, problem=pr, bootstrap=30, prefix="val")
-    assert set(mb) == {f"val_{k}" for k in set(M.METRICS) | M.within_names(True)}
+    assert set(mb) == {f"val_{k}" for k in set(M.METRICS) | BASE | BOUNDS}
     assert mb["val_within_auroc_lo"] <= mb["val_within_auroc"] <= mb["val_within_auroc_hi"]
 
 

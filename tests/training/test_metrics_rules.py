@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
+from stepprobe.stats import QUANTILE_METHOD
 from stepprobe.training import metrics as M
+from stepprobe.training.evaluation import metric_with_ci
+
+
+def auroc_ci(scores, labels, groups, *, n, level=0.95, seed=0):
+    """The AUROC's problem-bootstrap interval as the stages compute it."""
+    iv = metric_with_ci("auroc", scores, labels, groups, n=n, seed=seed, level=level)
+    return iv.low, iv.high
 
 
 def late_signal_data(seed: int = 0):
@@ -70,18 +78,17 @@ def test_trace_auroc_is_the_auroc_of_each_traces_mean_step_score():
 
 
 def _reference_bootstrap(scores, labels, groups, n, level, seed):
-    """The same resampling of problems (same generator calls), scored by scikit-learn."""
+    """The same resampling of problems (the same draws: one ``[n, problems]`` call), scored by scikit-learn."""
     uniq, inv = np.unique(groups, return_inverse=True)
-    rng = np.random.default_rng(seed)
+    draws = np.random.default_rng(seed).integers(0, len(uniq), size=(n, len(uniq)))
     vals = []
-    for start in range(0, n, 256):
-        for _ in range(min(256, n - start)):
-            w = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))[inv]
-            y = labels[w > 0]
-            if y.min() != y.max():
-                vals.append(roc_auc_score(labels, scores, sample_weight=w))
+    for d in draws:
+        w = np.bincount(d, minlength=len(uniq))[inv]
+        y = labels[w > 0]
+        if y.min() != y.max():
+            vals.append(roc_auc_score(labels, scores, sample_weight=w))
     a = (1 - level) / 2
-    return np.quantile(vals, a), np.quantile(vals, 1 - a)
+    return tuple(np.quantile(vals, [a, 1 - a], method=QUANTILE_METHOD))
 
 
 def correlated_problems(seed: int = 0):
@@ -98,24 +105,24 @@ def correlated_problems(seed: int = 0):
 
 def test_bootstrap_resamples_problems_and_matches_a_reference():
     scores, labels, groups = correlated_problems()
-    lo, hi = M.bootstrap_auroc_ci(scores, labels, groups, n=300, level=0.9, seed=3)
+    lo, hi = auroc_ci(scores, labels, groups, n=300, level=0.9, seed=3)
     ref_lo, ref_hi = _reference_bootstrap(scores, labels, groups, 300, 0.9, 3)
     assert (lo, hi) == (pytest.approx(ref_lo, abs=1e-9), pytest.approx(ref_hi, abs=1e-9))
     # Over problems the interval is much wider than over steps (each step its own group).
-    s_lo, s_hi = M.bootstrap_auroc_ci(scores, labels, np.arange(labels.size), n=300, level=0.9, seed=3)
+    s_lo, s_hi = auroc_ci(scores, labels, np.arange(labels.size), n=300, level=0.9, seed=3)
     assert hi - lo > 2 * (s_hi - s_lo)
     assert lo < M.auroc(scores, labels) < hi
     # A higher level is a wider interval; a different seed a different one.
-    w_lo, w_hi = M.bootstrap_auroc_ci(scores, labels, groups, n=300, level=0.99, seed=3)
+    w_lo, w_hi = auroc_ci(scores, labels, groups, n=300, level=0.99, seed=3)
     assert w_lo < lo and w_hi > hi
-    assert M.bootstrap_auroc_ci(scores, labels, groups, n=300, level=0.9, seed=4) != (lo, hi)
-    assert all(np.isnan(M.bootstrap_auroc_ci(scores, labels, groups, n=0)))
-    assert all(np.isnan(M.bootstrap_auroc_ci(scores, np.ones_like(labels), groups, n=20)))
+    assert auroc_ci(scores, labels, groups, n=300, level=0.9, seed=4) != (lo, hi)
+    assert all(np.isnan(auroc_ci(scores, labels, groups, n=0)))
+    assert all(np.isnan(auroc_ci(scores, np.ones_like(labels), groups, n=20)))
 
 
 def test_bootstrap_more_than_one_batch_of_resamples():
     scores, labels, groups = correlated_problems(1)
-    got = M.bootstrap_auroc_ci(scores, labels, groups, n=600, seed=5)  # 256 + 256 + 88
+    got = auroc_ci(scores, labels, groups, n=600, seed=5)  # 256 + 256 + 88
     ref = _reference_bootstrap(scores, labels, groups, 600, 0.95, 5)
     assert got == (pytest.approx(ref[0], abs=1e-9), pytest.approx(ref[1], abs=1e-9))
 
@@ -183,7 +190,6 @@ def test_metric_names_modes_and_clean():
     assert [M.EARLY_AUROC[f] for f in M.EARLY_FRACTIONS] == ["early25_auroc", "early50_auroc", "early75_auroc"]
     assert M.mode_of("val_loss") == "min" and M.mode_of("test_trace_auroc") == "max"
     assert M.mode_of("train_f1") == "max" and M.mode_of("val_ece") == "min"
-    assert M.DEFAULT_MONITOR == "val_auroc" and M.VAL_TRACE_AUROC == "val_trace_auroc"
     assert M.clean({"a": float("nan"), "b": np.float32(0.5), "c": {"d": float("inf")}, "e": "x", "f": 3}) == \
         {"a": None, "b": 0.5, "c": {"d": None}, "e": "x", "f": 3}
     m = M.compute_metrics(np.array([0.9, 0.1]), np.array([1, 0]), prefix="test")

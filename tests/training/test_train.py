@@ -59,7 +59,8 @@ def test_train_run_directory_and_scorer_round_trip(synthetic_h5, tmp_path):
     assert run_doc["data"]["model"] == IDENTITY and run_doc["split"]["by"] == "problem"
     metrics = json.loads((out / "metrics.json").read_text())
     for part in ("val", "test", "reference_val", "reference_test"):
-        assert set(metrics["metrics"][part]) == set(M.METRICS) | M.within_names(intervals=True)
+        assert set(metrics["metrics"][part]) == set(M.METRICS) | {M.WITHIN_PROBLEMS, *M.WITHIN_METRICS} | {
+            f"{m}_{b}" for m in M.WITHIN_METRICS for b in ("lo", "hi")}
     # The saved scorer gives exactly the scores the run reported.
     hs = open_hidden_states(str(synthetic_h5))
     scorer = load_scorer(out / "scorer", expected_model=hs.model)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from stepprobe.stats import mean_interval
 from stepprobe.training import metrics as M
 
 
@@ -81,20 +82,22 @@ def test_bootstrap_interval_over_problems():
     assert got["within_auroc_lo"] == 0.0 and got["within_auroc_hi"] == 1.0
     same = _metrics(EASY_HARD, bootstrap=400)
     assert same["within_rank50_lo"] == same["within_rank50_hi"] == 1.0
-    assert M.within_problem_ci({"a": 0.2, "b": 0.4, "c": 0.9}, n=2000, seed=1)[0] < 0.5 < M.within_problem_ci(
-        {"a": 0.2, "b": 0.4, "c": 0.9}, n=2000, seed=1)[1]
+    iv = mean_interval([0.2, 0.4, 0.9], n_boot=2000, seed=1)
+    assert iv.low < 0.5 < iv.high
 
 
-def test_within_problem_ci_without_resamples_or_values_is_nan():
+def test_mean_interval_without_resamples_or_values_is_nan():
     # No resamples asked for (bootstrap off) or no finite value: no interval, not an error.
     for n in (0, -1):
-        assert all(math.isnan(x) for x in M.within_problem_ci({"a": 0.2, "b": 0.4}, n=n))
-    assert all(math.isnan(x) for x in M.within_problem_ci({"a": float("nan")}, n=100))
-    assert all(math.isnan(x) for x in M.within_problem_ci({}, n=100))
+        iv = mean_interval([0.2, 0.4], n_boot=n)
+        assert iv.value == pytest.approx(0.3) and math.isnan(iv.low) and math.isnan(iv.high)
+    for values in ([float("nan")], []):
+        iv = mean_interval(values, n_boot=100)
+        assert all(math.isnan(x) for x in (iv.value, iv.low, iv.high)) and iv.n == 0
 
 
 def test_within_metrics_are_objectives():
-    for name in (M.VAL_WITHIN_AUROC, M.VAL_WITHIN_RANK50, "val_within_rank25", "val_within_rank75"):
+    for name in ("val_within_auroc", "val_within_rank50", "val_within_rank25", "val_within_rank75"):
         assert M.mode_of(name) == "max"
 
 

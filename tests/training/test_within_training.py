@@ -73,7 +73,7 @@ def confounded_h5(tmp_path_factory) -> Path:
 
 def _train(path: Path, loss: str, **kw):
     cfg = train.Config(data=str(path), sites=SITE, arch="linear", loss=loss, **kw, lr=1e-2, max_epochs=10, patience=10,
-                       monitor=M.VAL_WITHIN_AUROC, val_fraction=0.2, test_fraction=0.3, progress=False, plots=False,
+                       monitor=M.key(M.VAL, M.WITHIN_AUROC), val_fraction=0.2, test_fraction=0.3, progress=False, plots=False,
                        reference=False, bootstrap=200)
     return train.train_probe(cfg, open_hidden_states(str(path)))
 
@@ -141,7 +141,7 @@ def test_tune_may_choose_pairwise_on_the_within_objective_and_export_reports_wit
     from stepprobe.training import export, tune
 
     cfg = tune.Config(data=str(confounded_h5), out=str(tmp_path / "study"), n_trials=4, max_epochs=4, patience=4,
-                      archs="linear", sites=SITE, losses="bce,pairwise,mixed", objective=M.VAL_WITHIN_AUROC,
+                      archs="linear", sites=SITE, losses="bce,pairwise,mixed", objective=M.key(M.VAL, M.WITHIN_AUROC),
                       pruner_startup_trials=10, progress=False, plots=False)
     out = tune.run(cfg)
     study = optuna.load_study(study_name="stepprobe", storage=f"sqlite:///{(out / 'study.db').resolve()}")
