@@ -29,7 +29,7 @@ import numpy as np
 from stepprobe.io import atomic_write_json, atomic_write_text
 from stepprobe.layers import TEXT_GROUP, split_group
 from stepprobe.probes import group_features as G
-from stepprobe.stats import paired_bootstrap
+from stepprobe.stats import Interval, mean_interval, paired_bootstrap
 
 from . import metrics as M
 from .data import FeatureCache, open_hidden_states, row_problem_ids
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 KINDS = ("boundary", "group", "group_step", "gdev", "text")
 FRACTIONS = (0.25, 0.5)
-BOOT = 1000
 REPLAY_RULES = (("memory", "score"), ("memory", "majority"), ("memory:group_gap", "majority"))
 
 
@@ -50,9 +49,9 @@ def ranking(scores: np.ndarray, hs, keep: np.ndarray) -> dict[str, Any]:
     for f in FRACTIONS:
         per = M.within_problem_rank(scores[keep], np.asarray(st["label"])[keep], np.asarray(st["trace"])[keep],
                                     pid[keep], np.asarray(st["rel_position"])[keep], f)
-        lo, hi = M.within_problem_ci(per, n=BOOT, seed=0)
+        iv = mean_interval(list(per.values()))
         out[f"rank{int(f * 100)}"] = {"value": float(np.mean(list(per.values()))) if per else float("nan"),
-                                      "lo": lo, "hi": hi, "problems": len(per), "per_problem": per}
+                                      "lo": iv.low, "hi": iv.high, "problems": len(per), "per_problem": per}
     return out
 
 
@@ -166,8 +165,8 @@ def evaluate_set(name: str, h5: str, traces: str, scorers: dict[str, Callable], 
         entry["replay16"] = replay_rows(hs, traces, scores, keep_problems)
         res["variants"][label] = entry
         r = entry["ranking"]
-        log.info("%s %s: rank25 %.3f [%.3f, %.3f] rank50 %.3f [%.3f, %.3f]", name, label, r["rank25"]["value"],
-                 r["rank25"]["lo"], r["rank25"]["hi"], r["rank50"]["value"], r["rank50"]["lo"], r["rank50"]["hi"])
+        log.info("%s %s: rank25 %s rank50 %s", name, label, Interval.from_dict(r["rank25"]).label(),
+                 Interval.from_dict(r["rank50"]).label())
     base = res["variants"].get("released scorer")
     if base:
         for label, e in res["variants"].items():
@@ -202,9 +201,9 @@ def sc_pass(results: str) -> dict[str, Any]:
     out = {"problems": len(records), "steps": len(trace)}
     for name, s in (("token confidence", np.asarray(conf)), ("text agreement", text), ("run's scorer (live)", np.asarray(live))):
         per = {f: M.within_problem_rank(s, np.asarray(label), trace, problem, rel, f) for f in FRACTIONS}
+        ivs = {f: mean_interval(list(p.values())) for f, p in per.items()}
         out[name] = {f"rank{int(f * 100)}": {"value": float(np.mean(list(p.values()))), "problems": len(p),
-                                             **dict(zip(("lo", "hi"), M.within_problem_ci(p, n=BOOT, seed=0)))}
-                     for f, p in per.items()}
+                                             "lo": ivs[f].low, "hi": ivs[f].high} for f, p in per.items()}
     return out
 
 
@@ -253,9 +252,8 @@ def render(doc: dict[str, Any]) -> str:
     def ci(d: dict | list | None) -> str:
         if not d:
             return "–"
-        v, lo, hi = (d["value"], d["lo"], d["hi"]) if isinstance(d, dict) else d
-        return "–" if v is None else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if abs(v) < 0.5 or v < 0 else \
-            f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+        iv = Interval.from_dict(d) if isinstance(d, dict) else Interval(*(np.nan if x is None else x for x in d))
+        return "–" if not np.isfinite(iv.value) else iv.label(signed=abs(iv.value) < 0.5 or iv.value < 0)
 
     out = [f"Chosen on the training file's validation split: {doc['chosen']}", ""]
     for name, res in doc["sets"].items():
