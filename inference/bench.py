@@ -39,6 +39,7 @@ from stepprobe.options import (
     check_policy, config_diff, group_values, resume_view, with_scorer_generation,
 )
 from stepprobe.provenance import package_versions
+from stepprobe.stats import format_interval
 
 from . import run as run_stage
 
@@ -121,7 +122,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         d = r.get("vs_sc")
-        iv = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–"
+        iv = format_interval(d, signed=True, missing="–")
         adm = r.get("admission_time_ratio")
         policy = r["policy"] + (f" (max_num_seqs {r['max_num_seqs']})" if r.get("max_num_seqs") else "")
         lines.append(f"| {r['kv_blocks'] or 'default'} | {policy} | {r['vote']} | {r['accuracy']:.3f} | {iv} | "

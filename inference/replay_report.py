@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from stepprobe.stats import format_interval
+
 
 def live_markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| KV blocks | policy | accuracy live / replay | x SC tokens live / replay | x SC time live / model "
@@ -26,9 +28,7 @@ def _ratio(x: float | None) -> str:
 
 
 def _iv(d: dict[str, Any] | None) -> str:
-    if not d:
-        return "–"
-    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+    return format_interval(d, signed=True, missing="–")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

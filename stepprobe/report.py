@@ -19,6 +19,7 @@ from typing import Any
 from .io import atomic_write_text
 from .paths import RunPaths
 from .provenance import package_versions
+from .stats import Interval, format_interval
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -92,8 +93,7 @@ def _sweep_section(root: Path) -> list[str]:
             d = w.get("test_auroc_minus_boundary") or {}
             mark = " (best overall)" if w.get("overall_best_by_val") else ""
             lines.append(f"| {w.get('kind')} | {w.get('site')}{mark} | {_fmt(w.get('val_auroc'))} | "
-                         f"{_fmt(w.get('test_auroc'))} [{_fmt(w.get('test_auroc_lo'))}, {_fmt(w.get('test_auroc_hi'))}] | "
-                         f"{_fmt(d.get('value'))} [{_fmt(d.get('lo'))}, {_fmt(d.get('hi'))}] |")
+                         f"{Interval.from_flat(w, 'test_auroc').label()} | {format_interval(d, signed=True)} |")
         lines.append("")
     return lines
 
@@ -113,8 +113,8 @@ def _probe_section(root: Path) -> list[str]:
     label = {"val": "probe (val)", "test": "probe (test)", "reference_test": "logistic regression (test)"}
     lines += ["| metric | " + " | ".join(label[p] for p in parts) + " |", "|---|" + "---|" * len(parts)]
     def cell(d: dict, n: str) -> str:
-        lo, hi = d.get(f"{n}_lo"), d.get(f"{n}_hi")
-        return _fmt(d.get(n)) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
+        iv = Interval.from_flat(d, n)
+        return iv.label() if iv.has_bounds else _fmt(d.get(n))
 
     for n in names:
         if any(n in metrics[p] for p in parts):
@@ -156,8 +156,7 @@ def _evaluate_section(root: Path) -> list[str]:
     p, c, size = doc.get("probe", {}), doc.get("compare") or {}, doc.get("size", {})
 
     def iv(d: dict | None) -> str:
-        d = d or {}
-        return f"{_fmt(d.get('value'))} [{_fmt(d.get('lo'))}, {_fmt(d.get('hi'))}]"
+        return format_interval(d)
 
     sc = doc.get("scorer", {})
     lines += [f"`{Path(str(sc.get('path'))).name}` ({sc.get('architecture')} on {', '.join(sc.get('sites', []))}) "
@@ -194,8 +193,8 @@ def _trust_section(root: Path) -> list[str]:
     lines += [f"Calibrated on the {cs.get('problems')} problems of the sc pass (N={doc['holds_for']['n']}, KV "
               f"budgets {', '.join(map(str, doc['holds_for']['kv_blocks']))} blocks; a problem's loss is its worst "
               "over them).", "",
-              f"- **Vote: {v['rule']}.** Score-weighted minus majority on these problems: {_fmt(iv['diff'])} "
-              f"[{_fmt(iv['low'])}, {_fmt(iv['high'])}]; the weighted vote is used only when the interval lies "
+              f"- **Vote: {v['rule']}.** Score-weighted minus majority on these problems: "
+              f"{format_interval(iv, signed=True)}; the weighted vote is used only when the interval lies "
               "above zero.",
               f"- **Memory pruning (tolerance {d['tolerance']:g}, delta {d['delta']:g}):** {what}. Cutoff "
               f"{d['index']} of {len(doc['cutoffs'])} passed Learn-then-Test; the first that failed had observed loss "

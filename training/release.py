@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stepprobe.paths import RunPaths
+from stepprobe.stats import format_interval
 
 GOALS = {"within_rank50": 0.75, "auroc": 0.80}
 ECE_GOAL = 0.05
@@ -41,9 +42,7 @@ def _f(v: Any, nd: int = 3) -> str:
 
 
 def _ci(d: dict[str, Any] | None) -> str:
-    if not d:
-        return "n/a"
-    return f"{_f(d.get('value'))} [{_f(d.get('lo'))}, {_f(d.get('hi'))}]"
+    return format_interval(d)
 
 
 def card(run: Path, *, recipe: str = "configs/released-smollm2-135m.yaml") -> str:
@@ -148,7 +147,7 @@ def _replay_section(run: Path) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r.get("vs_sc")
-        iv = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–"
+        iv = format_interval(d, signed=True, missing="–")
         rnd = _f(r["random"]["accuracy"]) if "random" in r else "–"
         orc = _f(r["oracle"]["accuracy"]) if "oracle" in r else "–"
         policy = r["policy"] + (f" ({r['rule']})" if r.get("rule") else "")
@@ -176,8 +175,8 @@ def trust_section(dest: Path) -> list[str]:
             f"self-consistency pass with it on the {cs['problems']} problems of `{Path(str(cs['problems_source'])).name}` "
             f"(N={t['holds_for']['n']}, KV budgets {', '.join(map(str, t['holds_for']['kv_blocks']))} blocks), "
             "replayed at every candidate cutoff (stepprobe calibrate).", "",
-            f"- vote: **{v['rule']}** (score-weighted minus majority {iv['diff']:+.3f} [{iv['low']:+.3f}, "
-            f"{iv['high']:+.3f}]; the weighted vote needs the interval above zero);",
+            f"- vote: **{v['rule']}** (score-weighted minus majority {format_interval(iv, signed=True)}; the "
+            "weighted vote needs the interval above zero);",
             f"- memory pruning at a tolerance of {d['tolerance']:g} (delta {d['delta']:g}): {what} "
             "(`--max-accuracy-loss none` restores the paper's rule).", ""]
 
