@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("boundary", "group", "group_step", "gdev", "text")
 FRACTIONS = (0.25, 0.5)
+BOOT = 1000  # the protocol's resample count (docs/group_signal.md), fixed before any result, not stats.N_BOOT
 REPLAY_RULES = (("memory", "score"), ("memory", "majority"), ("memory:group_gap", "majority"))
 
 
@@ -49,7 +50,7 @@ def ranking(scores: np.ndarray, hs, keep: np.ndarray) -> dict[str, Any]:
     for f in FRACTIONS:
         per = M.within_problem_rank(scores[keep], np.asarray(st["label"])[keep], np.asarray(st["trace"])[keep],
                                     pid[keep], np.asarray(st["rel_position"])[keep], f)
-        iv = mean_interval(list(per.values()))
+        iv = mean_interval(list(per.values()), n_boot=BOOT)
         out[f"rank{int(f * 100)}"] = {"value": float(np.mean(list(per.values()))) if per else float("nan"),
                                       "lo": iv.low, "hi": iv.high, "problems": len(per), "per_problem": per}
     return out
@@ -201,7 +202,7 @@ def sc_pass(results: str) -> dict[str, Any]:
     out = {"problems": len(records), "steps": len(trace)}
     for name, s in (("token confidence", np.asarray(conf)), ("text agreement", text), ("run's scorer (live)", np.asarray(live))):
         per = {f: M.within_problem_rank(s, np.asarray(label), trace, problem, rel, f) for f in FRACTIONS}
-        ivs = {f: mean_interval(list(p.values())) for f, p in per.items()}
+        ivs = {f: mean_interval(list(p.values()), n_boot=BOOT) for f, p in per.items()}
         out[name] = {f"rank{int(f * 100)}": {"value": float(np.mean(list(p.values()))), "problems": len(p),
                                              "lo": ivs[f].low, "hi": ivs[f].high} for f, p in per.items()}
     return out
