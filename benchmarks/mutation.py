@@ -57,7 +57,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "scheduler": (("stepprobe.inference.scheduler",),
                   ("tests/inference/test_scheduler.py", "tests/inference/test_scheduler_rules.py",
                    "tests/inference/test_scheduler_mutants.py")),
-    "voting": (("stepprobe.voting", "stepprobe.inference.voting"),
+    "voting": (("stepprobe.voting",),
                ("tests/inference/test_units.py", "tests/core/test_voting_rules.py")),
     "metrics": (("stepprobe.training.metrics",),
                 ("tests/training/test_data_metrics.py", "tests/training/test_metrics_rules.py",

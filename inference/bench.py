@@ -40,6 +40,7 @@ from stepprobe.options import (
 )
 from stepprobe.provenance import package_versions
 from stepprobe.stats import format_interval
+from stepprobe.voting import DEFAULT_VOTE
 
 from . import run as run_stage
 
@@ -50,7 +51,6 @@ CELL_KIND = "stepprobe-bench-cell"
 BENCH_SCHEMA_VERSION = 5  # 2: model and scorer provenance; resumable by KV budget; 3: paired intervals, per-trace seeds;
 # 4: step_positions count generated tokens (as results.jsonl schema 4)
 # 5: none+admission rows (SC sized not to preempt), admission_time_ratio
-DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 
 @dataclasses.dataclass

@@ -16,24 +16,33 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from stepprobe.options import ConfidenceOptions
+
+
+def window_means(token_conf: Sequence[float], window: int) -> np.ndarray:
+    """The mean of every full window of ``window`` consecutive token confidences; entry ``j``
+    is the window ending at token ``j + window - 1`` (empty when the trace is shorter)."""
+    cs = np.concatenate([[0.0], np.cumsum(np.asarray(token_conf, dtype=np.float64))])
+    return (cs[window:] - cs[:-window]) / window
+
 
 def trace_confidence(token_conf: Sequence[float] | None, window: int) -> float | None:
     """Lowest sliding-window mean of token confidences (whole trace if shorter than a window)."""
     if not token_conf:
         return None
-    c = np.asarray(token_conf, dtype=np.float64)
-    if len(c) <= window:
-        return float(c.mean())
-    cs = np.concatenate([[0.0], np.cumsum(c)])
-    return float(((cs[window:] - cs[:-window]) / window).min())
+    if len(token_conf) <= window:
+        return float(np.mean(np.asarray(token_conf, dtype=np.float64)))
+    return float(window_means(token_conf, window).min())
 
 
 @dataclasses.dataclass
 class ConfidenceFilter:
-    window: int = 64
-    percentile: float = 10.0
-    warmup: int = 4
-    topk: int = 5
+    """The online baseline's settings; defaults are :class:`~stepprobe.options.ConfidenceOptions`'."""
+
+    window: int = ConfidenceOptions.confidence_window
+    percentile: float = ConfidenceOptions.confidence_percentile
+    warmup: int = ConfidenceOptions.confidence_warmup
+    topk: int = ConfidenceOptions.confidence_topk
 
     def thresholds(self, warm: list[list[Any]]) -> list[float | None]:
         out = []
@@ -41,13 +50,6 @@ class ConfidenceFilter:
             vals = [trace_confidence(t.confidence, self.window) for t in traces]
             vals = [v for v in vals if v is not None]
             out.append(float(np.percentile(vals, self.percentile)) if vals else None)
-        return out
-
-    def generate(self, runner: Any, prompts: Sequence[str], *, n: int, seeds: Sequence[Sequence[int]] | None = None,
-                 **kwargs: Any) -> list[list[Any]]:
-        out: list[list[Any]] = [[] for _ in prompts]
-        for k, traces in self.generate_stream(runner, prompts, n=n, seeds=seeds, **kwargs):
-            out[k] = traces
         return out
 
     def generate_stream(self, runner: Any, prompts: Sequence[str], *, n: int,

@@ -10,22 +10,21 @@ from typing import Sequence
 import numpy as np
 
 from stepprobe.errors import StepprobeError
+from stepprobe.options import PruningOptions
 
-from .policies import (VICTIM_RULES, Live, TraceScore, below_group_best, below_threshold, cap_to_min_live,
+from .confidence import window_means
+from .policies import (POLICIES, VICTIM_RULES, Live, TraceScore, below_group_best, below_threshold, cap_to_min_live,
                        effective_min_keep, top_fraction_losers)
 from .replay_data import Params, Problem
 
-POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence", "relative")
 
-
-def parse_policy(name: str, default_rule: str = "score") -> tuple[str, str]:
+def parse_policy(name: str, default_rule: str = PruningOptions.memory_victim) -> tuple[str, str]:
     """``"memory:group_gap"`` -> ``("memory", "group_gap")``; other names keep ``default_rule``."""
     base, _, rule = name.partition(":")
     if base not in POLICIES or (rule and (base != "memory" or rule not in VICTIM_RULES)):
         raise StepprobeError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}, memory:<rule> with rule one of "
                              f"{', '.join(VICTIM_RULES)}")
     return base, rule or default_rule
-DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 
 def vote_correct(problem: Problem, pruned: Sequence[bool], method: str) -> bool:
@@ -107,8 +106,7 @@ def decide_confidence(problem: Problem, p: Params) -> list[int | None]:
         cut = None
         c = t.stop_confidence
         if k >= p.conf_warmup and thr is not None and c and len(c) >= p.conf_window:
-            cs = np.concatenate([[0.0], np.cumsum(np.asarray(c, dtype=np.float64))])
-            means = (cs[p.conf_window:] - cs[:-p.conf_window]) / p.conf_window  # window ending at token w-1+j
+            means = window_means(c, p.conf_window)  # entry j: the window ending at token w-1+j
             hit = np.nonzero(means < thr)[0]
             if len(hit):
                 s = int(hit[0]) + p.conf_window - 1  # flagged after step s

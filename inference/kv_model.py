@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from stepprobe.config import OptionGroup, option
 from stepprobe.errors import StepprobeError
+from stepprobe.options import PruningOptions
 
 from .policies import VICTIM_RULES, Live, TraceScore, below_cutoff, effective_min_keep, memory_victim_keys
 from .replay_data import Params, Problem
@@ -30,10 +31,10 @@ class SchedulerModel(OptionGroup):
     max_num_batched_tokens: int = option(4096, "tokens per engine step (vLLM's CPU default for LLM)")
     max_num_seqs: int = option(256, "running requests at most (vLLM's CPU default for LLM)")
     step_cost_tokens: float = option(64.0, "time model: one engine step costs as much as this many computed tokens")
-    protect_last: bool = option(True, "memory: never prune a problem's last live trace (as the scheduler)")
-    memory_victim: str = option("score", "memory victim rule for 'memory' (memory:<rule> names one): "
+    protect_last: bool = option(PruningOptions.protect_last, "memory: never prune a problem's last live trace (as the scheduler)")
+    memory_victim: str = option(PruningOptions.memory_victim, "memory victim rule for 'memory' (memory:<rule> names one): "
                                          + ", ".join(VICTIM_RULES))
-    min_live: int = option(0, "every policy keeps at least this many live traces per problem (as the scheduler)")
+    min_live: int = option(PruningOptions.min_live, "every policy keeps at least this many live traces per problem (as the scheduler)")
 
     def check(self) -> None:
         if self.memory_victim not in VICTIM_RULES:
@@ -73,8 +74,8 @@ class SimResult:
 
 def simulate(problems: list[Problem], targets: list[list[int]], *, kv_blocks: int, block_size: int,
              max_num_batched_tokens: int, max_num_seqs: int, memory: bool, params: Params,
-             protect_last: bool = True, phases: list[list[tuple[int, int]]] | None = None,
-             memory_rule: str = "score", follow: dict[int, list[tuple[int, int]]] | None = None,
+             protect_last: bool = PruningOptions.protect_last, phases: list[list[tuple[int, int]]] | None = None,
+             memory_rule: str = PruningOptions.memory_victim, follow: dict[int, list[tuple[int, int]]] | None = None,
              cutoff: float | None | Sequence[float | None] = None) -> SimResult:
     """vLLM's scheduler on the traces (see module docstring). ``targets[i][k]``: tokens trace k
     of problem i generates; ``phases``: groups of (problem, trace) submitted one after another,

@@ -16,13 +16,21 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
+#: The pruning policies a request may name (``none`` is plain self-consistency).
+POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence", "relative")
+#: How a trace's step scores become its score (:class:`TraceScore`).
+AGGREGATES = ("mean", "last", "min", "ema")
+#: The threshold policy's cut when neither the settings nor the scorer give one.
+DEFAULT_THRESHOLD = 0.5
+
 
 @dataclasses.dataclass
 class TraceScore:
-    """Running aggregate of one trace's step scores."""
+    """Running aggregate of one trace's step scores (``aggregate`` one of :data:`AGGREGATES`;
+    the defaults are the option group's, :class:`stepprobe.options.PruningOptions`)."""
 
-    aggregate: str = "mean"
-    ema_alpha: float = 0.3
+    aggregate: str
+    ema_alpha: float
     n: int = 0
     total: float = 0.0
     last: float = math.nan
@@ -50,20 +58,12 @@ class TraceScore:
         return self.ema
 
 
-def aggregate_scores(scores: Iterable[float], aggregate: str = "mean", ema_alpha: float = 0.3) -> float | None:
+def aggregate_scores(scores: Iterable[float], aggregate: str, ema_alpha: float) -> float | None:
     """The same aggregate as the scheduler's, over a finished list of step scores."""
     t = TraceScore(aggregate, ema_alpha)
     for s in scores:
         t.add(float(s))
     return t.value
-
-
-def memory_rank_key(score: float | None, prunable: bool) -> tuple[int, float]:
-    """Sort key for running traces so that the memory victim (vLLM pops the last) is the
-    lowest-scoring prunable one; unscored or protected traces keep their order in front."""
-    if not prunable or score is None:
-        return (0, 0.0)
-    return (1, -score)
 
 
 def below_cutoff(score: float | None, cutoff: float | None) -> bool:
@@ -164,7 +164,7 @@ def allowed_losers(live: Sequence[Live]) -> dict[str, int]:
     return out
 
 
-def memory_victim_keys(live: Sequence[Live], rule: str = "score") -> dict[str, tuple]:
+def memory_victim_keys(live: Sequence[Live], rule: str) -> dict[str, tuple]:
     """Sort key of every live trace such that, sorted ascending, the memory victims come last
     in the order ``rule`` would take them one by one (vLLM preempts the last running request).
 
@@ -196,7 +196,7 @@ def memory_victim_keys(live: Sequence[Live], rule: str = "score") -> dict[str, t
     return keys
 
 
-def memory_victim(live: Sequence[Live], rule: str = "score") -> str | None:
+def memory_victim(live: Sequence[Live], rule: str) -> str | None:
     """The one trace ``rule`` prunes next under memory pressure, or ``None`` (then vLLM preempts)."""
     keys = memory_victim_keys(live, rule)
     cands = [t.rid for t in live if keys[t.rid][0] == 1]

@@ -37,8 +37,8 @@ carries a paired bootstrap 95% interval over problems (:mod:`stepprobe.stats`).
 
 Votes: pruned traces do not vote; a trace without an answer does not vote; answers are
 merged into classes of equivalent answers once per problem (math-verify, as
-:func:`~stepprobe.inference.voting.merge_answers` does); **ties go to the answer class seen
-first in trace-index order**, the rule of :func:`~stepprobe.inference.voting.vote`.
+:func:`~stepprobe.voting.merge_answers` does); **ties go to the answer class seen
+first in trace-index order**, the rule of :func:`~stepprobe.voting.vote`.
 
 Writes ``replay.json`` (``stepprobe-replay``), ``replay.md`` (bench's table with intervals
 and the baselines) and ``replay.png`` (accuracy vs. output tokens and vs. model time, one
@@ -59,7 +59,9 @@ from stepprobe.config import StageConfig, option
 from stepprobe.data_collection.grading import grading_of
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, atomic_write_text
+from stepprobe.options import PruningOptions
 from stepprobe.provenance import check_schema, package_versions
+from stepprobe.voting import METHODS
 
 from .deciders import parse_policy
 from .kv_model import SchedulerModel
@@ -93,7 +95,8 @@ class Config(StageConfig, SchedulerModel):
     keep_fraction: float | None = option(None, "top_fraction keep fraction (default: the run's)")
     keep_step: int | None = option(None, "top_fraction ranking step (default: the run's)")
     aggregate: str | None = option(None, "trace score aggregate (default: the run's)")
-    relative_margin: float | None = option(None, "relative policy: margin below the group's best (default: the run's, else 0.1)")
+    relative_margin: float | None = option(None, "relative policy: margin below the group's best (default: the run's, else "
+                                                 f"{PruningOptions.relative_margin:g})")
     random_draws: int = option(200, "draws for the random-pruning baseline")
     seed: int = option(0, "seed of the random baseline and the bootstrap")
     limit: int | None = option(None, "only the first N problems")
@@ -108,10 +111,9 @@ class Config(StageConfig, SchedulerModel):
     def check(self) -> None:
         for p in self.policies:
             parse_policy(p)
-        bad = [v for v in self.votes if v not in ("majority", "score", "confidence")]
+        bad = [v for v in self.votes if v not in METHODS]
         if bad or not self.votes:
-            raise StepprobeError(f"replay: votes must be majority, score or confidence, got {self.votes}")
-
+            raise StepprobeError(f"replay: votes must be some of {', '.join(METHODS)}, got {self.votes}")
 
 
 def run(config: Config) -> Path:

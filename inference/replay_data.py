@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stepprobe.errors import ArtifactMismatch, StepprobeError
+from stepprobe.options import ConfidenceOptions, PruningOptions
 from stepprobe.provenance import check_schema
+from stepprobe.voting import merge_answers
 
-if TYPE_CHECKING:
-    from .replay import Config
+from .policies import DEFAULT_THRESHOLD
 
 
 @dataclasses.dataclass
@@ -48,8 +49,8 @@ class Params:
     conf_window: int
     conf_percentile: float
     conf_warmup: int
-    relative_margin: float = 0.1
-    min_live: int = 0
+    relative_margin: float = PruningOptions.relative_margin
+    min_live: int = PruningOptions.min_live
 
 
 def load_run(path: str | Path, limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -80,8 +81,6 @@ def load_run(path: str | Path, limit: int | None = None) -> tuple[dict[str, Any]
 
 
 def build_problems(records: list[dict[str, Any]]) -> list[Problem]:
-    from .voting import merge_answers
-
     out = []
     for r in records:
         plen = int(r.get("prompt_tokens") or 0)
@@ -130,12 +129,14 @@ def trust_cutoffs(problems: list[Problem], trust: dict[str, Any]) -> tuple[list[
 
 
 def params_from(config: Any, header: dict[str, Any]) -> Params:
-    """The policies' parameters: the config's where it sets them (replay's options), else the run's."""
+    """The policies' parameters: the config's where it sets them (replay's options), else the
+    run's (its header's config), else the option groups' defaults."""
     rc = header.get("config", {})
 
-    def pick(name: str, run_key: str | None = None, default: Any = None) -> Any:
+    def pick(name: str, group: type = PruningOptions) -> Any:
         v = getattr(config, name, None)
-        return v if v is not None else rc.get(run_key or name, default)
+        v = rc.get(name) if v is None else v
+        return getattr(group, name) if v is None else v
 
     thr = pick("threshold")
     if thr is None and rc.get("scorer"):
@@ -146,14 +147,14 @@ def params_from(config: Any, header: dict[str, Any]) -> Params:
         except Exception as e:  # noqa: BLE001 - a moved scorer: say what to pass
             raise StepprobeError(f"replay: cannot read the run's scorer for its threshold ({e}); pass --threshold")
     return Params(
-        threshold=float(0.5 if thr is None else thr),
-        warmup_steps=int(pick("warmup_steps", default=2)), keep_fraction=float(pick("keep_fraction", default=0.5)),
-        keep_step=int(pick("keep_step", default=3)), aggregate=str(pick("aggregate", default="mean")),
-        ema_alpha=float(rc.get("ema_alpha", 0.3)),
-        conf_window=int(rc.get("confidence_window", 64)), conf_percentile=float(rc.get("confidence_percentile", 10.0)),
-        conf_warmup=int(rc.get("confidence_warmup", 4)),
-        relative_margin=float(pick("relative_margin", default=0.1)), min_live=int(getattr(config, "min_live", 0)))
-
+        threshold=float(DEFAULT_THRESHOLD if thr is None else thr), warmup_steps=int(pick("warmup_steps")),
+        keep_fraction=float(pick("keep_fraction")), keep_step=int(pick("keep_step")),
+        aggregate=str(pick("aggregate")), ema_alpha=float(pick("ema_alpha")),
+        conf_window=int(pick("confidence_window", ConfidenceOptions)),
+        conf_percentile=float(pick("confidence_percentile", ConfidenceOptions)),
+        conf_warmup=int(pick("confidence_warmup", ConfidenceOptions)),
+        relative_margin=float(pick("relative_margin")),
+        min_live=int(getattr(config, "min_live", PruningOptions.min_live)))
 
 
 def load_bench(path: str | Path) -> dict[str, Any]:
@@ -170,7 +171,7 @@ def load_bench(path: str | Path) -> dict[str, Any]:
 
 
 
-def load_trust(config: Config, header: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+def load_trust(config: Any, header: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     """The trust.json for the risk-controlled rows: ``--trust`` (a file or a scorer directory),
     or with ``auto`` the run's scorer's, checked against the run's scorer weights."""
     from .calibrate import FILE_NAME, read_trust

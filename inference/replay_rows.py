@@ -5,18 +5,18 @@ at every budget, and the check against a bench's live policies."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from stepprobe.options import PruningOptions
 from stepprobe.stats import paired_bootstrap
+from stepprobe.voting import DEFAULT_VOTE
 
-from .deciders import DECIDERS, DEFAULT_VOTE, POLICIES, apply_min_live, parse_policy, vote_correct
+from .deciders import DECIDERS, apply_min_live, parse_policy, vote_correct
 from .kv_model import simulate
+from .policies import POLICIES
 from .replay_data import Params, Problem, build_problems, params_from, trust_cutoffs
-
-if TYPE_CHECKING:
-    from .replay import Config
 
 
 @dataclasses.dataclass
@@ -133,7 +133,7 @@ def admission_seqs(problems: list[Problem], kv_blocks: int, config: Any, params:
 
 
 
-def replay(problems: list[Problem], config: Config, params: Params, trust: dict[str, Any] | None = None) -> dict[str, Any]:
+def replay(problems: list[Problem], config: Any, params: Params, trust: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every policy at every budget, with each vote asked for: rows of bench's table plus
     intervals and baselines (random and oracle pruning; SC with fewer traces at the same tokens;
     SC admitted so it never preempts; the risk-controlled rule of ``trust``)."""
@@ -216,7 +216,7 @@ def _votes_of(policy: str, votes: Sequence[str]) -> list[str]:
 
 
 
-def live_check(config: Config, bench: dict[str, Any]) -> list[dict[str, Any]]:
+def live_check(config: Any, bench: dict[str, Any]) -> list[dict[str, Any]]:
     """Replay the bench's own SC traces at each of its KV budgets and put each live policy's
     row beside the replayed one: accuracy, token and preemption counts, and how many traces
     the replay prunes exactly as the live engine did."""
@@ -225,7 +225,7 @@ def live_check(config: Config, bench: dict[str, Any]) -> list[dict[str, Any]]:
     header = {"config": {**bench["config"], "policy": "none"}}
     params = params_from(config, header)
     bc = bench["config"]
-    cutoff = resolve_trust(bc.get("scorer"), bc.get("max_accuracy_loss"), bc.get("risk_delta", 0.1),
+    cutoff = resolve_trust(bc.get("scorer"), bc.get("max_accuracy_loss"), bc.get("risk_delta", PruningOptions.risk_delta),
                            bc.get("prune_below")).cutoff if "max_accuracy_loss" in bc else None
     out = []
     for kv in bench["config"]["kv_blocks"]:

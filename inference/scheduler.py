@@ -42,9 +42,11 @@ import re
 from collections import defaultdict
 from typing import Any
 
+from stepprobe.options import ConfidenceOptions
+
 from .plugin import PluginSettings, check_policy, check_supported, request_overrides
-from .policies import (Live, TraceScore, below_cutoff, below_group_best, below_threshold, cap_to_min_live, effective_min_keep,
-                       memory_victim_keys, top_fraction_losers)
+from .policies import (DEFAULT_THRESHOLD, Live, TraceScore, below_cutoff, below_group_best, below_threshold,
+                       cap_to_min_live, effective_min_keep, memory_victim_keys, top_fraction_losers)
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,12 @@ class _Trace:
     score: TraceScore
     policy: str
     group: str
+    min_live: int
+    relative_margin: float
     done: bool = False
     conf_threshold: float | None = None
-    conf_window: int = 64
+    conf_window: int = ConfidenceOptions.confidence_window
     conf: Any = None  # deque of recent token confidences (confidence policy)
-    min_live: int = 0
-    relative_margin: float = 0.1
 
 
 class PruningMixin:
@@ -81,7 +83,7 @@ class PruningMixin:
         if self._sp_threshold is None and self._sp.scorer:
             from stepprobe.probes.checkpoint import read_scorer_meta
 
-            self._sp_threshold = float(read_scorer_meta(self._sp.scorer).get("threshold", 0.5))
+            self._sp_threshold = float(read_scorer_meta(self._sp.scorer).get("threshold", DEFAULT_THRESHOLD))
         # Risk-controlled memory pruning: only traces scored below the cutoff the scorer's
         # calibration earned may go (None: the paper's rule; see inference/calibrate.py).
         from .calibrate import resolve_trust
@@ -116,7 +118,7 @@ class PruningMixin:
             from collections import deque
 
             trace.conf_threshold = over.get("conf_threshold")
-            trace.conf_window = int(over.get("conf_window", 64))
+            trace.conf_window = int(over.get("conf_window", ConfidenceOptions.confidence_window))
             trace.conf = deque(maxlen=trace.conf_window)
         old = self._sp_traces.get(request.request_id)
         if old is not None and not old.done:  # the same id again: forget the old trace

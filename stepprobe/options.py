@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from .config import OptionGroup, option
 from .data_collection.grading import DEFAULT_GRADING, check_grading
 from .data_collection.prompts import DEFAULT_SYSTEM_PROMPT, prompt_preset
 from .errors import StepprobeError
+from .inference.policies import AGGREGATES, POLICIES, VICTIM_RULES
 from .risk import DEFAULT_DELTA, DEFAULT_TOLERANCE
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,6 @@ class GradingOption(OptionGroup):
         check_grading(self.grading)
 
 
-POLICIES = ("none", "memory", "threshold", "top_fraction", "confidence", "relative")
-AGGREGATES = ("mean", "last", "min", "ema")
-
-
 def check_policy(policy: str) -> str:
     if policy not in POLICIES:
         raise StepprobeError(f"unknown pruning policy {policy!r}; known: {', '.join(POLICIES)}")
@@ -153,7 +150,7 @@ def check_policy(policy: str) -> str:
 class PolicyOption(OptionGroup):
     """The default pruning policy (``bench`` takes a list of policies instead)."""
 
-    policy: str = option("memory", "pruning policy: none, memory, threshold, top_fraction, confidence, relative")
+    policy: str = option("memory", "pruning policy: " + ", ".join(POLICIES))
 
     def check(self) -> None:
         check_policy(self.policy)
@@ -165,7 +162,7 @@ class PruningOptions(OptionGroup):
 
     scorer: str | None = option(None, "scorer checkpoint directory (stepprobe export); none = no scoring (default: "
                                       "the default model's released scorer, where one is shipped)")
-    aggregate: str = option("mean", "trace score from step scores: mean, last, min, ema")
+    aggregate: str = option("mean", "trace score from step scores: " + ", ".join(AGGREGATES))
     ema_alpha: float = option(0.3, "aggregate ema: weight of the newest step score")
     threshold: float | None = option(None, "threshold policy: prune below this score (default: the scorer's)")
     warmup_steps: int = option(2, "threshold policy: steps before a trace can be pruned")
@@ -204,8 +201,6 @@ class PruningOptions(OptionGroup):
             raise StepprobeError(f"unknown score aggregate {self.aggregate!r}; known: {', '.join(AGGREGATES)}")
         if not 0 < self.keep_fraction <= 1:
             raise StepprobeError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
-        from .inference.policies import VICTIM_RULES
-
         if self.memory_victim not in VICTIM_RULES:
             raise StepprobeError(f"unknown memory victim rule {self.memory_victim!r}; known: {', '.join(VICTIM_RULES)}")
         if int(self.min_live) < 0:
@@ -369,11 +364,6 @@ def _same(name: str, a: Any, b: Any) -> bool:
     if name == "system_prompt":  # None and '' both leave the system turn to the template
         return (a or "") == (b or "")
     return a == b
-
-
-def declared_in(groups: Iterable[type]) -> dict[str, type]:
-    """field name -> the group that declares it (for tests and docs)."""
-    return {f.name: g for g in groups for f in dataclasses.fields(g)}
 
 
 GROUPS: dict[str, type] = {

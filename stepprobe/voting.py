@@ -22,6 +22,8 @@ from typing import Sequence
 from .errors import StepprobeError
 
 METHODS = ("majority", "score", "confidence")
+#: The vote of a policy's own rows where none is asked for (any other policy: majority).
+DEFAULT_VOTE = {"none": "majority", "confidence": "confidence"}
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ import pytest
 
 from stepprobe.inference.policies import (Live, aggregate_scores, below_group_best, below_threshold, cap_to_min_live,
                                           group_gaps, memory_victim, memory_victim_keys, top_fraction_losers)
+from stepprobe.options import PruningOptions
 
 
 def test_cap_to_min_live_looks_at_every_group():
@@ -17,10 +18,9 @@ def test_cap_to_min_live_looks_at_every_group():
     assert cap_to_min_live(["b0", "b1"], live) == ["b1"]  # "b" keeps one: the lowest goes
 
 
-def test_memory_victim_keys_default_rule_is_score_and_unknown_rules_are_named():
+def test_memory_victim_keys_score_rule_and_unknown_rules_are_named():
     live = [Live("x", "g", 0.9, True, 1), Live("y", "g", 0.2, True, 1), Live("z", "g", 0.5, True, 1)]
-    keys = memory_victim_keys(live)
-    assert keys == memory_victim_keys(live, "score")
+    keys = memory_victim_keys(live, "score")
     assert sorted(keys, key=keys.get)[-1] == "y"  # sorted ascending, the victim comes last
     with pytest.raises(ValueError, match="unknown memory victim rule 'worst'; known: score, group_gap, group_largest"):
         memory_victim_keys(live, "worst")
@@ -43,9 +43,11 @@ def test_group_gap_ties_go_to_the_lower_score():
         assert sorted(keys, key=keys.get)[-2:] == ["a1", "b1"]
 
 
-def test_aggregate_defaults_are_mean_and_ema_alpha_0_3():
-    assert aggregate_scores([1.0, 0.5, 0.0]) == 0.5
-    assert aggregate_scores([1.0, 0.0], "ema") == pytest.approx(0.7)  # 0.3 * 0 + 0.7 * 1
+def test_the_option_group_declares_the_rules_defaults():
+    """The rules take no defaults of their own; the pruning options declare them once."""
+    assert (PruningOptions.aggregate, PruningOptions.ema_alpha, PruningOptions.memory_victim) == ("mean", 0.3, "score")
+    assert aggregate_scores([1.0, 0.5, 0.0], "mean", 0.3) == 0.5
+    assert aggregate_scores([1.0, 0.0], "ema", 0.3) == pytest.approx(0.7)  # 0.3 * 0 + 0.7 * 1
     assert aggregate_scores([1.0, 0.0], "ema", 0.5) == pytest.approx(0.5)
 
 
@@ -70,10 +72,10 @@ def test_cap_to_min_live_takes_scored_before_unscored():
     assert cap_to_min_live(["u1", "u2", "x"], live[:3]) == ["x", "u1"]
 
 
-def test_memory_victim_default_rule_is_score():
+def test_memory_victim_score_rule_is_lowest_overall_group_gap_within_a_problem():
     live = [Live("a0", "A", 0.9, True, 1), Live("a1", "A", 0.5, True, 1), Live("b0", "B", 0.3, True, 1),
             Live("b1", "B", 0.25, True, 1)]
-    assert memory_victim(live) == "b1" == memory_victim(live, "score")
+    assert memory_victim(live, "score") == "b1"
     assert memory_victim(live, "group_gap") == "a1"
 
 

@@ -122,7 +122,7 @@ def test_memory_policy_on_a_tight_cache_by_hand():
 
 
 def test_fast_vote_equals_the_voting_module(tmp_path):
-    from stepprobe.inference.voting import Ballot, vote
+    from stepprobe.voting import Ballot, vote
 
     problems = build_problems(synthetic_records())
     for pr in problems:
@@ -327,3 +327,31 @@ def test_calibrate_writes_trust_and_replay_shows_the_risk_controlled_rule(tmp_pa
     with pytest.raises(Exception, match="serves tolerances up to 0.05"):
         cal.resolve_trust(str(sdir), 0.2, 0.1)
     assert cal.resolve_trust(str(tmp_path), 0.01, 0.1).cutoff == 0.0  # no trust.json: nothing is pruned
+
+
+def test_replay_scores_traces_with_the_runs_ema_alpha(tmp_path):
+    """Defect 2 of issue 24: replay took ema_alpha 0.3 whatever the run used. A trace scored
+    (.6, .4): with the run's alpha .9 its ema falls to .42 < .5 at its second step (g=3) and the
+    threshold policy cuts it at 5 tokens; with .3 it stays at .54 and is never cut."""
+    traces = [_trace(0, "1", True, 8, [1, 3], [0.6, 0.4]), _trace(1, "1", True, 8, [1, 3], [0.9, 0.9])]
+    recs = [{"problem_id": "A", "gold": "1", "prompt_tokens": PLEN, "pruned": 0, "traces": traces}]
+    d = write_run(tmp_path, recs, config={**RUN_CONFIG, "aggregate": "ema", "ema_alpha": 0.9})
+    data = rp.read_replay(rp.run(rp.Config(results=str(d), kv_blocks=[0], random_draws=2,
+                                           policies=["none", "threshold"])))
+    assert data["params"]["ema_alpha"] == 0.9 and data["params"]["aggregate"] == "ema"
+    th = next(r for r in data["rows"] if r["policy"] == "threshold")
+    assert th["pruned"] == 1 and th["output_tokens"] == 5 + 8
+
+
+def test_params_missing_from_the_run_are_the_option_groups_defaults():
+    from stepprobe.options import ConfidenceOptions, PruningOptions
+
+    p = params_from(rp.Config(), {"config": {"policy": "none", "threshold": 0.4}})
+    assert (p.warmup_steps, p.keep_fraction, p.keep_step, p.aggregate, p.ema_alpha, p.relative_margin, p.min_live) == (
+        PruningOptions.warmup_steps, PruningOptions.keep_fraction, PruningOptions.keep_step, PruningOptions.aggregate,
+        PruningOptions.ema_alpha, PruningOptions.relative_margin, PruningOptions.min_live)
+    assert (p.conf_window, p.conf_percentile, p.conf_warmup) == (
+        ConfidenceOptions.confidence_window, ConfidenceOptions.confidence_percentile,
+        ConfidenceOptions.confidence_warmup)
+    # the replay's own options win over the run's
+    assert params_from(rp.Config(keep_step=7), {"config": {"keep_step": 5, "threshold": 0.4}}).keep_step == 7

@@ -7,20 +7,21 @@ import pytest
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.inference.confidence import ConfidenceFilter, trace_confidence
 from stepprobe.inference.plugin import PluginSettings, engine_kwargs, request_overrides, serve_args
-from stepprobe.inference.policies import (TraceScore, aggregate_scores, below_threshold, memory_rank_key,
+from stepprobe.inference.policies import (Live, TraceScore, aggregate_scores, below_threshold, memory_victim_keys,
                                           top_fraction_losers)
-from stepprobe.inference.voting import Ballot, vote
+from stepprobe.voting import Ballot, vote
 
 
 @pytest.mark.parametrize("agg,expected", [("mean", 0.5), ("last", 0.2), ("min", 0.2), ("ema", 0.3 * 0.2 + 0.7 * 0.8)])
 def test_aggregates(agg, expected):
     assert aggregate_scores([0.8, 0.2], agg, ema_alpha=0.3) == pytest.approx(expected)
-    assert TraceScore(agg).value is None
+    assert TraceScore(agg, 0.3).value is None
 
 
 def test_memory_rank_puts_lowest_prunable_last():
     traces = {"a": (0.9, True), "b": (0.1, True), "c": (None, True), "d": (0.05, False), "e": (0.5, True)}
-    order = sorted(traces, key=lambda r: memory_rank_key(*traces[r]))
+    keys = memory_victim_keys([Live(r, "g", s, p) for r, (s, p) in traces.items()], "score")
+    order = sorted(traces, key=keys.__getitem__)
     assert order[-1] == "b"
     assert set(order[:2]) == {"c", "d"}  # unscored and protected traces are never the victim
 
