@@ -104,3 +104,13 @@ def helpers():
     return types.SimpleNamespace(NL=NL, NLNL=NLNL, SITES=SITES, NUM_KV_BLOCKS=NUM_KV_BLOCKS,
                                  good_bias=good_bias, bad_bias=bad_bias, blocks_for=blocks_for,
                                  tiny_identity=tiny_identity)
+
+
+@pytest.fixture
+def build_scheduler(tiny_model_path):
+    """The pruning scheduler on vLLM's real classes, on the tiny model (scheduler_harness.py)."""
+    import functools
+
+    from scheduler_harness import build_scheduler as build
+
+    return functools.partial(build, tiny_model_path)

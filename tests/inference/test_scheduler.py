@@ -15,34 +15,7 @@ from collections import deque
 
 import pytest
 
-BLOCK = 16
-PROMPT = 8
-MAX_TOKENS = 24  # 32 tokens = two blocks per request; four requests need 8 blocks
-NUM_BLOCKS = 7
-
-
-def make_scheduler(model_path: str, *, async_scheduling: bool, settings: dict, num_blocks: int = NUM_BLOCKS):
-    import torch
-    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
-
-    from stepprobe.inference.scheduler import StepprobeScheduler
-
-    # These builders pin the mechanics of the paper's memory rule; the risk-controlled default
-    # (a cutoff from the scorer's trust.json, nothing pruned without one) has its own tests.
-    settings = {"max_accuracy_loss": None, **settings}
-    sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=256,
-                            enable_chunked_prefill=True, is_encoder_decoder=False)
-    cache = CacheConfig(block_size=BLOCK)
-    config = VllmConfig(scheduler_config=sched, model_config=ModelConfig(model=model_path, dtype="float32", seed=0),
-                        cache_config=cache, additional_config={"stepprobe": settings})
-    config.scheduler_config.async_scheduling = async_scheduling  # the CPU platform forces it off
-    cache.num_gpu_blocks = num_blocks
-    kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(
-        ["layer"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=32, dtype=torch.float32))])
-    return StepprobeScheduler(config, kv_cache_config=kv, structured_output_manager=StructuredOutputManager(config),
-                              block_size=BLOCK, log_stats=True)
+from scheduler_harness import BLOCK, MAX_TOKENS, PROMPT
 
 
 def add_requests(scheduler, n: int, extra: dict) -> None:
@@ -99,9 +72,9 @@ SCORES = {"r0": 0.9, "r1": 0.8, "r2": 0.7, "r3": 0.1}
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
-def test_memory_policy_prunes_lowest_instead_of_preempting(tiny_model_path, async_scheduling):
-    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling,
-                       settings={"policy": "memory", "scorer": "unused", "threshold": 0.5})
+def test_memory_policy_prunes_lowest_instead_of_preempting(build_scheduler, async_scheduling):
+    s = build_scheduler(async_scheduling=async_scheduling,
+                        settings={"policy": "memory", "scorer": "unused", "threshold": 0.5})
     assert type(s).__name__ == ("StepprobeAsyncScheduler" if async_scheduling else "StepprobeScheduler")
     add_requests(s, 4, {"group": "g"})
     done = drive(s, SCORES, in_flight=2 if async_scheduling else 1)
@@ -113,17 +86,17 @@ def test_memory_policy_prunes_lowest_instead_of_preempting(tiny_model_path, asyn
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
-def test_policy_none_preempts_and_still_finishes_everything(tiny_model_path, async_scheduling):
-    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, settings={"policy": "none"})
+def test_policy_none_preempts_and_still_finishes_everything(build_scheduler, async_scheduling):
+    s = build_scheduler(async_scheduling=async_scheduling, settings={"policy": "none"})
     add_requests(s, 4, {"group": "g"})
     done = drive(s, SCORES, in_flight=2 if async_scheduling else 1)
     assert all(done[r] == ("length", None, MAX_TOKENS) for r in SCORES)
     assert s.stepprobe_counts["preempted"] > 0 and s.stepprobe_counts["pruned"] == 0
 
 
-def test_threshold_policy_under_async_scheduling(tiny_model_path):
-    s = make_scheduler(tiny_model_path, async_scheduling=True,
-                       settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 3})
+def test_threshold_policy_under_async_scheduling(build_scheduler):
+    s = build_scheduler(async_scheduling=True,
+                        settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 3})
     add_requests(s, 2, {"group": "t"})
     done = drive(s, {"r0": 0.9, "r1": 0.2}, in_flight=2)
     assert done["r0"] == ("length", None, MAX_TOKENS)
@@ -154,9 +127,9 @@ GROUPED_SCORES = {"b0": 0.9, "b1": 0.5, "a0": 0.30, "a1": 0.25}
 
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("rule,victim", [("score", "a1"), ("group_gap", "b1"), ("group_largest", "b1")])
-def test_memory_victim_rule_picks_within_its_own_problem(tiny_model_path, async_scheduling, rule, victim):
-    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling,
-                       settings={"policy": "memory", "scorer": "unused", "threshold": 0.5, "memory_victim": rule})
+def test_memory_victim_rule_picks_within_its_own_problem(build_scheduler, async_scheduling, rule, victim):
+    s = build_scheduler(async_scheduling=async_scheduling,
+                        settings={"policy": "memory", "scorer": "unused", "threshold": 0.5, "memory_victim": rule})
     add_grouped(s, GROUPED)
     done = drive(s, GROUPED_SCORES, in_flight=2 if async_scheduling else 1)
     assert done[victim][:2] == ("stop", "pruned") and 0 < done[victim][2] < MAX_TOKENS
@@ -173,12 +146,12 @@ SIX_SCORES = {"a0": 0.9, "a1": 0.8, "a2": 0.5, "b0": 0.3, "b1": 0.25, "b2": 0.2}
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
-def test_min_live_holds_under_memory_pressure(tiny_model_path, async_scheduling):
+def test_min_live_holds_under_memory_pressure(build_scheduler, async_scheduling):
     """Six traces need 12 blocks, 7 exist: three must go. With min_live=2 each problem gives up
     one trace (its lowest: a2 scores above all of B), then vLLM preempts instead."""
-    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, num_blocks=7,
-                       settings={"policy": "memory", "scorer": "unused", "threshold": 0.5,
-                                 "memory_victim": "group_gap", "min_live": 2})
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=7,
+                        settings={"policy": "memory", "scorer": "unused", "threshold": 0.5,
+                        "memory_victim": "group_gap", "min_live": 2})
     add_grouped(s, SIX)
     done = drive(s, SIX_SCORES, in_flight=2 if async_scheduling else 1)
     pruned = {r for r, d in done.items() if d[1] == "pruned"}
@@ -190,30 +163,30 @@ def test_min_live_holds_under_memory_pressure(tiny_model_path, async_scheduling)
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
-def test_relative_policy_and_min_live_for_flagged_prunes(tiny_model_path, async_scheduling):
+def test_relative_policy_and_min_live_for_flagged_prunes(build_scheduler, async_scheduling):
     """Relative: a2 and a1 fall more than 0.1 below a0; B's traces are within 0.1 of each other.
     min_live=2 lets A lose only one, its lowest."""
-    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32,
-                       settings={"policy": "relative", "scorer": "unused", "threshold": 0.5, "relative_margin": 0.1,
-                                 "warmup_steps": 2, "min_live": 2})
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=32,
+                        settings={"policy": "relative", "scorer": "unused", "threshold": 0.5, "relative_margin": 0.1,
+                        "warmup_steps": 2, "min_live": 2})
     add_grouped(s, [("a0", "A"), ("a1", "A"), ("a2", "A"), ("b0", "B"), ("b1", "B")])
     done = drive(s, {"a0": 0.9, "a1": 0.7, "a2": 0.6, "b0": 0.3, "b1": 0.25}, in_flight=2 if async_scheduling else 1)
     assert done["a2"][:2] == ("stop", "pruned") and 2 <= done["a2"][2] < MAX_TOKENS
     assert all(done[r] == ("length", None, MAX_TOKENS) for r in ("a0", "a1", "b0", "b1"))
 
 
-def test_threshold_policy_keeps_min_live_per_request_override(tiny_model_path):
+def test_threshold_policy_keeps_min_live_per_request_override(build_scheduler):
     """min_live applies to every policy and a request may set it: both traces are below the
     threshold, one is kept."""
-    s = make_scheduler(tiny_model_path, async_scheduling=True, num_blocks=32,
-                       settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 2})
+    s = build_scheduler(async_scheduling=True, num_blocks=32,
+                        settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 2})
     add_grouped(s, [("t0", "T"), ("t1", "T")], extra={"min_live": 1})
     done = drive(s, {"t0": 0.2, "t1": 0.1}, in_flight=2)
     assert done["t1"][:2] == ("stop", "pruned") and done["t0"] == ("length", None, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_memory_policy_orders_running_only_when_a_preemption_is_possible(tiny_model_path, async_scheduling,
+def test_memory_policy_orders_running_only_when_a_preemption_is_possible(build_scheduler, async_scheduling,
                                                                           monkeypatch):
     """Ordering every running trace each step costs O(running); it is skipped while the free KV
     blocks cover the most one step can allocate, and done as soon as they may not."""
@@ -223,12 +196,12 @@ def test_memory_policy_orders_running_only_when_a_preemption_is_possible(tiny_mo
     real = S.memory_victim_keys
     monkeypatch.setattr(S, "memory_victim_keys", lambda *a, **k: calls.append(1) or real(*a, **k))
     mem = {"policy": "memory", "scorer": "unused", "threshold": 0.5}
-    roomy = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, settings=mem, num_blocks=200)
+    roomy = build_scheduler(async_scheduling=async_scheduling, settings=mem, num_blocks=200)
     add_requests(roomy, 4, {"group": "g"})
     for _ in range(3):
         roomy.schedule()
     assert roomy._sp_may_preempt() is False and calls == []
-    tight = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, settings=mem)
+    tight = build_scheduler(async_scheduling=async_scheduling, settings=mem)
     add_requests(tight, 4, {"group": "g"})
     tight.schedule()
     assert tight._sp_may_preempt() is True

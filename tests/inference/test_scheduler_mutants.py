@@ -24,40 +24,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_scheduler import BLOCK, PROMPT
+from scheduler_harness import BLOCK, PROMPT
 from test_scheduler_rules import engine_core_loop
 
 MODES = pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 LONG = 24
-
-
-def build(model_path: str, *, async_scheduling: bool, settings: dict, num_blocks: int = 7, groups: int = 1,
-          watermark: float = 0.0, log_stats: bool = True, positional: bool = False, batched_tokens: int = 256):
-    import torch
-    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
-
-    from stepprobe.inference.scheduler import StepprobeScheduler
-
-    # These builders pin the mechanics of the paper's memory rule; the risk-controlled default
-    # (a cutoff from the scorer's trust.json, nothing pruned without one) has its own tests.
-    settings = {"max_accuracy_loss": None, **settings}
-    sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=batched_tokens, max_model_len=256,
-                            enable_chunked_prefill=True, is_encoder_decoder=False, watermark=watermark)
-    cache = CacheConfig(block_size=BLOCK)
-    config = VllmConfig(scheduler_config=sched, model_config=ModelConfig(model=model_path, dtype="float32", seed=0),
-                        cache_config=cache, additional_config={"stepprobe": settings})
-    config.scheduler_config.async_scheduling = async_scheduling
-    cache.num_gpu_blocks = num_blocks
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=32, dtype=torch.float32)
-    kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
-                       kv_cache_groups=[KVCacheGroupSpec([f"layer{i}"], spec) for i in range(groups)])
-    som = StructuredOutputManager(config)
-    if positional:
-        return StepprobeScheduler(config, kv, som, BLOCK, None)
-    return StepprobeScheduler(config, kv_cache_config=kv, structured_output_manager=som, block_size=BLOCK,
-                              log_stats=log_stats)
 
 
 def add(scheduler, specs: dict[str, dict], *, max_tokens: dict | None = None, client: dict | None = None,
@@ -166,15 +137,15 @@ def test_the_built_classes_are_named_and_placed_for_their_base():
 
 
 @MODES
-def test_positional_constructor_arguments_reach_vllm(tiny_model_path, async_scheduling):
-    s = build(tiny_model_path, async_scheduling=async_scheduling, settings={"policy": "none"}, positional=True)
+def test_positional_constructor_arguments_reach_vllm(build_scheduler, async_scheduling):
+    s = build_scheduler(async_scheduling=async_scheduling, settings={"policy": "none"}, positional=True)
     assert s.block_size == BLOCK and s.kv_cache_config.num_blocks == 7
     add(s, {"r0": {}})
     done, _ = drive(s, in_flight=1)
     assert done == {"r0": FULL}
 
 
-def test_a_scorer_refuses_pipeline_parallelism(tiny_model_path, monkeypatch):
+def test_a_scorer_refuses_pipeline_parallelism(build_scheduler, monkeypatch):
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from stepprobe.inference.plugin import StepprobeError
@@ -187,23 +158,23 @@ def test_a_scorer_refuses_pipeline_parallelism(tiny_model_path, monkeypatch):
 
     monkeypatch.setattr(Scheduler, "__init__", init)
     with pytest.raises(StepprobeError, match="pipeline parallelism"):
-        build(tiny_model_path, async_scheduling=False, settings={"policy": "threshold", "scorer": "x", "threshold": 0.5})
+        build_scheduler(async_scheduling=False, settings={"policy": "threshold", "scorer": "x", "threshold": 0.5})
     # Without a scorer (none given, not even the released default) nothing is scored, so nothing is refused.
-    build(tiny_model_path, async_scheduling=False, settings={"policy": "none", "scorer": "none"})
+    build_scheduler(async_scheduling=False, settings={"policy": "none", "scorer": "none"})
 
 
 # --------------------------------------------------------------------- the KV-room bound
 @pytest.mark.parametrize("spec,look,watermark,groups", [(0, 0, 0.0, 1), (3, 0, 0.0, 1), (0, 3, 0.0, 1),
                                                         (2, 3, 0.04, 1), (0, 0, 0.04, 2), (1, 0, 0.0, 2)])
-def test_may_preempt_exactly_below_the_bound(tiny_model_path, spec, look, watermark, groups):
+def test_may_preempt_exactly_below_the_bound(build_scheduler, spec, look, watermark, groups):
     """The most one step can allocate: per KV-cache group, 2 blocks per running request plus the
     step's tokens (the budget, and per running request its lookahead and speculative tokens) in
     blocks, rounded up; plus vLLM's watermark. At the bound no preemption is possible; one
     block fewer, it is."""
     import math
 
-    s = build(tiny_model_path, async_scheduling=False, settings=MEM, num_blocks=200, groups=groups,
-              watermark=watermark)
+    s = build_scheduler(async_scheduling=False, settings=MEM, num_blocks=200, groups=groups,
+                        watermark=watermark)
     add(s, {f"r{i}": {"group": "g"} for i in range(4)})
     s.schedule()
     assert len(s.running) == 4
@@ -220,18 +191,18 @@ def test_may_preempt_exactly_below_the_bound(tiny_model_path, spec, look, waterm
     pool.free_blocks(taken)
 
 
-def test_may_preempt_when_the_kv_layout_is_unknown(tiny_model_path):
-    s = build(tiny_model_path, async_scheduling=False, settings=MEM, num_blocks=200)
+def test_may_preempt_when_the_kv_layout_is_unknown(build_scheduler):
+    s = build_scheduler(async_scheduling=False, settings=MEM, num_blocks=200)
     s.kv_cache_config.kv_cache_groups = []  # no block size to bound by: assume the worst
     assert s._sp_may_preempt() is True
 
 
 # --------------------------------------------------------------------- preemption
 @MODES
-def test_a_preemption_keeps_vllms_timestamp(tiny_model_path, async_scheduling):
+def test_a_preemption_keeps_vllms_timestamp(build_scheduler, async_scheduling):
     from vllm.v1.engine import EngineCoreEventType
 
-    s = build(tiny_model_path, async_scheduling=async_scheduling, settings={"policy": "none"})
+    s = build_scheduler(async_scheduling=async_scheduling, settings={"policy": "none"})
     reqs = add(s, {f"r{i}": {"group": "g"} for i in range(4)})
     stamps = []
     for r in reqs.values():
@@ -251,12 +222,12 @@ def test_a_preemption_keeps_vllms_timestamp(tiny_model_path, async_scheduling):
 
 # --------------------------------------------------------------------- what the client receives
 @MODES
-def test_a_pruned_traces_final_output_as_the_client_gets_it(tiny_model_path, async_scheduling):
+def test_a_pruned_traces_final_output_as_the_client_gets_it(build_scheduler, async_scheduling):
     from vllm.v1.engine import EngineCoreEventType, FinishReason
     from vllm.v1.request import RequestStatus
 
-    s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32, log_stats=False,
-              settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 3})
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=32, log_stats=False,
+                        settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 3})
     hdr = {"traceparent": "00-abc-def-01"}
     reqs = add(s, {"lo": {}, "hi": {}}, client={"lo": 1}, headers={"lo": hdr}, max_tokens={"hi": 4})
     # An event still to be delivered when the trace is pruned reaches the client with the prune.
@@ -271,11 +242,11 @@ def test_a_pruned_traces_final_output_as_the_client_gets_it(tiny_model_path, asy
 
 
 @MODES
-def test_a_pruned_output_carries_the_events_not_yet_sent(tiny_model_path, async_scheduling):
+def test_a_pruned_output_carries_the_events_not_yet_sent(build_scheduler, async_scheduling):
     from vllm.v1.engine import EngineCoreEventType
 
-    s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32,
-              settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 2})
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=32,
+                        settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 2})
     reqs = add(s, {"lo": {}})
     def mark():
         if not reqs["lo"].is_finished():
@@ -296,8 +267,8 @@ def _check_counters(s):
 
 
 @MODES
-def test_live_counters_stay_exact_through_finishes_and_prunes(tiny_model_path, async_scheduling):
-    s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=6, settings={**MEM, "protect_last": False})
+def test_live_counters_stay_exact_through_finishes_and_prunes(build_scheduler, async_scheduling):
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=6, settings={**MEM, "protect_last": False})
     specs = {"m0": {"group": "g"}, "m1": {"group": "g"}, "m2": {"group": "g"},
              "n0": {"group": "h", "policy": "none"}, "n1": {"group": "h", "policy": "none"},
              "t0": {"group": "t", "policy": "threshold"}}
@@ -313,11 +284,11 @@ def test_live_counters_stay_exact_through_finishes_and_prunes(tiny_model_path, a
 
 
 @MODES
-def test_a_group_is_forgotten_only_once_all_its_traces_finished(tiny_model_path, async_scheduling):
+def test_a_group_is_forgotten_only_once_all_its_traces_finished(build_scheduler, async_scheduling):
     # "short" finishes on its own first; its group still has "long", which the threshold
     # prunes only after its warm-up (well after "short" is gone).
-    s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32,
-              settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 10})
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=32,
+                        settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 10})
     add(s, {"short": {"group": "g"}, "long": {"group": "g"}, "other": {"group": "o"}}, max_tokens={"short": 3})
     done, _ = drive(s, in_flight=2 if async_scheduling else 1, scores=const({"short": 0.9, "long": 0.1, "other": 0.9}))
     assert done["short"] == ("length", None, 3) and done["other"] == FULL
@@ -325,9 +296,9 @@ def test_a_group_is_forgotten_only_once_all_its_traces_finished(tiny_model_path,
     assert not s._sp_traces and not s._sp_groups and not s._sp_live_count
 
 
-def test_a_group_name_used_again_is_decided_again(tiny_model_path):
-    s = build(tiny_model_path, async_scheduling=False, num_blocks=32,
-              settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5, "keep_fraction": 0.5,
+def test_a_group_name_used_again_is_decided_again(build_scheduler):
+    s = build_scheduler(async_scheduling=False, num_blocks=32,
+                        settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5, "keep_fraction": 0.5,
                         "keep_step": 3})
     for rnd in range(2):
         add(s, {f"a{rnd}": {"group": "q"}, f"b{rnd}": {"group": "q"}})
@@ -337,12 +308,12 @@ def test_a_group_name_used_again_is_decided_again(tiny_model_path):
 
 
 @MODES
-def test_a_trace_finishing_on_its_own_makes_its_groups_pending_decision(tiny_model_path, async_scheduling):
+def test_a_trace_finishing_on_its_own_makes_its_groups_pending_decision(build_scheduler, async_scheduling):
     # top_fraction decides once every live trace has keep_step steps. "u" never has one and
     # finishes after 6 tokens; "f0" and "f1" have their 3 steps long before, then no more step
     # ends. When "u" is gone, the group is decided at once: "f1" goes.
-    s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32,
-              settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5, "keep_fraction": 0.5,
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=32,
+                        settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5, "keep_fraction": 0.5,
                         "keep_step": 3})
     add(s, {"f0": {"group": "g"}, "f1": {"group": "g"}, "u": {"group": "g"}}, max_tokens={"u": 6})
     table = {"f0": 0.9, "f1": 0.1}
@@ -353,9 +324,9 @@ def test_a_trace_finishing_on_its_own_makes_its_groups_pending_decision(tiny_mod
 
 # --------------------------------------------------------------------- step scores
 @MODES
-def test_steps_of_an_untracked_request_are_ignored_and_the_rest_counted(tiny_model_path, async_scheduling):
-    s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32,
-              settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 4})
+def test_steps_of_an_untracked_request_are_ignored_and_the_rest_counted(build_scheduler, async_scheduling):
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=32,
+                        settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 4})
     add(s, {"ok": {}, "lo": {}})
     done, _ = drive(s, in_flight=2 if async_scheduling else 1, scores=const({"ok": 0.9, "lo": 0.1}),
                     extra_steps={"gone": [[0, 0.0], [1, 0.0]]})
@@ -370,10 +341,10 @@ UNSURE = [-0.7, -0.5, -1.0]  # confidence 0.75, below 2.0
 
 
 @MODES
-def test_confidence_reads_every_request_of_the_batch(tiny_model_path, async_scheduling):
+def test_confidence_reads_every_request_of_the_batch(build_scheduler, async_scheduling):
     # The batch starts with a request of another policy and one without a threshold: the
     # confidence request after them is still judged.
-    s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32, settings={"policy": "confidence"})
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=32, settings={"policy": "confidence"})
     add(s, {"other": {"policy": "none"}, "nothr": {"conf_window": 4},
             "unsure": {"conf_threshold": 2.0, "conf_window": 4}}, logprobs=2)
     done, _ = drive(s, in_flight=2 if async_scheduling else 1, rows={"other": UNSURE, "nothr": UNSURE, "unsure": UNSURE})
@@ -382,11 +353,11 @@ def test_confidence_reads_every_request_of_the_batch(tiny_model_path, async_sche
 
 
 # --------------------------------------------------------------------- groups and per-request settings
-def test_the_children_of_one_request_form_its_group(tiny_model_path):
+def test_the_children_of_one_request_form_its_group(build_scheduler):
     # vLLM names the children of an n > 1 request "{i}_{parent}": without a "group" they are
     # one problem each parent, so top_fraction keeps the better half of each parent's children.
-    s = build(tiny_model_path, async_scheduling=False, num_blocks=32,
-              settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5, "keep_fraction": 0.5,
+    s = build_scheduler(async_scheduling=False, num_blocks=32,
+                        settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5, "keep_fraction": 0.5,
                         "keep_step": 3})
     add(s, {"0_P": {}, "1_P": {}, "0_Q_x": {}, "1_Q_x": {}})
     assert {s._sp_traces[r].group for r in s._sp_traces} == {"P", "Q_x"}
@@ -395,12 +366,12 @@ def test_the_children_of_one_request_form_its_group(tiny_model_path):
     assert done["1_P"][:2] == ("stop", "pruned") and done["1_Q_x"][:2] == ("stop", "pruned")
 
 
-def test_the_configured_aggregate_decides_the_threshold(tiny_model_path):
+def test_the_configured_aggregate_decides_the_threshold(build_scheduler):
     # One low step then high ones: the mean (0.63 after 3 steps) stays above 0.5, the minimum does not.
     dip_first = lambda r, k: 0.1 if k == 0 else 0.9  # noqa: E731
     for aggregate, pruned in (("mean", False), ("min", True)):
-        s = build(tiny_model_path, async_scheduling=False, num_blocks=32,
-                  settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 3,
+        s = build_scheduler(async_scheduling=False, num_blocks=32,
+                            settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 3,
                             "aggregate": aggregate})
         add(s, {"r": {}})
         done, _ = drive(s, in_flight=1, scores=dip_first)
@@ -409,23 +380,23 @@ def test_the_configured_aggregate_decides_the_threshold(tiny_model_path):
             assert done["r"][2] == 3
 
 
-def test_the_configured_ema_alpha_decides_the_threshold(tiny_model_path):
+def test_the_configured_ema_alpha_decides_the_threshold(build_scheduler):
     # Three high steps, a dip of two, high again: an EMA with alpha 0.3 falls to 0.44 and prunes,
     # one with alpha 0.1 stays at 0.73 and keeps the trace.
     dip = lambda r, k: 0.0 if k in (3, 4) else 0.9  # noqa: E731
     for alpha, pruned in ((0.3, True), (0.1, False)):
-        s = build(tiny_model_path, async_scheduling=False, num_blocks=32,
-                  settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 3,
+        s = build_scheduler(async_scheduling=False, num_blocks=32,
+                            settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5, "warmup_steps": 3,
                             "aggregate": "ema", "ema_alpha": alpha})
         add(s, {"r": {}})
         done, _ = drive(s, in_flight=1, scores=dip)
         assert done["r"] == (("stop", "pruned", 5) if pruned else FULL), alpha
 
 
-def test_a_request_may_widen_its_own_relative_margin(tiny_model_path):
+def test_a_request_may_widen_its_own_relative_margin(build_scheduler):
     # 0.7 is 0.2 below the best (0.9): the default margin 0.1 prunes it, a request's own 0.5 keeps it.
-    s = build(tiny_model_path, async_scheduling=False, num_blocks=32,
-              settings={"policy": "relative", "scorer": "unused", "threshold": 0.5, "warmup_steps": 2})
+    s = build_scheduler(async_scheduling=False, num_blocks=32,
+                        settings={"policy": "relative", "scorer": "unused", "threshold": 0.5, "warmup_steps": 2})
     add(s, {"best": {"group": "g"}, "wide": {"group": "g", "relative_margin": 0.5}, "plain": {"group": "g"}})
     assert s._sp_traces["wide"].relative_margin == 0.5 and s._sp_traces["plain"].relative_margin == 0.1
     done, _ = drive(s, in_flight=1, scores=const({"best": 0.9, "wide": 0.7, "plain": 0.7}))
@@ -437,10 +408,10 @@ def test_a_request_may_widen_its_own_relative_margin(tiny_model_path):
 SURE = [-0.1, -5.0, -5.0]  # confidence 5.0
 
 
-def test_the_default_confidence_window_is_64_tokens(tiny_model_path):
+def test_the_default_confidence_window_is_64_tokens(build_scheduler):
     # Unsure from the first token: judged once 64 confidences are in, so a 65-token request is
     # pruned after 64 tokens; a 64-token one ends by length before it can be.
-    s = build(tiny_model_path, async_scheduling=False, num_blocks=32, settings={"policy": "confidence"})
+    s = build_scheduler(async_scheduling=False, num_blocks=32, settings={"policy": "confidence"})
     add(s, {"long": {"conf_threshold": 2.0}, "short": {"conf_threshold": 2.0}}, logprobs=2,
         max_tokens={"long": 65, "short": 64})
     assert s._sp_traces["long"].conf_window == 64 and s._sp_traces["long"].conf.maxlen == 64
@@ -449,20 +420,20 @@ def test_the_default_confidence_window_is_64_tokens(tiny_model_path):
 
 
 @MODES
-def test_the_confidence_window_slides(tiny_model_path, async_scheduling):
+def test_the_confidence_window_slides(build_scheduler, async_scheduling):
     # Sure for 4 tokens, then unsure: the mean of the last 4 falls below 2.0 on the 3rd unsure
     # token (a mean over every token would take 16 more).
-    s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32, settings={"policy": "confidence"})
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=32, settings={"policy": "confidence"})
     add(s, {"r": {"conf_threshold": 2.0, "conf_window": 4}}, logprobs=2)
     done, _ = drive(s, in_flight=2 if async_scheduling else 1, rows=lambda r, k: SURE if k < 4 else UNSURE)
     assert done["r"][:2] == ("stop", "pruned") and 7 <= done["r"][2] <= 8
 
 
-def test_confidence_reads_past_a_request_still_prefilling(tiny_model_path):
+def test_confidence_reads_past_a_request_still_prefilling(build_scheduler):
     # "big"'s 100-token prompt takes four steps of a 32-token budget and samples nothing until
     # then; it comes first in the batch, and "unsure" behind it is still judged from its first token.
-    s = build(tiny_model_path, async_scheduling=False, num_blocks=32, batched_tokens=32,
-              settings={"policy": "confidence"})
+    s = build_scheduler(async_scheduling=False, num_blocks=32, batched_tokens=32,
+                        settings={"policy": "confidence"})
     add(s, {"unsure": {"conf_threshold": 2.0, "conf_window": 4}, "big": {"conf_threshold": 2.0, "conf_window": 4}},
         logprobs=2, prompt={"big": 100})
     done, _ = drive(s, in_flight=1, rows={"unsure": UNSURE, "big": SURE}, reverse_batch=True, chunked=True)
@@ -471,12 +442,12 @@ def test_confidence_reads_past_a_request_still_prefilling(tiny_model_path):
 
 
 # --------------------------------------------------------------------- a prune does not re-open a decision
-def test_a_prune_does_not_reopen_its_groups_decision(tiny_model_path):
+def test_a_prune_does_not_reopen_its_groups_decision(build_scheduler):
     # top_fraction waits while "t" (threshold) is live in its group; "f0"/"f1" have their 3
     # steps, then no more. "t" is pruned by its threshold: unlike a trace finishing on its own,
     # that does not make the group's pending top_fraction decision, so "f1" is kept.
-    s = build(tiny_model_path, async_scheduling=False, num_blocks=32,
-              settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5, "keep_fraction": 0.5,
+    s = build_scheduler(async_scheduling=False, num_blocks=32,
+                        settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5, "keep_fraction": 0.5,
                         "keep_step": 3, "warmup_steps": 5})
     add(s, {"f0": {"group": "g"}, "f1": {"group": "g"}, "t": {"group": "g", "policy": "threshold"}})
     table = {"f0": 0.9, "f1": 0.1}
@@ -488,14 +459,14 @@ def test_a_prune_does_not_reopen_its_groups_decision(tiny_model_path):
 
 # --------------------------------------------------------------------- preemption order
 @MODES
-def test_without_a_prunable_trace_vllm_preempts_whom_it_would_anyway(tiny_model_path, async_scheduling):
+def test_without_a_prunable_trace_vllm_preempts_whom_it_would_anyway(build_scheduler, async_scheduling):
     # The memory policy orders the running queue only to put its victims last; with none
     # (the memory trace is unscored), the untracked request and the memory one keep vLLM's
     # order, so the same request is preempted as under plain vLLM (no stepprobe policy).
     preempted = {}
     for policy in ("none", "memory"):
-        s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=4,
-                  settings={**MEM, "policy": policy})
+        s = build_scheduler(async_scheduling=async_scheduling, num_blocks=4,
+                            settings={**MEM, "policy": policy})
         reqs = add(s, {"u": {"policy": "none", "group": "h"}, "m": {"group": "g"}})
         done, _ = drive(s, in_flight=2 if async_scheduling else 1)
         assert done == {"u": FULL, "m": FULL}
@@ -505,8 +476,8 @@ def test_without_a_prunable_trace_vllm_preempts_whom_it_would_anyway(tiny_model_
 
 
 @MODES
-def test_reset_prefix_cache_drops_the_stale_output_of_what_it_preempts(tiny_model_path, async_scheduling):
-    s = build(tiny_model_path, async_scheduling=async_scheduling, num_blocks=32, settings=MEM)
+def test_reset_prefix_cache_drops_the_stale_output_of_what_it_preempts(build_scheduler, async_scheduling):
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=32, settings=MEM)
     reqs = add(s, {"a": {"group": "g"}, "b": {"group": "g"}})
     so = s.schedule()
     assert set(so.num_scheduled_tokens) == {"a", "b"}
@@ -518,12 +489,12 @@ def test_reset_prefix_cache_drops_the_stale_output_of_what_it_preempts(tiny_mode
     assert not s.running and s._sp_live("a") and s._sp_live("b")
 
 
-def test_a_request_waiting_for_remote_kv_keeps_its_blocks_when_aborted(tiny_model_path):
+def test_a_request_waiting_for_remote_kv_keeps_its_blocks_when_aborted(build_scheduler):
     # vLLM frees an aborted request that still waits for a KV transfer with delay_free_blocks:
     # its blocks stay for the transfer; the trace is finished all the same.
     from vllm.v1.request import RequestStatus
 
-    s = build(tiny_model_path, async_scheduling=False, num_blocks=32, settings={"policy": "none"})
+    s = build_scheduler(async_scheduling=False, num_blocks=32, settings={"policy": "none"})
     reqs = add(s, {"a": {}})
     s.schedule()
     pool = s.kv_cache_manager.block_pool
@@ -538,14 +509,14 @@ def test_a_request_waiting_for_remote_kv_keeps_its_blocks_when_aborted(tiny_mode
 
 
 # --------------------------------------------------------------------- the same id again
-def test_a_streaming_requests_next_chunk_replaces_its_trace(tiny_model_path):
+def test_a_streaming_requests_next_chunk_replaces_its_trace(build_scheduler):
     # A resumable (streaming-input) request is added again under the same id for its next
     # chunk: one live trace, counted once, so the group is forgotten once it is aborted.
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
     from vllm.v1.request import RequestStatus
 
-    s = build(tiny_model_path, async_scheduling=False, num_blocks=32,
-              settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5})
+    s = build_scheduler(async_scheduling=False, num_blocks=32,
+                        settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5})
     add(s, {"x": {"group": "g"}}, resumable=True)
     first = s._sp_traces["x"]
     s.schedule()
@@ -558,15 +529,15 @@ def test_a_streaming_requests_next_chunk_replaces_its_trace(tiny_model_path):
     assert not s._sp_traces and not s._sp_groups and not s._sp_live_count
 
 
-def test_a_streaming_request_moved_to_another_group_keeps_its_trace(tiny_model_path):
+def test_a_streaming_request_moved_to_another_group_keeps_its_trace(build_scheduler):
     # The next chunk of "x" names another group: forgetting the old group (now without live
     # traces) must not forget "x"'s live trace in the new one, which is still judged.
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
     from vllm.v1.request import RequestStatus
 
-    s = build(tiny_model_path, async_scheduling=False, num_blocks=32,
-              settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5})
+    s = build_scheduler(async_scheduling=False, num_blocks=32,
+                        settings={"policy": "threshold", "scorer": "unused", "threshold": 0.5})
     add(s, {"x": {"group": "a"}}, resumable=True)
     s.schedule()
     add(s, {"x": {"group": "b"}}, resumable=True)

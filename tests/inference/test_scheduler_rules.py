@@ -10,8 +10,9 @@ Each test is built so that breaking one rule changes which request finishes how:
   request's threshold prunes, one at the threshold does not, ``-inf`` filler entries are
   ignored, no threshold means no pruning, and nothing is decided before the window is full.
 
-The schedulers are built and driven as in test_scheduler.py (one step in flight for the
-sync scheduler, two for the async engine core).
+The schedulers are built by scheduler_harness.py (the ``build_scheduler`` fixture) and driven
+as in test_scheduler.py (one step in flight for the sync scheduler, two for the async engine
+core).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections import deque
 
 import numpy as np
 import pytest
-from test_scheduler import BLOCK, MAX_TOKENS, PROMPT, make_scheduler
+from scheduler_harness import BLOCK, MAX_TOKENS, PROMPT
 
 MODES = pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 
@@ -109,18 +110,18 @@ def engine_core_loop(scheduler, complete, in_flight: int, at_step: dict | None =
         complete(pending.popleft())
 
 
-def memory_scheduler(tiny_model_path, async_scheduling, **settings):
-    return make_scheduler(tiny_model_path, async_scheduling=async_scheduling,
-                          settings={"policy": "memory", "scorer": "unused", "threshold": 0.5, **settings})
+def memory_scheduler(build_scheduler, async_scheduling, **settings):
+    return build_scheduler(async_scheduling=async_scheduling,
+                           settings={"policy": "memory", "scorer": "unused", "threshold": 0.5, **settings})
 
 
 FULL = ("length", None, MAX_TOKENS)
 
 
 @MODES
-def test_memory_victim_is_the_lowest_score_not_the_last_arrival(tiny_model_path, async_scheduling):
+def test_memory_victim_is_the_lowest_score_not_the_last_arrival(build_scheduler, async_scheduling):
     # vLLM's own victim would be r3 (the last added); the lowest score is r0 (the first).
-    s = memory_scheduler(tiny_model_path, async_scheduling)
+    s = memory_scheduler(build_scheduler, async_scheduling)
     add(s, {r: {"group": "g"} for r in ("r0", "r1", "r2", "r3")})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.1, "r1": 0.9, "r2": 0.8, "r3": 0.7})
     assert done["r0"][:2] == ("stop", "pruned") and 0 < done["r0"][2] < MAX_TOKENS
@@ -129,8 +130,8 @@ def test_memory_victim_is_the_lowest_score_not_the_last_arrival(tiny_model_path,
 
 
 @MODES
-def test_memory_victim_in_the_middle_of_the_queue(tiny_model_path, async_scheduling):
-    s = memory_scheduler(tiny_model_path, async_scheduling)
+def test_memory_victim_in_the_middle_of_the_queue(build_scheduler, async_scheduling):
+    s = memory_scheduler(build_scheduler, async_scheduling)
     add(s, {r: {"group": "g"} for r in ("r0", "r1", "r2", "r3")})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.6, "r1": 0.2, "r2": 0.8, "r3": 0.7})
     assert done["r1"][:2] == ("stop", "pruned")
@@ -138,15 +139,15 @@ def test_memory_victim_in_the_middle_of_the_queue(tiny_model_path, async_schedul
 
 
 @MODES
-def test_risk_controlled_memory_prunes_only_below_the_cutoff(tiny_model_path, async_scheduling):
+def test_risk_controlled_memory_prunes_only_below_the_cutoff(build_scheduler, async_scheduling):
     # The same pressure as above: with a cutoff of 0.5 only r1 (0.2) may go; with 0.1 nobody
     # may, so vLLM preempts as it would without stepprobe.
     scores = {"r0": 0.6, "r1": 0.2, "r2": 0.8, "r3": 0.7}
-    s = memory_scheduler(tiny_model_path, async_scheduling, max_accuracy_loss=0.01, prune_below=0.5)
+    s = memory_scheduler(build_scheduler, async_scheduling, max_accuracy_loss=0.01, prune_below=0.5)
     add(s, {r: {"group": "g"} for r in scores})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
     assert done["r1"][:2] == ("stop", "pruned") and s.stepprobe_counts["pruned"] == 1
-    s = memory_scheduler(tiny_model_path, async_scheduling, max_accuracy_loss=0.01, prune_below=0.1)
+    s = memory_scheduler(build_scheduler, async_scheduling, max_accuracy_loss=0.01, prune_below=0.1)
     add(s, {r: {"group": "g"} for r in scores})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
     assert all(done[r] == FULL for r in scores)
@@ -154,30 +155,30 @@ def test_risk_controlled_memory_prunes_only_below_the_cutoff(tiny_model_path, as
 
 
 @MODES
-def test_default_tolerance_without_calibration_prunes_nothing(tiny_model_path, async_scheduling):
+def test_default_tolerance_without_calibration_prunes_nothing(build_scheduler, async_scheduling):
     # The default (a tolerance of 1 point) with a scorer that has no trust.json: no cutoff was
     # earned, so memory pruning prunes nothing; the paper's rule is one setting away.
     scores = {"r0": 0.1, "r1": 0.9, "r2": 0.8, "r3": 0.7}
     from stepprobe.inference.plugin import PluginSettings
 
-    s = memory_scheduler(tiny_model_path, async_scheduling, max_accuracy_loss=PluginSettings().max_accuracy_loss)
+    s = memory_scheduler(build_scheduler, async_scheduling, max_accuracy_loss=PluginSettings().max_accuracy_loss)
     add(s, {r: {"group": "g"} for r in scores})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
     assert all(done[r] == FULL for r in scores) and s.stepprobe_counts["pruned"] == 0
 
 
 @MODES
-def test_protect_last_spares_a_groups_only_trace(tiny_model_path, async_scheduling):
+def test_protect_last_spares_a_groups_only_trace(build_scheduler, async_scheduling):
     # r0 is alone in group "a" and scores lowest; group "b" has three traces.
     specs = {"r0": {"group": "a"}, "r1": {"group": "b"}, "r2": {"group": "b"}, "r3": {"group": "b"}}
     scores = {"r0": 0.1, "r1": 0.9, "r2": 0.3, "r3": 0.8}
-    s = memory_scheduler(tiny_model_path, async_scheduling)  # protect_last defaults to on
+    s = memory_scheduler(build_scheduler, async_scheduling)  # protect_last defaults to on
     add(s, specs)
     done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
     assert done["r2"][:2] == ("stop", "pruned")  # the lowest prunable one
     assert all(done[r] == FULL for r in ("r0", "r1", "r3"))
 
-    s = memory_scheduler(tiny_model_path, async_scheduling, protect_last=False)
+    s = memory_scheduler(build_scheduler, async_scheduling, protect_last=False)
     add(s, specs)
     done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
     assert done["r0"][:2] == ("stop", "pruned")  # unprotected, the lowest overall goes
@@ -185,15 +186,15 @@ def test_protect_last_spares_a_groups_only_trace(tiny_model_path, async_scheduli
 
 
 @MODES
-def test_protect_last_with_singleton_groups_falls_back_to_preemption(tiny_model_path, async_scheduling):
+def test_protect_last_with_singleton_groups_falls_back_to_preemption(build_scheduler, async_scheduling):
     scores = {"r0": 0.1, "r1": 0.9, "r2": 0.8, "r3": 0.7}
-    s = memory_scheduler(tiny_model_path, async_scheduling)
+    s = memory_scheduler(build_scheduler, async_scheduling)
     add(s, {r: {"group": r} for r in scores})  # every trace is its group's last one
     done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
     assert all(done[r] == FULL for r in scores)
     assert s.stepprobe_counts["pruned"] == 0 and s.stepprobe_counts["preempted"] > 0
 
-    s = memory_scheduler(tiny_model_path, async_scheduling, protect_last=False)
+    s = memory_scheduler(build_scheduler, async_scheduling, protect_last=False)
     add(s, {r: {"group": r} for r in scores})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
     assert done["r0"][:2] == ("stop", "pruned")
@@ -201,9 +202,9 @@ def test_protect_last_with_singleton_groups_falls_back_to_preemption(tiny_model_
 
 
 @MODES
-def test_preemption_count_equals_vllms_preempted_events(tiny_model_path, async_scheduling):
+def test_preemption_count_equals_vllms_preempted_events(build_scheduler, async_scheduling):
     scores = {"r0": 0.1, "r1": 0.9, "r2": 0.8, "r3": 0.7}
-    s = memory_scheduler(tiny_model_path, async_scheduling)
+    s = memory_scheduler(build_scheduler, async_scheduling)
     add(s, {r: {"group": r} for r in scores})  # all protected: vLLM preempts
     events: dict = {}
     drive(s, in_flight=2 if async_scheduling else 1, scores=scores, events=events)
@@ -211,10 +212,10 @@ def test_preemption_count_equals_vllms_preempted_events(tiny_model_path, async_s
 
 
 @MODES
-def test_preempt_everything_outside_schedule_is_never_a_prune(tiny_model_path, async_scheduling):
+def test_preempt_everything_outside_schedule_is_never_a_prune(build_scheduler, async_scheduling):
     # reset_prefix_cache(reset_running_requests=True) preempts every running request; that is
     # not a shortage of KV blocks, so even scored, unprotected memory traces are not pruned.
-    s = memory_scheduler(tiny_model_path, async_scheduling, protect_last=False)
+    s = memory_scheduler(build_scheduler, async_scheduling, protect_last=False)
     add(s, {"r0": {"group": "g"}, "r1": {"group": "g"}})
     events: dict = {}
     done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.1, "r1": 0.9}, events=events,
@@ -224,8 +225,8 @@ def test_preempt_everything_outside_schedule_is_never_a_prune(tiny_model_path, a
 
 
 @MODES
-def test_unscored_traces_are_never_memory_victims(tiny_model_path, async_scheduling):
-    s = memory_scheduler(tiny_model_path, async_scheduling)
+def test_unscored_traces_are_never_memory_victims(build_scheduler, async_scheduling):
+    s = memory_scheduler(build_scheduler, async_scheduling)
     add(s, {r: {"group": "g"} for r in ("r0", "r1", "r2", "r3")})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": None, "r1": None, "r2": None, "r3": None})
     assert all(done[r] == FULL for r in ("r0", "r1", "r2", "r3"))
@@ -234,9 +235,9 @@ def test_unscored_traces_are_never_memory_victims(tiny_model_path, async_schedul
 
 
 @MODES
-def test_a_scored_trace_goes_before_unscored_ones(tiny_model_path, async_scheduling):
+def test_a_scored_trace_goes_before_unscored_ones(build_scheduler, async_scheduling):
     # r3 (last, vLLM's victim) has no step yet; r0 (first) is scored, even high: it goes.
-    s = memory_scheduler(tiny_model_path, async_scheduling)
+    s = memory_scheduler(build_scheduler, async_scheduling)
     add(s, {r: {"group": "g"} for r in ("r0", "r1", "r2", "r3")})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.95, "r1": None, "r2": None, "r3": None})
     assert done["r0"][:2] == ("stop", "pruned")
@@ -253,19 +254,19 @@ AT_THRESHOLD = [-0.1, -2.0, -2.0]  # confidence exactly 2.0: not below
 UNSURE_WITH_FILLER = [-0.7, -0.5, -np.inf]  # vLLM's filler for a missing entry; confidence 0.5
 
 
-def confidence_run(tiny_model_path, async_scheduling, specs, rows):
-    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, settings={"policy": "confidence"})
+def confidence_run(build_scheduler, async_scheduling, specs, rows):
+    s = build_scheduler(async_scheduling=async_scheduling, settings={"policy": "confidence"})
     add(s, specs, logprobs=2)
     return s, drive(s, in_flight=2 if async_scheduling else 1, rows=rows)
 
 
 @MODES
-def test_confidence_policy_prunes_below_threshold_after_a_full_window(tiny_model_path, async_scheduling):
+def test_confidence_policy_prunes_below_threshold_after_a_full_window(build_scheduler, async_scheduling):
     conf = {"conf_threshold": THRESHOLD, "conf_window": WINDOW}
     specs = {"sure": dict(conf), "unsure": dict(conf), "at": dict(conf), "filler": dict(conf),
              "nothreshold": {"conf_window": WINDOW}}
     rows = {"sure": SURE, "unsure": UNSURE, "at": AT_THRESHOLD, "filler": UNSURE_WITH_FILLER, "nothreshold": UNSURE}
-    s, done = confidence_run(tiny_model_path, async_scheduling, specs, rows)
+    s, done = confidence_run(build_scheduler, async_scheduling, specs, rows)
     for rid in ("unsure", "filler"):
         assert done[rid][:2] == ("stop", "pruned")
         # decided once WINDOW tokens are seen, carried out at the next schedule()
@@ -276,26 +277,26 @@ def test_confidence_policy_prunes_below_threshold_after_a_full_window(tiny_model
 
 
 @MODES
-def test_confidence_window_mean_not_single_tokens(tiny_model_path, async_scheduling):
+def test_confidence_window_mean_not_single_tokens(build_scheduler, async_scheduling):
     # A longer window needs more low-confidence tokens before it can decide.
     specs = {"w8": {"conf_threshold": THRESHOLD, "conf_window": 8}, "w2": {"conf_threshold": THRESHOLD, "conf_window": 2}}
-    s, done = confidence_run(tiny_model_path, async_scheduling, specs, {"w8": UNSURE, "w2": UNSURE})
+    s, done = confidence_run(build_scheduler, async_scheduling, specs, {"w8": UNSURE, "w2": UNSURE})
     assert done["w2"][:2] == ("stop", "pruned") and 2 <= done["w2"][2] <= 4
     assert done["w8"][:2] == ("stop", "pruned") and 8 <= done["w8"][2] <= 10
 
 
-def test_confidence_without_logprobs_prunes_nothing(tiny_model_path):
+def test_confidence_without_logprobs_prunes_nothing(build_scheduler):
     specs = {"a": {"conf_threshold": THRESHOLD, "conf_window": WINDOW}}
-    s = make_scheduler(tiny_model_path, async_scheduling=False, settings={"policy": "confidence"})
+    s = build_scheduler(async_scheduling=False, settings={"policy": "confidence"})
     add(s, specs)
     done = drive(s, in_flight=1)
     assert done["a"] == FULL and s.stepprobe_counts["pruned"] == 0
 
 
-def test_top_fraction_policy_keeps_the_best_half_of_a_group(tiny_model_path):
-    s = make_scheduler(tiny_model_path, async_scheduling=False,
-                       settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5,
-                                 "keep_fraction": 0.5, "keep_step": 3})
+def test_top_fraction_policy_keeps_the_best_half_of_a_group(build_scheduler):
+    s = build_scheduler(async_scheduling=False,
+                        settings={"policy": "top_fraction", "scorer": "unused", "threshold": 0.5,
+                        "keep_fraction": 0.5, "keep_step": 3})
     add(s, {"r0": {"group": "g"}, "r1": {"group": "g"}, "r2": {"group": "g"}})
     done = drive(s, in_flight=1, scores={"r0": 0.9, "r1": 0.1, "r2": 0.8})
     assert done["r0"] == FULL and done["r2"] == FULL
@@ -322,11 +323,11 @@ def _saved_scorer(path, *, threshold: float | None):
 
 @pytest.mark.parametrize("recorded,pruned", [(None, {"r0"}), (0.3, set()), (0.75, {"r0", "r1"})],
                          ids=["unrecorded-0.5", "recorded-0.3", "recorded-0.75"])
-def test_threshold_comes_from_the_scorer_else_one_half(tiny_model_path, tmp_path, recorded, pruned):
+def test_threshold_comes_from_the_scorer_else_one_half(build_scheduler, tmp_path, recorded, pruned):
     # No threshold in the settings: the scorer's recorded one applies, 0.5 when it records none.
     scorer = _saved_scorer(tmp_path / "sc", threshold=recorded)
-    s = make_scheduler(tiny_model_path, async_scheduling=False, num_blocks=16,
-                       settings={"policy": "threshold", "scorer": scorer, "warmup_steps": 2})
+    s = build_scheduler(async_scheduling=False, num_blocks=16,
+                        settings={"policy": "threshold", "scorer": scorer, "warmup_steps": 2})
     add(s, {"r0": {}, "r1": {}, "r2": {}})
     done = drive(s, in_flight=1, scores={"r0": 0.4, "r1": 0.6, "r2": 0.9})
     assert {r for r, d in done.items() if d[:2] == ("stop", "pruned")} == pruned
@@ -334,10 +335,10 @@ def test_threshold_comes_from_the_scorer_else_one_half(tiny_model_path, tmp_path
 
 
 @MODES
-def test_steps_counts_every_scored_step(tiny_model_path, async_scheduling):
+def test_steps_counts_every_scored_step(build_scheduler, async_scheduling):
     # Enough KV blocks for everyone: each of the MAX_TOKENS tokens of each request is one
     # scored step (policy none: nothing pruned); an unscored request adds none.
-    s = make_scheduler(tiny_model_path, async_scheduling=async_scheduling, num_blocks=16, settings={"policy": "none"})
+    s = build_scheduler(async_scheduling=async_scheduling, num_blocks=16, settings={"policy": "none"})
     add(s, {"r0": {}, "r1": {}, "r2": {}})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores={"r0": 0.2, "r1": 0.9, "r2": None})
     assert done == {"r0": FULL, "r1": FULL, "r2": FULL}
@@ -345,11 +346,11 @@ def test_steps_counts_every_scored_step(tiny_model_path, async_scheduling):
 
 
 @MODES
-def test_memory_victim_among_requests_of_another_policy(tiny_model_path, async_scheduling):
+def test_memory_victim_among_requests_of_another_policy(build_scheduler, async_scheduling):
     # Group "h" runs under policy none (a per-request override) and is added last, so vLLM's
     # own victim would be h1. The memory rule ranks only group "g"; h's requests keep vLLM's
     # order in front, and the lowest memory trace (g0, added first) is the one pruned.
-    s = memory_scheduler(tiny_model_path, async_scheduling, protect_last=False)
+    s = memory_scheduler(build_scheduler, async_scheduling, protect_last=False)
     add(s, {"g0": {"group": "g"}, "g1": {"group": "g"}, "h0": {"group": "h", "policy": "none"},
             "h1": {"group": "h", "policy": "none"}})
     done = drive(s, in_flight=2 if async_scheduling else 1, scores={"g0": 0.3, "g1": 0.9, "h0": 0.05, "h1": 0.1})
