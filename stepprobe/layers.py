@@ -15,7 +15,7 @@ The same strings name HDF5 datasets, probe feature specs, Optuna parameters and 
 runner's hooks.
 
 What is read, per architecture (recorder: ``data_collection/record.py: SiteExtractor``, hooks
-on the transformers model; live: ``inference/worker.py: site_modules``, hooks on vLLM's model;
+on the transformers model; live: ``inference/hooks.py: site_modules``, hooks on vLLM's model;
 both agree in fp32 for every family below, ``tests/inference/test_architectures.py``):
 
 - Llama, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), Phi-3 (fused ``qkv_proj`` and

@@ -16,6 +16,8 @@ ACYCLIC = ["stepprobe.options", "stepprobe.config", "stepprobe.data_collection.p
            "stepprobe.data_collection.sources", "stepprobe.data_collection.tasks",
            "stepprobe.data_collection.ood_tasks", "stepprobe.data_collection.ood2_tasks",
            "stepprobe.data_collection.prompts", "stepprobe.data_collection.record", "stepprobe.data_collection.extractor",
+           "stepprobe.inference.worker", "stepprobe.inference.capture", "stepprobe.inference.tracker",
+           "stepprobe.inference.batch_layout", "stepprobe.inference.hooks",
            "stepprobe.training.tune", "stepprobe.training.search_space", "stepprobe.training.study",
            "stepprobe.training.liveness", "stepprobe.lifetime"]
 

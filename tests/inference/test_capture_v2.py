@@ -38,7 +38,7 @@ def code(rid: str, pos: int) -> float:
 def make_capture():
     from stepprobe.boundaries import BoundaryDetector, BoundaryRule
     from stepprobe.inference.plugin import PluginSettings
-    from stepprobe.inference.worker import Capture
+    from stepprobe.inference.capture import Capture
 
     cap = Capture.__new__(Capture)
     cap.settings = PluginSettings(keep_records=True)
@@ -180,7 +180,7 @@ class Sim:
             ib = InputBatch.make_dummy(len(order), off + self.pad, InputBuffers(16, ROWS, torch.device("cpu")))
             ib.req_ids = order
             ib.query_start_loc_np = np.array([starts[r] for r in order] + [off], dtype=np.int32)
-            from stepprobe.inference.worker import layout_from_v2_batch
+            from stepprobe.inference.batch_layout import layout_from_v2_batch
 
             layout = layout_from_v2_batch(ib, so)
         # sample: a request whose rows reach its last token samples its next one

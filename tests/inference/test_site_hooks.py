@@ -56,7 +56,7 @@ class _Model(torch.nn.Module):
 
 
 def _capture(inner: _Inner, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    from stepprobe.inference.worker import install_hooks
+    from stepprobe.inference.hooks import install_hooks
 
     sites = ["embed", "layer_00", "layer_01", "final_norm"]
     buffers, handles = install_hooks(_Model(inner), sites, HIDDEN, ROWS, torch.float32, torch.device("cpu"))

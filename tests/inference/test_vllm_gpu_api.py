@@ -88,7 +88,7 @@ def test_scheduler_output_and_warmup_request_ids():
     # V2: a resumed request is re-sent as new with all its tokens
     sched = _src(Scheduler.schedule)
     assert "scheduled_new_reqs.extend(scheduled_resumed_reqs)" in sched and "req._all_token_ids" in sched
-    from stepprobe.inference.worker import WARMUP_PREFIXES
+    from stepprobe.inference.tracker import WARMUP_PREFIXES
 
     src = _src(warmup)
     assert 'f"_warmup_{i}_"' in src and WARMUP_PREFIXES[0] == "_warmup_"
@@ -150,7 +150,7 @@ def test_runner_selection_on_cuda_is_v2_and_the_capture_reads_its_batches(cuda_l
     from vllm.v1.worker.gpu_worker import Worker
 
     from stepprobe.inference.plugin import unsupported_features
-    from stepprobe.inference.worker import layout_from_v2_batch, v2_input_batch
+    from stepprobe.inference.batch_layout import layout_from_v2_batch, v2_input_batch
 
     config = cuda_like_config
     assert config.use_v2_model_runner is True
