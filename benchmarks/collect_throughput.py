@@ -52,8 +52,10 @@ def main() -> None:
     problems = collect.load_config_problems(base)
     base = base.replace(chunk_size=args.chunk_size or len(problems))
     model_path = resolve_model(args.model)
-    llm = collect.make_llm(model_path, seed=0, kv_cache_gib=args.kv_cache_gib, max_model_len=base.max_model_len,
-                           dtype=base.dtype, enforce_eager=args.enforce_eager)
+    from stepprobe.engine import engine_kwargs, make_llm
+
+    llm = make_llm(model_path, engine_kwargs(base.replace(kv_cache_gib=args.kv_cache_gib,
+                                                          enforce_eager=args.enforce_eager), seed=0))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)

@@ -56,7 +56,7 @@ def main() -> None:
 
     from stepprobe.data_collection.sources import load_problem_source
     from stepprobe.data_collection.prompts import build_prompt
-    from stepprobe.inference.plugin import PluginSettings, engine_kwargs
+    from stepprobe.inference.plugin import PluginSettings, install_kwargs
     from stepprobe.models import resolve_model
     from stepprobe.paths import runs_dir
     from stepprobe.provenance import package_versions
@@ -72,7 +72,7 @@ def main() -> None:
     plain = LLM(model, **common)
     plain_start = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scored = LLM(model, **common, **engine_kwargs(PluginSettings(scorer=scorer, policy="none")))
+    scored = LLM(model, **common, **install_kwargs(PluginSettings(scorer=scorer, policy="none")))
     scored_start = time.perf_counter() - t0
     tok = plain.get_tokenizer()
     problems = load_problem_source(f"builtin:n={args.prompts},seed=1")

@@ -36,7 +36,7 @@ from ..config import StageConfig, option
 from ..errors import StepprobeError
 from .. import locks
 from ..io import atomic_write_json, check_writable_dir
-from ..engine import check_context, engine_kwargs, make_llm, shutdown  # noqa: F401  (make_llm: tests and the pipeline)
+from ..engine import check_context, engine_kwargs, make_llm, shutdown
 from ..models import DEFAULT_MODEL, identify_model, model_display_name
 from ..paths import runs_dir, traces_summary_path as summary_path
 from ..options import (BUILTIN_PROMPT, BUILTIN_SAMPLING, EngineOptions, GradingOption, PromptOptions, SamplingOptions,
@@ -224,7 +224,7 @@ def run(config: Config, llm: Any = None) -> dict[str, Any]:
         own_llm = None
         if todo:
             if llm is None:
-                llm = own_llm = make_llm(model_path, **engine_kwargs(config, seed=config.seed))
+                llm = own_llm = make_llm(model_path, engine_kwargs(config, seed=config.seed))
             else:
                 given = _llm_model_path(llm)
                 if given is not None and os.path.realpath(given) != os.path.realpath(model_path) and given != model_path:

@@ -102,7 +102,7 @@ class PluginSettings(PruningOptions, PolicyOption):
         return dataclasses.asdict(self)
 
 
-def engine_kwargs(settings: PluginSettings) -> dict[str, Any]:
+def install_kwargs(settings: PluginSettings) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` / ``EngineArgs`` that install the plugin."""
     return {
         "worker_cls": WORKER_CLS,
@@ -127,8 +127,10 @@ def request_overrides(sampling_params: Any) -> dict[str, Any]:
     return out
 
 
-def unsupported_features(vllm_config: Any) -> list[str]:
-    """What in this engine configuration the capture cannot score correctly (empty: fine).
+def unsupported_features(source: Any, model_path: str | None = None) -> list[str]:
+    """What in this engine configuration the capture cannot score correctly (empty: fine):
+    ``source`` is a ``VllmConfig`` (in the engine) or a mapping of ``EngineArgs`` values (before
+    an engine starts; ``model_path`` then lets the model's config say whether it uses M-RoPE).
 
     - pipeline parallelism: the hooked layers of other stages are ``PPMissingLayer``s and
       the output comes from the last stage;
@@ -144,54 +146,46 @@ def unsupported_features(vllm_config: Any) -> list[str]:
     - ``external_launcher`` (one engine per torchrun rank): only tensor-parallel rank 0's
       scheduler would see scores, so the ranks' schedulers would decide differently.
     """
+    v = _engine_args_values(source, model_path) if isinstance(source, Mapping) else _vllm_config_values(source)
     out = []
-    pc = getattr(vllm_config, "parallel_config", None)
-    if pc is not None:
-        if getattr(pc, "pipeline_parallel_size", 1) > 1:
-            out.append(f"pipeline parallelism (pipeline_parallel_size={pc.pipeline_parallel_size})")
-        if getattr(pc, "data_parallel_size", 1) > 1:
-            out.append(f"data parallelism (data_parallel_size={pc.data_parallel_size})")
-        if getattr(pc, "distributed_executor_backend", None) == "external_launcher":
-            out.append("distributed_executor_backend=external_launcher")
-        if getattr(pc, "use_ubatching", False):
-            out.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size)")
-        if getattr(pc, "prefill_context_parallel_size", 1) > 1 or getattr(pc, "decode_context_parallel_size", 1) > 1:
-            out.append("context parallelism")
-    if getattr(vllm_config, "speculative_config", None) is not None:
+    if v["pipeline_parallel_size"] > 1:
+        out.append(f"pipeline parallelism (pipeline_parallel_size={v['pipeline_parallel_size']})")
+    if v["data_parallel_size"] > 1:
+        out.append(f"data parallelism (data_parallel_size={v['data_parallel_size']})")
+    if v["distributed_executor_backend"] == "external_launcher":
+        out.append("distributed_executor_backend=external_launcher")
+    if v["ubatching"]:
+        out.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size)")
+    if v["context_parallel"]:
+        out.append("context parallelism")
+    if v["speculative"]:
         out.append("speculative decoding")
-    mc = getattr(vllm_config, "model_config", None)
-    if mc is not None and getattr(mc, "uses_mrope", False):
+    if v["mrope"]:
         out.append("an M-RoPE model")
-    oc = getattr(vllm_config, "offload_config", None)
-    if oc is not None and (oc.uva.cpu_offload_gb > 0 or oc.prefetch.offload_group_size > 0):
+    if v["offload"]:
         out.append("weight offloading (cpu_offload_gb / offload_group_size)")
     return out
 
 
-def check_supported(vllm_config: Any) -> None:
-    """Refuse, in one line, an engine configuration the capture cannot score correctly."""
-    bad = unsupported_features(vllm_config)
-    if bad:
-        raise StepprobeError(f"stepprobe cannot score with {', '.join(bad)}; run without it, or without a scorer")
+def _vllm_config_values(vllm_config: Any) -> dict[str, Any]:
+    pc = getattr(vllm_config, "parallel_config", None)
+    mc = getattr(vllm_config, "model_config", None)
+    oc = getattr(vllm_config, "offload_config", None)
+    return {
+        "pipeline_parallel_size": getattr(pc, "pipeline_parallel_size", 1),
+        "data_parallel_size": getattr(pc, "data_parallel_size", 1),
+        "distributed_executor_backend": getattr(pc, "distributed_executor_backend", None),
+        "ubatching": bool(getattr(pc, "use_ubatching", False)),
+        "context_parallel": getattr(pc, "prefill_context_parallel_size", 1) > 1
+        or getattr(pc, "decode_context_parallel_size", 1) > 1,
+        "speculative": getattr(vllm_config, "speculative_config", None) is not None,
+        "mrope": mc is not None and bool(getattr(mc, "uses_mrope", False)),
+        "offload": oc is not None and (oc.uva.cpu_offload_gb > 0 or oc.prefetch.offload_group_size > 0),
+    }
 
 
-def engine_args_features(args: Mapping[str, Any], model_path: str | None = None) -> list[str]:
-    """:func:`unsupported_features` from ``EngineArgs`` field values (before an engine starts)."""
-    out = []
-    if int(args.get("pipeline_parallel_size") or 1) > 1:
-        out.append(f"pipeline parallelism (pipeline_parallel_size={args['pipeline_parallel_size']})")
-    if int(args.get("data_parallel_size") or 1) > 1:
-        out.append(f"data parallelism (data_parallel_size={args['data_parallel_size']})")
-    if args.get("distributed_executor_backend") == "external_launcher":
-        out.append("distributed_executor_backend=external_launcher")
-    if args.get("enable_dbo") or int(args.get("ubatch_size") or 0) > 1:
-        out.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size)")
-    if int(args.get("prefill_context_parallel_size") or 1) > 1 or int(args.get("decode_context_parallel_size") or 1) > 1:
-        out.append("context parallelism")
-    if args.get("speculative_config"):
-        out.append("speculative decoding")
-    if float(args.get("cpu_offload_gb") or 0) > 0 or int(args.get("offload_group_size") or 0) > 0:
-        out.append("weight offloading (cpu_offload_gb / offload_group_size)")
+def _engine_args_values(args: Mapping[str, Any], model_path: str | None) -> dict[str, Any]:
+    mrope = False
     if model_path is not None:
         from transformers import AutoConfig
         from vllm.transformers_utils.config import uses_mrope
@@ -200,14 +194,24 @@ def engine_args_features(args: Mapping[str, Any], model_path: str | None = None)
             hf = AutoConfig.from_pretrained(model_path, trust_remote_code=bool(args.get("trust_remote_code")))
         except (OSError, ValueError):  # vLLM will say what is wrong with the model
             hf = None
-        if hf is not None and uses_mrope(hf):
-            out.append("an M-RoPE model")
-    return out
+        mrope = hf is not None and bool(uses_mrope(hf))
+    return {
+        "pipeline_parallel_size": int(args.get("pipeline_parallel_size") or 1),
+        "data_parallel_size": int(args.get("data_parallel_size") or 1),
+        "distributed_executor_backend": args.get("distributed_executor_backend"),
+        "ubatching": bool(args.get("enable_dbo")) or int(args.get("ubatch_size") or 0) > 1,
+        "context_parallel": int(args.get("prefill_context_parallel_size") or 1) > 1
+        or int(args.get("decode_context_parallel_size") or 1) > 1,
+        "speculative": bool(args.get("speculative_config")),
+        "mrope": mrope,
+        "offload": float(args.get("cpu_offload_gb") or 0) > 0 or int(args.get("offload_group_size") or 0) > 0,
+    }
 
 
-def check_engine_args(args: Mapping[str, Any], model_path: str | None = None) -> None:
-    """The client-side twin of :func:`check_supported`: refuse before the engine starts."""
-    bad = engine_args_features(args, model_path)
+def check_supported(source: Any, model_path: str | None = None) -> None:
+    """Refuse, in one line, an engine configuration the capture cannot score correctly (a
+    ``VllmConfig`` in the engine, or ``EngineArgs`` values before it starts)."""
+    bad = unsupported_features(source, model_path)
     if bad:
         raise StepprobeError(f"stepprobe cannot score with {', '.join(bad)}; run without it, or without a scorer")
 

@@ -1,7 +1,7 @@
 """The client: one vLLM engine with the plugin, generation, and every trace's outcome.
 
 :class:`StepRunner` starts ``vllm.LLM`` with the plugin's engine arguments
-(:func:`~stepprobe.inference.plugin.engine_kwargs`), refuses a scorer made for another model
+(:func:`~stepprobe.inference.plugin.install_kwargs`), refuses a scorer made for another model
 **before** the engine starts, and runs a canary self-test (a short generation pushed towards
 newlines whose capture count must equal its boundary count) so that a hook that does not
 fire fails loudly instead of silently scoring nothing. :meth:`StepRunner.generate` returns,
@@ -11,18 +11,18 @@ its step scores and aggregate score, preemptions and queueing time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import time
 from typing import Any, Iterator, Sequence
 
-from stepprobe.engine import check_kv_budget, client_request_id, engine_kwargs, note_compile, shutdown
+from stepprobe.engine import check_kv_budget, client_request_id, engine_kwargs, finished_outputs, make_llm, shutdown
 from stepprobe.errors import StepprobeError
 from stepprobe.options import EngineOptions
 
-from .plugin import PluginSettings, check_engine_args, check_policy, check_vllm_version
-from .plugin import engine_kwargs as plugin_engine_kwargs
+from .plugin import PluginSettings, check_policy, check_supported, check_vllm_version, install_kwargs
 from .policies import aggregate_scores
 from .scheduler import PRUNED
 
@@ -83,23 +83,21 @@ class StepRunner:
         self.scorer = None
         if settings.scorer:
             self.scorer = check_scorer_for_model(settings.scorer, self.model_path)
-        from vllm import LLM
-
         if engine is None:
             engine = EngineOptions(model=model, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                    num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs)
         check_kv_budget(engine.num_kv_blocks, engine.max_model_len or 0)
         kwargs = llm_kwargs_for(engine, settings, seed=seed, plugin=plugin, **llm_kwargs)
         if plugin and settings.scorer:
-            check_engine_args(kwargs, self.model_path)  # one line, before the engine starts
-        note_compile(bool(kwargs.get("enforce_eager")))
+            check_supported(kwargs, self.model_path)  # one line, before the engine starts
         t0 = time.perf_counter()
-        self.llm = LLM(self.model_path, **kwargs)
+        self.llm = make_llm(self.model_path, kwargs)
         self.startup_s = time.perf_counter() - t0
         self._calls = itertools.count()
-        # Traces in flight (see submit/stream): client request id -> (submission, prompt, trace, seed,
-        # internal id); per submission the traces left and finished per prompt, and its logprobs.
-        self._owner: dict[str, tuple[int, int, int, int | None, str]] = {}
+        # Traces in flight (see submit/stream): client request id -> (submission, prompt, trace, seed)
+        # and -> vLLM's internal id; per submission the traces left and finished per prompt, and its logprobs.
+        self._owner: dict[str, tuple[int, int, int, int | None]] = {}
+        self._wanted: dict[str, str] = {}
         self._left: dict[int, list[int]] = {}
         self._done: dict[int, list[list[Any]]] = {}
         self._logprobs: dict[int, int | None] = {}
@@ -197,7 +195,6 @@ class StepRunner:
         ``step_positions`` count generated tokens (0 = the first generated token), the same
         convention as the HDF5 ``position`` of ``stepprobe record``.
         """
-        import contextlib
 
         sub = self.submit(prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, policy=policy,
                           logprobs=logprobs, per_prompt=per_prompt, seeds=seeds, **sampling)
@@ -221,60 +218,49 @@ class StepRunner:
         ids = self.llm.enqueue(flat_prompts, params, use_tqdm=False)
         # enqueue returns vLLM's internal ids ("<client id>-<8 random chars>"); outputs carry the client id.
         for rid, (k, i), p in zip(ids, pairs, params):
-            self._owner[client_request_id(rid)] = (sub, k, i, p.seed, rid)
+            self._owner[client_request_id(rid)] = (sub, k, i, p.seed)
+            self._wanted[client_request_id(rid)] = rid
         self._left[sub] = [n] * len(prompts)
         self._done[sub] = [[] for _ in prompts]
         self._logprobs[sub] = logprobs
         return sub
 
     def stream(self) -> Iterator[tuple[int, int, list[TraceResult]]]:
-        """Step the engine until every submitted trace has finished, yielding ``(submission,
-        prompt index, its traces)`` as soon as the last trace of a prompt finishes (submissions
-        made while iterating included). An exception or a caller that stops early aborts the
-        traces still in the engine."""
-        engine = self.llm.llm_engine
+        """Step the engine (:func:`stepprobe.engine.finished_outputs`) until every submitted
+        trace has finished, yielding ``(submission, prompt index, its traces)`` as soon as the
+        last trace of a prompt finishes (submissions made while iterating included). An
+        exception or a caller that stops early aborts the traces still in the engine."""
         scoring = self.plugin and self.scorer is not None
         try:
-            while self._owner:
-                if not engine.has_unfinished_requests():
-                    raise StepprobeError(f"the engine stopped with {len(self._owner)} traces unreported "
-                                         "(request ids not matched: vLLM internals changed?)")
-                for o in engine.step():
-                    if not getattr(o, "finished", False) or o.request_id not in self._owner:
-                        continue
-                    sub, k, i, seed, _ = self._owner.pop(o.request_id)
-                    self._done[sub][k].append((i, o, seed))
-                    self._left[sub][k] -= 1
-                    if self._left[sub][k]:
-                        continue
-                    if scoring:
-                        for key, rec in self._take_records().items():
-                            acc = self._pending.setdefault(client_request_id(key),
-                                                           {"positions": [], "scores": [], "features": []})
-                            for f in acc:
-                                acc[f].extend(rec.get(f) or [])
-                    finished, self._done[sub][k] = self._done[sub][k], []
-                    traces = [self._trace(i, out, self._pending, seed, self._logprobs[sub])
-                              for i, out, seed in sorted(finished, key=lambda x: x[0])]
-                    if not any(self._left[sub]):
-                        for d in (self._left, self._done, self._logprobs):
-                            d.pop(sub, None)
-                    yield sub, k, traces
+            with contextlib.closing(finished_outputs(self.llm, self._wanted)) as steps:
+                for outs in steps:
+                    for o in outs:
+                        yield from self._finish(o, scoring)
         except BaseException:
-            # A caller that stops early (or an interrupt) must not leave requests in the engine.
-            unfinished = [rid for (_, _, _, _, rid) in self._owner.values()]
-            self._owner.clear()
-            self._left.clear()
-            self._done.clear()
-            self._logprobs.clear()
-            self._pending.clear()
-            if unfinished and self.llm is not None:
-                try:
-                    engine.abort_request(unfinished, internal=True)
-                except Exception:  # noqa: BLE001 - the engine may be gone already
-                    pass
+            for d in (self._owner, self._wanted, self._left, self._done, self._logprobs, self._pending):
+                d.clear()
             raise
         self._pending.clear()
+
+    def _finish(self, o: Any, scoring: bool) -> Iterator[tuple[int, int, list[TraceResult]]]:
+        """One finished trace; its prompt's traces once it was the last of them."""
+        sub, k, i, seed = self._owner.pop(o.request_id)
+        self._done[sub][k].append((i, o, seed))
+        self._left[sub][k] -= 1
+        if self._left[sub][k]:
+            return
+        if scoring:
+            for key, rec in self._take_records().items():
+                acc = self._pending.setdefault(client_request_id(key), {"positions": [], "scores": [], "features": []})
+                for f in acc:
+                    acc[f].extend(rec.get(f) or [])
+        finished, self._done[sub][k] = self._done[sub][k], []
+        traces = [self._trace(i, out, self._pending, seed, self._logprobs[sub])
+                  for i, out, seed in sorted(finished, key=lambda x: x[0])]
+        if not any(self._left[sub]):
+            for d in (self._left, self._done, self._logprobs):
+                d.pop(sub, None)
+        yield sub, k, traces
 
     def _trace(self, index: int, o: Any, pending: dict[str, dict[str, Any]], seed: int | None,
                logprobs: int | None) -> TraceResult:
@@ -311,7 +297,7 @@ def llm_kwargs_for(engine: Any, settings: PluginSettings, *, seed: int = 0, plug
     plugin's settings: what :class:`StepRunner` starts vLLM with."""
     kwargs = {"disable_log_stats": False, **engine_kwargs(engine, seed=seed), **extra}
     if plugin:
-        kwargs.update(plugin_engine_kwargs(settings))
+        kwargs.update(install_kwargs(settings))
     return kwargs
 
 

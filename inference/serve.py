@@ -35,7 +35,7 @@ from stepprobe.engine import engine_cli_args, engine_kwargs
 from stepprobe.errors import StepprobeError
 from stepprobe.options import EngineOptions, PolicyOption, PruningOptions
 
-from .plugin import (PluginSettings, check_engine_args, check_vllm_version, parse_vllm_cli_engine_args,
+from .plugin import (PluginSettings, check_supported, check_vllm_version, parse_vllm_cli_engine_args,
                      serve_args)
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def run(config: Config) -> None:
         generation = check_scorer_for_model(config.scorer, model_path).meta.get("generation")
     argv = vllm_serve_argv(config, model_path, generation)
     if config.scorer:  # what the server would run, refused in one line before it starts
-        check_engine_args(parse_vllm_cli_engine_args(argv[2:]), model_path)
+        check_supported(parse_vllm_cli_engine_args(argv[2:]), model_path)
     if config.print_command:
         print(shlex.join(["vllm", *argv]))  # noqa: T201  (the command's output)
         return

@@ -2,7 +2,7 @@
 
 :func:`engine_kwargs` turns a config's :class:`~stepprobe.options.EngineOptions` into
 ``vllm.LLM`` / ``EngineArgs`` keyword arguments (with ``engine_args`` passed through after
-:func:`check_engine_args`), :func:`make_llm` starts an engine, :func:`shutdown` stops one,
+:func:`check_engine_args`), :func:`make_llm` starts an engine with them, :func:`shutdown` stops one,
 and :func:`engine_cli_args` writes the same settings as ``vllm serve`` flags. ``collect``,
 ``run``, ``bench``, ``serve`` and the benchmarks all go through here.
 :func:`prepare_engine` starts the watchdog that stops the engine's processes when the
@@ -24,6 +24,7 @@ command dies (:mod:`stepprobe.lifetime`), and sets what the engine reads from th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -120,16 +121,12 @@ def engine_kwargs(options: Any, *, seed: int = 0) -> dict[str, Any]:
     return kwargs
 
 
-def make_llm(model_path: str, *, seed: int = 0, kv_cache_gib: float | None = None, max_model_len: int | None = None,
-             dtype: str = "auto", **engine_kwargs: Any):
-    """Start a ``vllm.LLM`` (``collect``, tests and the pipeline; ``run`` via its runner)."""
-    for k, v in prepare_engine(kv_cache_gib).items():
-        engine_kwargs.setdefault(k, v)
+def make_llm(model_path: str, kwargs: Mapping[str, Any]):
+    """Start a ``vllm.LLM``: the one place an engine starts (``collect``, the runner of ``run``,
+    ``bench`` and ``serve``'s checks, the tests). ``kwargs``: from :func:`engine_kwargs` (which
+    prepared the environment the engine reads), plus what the caller adds (the plugin's)."""
     from vllm import LLM
 
-    kwargs: dict[str, Any] = {"seed": seed, "dtype": dtype, **engine_kwargs}
-    if max_model_len:
-        kwargs["max_model_len"] = max_model_len
     log.info("starting vLLM on %s", model_path)
     note_compile(bool(kwargs.get("enforce_eager")))
     return LLM(model=model_path, **kwargs)
@@ -138,32 +135,40 @@ def make_llm(model_path: str, *, seed: int = 0, kv_cache_gib: float | None = Non
 def stream_requests(llm: Any, prompts: Sequence[Any], params: Any) -> Iterator[list[tuple[int, Any]]]:
     """Generate like ``llm.generate(prompts, params)``, but hand back each prompt's output as
     soon as it finishes: all prompts are queued at once (``LLM.enqueue``: they share the batch
-    and the KV cache exactly as in ``generate``) and the engine is stepped here. Yields, after
-    every engine step that finished some prompts, ``[(prompt index, RequestOutput), ...]`` in
-    prompt order (an ``n > 1`` request finishes when the last of its ``n`` samples does).
-
-    A caller that stops early, or an exception (an interrupt), aborts the prompts still in
-    the engine, so a shared engine is left empty."""
-    engine = llm.llm_engine
+    and the KV cache exactly as in ``generate``) and the engine is stepped by
+    :func:`finished_outputs`. Yields, after every engine step that finished some prompts,
+    ``[(prompt index, RequestOutput), ...]`` in prompt order (an ``n > 1`` request finishes
+    when the last of its ``n`` samples does). A caller that stops early, or an exception,
+    aborts the prompts still in the engine."""
     ids = llm.enqueue(list(prompts), params, use_tqdm=False)
-    # enqueue returns vLLM's internal ids ("<client id>-<8 random chars>"); outputs carry the client id.
     index = {client_request_id(rid): k for k, rid in enumerate(ids)}
-    internal = {client_request_id(rid): rid for rid in ids}
-    left = set(index)
+    with contextlib.closing(finished_outputs(llm, {client_request_id(rid): rid for rid in ids})) as steps:
+        for outs in steps:
+            yield sorted((index[o.request_id], o) for o in outs)
+
+
+def finished_outputs(llm: Any, wanted: dict[str, str]) -> Iterator[list[Any]]:
+    """Step the engine until every request in ``wanted`` (client request id -> vLLM's internal
+    id, as ``LLM.enqueue`` returns it; the caller may add requests while iterating) has
+    finished, yielding after each step that finished some of them their outputs (each removed
+    from ``wanted`` first). A caller that stops early, or an exception (an interrupt), aborts
+    the requests still wanted, so a shared engine is left empty."""
+    engine = llm.llm_engine
     try:
-        while left and engine.has_unfinished_requests():
-            done = sorted((index[o.request_id], o) for o in engine.step()
-                          if getattr(o, "finished", False) and o.request_id in left)
+        while wanted:
+            if not engine.has_unfinished_requests():
+                raise StepprobeError(f"the engine stopped with {len(wanted)} requests unreported "
+                                     "(request ids not matched: vLLM internals changed?)")
+            done = [o for o in engine.step() if getattr(o, "finished", False) and o.request_id in wanted]
+            for o in done:
+                del wanted[o.request_id]
             if done:
-                left.difference_update(o.request_id for _, o in done)
                 yield done
-        if left:
-            raise StepprobeError(f"the engine stopped with {len(left)} of {len(ids)} prompts unreported "
-                                 "(request ids not matched: vLLM internals changed?)")
     finally:
-        if left:
+        if wanted:
+            left, _ = list(wanted.values()), wanted.clear()
             try:
-                engine.abort_request([internal[r] for r in left], internal=True)
+                engine.abort_request(left, internal=True)
             except Exception as exc:  # noqa: BLE001 - the engine may be gone already
                 log.debug("abort after an interrupted generation: %s", exc)
 

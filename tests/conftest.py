@@ -70,8 +70,9 @@ def pytest_collection_modifyitems(config, items):
 def collect_tiny_llm(tiny_model_path):
     """One vLLM engine on the tiny random model, shared by every collect test that
     generates (tests/data_collection, tests/faults)."""
-    from stepprobe.data_collection.collect import make_llm
+    from stepprobe.engine import engine_kwargs, make_llm
+    from stepprobe.options import EngineOptions
 
-    llm = make_llm(tiny_model_path, seed=0, max_model_len=512, dtype="float32", enforce_eager=True)
+    llm = make_llm(tiny_model_path, engine_kwargs(EngineOptions(max_model_len=512, dtype="float32", enforce_eager=True)))
     yield llm
     del llm

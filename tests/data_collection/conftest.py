@@ -89,8 +89,10 @@ def record_make_traces():
 @pytest.fixture(scope="session")
 def collect_default_llm(default_model_path):
     """One vLLM engine on the embedded default model (the one end-to-end collect test)."""
-    from stepprobe.data_collection.collect import make_llm
+    from stepprobe.engine import engine_kwargs, make_llm
+    from stepprobe.options import EngineOptions
 
-    llm = make_llm(default_model_path, seed=0, max_model_len=512, dtype="float32", enforce_eager=True)
+    llm = make_llm(default_model_path,
+                   engine_kwargs(EngineOptions(max_model_len=512, dtype="float32", enforce_eager=True)))
     yield llm
     del llm

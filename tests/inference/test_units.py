@@ -6,7 +6,7 @@ import pytest
 
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.inference.confidence import ConfidenceFilter, trace_confidence
-from stepprobe.inference.plugin import PluginSettings, engine_kwargs, request_overrides, serve_args
+from stepprobe.inference.plugin import PluginSettings, install_kwargs, request_overrides, serve_args
 from stepprobe.inference.policies import (Live, TraceScore, aggregate_scores, below_threshold, memory_victim_keys,
                                           top_fraction_losers)
 from stepprobe.voting import Ballot, vote
@@ -69,7 +69,7 @@ def test_settings_validation_and_flags(tmp_path):
     with pytest.raises(StepprobeError, match="unknown stepprobe setting"):
         PluginSettings.from_mapping({"scorer": "x", "polcy": "none"})
     s = PluginSettings(scorer=str(tmp_path), policy="memory")
-    kw = engine_kwargs(s)
+    kw = install_kwargs(s)
     assert kw["additional_config"]["stepprobe"]["policy"] == "memory"
     args = serve_args(s)
     assert args[0] == "--worker-cls" and "--additional-config" in args

@@ -194,7 +194,7 @@ def test_runner_selection_on_cuda_is_v2_and_the_capture_reads_its_batches(cuda_l
 
 def test_start_up_refuses_configurations_it_cannot_score(cuda_like_config):
     from stepprobe.errors import StepprobeError
-    from stepprobe.inference.plugin import check_supported, engine_args_features, parse_vllm_cli_engine_args
+    from stepprobe.inference.plugin import check_supported, parse_vllm_cli_engine_args, unsupported_features
 
     config = cuda_like_config
     check_supported(config)
@@ -207,8 +207,8 @@ def test_start_up_refuses_configurations_it_cannot_score(cuda_like_config):
     assert "\n" not in msg and "pipeline parallelism" in msg and "micro-batching" in msg and "offloading" in msg
     args = parse_vllm_cli_engine_args(["--host", "127.0.0.1", "--speculative-config",
                                        '{"method": "ngram", "num_speculative_tokens": 2}', "-pp", "2"])
-    assert engine_args_features(args) == ["pipeline parallelism (pipeline_parallel_size=2)", "speculative decoding"]
-    assert engine_args_features(parse_vllm_cli_engine_args(["--tensor-parallel-size", "2"])) == []
+    assert unsupported_features(args) == ["pipeline parallelism (pipeline_parallel_size=2)", "speculative decoding"]
+    assert unsupported_features(parse_vllm_cli_engine_args(["--tensor-parallel-size", "2"])) == []
 
 
 def test_data_parallel_and_external_launcher_refused_with_a_scorer(cuda_like_config):
@@ -216,7 +216,7 @@ def test_data_parallel_and_external_launcher_refused_with_a_scorer(cuda_like_con
     engine of its own (group rules would see part of a group); under external_launcher only
     rank 0's scheduler would see scores. Both refused, engine-side and before `vllm serve` starts."""
     from stepprobe.errors import StepprobeError
-    from stepprobe.inference.plugin import check_supported, engine_args_features, parse_vllm_cli_engine_args
+    from stepprobe.inference.plugin import check_supported, parse_vllm_cli_engine_args, unsupported_features
 
     config = cuda_like_config
     config.parallel_config.data_parallel_size = 2
@@ -226,9 +226,9 @@ def test_data_parallel_and_external_launcher_refused_with_a_scorer(cuda_like_con
     config.parallel_config.distributed_executor_backend = "external_launcher"
     with pytest.raises(StepprobeError, match="external_launcher"):
         check_supported(config)
-    assert engine_args_features(parse_vllm_cli_engine_args(["--data-parallel-size", "2"])) == [
+    assert unsupported_features(parse_vllm_cli_engine_args(["--data-parallel-size", "2"])) == [
         "data parallelism (data_parallel_size=2)"]
-    assert engine_args_features(parse_vllm_cli_engine_args(["--distributed-executor-backend", "external_launcher"])) \
+    assert unsupported_features(parse_vllm_cli_engine_args(["--distributed-executor-backend", "external_launcher"])) \
         == ["distributed_executor_backend=external_launcher"]
 
 
