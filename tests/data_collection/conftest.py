@@ -19,36 +19,19 @@ RECORD_TEXTS = [
 
 
 def make_traces(path: Path, model_path: str, *, num_problems: int = 3, texts: list[str] | None = None,
-                       question_prefix: str = "Compute.\n\nWhat is", name: str | None = None) -> Path:
-    """A traces file (collect's format, written with TraceWriter) for ``model_path``'s tokenizer.
+                question_prefix: str = "Compute.\n\nWhat is", name: str | None = None) -> Path:
+    """The recorder's traces file (:func:`helpers.write_traces`) for ``model_path``'s tokenizer.
 
     Problem ``i`` has one trace per text; trace ``j`` is labelled correct when ``(i + j)`` is
     even; the last text is marked ``finish_reason="length"``. The question holds a "\\n\\n",
     so every prompt has one that must not be counted.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from stepprobe.data_collection.traces import ProblemTraces, Trace, TraceWriter, make_header
-    from stepprobe.provenance import model_identity
+    from helpers import write_traces
 
     texts = texts or RECORD_TEXTS
-    tok = AutoTokenizer.from_pretrained(model_path)
-    ident = model_identity(name or model_path, AutoConfig.from_pretrained(model_path), tok)
-    with TraceWriter(path, make_header({"num_samples": len(texts), "test": True}, ident), overwrite=True) as w:
-        for i in range(num_problems):
-            q = f"{question_prefix} {i} + 1?"
-            prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True)
-            pids = tok(prompt, add_special_tokens=False)["input_ids"]
-            traces = []
-            for j, text in enumerate(texts):
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-                traces.append(Trace(sample_index=j, output_token_ids=ids, text=text,
-                                    finish_reason="length" if j == len(texts) - 1 else "stop",
-                                    num_tokens=len(ids), extracted_answer=str(i + 1), correct=(i + j) % 2 == 0))
-            w.write(ProblemTraces(problem_id=f"p{i:03d}", question=q, gold=str(i + 1), prompt_text=prompt,
-                                  prompt_token_ids=pids, traces=traces))
-    return Path(path)
+    problems = [(f"p{i:03d}", f"{question_prefix} {i} + 1?", str(i + 1), texts) for i in range(num_problems)]
+    return write_traces(path, model_path, problems, model_name=name, config={"num_samples": len(texts), "test": True},
+                        chat_template=True, correct=lambda i, j: (i + j) % 2 == 0, cut_last=True)
 
 
 @pytest.fixture(scope="session")

@@ -26,27 +26,10 @@ def synthetic_h5(path: Path, *, n_problems: int = 30, labels=None, nan_site: str
 
 def write_traces(path: Path, model_path: str, problems: list[tuple[str, str, list[str]]],
                  model_name: str | None = None) -> Path:
-    """A traces file in collect's format: ``(problem_id, question, texts)`` per line, written
-    line by line (so duplicate ids can be written, as a hand-merged file would have them)."""
-    import json
+    """:func:`helpers.write_traces` for ``(problem_id, question, texts)`` lines, gold "1"."""
+    from helpers import write_traces as write
 
-    from transformers import AutoConfig, AutoTokenizer
-
-    from stepprobe.data_collection.traces import ProblemTraces, Trace, make_header
-    from stepprobe.provenance import model_identity
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    ident = model_identity(model_name or model_path, AutoConfig.from_pretrained(model_path), tok)
-    lines = [json.dumps(make_header({"test": True}, ident))]
-    for pid, q, texts in problems:
-        prompt = f"Question: {q}\nAnswer:"
-        traces = [Trace(sample_index=j, output_token_ids=tok(t, add_special_tokens=False)["input_ids"], text=t,
-                        finish_reason="stop", num_tokens=len(tok(t, add_special_tokens=False)["input_ids"]),
-                        extracted_answer="1", correct=j % 2 == 0) for j, t in enumerate(texts)]
-        lines.append(json.dumps(ProblemTraces(problem_id=pid, question=q, gold="1", prompt_text=prompt,
-                                              prompt_token_ids=tok(prompt)["input_ids"], traces=traces).to_dict()))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write(path, model_path, [(pid, q, "1", texts) for pid, q, texts in problems], model_name=model_name)
 
 
 STEPS = ["First.\n\nSecond.\n\nSo 1.", "Hmm.\n\nIt is 1."]
