@@ -31,7 +31,7 @@ Example::
 
     stepprobe import-step-dump --dumps 'runs/step/qwen3_hiddenstates_*.pt' \\
         --model Qwen/Qwen3-4B-Thinking-2507 --output runs/step/hidden_states.h5
-    stepprobe sweep --data runs/step/hidden_states.h5 --out runs/step/sweep
+    stepprobe sweep --data runs/step/hidden_states.h5 --output runs/step/sweep
 """
 
 from __future__ import annotations

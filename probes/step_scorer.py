@@ -26,7 +26,7 @@ nothing in it runs.
 Examples::
 
     stepprobe import-step-scorer --checkpoint best_model.pt --model Qwen/Qwen3-4B-Thinking-2507 \\
-        --out runs/qwen3-4b/scorer
+        --output runs/qwen3-4b/scorer
     stepprobe serve --scorer runs/qwen3-4b/scorer --prompt-preset step-paper -- --port 8000
 """
 
@@ -67,7 +67,7 @@ class Config(StageConfig):
                              "and tokenizer are read)")
     out: str = option(help="scorer directory to write")
     threshold: float = option(0.5, "the scorer's decision threshold (the paper's default cut is 0.5)")
-    overwrite: bool = option(False, "replace a scorer already in --out")
+    overwrite: bool = option(False, "replace a scorer already in --output")
 
 
 # -- reading ---------------------------------------------------------------------------------

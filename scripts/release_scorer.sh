@@ -19,13 +19,13 @@ SP=("$PY" -m stepprobe.cli)
 { read -r HIDDEN; read -r SCORER; read -r OOD_TRACES; read -r OOD_HIDDEN; read -r EVAL_OOD; read -r OOD_SC
   read -r OOD_REPLAY; } < <("$PY" -m stepprobe.paths "$RUN" hidden_states scorer ood_traces ood_hidden_states \
     eval_ood ood_sc ood_replay)
-"${SP[@]}" pipeline --config configs/released-smollm2-135m.yaml --out "$RUN"
+"${SP[@]}" pipeline --config configs/released-smollm2-135m.yaml --output "$RUN"
 "${SP[@]}" collect --problems "builtin-ood:n=160,seed=0" --n 8 --max-tokens 192 --temperature 0.7 --top-p 1.0 \
     --dtype bfloat16 --output "$OOD_TRACES"
 "${SP[@]}" record --traces "$OOD_TRACES" --output "$OOD_HIDDEN" --dtype bfloat16 \
     --storage-dtype float16 --step-mean all
 "${SP[@]}" evaluate --scorer "$SCORER" --data "$OOD_HIDDEN" \
-    --reference-data "$HIDDEN" --out "$EVAL_OOD" --overwrite
+    --reference-data "$HIDDEN" --output "$EVAL_OOD" --overwrite
 "${SP[@]}" run --problems "builtin-ood:n=160,seed=0" --scorer "$SCORER" --n 8 --max-tokens 192 \
     --temperature 0.7 --top-p 1.0 --dtype bfloat16 --enforce-eager --policy none --vote majority \
     --record-confidence --batch-problems 40 --output "$OOD_SC"

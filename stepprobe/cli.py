@@ -20,7 +20,7 @@ import typing
 from typing import Any, Sequence
 
 from . import __version__, locks
-from .config import StageConfig, _unwrap_optional
+from .config import OUTPUT_NAMES, StageConfig, _unwrap_optional
 from .errors import StepprobeError
 
 # name -> (module, one line for `stepprobe --help`), in pipeline order.
@@ -72,6 +72,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type[StageConf
             help_text = f"{help_text} (required unless in --config)"
         if _flag_type(hints[f.name]) is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name in OUTPUT_NAMES:  # one name in every stage; the other spelling still works, unlisted
+            parser.add_argument("--output", dest=f.name, default=None, metavar="OUTPUT", help=help_text)
+            parser.add_argument("--out", dest=f.name, default=None, help=argparse.SUPPRESS)
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 

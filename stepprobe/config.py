@@ -136,6 +136,24 @@ def stage_defaults(**values: Any):
     return deco
 
 
+#: The output path has one name in every stage, ``output`` (``--output``); the training stages and
+#: the pipeline keep their field ``out`` (what their artifacts record) and every stage takes the other
+#: spelling too, so old commands and config files still work.
+OUTPUT_NAMES = ("output", "out")
+
+
+def output_spelling(fields: set[str], data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """``data`` with the output path under the name of the config's own field."""
+    field = next((n for n in OUTPUT_NAMES if n in fields), None)
+    other = next((n for n in OUTPUT_NAMES if n != field), None)
+    if field is None or other not in data:
+        return data
+    if data.get(field) not in (None, data[other]):
+        raise StepprobeError(f"{source}: the output is given twice ({field}: {data[field]!r}, {other}: "
+                             f"{data[other]!r}); give it once, as output")
+    return {**{k: v for k, v in data.items() if k != other}, field: data[other]}
+
+
 @dataclasses.dataclass
 class StageConfig(OptionGroup):
     """Base of every stage config. Subclasses add fields with :func:`option` and take the
@@ -149,6 +167,7 @@ class StageConfig(OptionGroup):
     def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
         hints = typing.get_type_hints(cls)
         known = {f.name for f in cls.fields()}
+        data = output_spelling(known, data, source)
         unknown = sorted(set(data) - known - {"stepprobe_version", "stage"})
         if unknown:
             raise StepprobeError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -166,6 +185,7 @@ class StageConfig(OptionGroup):
         section = getattr(cls, "SECTION", None)
         if section and isinstance(data.get(section), dict):
             data = data[section]
+        data = output_spelling({f.name for f in cls.fields()}, data, str(path))
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data, source=str(path))
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import locks
-from .config import StageConfig, option
+from .config import OUTPUT_NAMES, StageConfig, option
 from .errors import ArtifactMismatch, StepprobeError
 from .io import atomic_write_json, atomic_write_text, read_json
 from .models import DEFAULT_MODEL
@@ -171,10 +171,11 @@ def stage_settings(stage: str, cfg: Config, paths: RunPaths) -> dict[str, Any]:
         settings.update({k: cfg.seed for k in _SEEDED.get(stage, ())})
     settings.update(getattr(cfg, stage))
     owned = _wiring(stage, cfg, paths)
-    clash = sorted(k for k in getattr(cfg, stage) if k in owned)
+    owned_names = set(owned) | (set(OUTPUT_NAMES) if set(OUTPUT_NAMES) & set(owned) else set())
+    clash = sorted(k for k in getattr(cfg, stage) if k in owned_names)
     if clash:
         raise StepprobeError(f"pipeline {stage}: {', '.join(clash)} are set by the pipeline; "
-                             f"use the top-level fields (out, model, problems, bench_problems)")
+                             f"use the top-level fields (output, model, problems, bench_problems)")
     settings.update(owned)
     return settings
 
@@ -264,7 +265,7 @@ def run(cfg: Config) -> Path:
         if entry and entry.get("status") == "done":
             if entry.get("settings") != json.loads(json.dumps(settings)):
                 raise ArtifactMismatch(
-                    f"{root}: stage {stage} finished with other settings; pass --restart or another --out")
+                    f"{root}: stage {stage} finished with other settings; pass --restart or another --output")
             log.info("[%d/%d] %s: done before, skipped", i, len(cfg.stages), stage)
             continue
         if stage in ("sc", "bench"):

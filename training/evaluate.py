@@ -1,7 +1,7 @@
 """Evaluate a scorer on recorded traces it never saw (e.g. the out-of-template test set).
 
     stepprobe evaluate --scorer runs/x/scorer --data runs/ood/hidden_states.h5 \\
-        --reference-data runs/x/record/hidden_states.h5 --out runs/x/eval-ood
+        --reference-data runs/x/record/hidden_states.h5 --output runs/x/eval-ood
 
 Every step of every trace in ``--data`` is scored with the scorer exactly as exported
 (normalization and calibration included). Reported, each with a 95% bootstrap interval
@@ -116,7 +116,7 @@ def run(cfg: Config) -> Path:
         raise ArtifactMismatch(f"{cfg.data} was segmented with delimiter {hs.boundary_rule.get('delimiter')!r}, the "
                                f"scorer with {scorer.boundary_rule.get('delimiter')!r}")
     if (out / "eval.json").exists() and not cfg.overwrite:
-        raise StepprobeError(f"{out}/eval.json exists; pass --overwrite or another --out")
+        raise StepprobeError(f"{out}/eval.json exists; pass --overwrite or another --output")
     out.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(hs.steps["label"]).astype(np.int64)
     problem = row_problem_ids(hs)

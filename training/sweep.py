@@ -263,7 +263,7 @@ def run(cfg: Config) -> Path:
             raise ArtifactMismatch(f"{out}/sweep.json is not a sweep of this stepprobe version")
         if prev.get("stable_config") != _stable(cfg) or prev.get("data", {}).get("model") != fingerprint["model"] \
                 or prev.get("data", {}).get("num_steps") != fingerprint["num_steps"]:
-            raise ArtifactMismatch(f"{out} holds a sweep with another config or data; use another --out or --overwrite")
+            raise ArtifactMismatch(f"{out} holds a sweep with another config or data; use another --output or --overwrite")
         test_scores = _read_predictions(out)
         rows = [r for r in read_rows(out / "sweep.csv") if r["site"] in labels and r["site"] in test_scores]
         log.info("resuming sweep in %s: %d of %d candidates done", out, len(rows), len(cands))

@@ -11,7 +11,7 @@ One config in, one run directory out:
   logs/          Lightning CSV logs (metrics.csv per epoch); checkpoints/best.ckpt
 
 Splits are by problem. Early stopping and checkpointing watch `--monitor` (default val_auroc).
-Example: stepprobe train --data states.h5 --sites layer_20 --arch mlp --out runs/probe
+Example: stepprobe train --data states.h5 --sites layer_20 --arch mlp --output runs/probe
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def prepare_out_dir(out: str, prefix: str, overwrite: bool, marker: str) -> Path
     locks.hold(path)
     if path.exists() and any(path.iterdir()):
         if not overwrite:
-            raise StepprobeError(f"{path} exists and is not empty; choose another --out or pass --overwrite")
+            raise StepprobeError(f"{path} exists and is not empty; choose another --output or pass --overwrite")
         if not (path / marker).exists():
             raise StepprobeError(f"{path} is not a {prefix} run directory (no {marker}); refusing to replace it")
         shutil.rmtree(path)

@@ -83,3 +83,39 @@ def test_cli_error_is_one_line(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "config file not found" in out.stderr
+
+
+def test_every_stage_names_its_output_output_and_still_takes_out(tmp_path, capsys):
+    """Issue 24: one name for the output path across stages (--output, `output:`); the
+    other spelling (--out, `out:`, the training stages' and the pipeline's field) still works."""
+    import importlib
+
+    from stepprobe.cli import STAGES, _parse_stage
+    from stepprobe.config import OUTPUT_NAMES
+
+    checked = []
+    for stage, (module_name, _) in STAGES.items():
+        cls = importlib.import_module(module_name).Config
+        field = next((f.name for f in cls.fields() if f.name in OUTPUT_NAMES), None)
+        if field is None:
+            continue
+        for flag in ("--output", "--out"):
+            _, args = _parse_stage(stage, [flag, "x/y"])
+            assert getattr(args, field) == "x/y", (stage, flag)
+        with pytest.raises(SystemExit):
+            _parse_stage(stage, ["--help"])
+        shown = capsys.readouterr().out
+        assert "--output OUTPUT" in shown and "--out " not in shown, stage
+        checked.append(stage)
+    assert {"collect", "record", "run", "bench", "replay", "train", "sweep", "tune", "export", "evaluate",
+            "pipeline"} <= set(checked)
+
+    from stepprobe.pipeline import Config
+
+    for key in OUTPUT_NAMES:
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(f"pipeline:\n  {key}: runs/p\n")
+        assert Config.from_file(path).out == "runs/p"
+        assert Config.from_file(path, out="runs/q").out == "runs/q"  # a flag overrides the file
+    with pytest.raises(StepprobeError, match="output is given twice"):
+        Config.from_dict({"out": "a", "output": "b"})
