@@ -18,11 +18,29 @@ def _records(runner):
     return runner._take_records()
 
 
+def _engine_ids(key: str, ext_ids: set[str], n: int) -> tuple[str, int] | None:
+    """Engine request id -> (client request id, child index). vLLM appends ``-<8 chars>`` to a
+    client id and names the children of an ``n > 1`` request ``{index}_{parent}``."""
+    import re
+
+    index = 0
+    rest = key
+    if n > 1:
+        m = re.match(r"^(\d+)_(.+)$", key)
+        if not m:
+            return None
+        index, rest = int(m.group(1)), m.group(2)
+    if rest in ext_ids:
+        return rest, index
+    base = rest.rsplit("-", 1)[0]
+    return (base, index) if base in ext_ids else None
+
+
 def test_capture_counts_equal_boundary_counts(plugin_runner):
     """Every boundary the engine can see is captured once, at its position: for the runner's
     single-trace requests and for the children of a raw ``n > 1`` vLLM request."""
     from stepprobe.boundaries import BoundaryDetector, BoundaryRule
-    from stepprobe.inference.runner import _engine_ids, captured_boundaries
+    from stepprobe.inference.runner import captured_boundaries
 
     det = BoundaryDetector.from_tokenizer(BoundaryRule(), plugin_runner.tokenizer)
     prompts = ["Hello there", "What is 2+2? Think."]
