@@ -26,8 +26,8 @@ def synthetic_h5(path: Path, *, n_problems: int = 30, labels=None, nan_site: str
 
 def write_traces(path: Path, model_path: str, problems: list[tuple[str, str, list[str]]],
                  model_name: str | None = None) -> Path:
-    """:func:`helpers.write_traces` for ``(problem_id, question, texts)`` lines, gold "1"."""
-    from helpers import write_traces as write
+    """:func:`traces_file.write_traces` for ``(problem_id, question, texts)`` lines, gold "1"."""
+    from traces_file import write_traces as write
 
     return write(path, model_path, [(pid, q, "1", texts) for pid, q, texts in problems], model_name=model_name)
 

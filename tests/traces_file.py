@@ -1,4 +1,4 @@
-"""Builders shared by the test folders (import as ``from helpers import ...``: pytest puts
+"""The one traces-file builder of the tests (``from traces_file import write_traces``: pytest puts
 ``tests/`` on the path for its conftest)."""
 
 from __future__ import annotations
