@@ -110,7 +110,7 @@ class PairedDiff(Interval):
 
 
 def format_interval(d: Mapping[str, Any] | Interval | None, digits: int = 3, *, signed: bool = False,
-          missing: str = "n/a") -> str:
+                    missing: str = "n/a") -> str:
     """:meth:`Interval.label` of an interval or of either artifact dict; ``missing`` for none."""
     return missing if not d else Interval.from_dict(d).label(digits, signed=signed)
 
