@@ -55,25 +55,17 @@ class Params:
 
 def load_run(path: str | Path, limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The header and problem records of a run's results.jsonl (schema checked)."""
-    from .run import RESULTS_KIND, RESULTS_SCHEMA_VERSION
+    from stepprobe import jsonl
+
+    from .run import RESULTS_KIND, RESULTS_SCHEMA_VERSION, RESULTS_WHAT
 
     p = Path(path)
     if p.is_dir():
         p = p / "results.jsonl"
     if not p.is_file():
         raise StepprobeError(f"no run results at {p}")
-    with open(p, encoding="utf-8") as fh:
-        lines = [ln for ln in fh if ln.strip()]
-    if not lines:
-        raise ArtifactMismatch(f"{p} is empty")
-    header = json.loads(lines[0])
-    check_schema(header, RESULTS_KIND, RESULTS_SCHEMA_VERSION, str(p))
-    records = []
-    for ln in lines[1:]:
-        try:
-            records.append(json.loads(ln))
-        except json.JSONDecodeError:
-            break  # a torn last line of a killed run
+    header, lines = jsonl.read(p, RESULTS_KIND, RESULTS_SCHEMA_VERSION, RESULTS_WHAT)
+    records = [rec for _, rec in lines]  # a torn last line of a killed run is left out; a corrupt one is refused
     if header.get("config", {}).get("policy") != "none" or any(r.get("pruned") for r in records):
         raise ArtifactMismatch(f"{p} is not a self-consistency run (policy none, nothing pruned); replay needs "
                                "every trace in full")

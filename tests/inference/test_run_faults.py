@@ -88,7 +88,7 @@ def test_a_torn_last_line_is_cut_before_the_resumed_run_appends(tmp_path, tiny_m
     from stepprobe import jsonl
     from stepprobe.inference import run as run_stage
 
-    cfg = run_stage.Config(model=tiny_model_path, output=str(tmp_path))
+    cfg = run_stage.Config(model=tiny_model_path, output=str(tmp_path), policy="none")
     prov = run_stage.provenance(tiny_model_path, None)
     path = tmp_path / "results.jsonl"
     with run_stage._open_results(path, cfg, prov, {}) as w:
@@ -104,3 +104,23 @@ def test_a_torn_last_line_is_cut_before_the_resumed_run_appends(tmp_path, tiny_m
     assert header["config"] == cfg.to_dict()
     assert [rec["problem_id"] for _, rec in lines] == ["a", "b", "c"]
     assert list(run_stage._resume(tmp_path, cfg, prov)) == ["a", "b", "c"]
+
+
+def test_replay_reads_every_problem_and_refuses_a_glued_line(tmp_path, tiny_model_path):
+    """Issue 24, defect 1, the reader's side: replay used to stop at the first line that was not
+    JSON (a torn line a resumed run had glued its next record onto) and drop every later problem
+    without a word; it reads through the shared reader, which leaves out only a torn last line
+    and refuses a corrupt complete one by its line number."""
+    from stepprobe.inference import run as run_stage
+    from stepprobe.inference.replay_data import load_run
+
+    cfg = run_stage.Config(model=tiny_model_path, output=str(tmp_path), policy="none")
+    path = tmp_path / "results.jsonl"
+    with run_stage._open_results(path, cfg, run_stage.provenance(tiny_model_path, None), {}) as w:
+        w.write({"problem_id": "a"})
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text + '{"problem_id": "b", "tr')
+    assert [r["problem_id"] for r in load_run(tmp_path)[1]] == ["a"]  # a torn last line: left out
+    path.write_text(text + '{"problem_id": "b", "tr{"problem_id": "c"}\n{"problem_id": "d"}\n')
+    with pytest.raises(StepprobeError, match="results.jsonl:3: corrupt run results file line"):
+        load_run(tmp_path)
