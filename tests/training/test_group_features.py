@@ -12,8 +12,10 @@ import pytest
 
 from stepprobe.probes import group_features as G
 
-from .conftest import HIDDEN, IDENTITY, NUM_LAYERS, RULE
-
+NUM_LAYERS, HIDDEN = 4, 16
+IDENTITY = {"name": "synthetic-4x16", "config_hash": "synthetic0001", "vocab_hash": "vocab0001",
+            "model_type": "llama", "hidden_size": HIDDEN, "num_hidden_layers": NUM_LAYERS, "vocab_size": 100}
+RULE = {"delimiter": "\n\n", "mode": "completes-occurrence-nonoverlapping", "token_ids": [5, 7]}
 AGREE_SITE = "layer_01"
 
 
