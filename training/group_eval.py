@@ -250,11 +250,11 @@ def build_scorers(args, train_hs, chosen: dict[str, Any], cfg) -> dict[str, Call
 
 
 def render(doc: dict[str, Any]) -> str:
-    def ci(d: dict | list | None) -> str:
+    def ci(d: dict | list | None, signed: bool = True) -> str:
         if not d:
             return "–"
         iv = Interval.from_dict(d) if isinstance(d, dict) else Interval(*(np.nan if x is None else x for x in d))
-        return "–" if not np.isfinite(iv.value) else iv.label(signed=abs(iv.value) < 0.5 or iv.value < 0)
+        return "–" if not np.isfinite(iv.value) else iv.label(signed=signed)
 
     out = [f"Chosen on the training file's validation split: {doc['chosen']}", ""]
     for name, res in doc["sets"].items():
@@ -266,7 +266,7 @@ def render(doc: dict[str, Any]) -> str:
             r, rp = e["ranking"], e["replay16"]
             cells = [f"{ci(rp[k]['minus_random'])} / {ci(rp[k]['vs_sc'])}" if k in rp else "–"
                      for k in ("memory/score", "memory/majority", "memory:group_gap/majority")]
-            out.append(f"| {label} | {ci(r['rank25'])} | {ci(r['rank50'])} | {ci(r['rank50'].get('minus_released'))} "
+            out.append(f"| {label} | {ci(r['rank25'], False)} | {ci(r['rank50'], False)} | {ci(r['rank50'].get('minus_released'))} "
                        f"| {rp.get('sc_accuracy', float('nan')):.3f} | " + " | ".join(cells) + " |")
         out.append("")
     if doc.get("sc_pass"):
@@ -275,7 +275,7 @@ def render(doc: dict[str, Any]) -> str:
                 "| score | ranking @25% | ranking @50% |", "|---|---|---|"]
         for k, v in s.items():
             if isinstance(v, dict):
-                out.append(f"| {k} | {ci(v['rank25'])} | {ci(v['rank50'])} |")
+                out.append(f"| {k} | {ci(v['rank25'], False)} | {ci(v['rank50'], False)} |")
     return "\n".join(out) + "\n"
 
 
