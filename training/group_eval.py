@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     fns = build_scorers(args, train_hs, chosen, cfg)
     doc: dict[str, Any] = {"chosen": chosen, "sites": args.sites, "sets": {}}
     for spec in args.test:
-        name, _, paths = spec.partition("=")
+        name, _, paths = spec.rpartition("=")
         h5, _, traces = paths.partition(",")
         doc["sets"][name] = evaluate_set(name, h5, traces, fns, exclude)
         atomic_write_json(out / "group_eval.json", M.clean(doc))
