@@ -30,6 +30,7 @@ import torch
 from stepprobe.config import StageConfig, option
 from stepprobe.errors import StepprobeError
 from stepprobe.io import atomic_write_json
+from stepprobe.layers import split_group
 from stepprobe.options import FitOptions, TrainingOptions, generation_of
 from stepprobe.probes.checkpoint import save_scorer
 from stepprobe.probes.features import FeatureSpec, ProbeModel
@@ -350,6 +351,10 @@ def run(config: Config) -> Path:
     hs = open_hidden_states(config.data)
     # The data is checked (split, classes, NaN/inf in the sites read) before the run directory exists.
     spec = resolve_spec(config, hs.num_layers)
+    groups = [s for s in spec.sites if split_group(s)[1] is not None]
+    if groups:
+        raise StepprobeError(f"`stepprobe train` writes a scorer, and one on group features ({', '.join(groups)}) "
+                             "cannot run live yet (issue 23, item 3); compare them with `stepprobe sweep --group`")
     split = make_split(hs, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
                        seed=config.split_seed, max_steps_per_trace=config.max_steps_per_trace,
                        subsample_seed=config.seed)

@@ -182,10 +182,15 @@ def test_visible_siblings_pick_each_siblings_latest_boundary():
     assert [v.tolist() for v in vis] == [[2], [3], [0], [1], [1], []]
 
 
-def test_a_group_probe_is_not_exported_as_a_live_scorer(tmp_path):
+def test_a_group_probe_is_not_exported_as_a_live_scorer(tmp_path, agreement_h5):
     from stepprobe.errors import StepprobeError
     from stepprobe.probes.checkpoint import save_scorer
     from stepprobe.probes.features import FeatureSpec, ProbeModel
+    from stepprobe.training import train
+
+    with pytest.raises(StepprobeError, match=r"group features \(layer_01.group\).*sweep --group"):
+        train.run(train.Config(data=str(agreement_h5), sites="layer_01.group", out=str(tmp_path / "t")))
+    assert not (tmp_path / "t").exists()  # refused before anything was trained or written
 
     probe = ProbeModel(FeatureSpec(("layer_01.gdev",)), "linear", HIDDEN)  # same width as a plain site
     with pytest.raises(StepprobeError, match=r"group features \(layer_01.gdev\).*issue 23"):
