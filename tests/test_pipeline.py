@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "problems": "builtin:n=12,seed=0,families=add+mul,levels=1",
     "bench_problems": "builtin:n=6,seed=1,levels=1",
-    "collect": {"n": 4, "max_tokens": 48, "chunk_size": 6, "max_model_len": 512},
+    # eager: torch.compile would cost this test more than its whole collect (the compiled capture is
+    # checked in tests/inference; collect only generates text)
+    "collect": {"n": 4, "max_tokens": 48, "chunk_size": 6, "max_model_len": 512, "enforce_eager": True},
     "record": {"batch_size": 8},
     "sweep": {"sites": "layer_00,layer_15,final_norm", "max_epochs": 3, "bootstrap": 20,
               "val_fraction": 0.25, "test_fraction": 0.25},

@@ -105,24 +105,24 @@ def test_sigkilled_collect_keeps_problems_of_its_unfinished_chunk(tmp_path, tiny
     from stepprobe.data_collection import collect
 
     out = tmp_path / "traces.jsonl"
-    args = dict(model=tiny_model_path, problems="builtin:n=40,seed=5", n=2, max_tokens=24, chunk_size=40,
+    args = dict(model=tiny_model_path, problems="builtin:n=16,seed=5", n=2, max_tokens=24, chunk_size=16,
                 enforce_eager=True, max_model_len=256, max_num_seqs=2, dtype="float32")
     cmd = [sys.executable, "-m", "stepprobe.cli", "collect", "--model", tiny_model_path, "--problems",
-           args["problems"], "--n", "2", "--max-tokens", "24", "--chunk-size", "40", *TINY, "--output", str(out)]
+           args["problems"], "--n", "2", "--max-tokens", "24", "--chunk-size", "16", *TINY, "--output", str(out)]
     seen = _kill_when(cmd, lambda: len(_complete_lines(out)) >= 1 + 2, tmp_path / "stderr.txt")
     before = _complete_lines(out)
-    assert 1 + 2 <= len(before) < 1 + 40, "the chunk finished before the kill; the test proves nothing"
+    assert 1 + 2 <= len(before) < 1 + 16, "the chunk finished before the kill; the test proves nothing"
     done = [json.loads(ln)["problem_id"] for ln in before[1:]]
     assert all(len(json.loads(ln)["traces"]) == 2 for ln in before[1:])
     _assert_no_survivor(seen)
 
     # The rerun (the same settings, in this process on a shared engine) finishes only the rest.
     summary = collect.run(collect.Config(**args, output=str(out)), llm=collect_tiny_llm)
-    assert summary["this_run"]["traces_generated"] == 2 * (40 - len(done))
+    assert summary["this_run"]["traces_generated"] == 2 * (16 - len(done))
     after = out.read_text(encoding="utf-8").splitlines(keepends=True)
     assert after[:len(before)] == before  # finished problems unchanged, byte for byte
     ids = [json.loads(ln)["problem_id"] for ln in after[1:]]
-    assert len(ids) == len(set(ids)) == 40 and ids[:len(done)] == done
+    assert len(ids) == len(set(ids)) == 16 and ids[:len(done)] == done
 
 
 @pytest.mark.vllm
@@ -132,12 +132,12 @@ def test_sigkilled_bench_keeps_the_problems_of_its_cell_and_remeasures_it(tmp_pa
     timed as one batch), keeps the killed run's lines beside it, and finishes."""
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "stepprobe.cli", "bench", "--model", tiny_model_path, "--problems",
-           "builtin:n=40,seed=5", "--n", "2", "--max-tokens", "24", "--policies", "none", "--kv-blocks", "0",
+           "builtin:n=16,seed=5", "--n", "2", "--max-tokens", "24", "--policies", "none", "--kv-blocks", "0",
            *TINY, "--output", str(out)]
     cell = out / "cells" / "kvdefault-none.jsonl"
     seen = _kill_when(cmd, lambda: len(_complete_lines(cell)) >= 1 + 2, tmp_path / "stderr.txt")
     before = _complete_lines(cell)
-    assert 1 + 2 <= len(before) < 1 + 40, "the cell finished before the kill; the test proves nothing"
+    assert 1 + 2 <= len(before) < 1 + 16, "the cell finished before the kill; the test proves nothing"
     assert not (out / "bench.json").exists()
     header = json.loads(before[0])
     assert (header["kind"], header["kv_blocks"], header["policy"]) == ("stepprobe-bench-cell", 0, "none")
@@ -150,7 +150,7 @@ def test_sigkilled_bench_keeps_the_problems_of_its_cell_and_remeasures_it(tmp_pa
     after = _complete_lines(cell)
     bench = json.loads((out / "bench.json").read_text(encoding="utf-8"))
     ids = [json.loads(ln)["problem_id"] for ln in after[1:]]
-    assert len(ids) == len(set(ids)) == 40
+    assert len(ids) == len(set(ids)) == 16
     assert sorted(r["problem_id"] for r in bench["problems"]["0/none"]) == sorted(ids)
     assert not (out / "bench.partial.json").exists()
 
