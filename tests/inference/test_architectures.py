@@ -6,7 +6,8 @@ transformers) give the same features at ``embed``, a middle layer, the last laye
 ``final_norm`` at the same step boundaries (fp32: cosine > 0.9999); a logistic probe fit on
 the recorder's features scores the same live (< 1e-4); and memory pruning takes the trace
 pushed onto the low-scoring delimiter token. One eager engine per architecture, started one
-after another (module-scoped, parametrised) and closed before the next.
+after another (module-scoped, parametrised) and closed before the next, each in the test
+process (``engine_modes.in_process_engines``: the worker's code is the same, start-up is half).
 
 The models are 4 layers, hidden 64, head_dim 32 (vLLM's CPU attention rejects 16), built by
 ``stepprobe.models.build_random_model`` with norm weights and biases perturbed, so that
@@ -21,6 +22,7 @@ import time
 
 import numpy as np
 import pytest
+from engine_modes import in_process_engines
 
 pytestmark = pytest.mark.vllm
 
@@ -109,11 +111,14 @@ def arch_case(request, tmp_path_factory, default_model_path, helpers):
     settings = PluginSettings(scorer=str(scorer), policy="none", keep_records=True, record_features=True,
                               max_accuracy_loss=None)
     groups = kv_groups(model)
-    runner = StepRunner(model, settings, seed=0, dtype="float32", max_model_len=256,
-                        num_kv_blocks=helpers.NUM_KV_BLOCKS * groups, enforce_eager=True)
-    print(f"\n[{arch}] model, probe and engine ready in {time.perf_counter() - t0:.1f} s")
-    yield arch, model, str(scorer), runner, groups
-    runner.close()
+    with in_process_engines():  # the worker computes the same in the test process, in half the start-up
+        runner = StepRunner(model, settings, seed=0, dtype="float32", max_model_len=256,
+                            num_kv_blocks=helpers.NUM_KV_BLOCKS * groups, enforce_eager=True)
+        print(f"\n[{arch}] model, probe and engine ready in {time.perf_counter() - t0:.1f} s")
+        try:
+            yield arch, model, str(scorer), runner, groups
+        finally:
+            runner.close()
 
 
 def test_live_features_and_scores_equal_the_recorders(arch_case, helpers):

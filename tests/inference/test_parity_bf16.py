@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from engine_modes import in_process_engines
 
 pytestmark = pytest.mark.vllm
 
@@ -52,14 +53,15 @@ def bf16_case(tmp_path_factory, default_model_path):
     save_scorer(scorer, linear_probe(SITES, weight=weight, combine="concat", mean=mean, std=std),
                 model=model_identity(default_model_path, AutoConfig.from_pretrained(default_model_path), tok),
                 boundary_rule=BoundaryRule().to_dict())
-    runner = StepRunner(default_model_path, PluginSettings(scorer=str(scorer), policy="none", keep_records=True,
-                                                           record_features=True),
-                        seed=0, dtype="bfloat16", max_model_len=512, enforce_eager=True)
-    try:
-        prompts = [build_prompt(p, runner.tokenizer) for p in load_problem_source("builtin:n=4,seed=3")]
-        results = runner.generate(prompts, n=3, max_tokens=128, temperature=0.7)
-    finally:
-        runner.close()
+    with in_process_engines():
+        runner = StepRunner(default_model_path, PluginSettings(scorer=str(scorer), policy="none", keep_records=True,
+                                                               record_features=True),
+                            seed=0, dtype="bfloat16", max_model_len=512, enforce_eager=True)
+        try:
+            prompts = [build_prompt(p, runner.tokenizer) for p in load_problem_source("builtin:n=4,seed=3")]
+            results = runner.generate(prompts, n=3, max_tokens=128, temperature=0.7)
+        finally:
+            runner.close()
     return str(scorer), prompts, results, tok
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_modes import in_process_engines
 
 from stepprobe.inference.seeds import RewindableGenerator, trace_seed
 
@@ -36,10 +37,13 @@ def seeded_runner(tiny_model_path):
     from stepprobe.inference.plugin import PluginSettings
     from stepprobe.inference.runner import StepRunner
 
-    runner = StepRunner(tiny_model_path, PluginSettings(policy="none"), seed=0, dtype="float32",
-                        max_model_len=256, num_kv_blocks=4, enforce_eager=True, max_num_batched_tokens=64)
-    yield runner
-    runner.close()
+    with in_process_engines():
+        runner = StepRunner(tiny_model_path, PluginSettings(policy="none"), seed=0, dtype="float32",
+                            max_model_len=256, num_kv_blocks=4, enforce_eager=True, max_num_batched_tokens=64)
+        try:
+            yield runner
+        finally:
+            runner.close()
 
 
 @pytest.mark.vllm

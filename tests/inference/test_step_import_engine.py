@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_modes import in_process_engines
 from torch import nn
 
 pytestmark = pytest.mark.vllm
@@ -35,24 +36,25 @@ def test_converted_scorer_in_vllm(tiny_model_path, converted):
 
     scorer, net = converted
     settings = PluginSettings(scorer=scorer, policy="none", keep_records=True, record_features=True)
-    runner = StepRunner(tiny_model_path, settings, seed=0, dtype="float32", max_model_len=256, enforce_eager=True)
-    try:
-        paper = BoundaryDetector.from_tokenizer(step_paper_rule(), runner.tokenizer)
-        default = BoundaryDetector.from_tokenizer(BoundaryRule(), runner.tokenizer)
-        prompt = "Count the steps:"
-        results = runner.generate([prompt], n=3, max_tokens=48, temperature=1.0, policy="none",
-                                  logit_bias={NL: 100.0, NLNL: 99.5})
-        n_steps, differs = 0, False
-        for t in results[0]:
-            want = list(captured_boundaries(paper, t.token_ids))  # generated-token indices (docs/inference.md)
-            assert t.step_positions == want
-            differs |= want != list(captured_boundaries(default, t.token_ids))
-            n_steps += len(want)
-            x = torch.as_tensor(np.asarray(t.features, dtype=np.float32))[:, 0]  # [steps, hidden] at final_norm
-            with torch.no_grad():
-                expected = torch.sigmoid(net(x)).squeeze(-1).numpy()
-            assert np.allclose(t.step_scores, expected, atol=1e-6, rtol=0)
-        assert n_steps >= 5, "forced blank lines should give boundaries"
-        assert differs, "with '\\n' tokens in the mix the paper's rule and the default must disagree somewhere"
-    finally:
-        runner.close()
+    with in_process_engines():
+        runner = StepRunner(tiny_model_path, settings, seed=0, dtype="float32", max_model_len=256, enforce_eager=True)
+        try:
+            paper = BoundaryDetector.from_tokenizer(step_paper_rule(), runner.tokenizer)
+            default = BoundaryDetector.from_tokenizer(BoundaryRule(), runner.tokenizer)
+            prompt = "Count the steps:"
+            results = runner.generate([prompt], n=3, max_tokens=48, temperature=1.0, policy="none",
+                                      logit_bias={NL: 100.0, NLNL: 99.5})
+            n_steps, differs = 0, False
+            for t in results[0]:
+                want = list(captured_boundaries(paper, t.token_ids))  # generated-token indices (docs/inference.md)
+                assert t.step_positions == want
+                differs |= want != list(captured_boundaries(default, t.token_ids))
+                n_steps += len(want)
+                x = torch.as_tensor(np.asarray(t.features, dtype=np.float32))[:, 0]  # [steps, hidden] at final_norm
+                with torch.no_grad():
+                    expected = torch.sigmoid(net(x)).squeeze(-1).numpy()
+                assert np.allclose(t.step_scores, expected, atol=1e-6, rtol=0)
+            assert n_steps >= 5, "forced blank lines should give boundaries"
+            assert differs, "with '\\n' tokens in the mix the paper's rule and the default must disagree somewhere"
+        finally:
+            runner.close()
