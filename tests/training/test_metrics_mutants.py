@@ -90,6 +90,27 @@ def test_ece_is_computed_in_float64_whatever_the_input_dtype():
     assert M.ece(s32.astype(np.float64), y32) == ref
 
 
+def test_ece_weights_count_rows_and_many_weightings_at_once():
+    rng = np.random.default_rng(4)
+    s, y = rng.random(40), (rng.random(40) < 0.5).astype(int)
+    w = rng.integers(0, 4, size=(3, 40))
+    got = M.ece(s, y, weights=w)
+    assert isinstance(got, np.ndarray) and got.shape == (3,)
+    for row, g in zip(w, got):
+        keep = np.repeat(np.arange(40), row)  # a weight of k = the row k times
+        assert g == pytest.approx(M.ece(s[keep], y[keep]), abs=1e-12)
+        one = M.ece(s, y, weights=row)
+        assert isinstance(one, float) and one == pytest.approx(g, abs=1e-12)
+    assert M.ece(s, y, weights=np.ones(40)) == pytest.approx(M.ece(s, y), abs=1e-15)
+    assert M.ece(s, y, bins=3, weights=np.ones(40)) == pytest.approx(M.ece(s, y, bins=3), abs=1e-15)
+    cm = _quiet()
+    try:  # rows that weigh nothing: nan, quietly
+        zero = M.ece(s, y, weights=np.zeros((2, 40)))
+        assert np.isnan(zero).all() and np.isnan(M.ece(s, y, weights=np.zeros(40)))
+    finally:
+        cm.__exit__(None, None, None)
+
+
 # --------------------------------------------------------------------------- best_f1_threshold
 
 def _f1_at(scores, labels, t):
@@ -183,6 +204,13 @@ def test_within_problem_auroc_of_one_row_none_and_the_problem_order():
     y = np.array([1, 0, 1, 0, 1, 1])
     got = M.within_problem_auroc(s, y, np.array([2, 2, 1, 1, 3, 3]))  # problem 3 has one outcome only
     assert list(got) == ["1", "2"] and got == {"1": 0.0, "2": 1.0}
+    none_right = M.within_problem_auroc(s, 1 - y, np.array([2, 2, 1, 1, 3, 3]))  # problem 3: none right
+    assert none_right == {"1": 1.0, "2": 0.0}
+    # ties count one half; many problems are scored together
+    s = np.array([0.5, 0.5, 0.2, 0.9, 0.1, 0.1, 0.3])
+    y = np.array([1, 0, 0, 1, 0, 1, 1])
+    got = M.within_problem_auroc(s, y, np.array([0, 0, 0, 5, 5, 7, 7]))
+    assert got == {"0": pytest.approx(roc_auc_score([1, 0, 0], [0.5, 0.5, 0.2])), "5": 1.0}
 
 
 def test_within_problem_rank_keeps_only_problems_with_both_outcomes():
