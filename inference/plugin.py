@@ -213,7 +213,7 @@ def check_supported(source: Any, model_path: str | None = None) -> None:
     ``VllmConfig`` in the engine, or ``EngineArgs`` values before it starts)."""
     bad = unsupported_features(source, model_path)
     if bad:
-        raise StepprobeError(f"stepprobe cannot score with {', '.join(bad)}; run without it, or without a scorer")
+        raise StepprobeError(f"the capture cannot score with {', '.join(bad)}; run without it, or without a scorer")
 
 
 def preflight(vllm_config: Any) -> None:
