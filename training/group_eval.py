@@ -70,7 +70,9 @@ def choose(train_h5: str, out: Path, sites: str) -> tuple[dict[str, str], Any]:
 
     cfg = sweep.Config(data=train_h5, out=str(out), sites=sites, group="group,group_step,gdev,text",
                        step_features="boundary", progress=False)
-    sweep.run(cfg)
+    done = out / "sweep.json"
+    if not (done.is_file() and json.loads(done.read_text()).get("complete")):  # a finished choice is reused as is
+        sweep.run(cfg)
     rows = sweep.read_rows(out / "sweep.csv")
     chosen = {}
     for kind in KINDS:
