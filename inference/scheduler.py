@@ -5,7 +5,7 @@ instance of vLLM's own ``Scheduler`` or, when async scheduling is on (the GPU de
 its ``AsyncScheduler``, each with :class:`PruningMixin` on top, so the async path is never
 silently replaced by the synchronous one.
 
-Scores arrive on the model runner output (``stepprobe_steps``, see worker.py) in
+Scores arrive on the model runner output (``stepprobe_steps``, set by capture.py in the worker) in
 ``update_from_output`` and are folded into each trace's running aggregate
 (:class:`~stepprobe.inference.policies.TraceScore`). Pruning a trace means finishing it
 like vLLM finishes a stopped request: ``finish_reason="stop"``, ``stop_reason="pruned"``, its
