@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from typing import Callable, Sequence
 
-from ..errors import StepprobeError
+from .ood_tasks import generate_family_tasks
 from .problems import Problem
 
 DEFAULT_N = 96
@@ -100,25 +100,6 @@ FAMILIES: dict[str, Callable[[random.Random], Generated]] = {
 def generate_ood2_tasks(n: int = DEFAULT_N, seed: int = 0, *, families: Sequence[str] | None = None,
                         levels: Sequence[int] | None = None) -> list[Problem]:
     """``n`` test-only problems cycling through ``families``; deterministic in all arguments."""
-    families = list(families or FAMILIES)
-    if n < 1:
-        raise StepprobeError(f"built-in test problems (ood2): n must be at least 1, got {n}")
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise StepprobeError(f"built-in test problems (ood2): unknown family {', '.join(unknown)}; "
-                             f"known: {', '.join(FAMILIES)}")
-    if levels and list(levels) != [1]:
-        raise StepprobeError("built-in test problems (ood2) have one level (1)")
-    rng = random.Random(f"stepprobe-builtin-ood2-{seed}")
-    seen: set[str] = set()
-    out: list[Problem] = []
-    for i in range(n):
-        family = families[i % len(families)]
-        for _ in range(50):
-            question, answer, meta = FAMILIES[family](rng)
-            if question not in seen:
-                break
-        seen.add(question)
-        out.append(Problem(problem_id=f"{PREFIX}-s{seed}-{i:05d}", question=question, gold=str(answer),
-                           meta={"family": family, "level": 1, "split": "ood2-test", **meta}))
-    return out
+    return generate_family_tasks(FAMILIES, n, seed, families=families, levels=levels,
+                                 what="built-in test problems (ood2)", rng_key="stepprobe-builtin-ood2",
+                                 prefix=PREFIX, split="ood2-test")

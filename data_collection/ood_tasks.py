@@ -126,25 +126,34 @@ FAMILIES: dict[str, Callable[[random.Random], Generated]] = {
 def generate_ood_tasks(n: int = DEFAULT_N, seed: int = 0, *, families: Sequence[str] | None = None,
                        levels: Sequence[int] | None = None) -> list[Problem]:
     """``n`` test-only problems cycling through ``families``; deterministic in all arguments."""
-    families = list(families or FAMILIES)
+    return generate_family_tasks(FAMILIES, n, seed, families=families, levels=levels, what="built-in test problems",
+                                 rng_key="stepprobe-builtin-ood", prefix=PREFIX, split="ood-test")
+
+
+def generate_family_tasks(table: dict[str, Callable[[random.Random], Generated]], n: int, seed: int, *,
+                          families: Sequence[str] | None, levels: Sequence[int] | None, what: str, rng_key: str,
+                          prefix: str, split: str) -> list[Problem]:
+    """``n`` one-level problems cycling through ``families`` of ``table`` (each family draws a
+    question, its answer and metadata from one seeded generator; a repeated question is drawn
+    again); shared by the test-only sets (this module's and ``ood2_tasks``)."""
+    families = list(families or table)
     if n < 1:
-        raise StepprobeError(f"built-in test problems: n must be at least 1, got {n}")
-    unknown = [f for f in families if f not in FAMILIES]
+        raise StepprobeError(f"{what}: n must be at least 1, got {n}")
+    unknown = [f for f in families if f not in table]
     if unknown:
-        raise StepprobeError(f"built-in test problems: unknown family {', '.join(unknown)}; "
-                             f"known: {', '.join(FAMILIES)}")
+        raise StepprobeError(f"{what}: unknown family {', '.join(unknown)}; known: {', '.join(table)}")
     if levels and list(levels) != [1]:
-        raise StepprobeError("built-in test problems have one level (1)")
-    rng = random.Random(f"stepprobe-builtin-ood-{seed}")
+        raise StepprobeError(f"{what} have one level (1)")
+    rng = random.Random(f"{rng_key}-{seed}")
     seen: set[str] = set()
     out: list[Problem] = []
     for i in range(n):
         family = families[i % len(families)]
         for _ in range(50):
-            question, answer, meta = FAMILIES[family](rng)
+            question, answer, meta = table[family](rng)
             if question not in seen:
                 break
         seen.add(question)
-        out.append(Problem(problem_id=f"{PREFIX}-s{seed}-{i:05d}", question=question, gold=str(answer),
-                           meta={"family": family, "level": 1, "split": "ood-test", **meta}))
+        out.append(Problem(problem_id=f"{prefix}-s{seed}-{i:05d}", question=question, gold=str(answer),
+                           meta={"family": family, "level": 1, "split": split, **meta}))
     return out
