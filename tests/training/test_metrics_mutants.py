@@ -88,6 +88,14 @@ def test_ece_is_computed_in_float64_whatever_the_input_dtype():
     assert M.ece(s32, y32) == ref
     assert M.ece(s32, y32.astype(np.int64)) == ref
     assert M.ece(s32.astype(np.float64), y32) == ref
+    # binning too: float32(0.7) is 0.69999998..., bin 6 of 10 (float32 arithmetic would put 0.7f * 10 in bin 7)
+    s, y = np.array([0.7, 0.65], dtype=np.float32), np.array([1, 0])
+    assert M.ece(s, y, bins=10) == M.ece(s.astype(np.float64), y, bins=10)
+    assert M.ece(s, y, bins=10) == pytest.approx(abs(float(s[0]) + float(s[1]) - 1) / 2)
+    # row weights (float32 from torch) are summed in float64 as well
+    w32 = rng.random((2, 101)).astype(np.float32)
+    assert (M.ece(s32, y32, weights=w32) == M.ece(s32, y32, weights=w32.astype(np.float64))).all()
+    assert M.ece(s32, y32, weights=w32[0]) == M.ece(s32, y32, weights=w32[0].astype(np.float64))
 
 
 def test_ece_weights_count_rows_and_many_weightings_at_once():
@@ -211,6 +219,29 @@ def test_within_problem_auroc_of_one_row_none_and_the_problem_order():
     y = np.array([1, 0, 0, 1, 0, 1, 1])
     got = M.within_problem_auroc(s, y, np.array([0, 0, 0, 5, 5, 7, 7]))
     assert got == {"0": pytest.approx(roc_auc_score([1, 0, 0], [0.5, 0.5, 0.2])), "5": 1.0}
+
+
+def test_within_problem_auroc_scores_each_problem_once_within_the_memory_budget(monkeypatch):
+    """One weighting row per problem, each problem once, and the one-hot weights of a batch kept
+    to 4,000,000 cells (one row at a time once the rows alone reach half of that)."""
+    shapes = []
+    real = M.weighted_auroc
+
+    def spy(scores, labels, weights):
+        shapes.append(weights.shape)
+        return real(scores, labels, weights)
+
+    monkeypatch.setattr(M, "weighted_auroc", spy)
+    rng = np.random.default_rng(7)
+    problem = np.repeat(np.arange(30), 4)
+    y = np.tile([1, 0, 1, 0], 30)
+    got = M.within_problem_auroc(rng.random(120), y, problem)
+    assert len(got) == 30 and sum(s[0] for s in shapes) == 30 and len(shapes) == 1
+    shapes.clear()
+    n = 2_000_001  # 4,000,000 // n == 1: two problems take two batches of one row
+    problem, y = np.arange(n) % 2, (np.arange(n) // 2) % 2
+    got = M.within_problem_auroc(rng.random(n), y, problem)
+    assert len(got) == 2 and shapes == [(1, n), (1, n)]
 
 
 def test_within_problem_rank_keeps_only_problems_with_both_outcomes():
