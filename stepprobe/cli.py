@@ -161,10 +161,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stepprobe {top.stage}: interrupted; rerun the same command to resume", file=sys.stderr)  # noqa: T201
         return 130
     except Terminated:
-        print(f"stepprobe {top.stage}: terminated (SIGTERM); what was finished is kept, rerun the same command to "
-              "resume", file=sys.stderr)  # noqa: T201
-        return 128 + signal.SIGTERM
+        return _terminated(top.stage)
+    except Exception:
+        # Raised from the signal handler inside C code (an extension module's import, say), the
+        # Terminated can come out as another exception (CPython: "TypeError: expected a message
+        # argument" from ssl's import): SIGTERM still ends the command in one line.
+        if _SIGTERM_SEEN:
+            return _terminated(top.stage)
+        raise
     return 0
+
+
+def _terminated(stage: str) -> int:
+    print(f"stepprobe {stage}: terminated (SIGTERM); what was finished is kept, rerun the same command to "
+          "resume", file=sys.stderr)  # noqa: T201
+    return 128 + signal.SIGTERM
 
 
 def _filename(exc: OSError) -> str | None:
@@ -182,6 +193,9 @@ class Terminated(BaseException):
     """SIGTERM arrived: unwinds the command like Ctrl-C does (writers close, engines stop)."""
 
 
+_SIGTERM_SEEN = False  # set by the handler: a Terminated that C code turned into another exception
+
+
 @contextlib.contextmanager
 def _sigterm_ends_the_command():
     """Turn SIGTERM into :class:`Terminated` while the stage runs, so that it ends with one
@@ -195,9 +209,13 @@ def _sigterm_ends_the_command():
         return
 
     def _raise(signum, frame):
+        global _SIGTERM_SEEN
+        _SIGTERM_SEEN = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
         raise Terminated()
 
+    global _SIGTERM_SEEN
+    _SIGTERM_SEEN = False
     signal.signal(signal.SIGTERM, _raise)
     try:
         yield

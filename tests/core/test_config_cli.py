@@ -119,3 +119,29 @@ def test_every_stage_names_its_output_output_and_still_takes_out(tmp_path, capsy
         assert Config.from_file(path, out="runs/q").out == "runs/q"  # a flag overrides the file
     with pytest.raises(StepprobeError, match="output is given twice"):
         Config.from_dict({"out": "a", "output": "b"})
+
+
+def test_sigterm_that_c_code_turned_into_another_exception_is_still_one_line(monkeypatch, capsys):
+    """Raised from the handler inside an extension module's import, the Terminated came out as
+    "TypeError: expected a message argument" (ssl, 2026-12-05 suite): still one line, exit 143."""
+    import importlib
+    import os
+    import signal
+    import time
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("the test process handles SIGTERM itself")
+    module = importlib.import_module(cli.STAGES["model"][0])
+
+    def run(config):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        except BaseException:  # what the C code did with the handler's exception
+            raise TypeError("expected a message argument") from None
+
+    monkeypatch.setattr(module, "run", run)
+    assert cli.main(["model"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stepprobe model: terminated (SIGTERM)" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
