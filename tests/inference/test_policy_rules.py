@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from stepprobe.inference.policies import (Live, aggregate_scores, below_group_best, below_threshold, cap_to_min_live,
+from stepprobe.inference.policies import (Live, aggregate_scores, below_cutoff, below_group_best, below_threshold, cap_to_min_live,
                                           group_gaps, memory_victim, memory_victim_keys, top_fraction_losers)
 from stepprobe.options import PruningOptions
 
@@ -104,3 +104,14 @@ def test_traces_that_may_not_go_keep_their_order(rule):
     victims = [r for r in keys if keys[r][0] == 1]
     assert order[:len(keys) - len(victims)] == [r for r in keys if r not in victims]
     assert set(victims) >= {"a_low", "b_low"}
+
+
+def test_below_cutoff_is_scored_and_strictly_below_an_earned_cutoff():
+    """The risk-controlled memory rule's gate: an unscored trace never goes; no cutoff (the
+    paper's rule) lets every scored trace go; a cutoff lets only scores strictly below it go,
+    and a cutoff of 0 prunes nothing."""
+    assert not below_cutoff(None, None) and not below_cutoff(None, 0.5)
+    assert below_cutoff(0.3, None) and below_cutoff(0.99, None)
+    assert below_cutoff(0.3, 0.5)
+    assert not below_cutoff(0.5, 0.5) and not below_cutoff(0.7, 0.5)
+    assert not below_cutoff(0.0, 0.0)
