@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import pytest
+from parity import assert_live_equals_recorder
 from engine_modes import in_process_engines
 
 pytestmark = pytest.mark.vllm
@@ -122,39 +123,11 @@ def arch_case(request, tmp_path_factory, default_model_path, helpers):
 
 
 def test_live_features_and_scores_equal_the_recorders(arch_case, helpers):
-    """Same boundaries, same features at every site (cosine > 0.9999 in fp32), same scores."""
-    import torch
-
-    from stepprobe.data_collection.extractor import SiteExtractor
-    from stepprobe.inference.runner import captured_boundaries
-    from stepprobe.probes.checkpoint import load_scorer
-
+    """Same boundaries, same features at every site (cosine > 0.9999 in fp32, and the scale:
+    Gemma's embedding scale), same scores."""
     arch, model, scorer_path, runner, _ = arch_case
-    prompt = "Parity check:"
-    results = runner.generate([prompt], n=2, max_tokens=40, temperature=1.0, policy="none",
-                              logit_bias={helpers.NL: 100.0, helpers.NLNL: 100.0})
-    prompt_ids = runner.tokenizer(prompt)["input_ids"]
-    scorer = load_scorer(scorer_path)
-    extractor = SiteExtractor(model, dtype="float32", device="cpu")
-    checked = 0
-    try:
-        for t in results[0]:
-            assert list(t.step_positions) == captured_boundaries(runner._detector, t.token_ids), arch
-            got = np.asarray(t.features, dtype=np.float32)  # [steps, sites, hidden]
-            feats = extractor.extract([prompt_ids + list(t.token_ids)],
-                                      [[len(prompt_ids) + p for p in t.step_positions]])[0]
-            for k, site in enumerate(SITES):
-                ref = feats[site]
-                cos = (got[:, k] * ref).sum(1) / (np.linalg.norm(got[:, k], axis=1) * np.linalg.norm(ref, axis=1))
-                assert cos.min() > 0.9999, (arch, site, cos.min())
-                rel = np.linalg.norm(got[:, k] - ref, axis=1) / np.linalg.norm(ref, axis=1)
-                assert rel.max() < 1e-3, (arch, site, rel.max())  # the scale too (Gemma's embedding scale)
-            ref_scores = scorer.score({s: torch.as_tensor(feats[s]) for s in SITES}).numpy()
-            assert np.abs(ref_scores - np.asarray(t.step_scores)).max() < 1e-4, arch
-            checked += len(t.step_positions)
-    finally:
-        extractor.close()
-    assert checked > 0
+    assert_live_equals_recorder(runner, model, scorer_path, SITES, nl=helpers.NL, nlnl=helpers.NLNL, rel_max=1e-3,
+                                detector=runner._detector, label=arch)
 
 
 def test_memory_pruning_takes_the_low_trace(arch_case, helpers):

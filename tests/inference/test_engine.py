@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from parity import assert_live_equals_recorder
 
 pytestmark = pytest.mark.vllm
 
@@ -73,37 +73,9 @@ def test_capture_counts_equal_boundary_counts(plugin_runner):
 
 
 def test_parity_with_recorder_features_fp32(plugin_runner, tiny_model_path, planted_scorer, helpers):
-    SITES = helpers.SITES
     """The runner's features are the recorder's (transformers) features; same scores."""
-    import torch
-
-    from stepprobe.data_collection.extractor import SiteExtractor
-    from stepprobe.probes.checkpoint import load_scorer
-
-    prompt = "Parity check:"
-    results = plugin_runner.generate([prompt], n=2, max_tokens=40, temperature=1.0, policy="none",
-                                     logit_bias={198: 100.0, 1116: 100.0})
-    plen = len(plugin_runner.tokenizer(prompt)["input_ids"])
-    prompt_ids = plugin_runner.tokenizer(prompt)["input_ids"]
-    scorer = load_scorer(planted_scorer)
-    extractor = SiteExtractor(tiny_model_path, dtype="float32", device="cpu")
-    checked = 0
-    try:
-        for t in results[0]:
-            assert t.features, "record_features should return the captured features"
-            got = np.asarray(t.features, dtype=np.float32)  # [steps, sites, hidden]
-            feats = extractor.extract([prompt_ids + t.token_ids], [[plen + p for p in t.step_positions]])[0]
-            assert plen == len(prompt_ids)
-            for k, site in enumerate(SITES):
-                ref = feats[site]
-                cos = (got[:, k] * ref).sum(1) / (np.linalg.norm(got[:, k], axis=1) * np.linalg.norm(ref, axis=1))
-                assert cos.min() > 0.9999, (site, cos.min())
-            ref_scores = scorer.score({s: torch.as_tensor(feats[s]) for s in SITES}).numpy()
-            assert np.abs(ref_scores - np.asarray(t.step_scores)).max() < 1e-4
-            checked += len(t.step_positions)
-    finally:
-        extractor.close()
-    assert checked > 0
+    assert_live_equals_recorder(plugin_runner, tiny_model_path, planted_scorer, helpers.SITES, nl=helpers.NL,
+                                nlnl=helpers.NLNL, label="tp1")
 
 
 def test_memory_policy_prunes_the_planted_low_trace(plugin_runner, helpers):

@@ -9,8 +9,8 @@ scores are the scorer's on them, and memory pruning takes the planted bad trace,
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from parity import assert_live_equals_recorder
 
 pytestmark = pytest.mark.vllm
 
@@ -47,32 +47,8 @@ def test_every_rank_hooks_the_same_sites_and_only_rank_0_scores(tp2_runner, help
 
 
 def test_tp2_features_and_scores_equal_the_recorders(tp2_runner, tiny_model_path, planted_scorer, helpers):
-    import torch
-
-    from stepprobe.data_collection.extractor import SiteExtractor
-    from stepprobe.probes.checkpoint import load_scorer
-
-    prompt = "Parity check:"
-    results = tp2_runner.generate([prompt], n=2, max_tokens=40, temperature=1.0, policy="none",
-                                  logit_bias={helpers.NL: 100.0, helpers.NLNL: 100.0})
-    prompt_ids = tp2_runner.tokenizer(prompt)["input_ids"]
-    scorer = load_scorer(planted_scorer)
-    extractor = SiteExtractor(tiny_model_path, dtype="float32", device="cpu")
-    checked = 0
-    try:
-        for t in results[0]:
-            got = np.asarray(t.features, dtype=np.float32)  # [steps, sites, hidden]
-            feats = extractor.extract([prompt_ids + t.token_ids], [[len(prompt_ids) + p for p in t.step_positions]])[0]
-            for k, site in enumerate(helpers.SITES):
-                ref = feats[site]
-                cos = (got[:, k] * ref).sum(1) / (np.linalg.norm(got[:, k], axis=1) * np.linalg.norm(ref, axis=1))
-                assert cos.min() > 0.9999, (site, cos.min())
-            ref_scores = scorer.score({s: torch.as_tensor(feats[s]) for s in helpers.SITES}).numpy()
-            assert np.abs(ref_scores - np.asarray(t.step_scores)).max() < 1e-4
-            checked += len(t.step_positions)
-    finally:
-        extractor.close()
-    assert checked > 0
+    assert_live_equals_recorder(tp2_runner, tiny_model_path, planted_scorer, helpers.SITES, nl=helpers.NL,
+                                nlnl=helpers.NLNL, label="tp2")
 
 
 def test_tp2_memory_pruning_takes_the_planted_bad_trace(tp2_runner, helpers):
