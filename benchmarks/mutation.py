@@ -52,19 +52,22 @@ FAST = "not vllm and not e2e"
 #: A module that moved keeps working as long as one of its names imports.
 MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "policies": (("stepprobe.inference.policies",),
-                 ("tests/inference/test_units.py", "tests/inference/test_group_policies.py",
-                  "tests/inference/test_policy_rules.py")),
+                 ("tests/inference/test_policy_rules.py", "tests/inference/test_group_policies.py",
+                  "tests/inference/test_confidence.py", "tests/inference/test_plugin_settings.py",
+                  "tests/inference/test_bench.py")),
     "scheduler": (("stepprobe.inference.scheduler",),
                   ("tests/inference/test_scheduler.py", "tests/inference/test_scheduler_rules.py",
-                   "tests/inference/test_scheduler_mutants.py")),
+                   "tests/inference/test_scheduler_bookkeeping.py")),
     "voting": (("stepprobe.voting",),
-               ("tests/inference/test_units.py", "tests/core/test_voting_rules.py")),
+               ("tests/core/test_voting_rules.py", "tests/inference/test_policy_rules.py",
+                "tests/inference/test_confidence.py", "tests/inference/test_plugin_settings.py",
+                "tests/inference/test_bench.py")),
     "metrics": (("stepprobe.training.metrics",),
                 ("tests/training/test_data_metrics.py", "tests/training/test_metrics_rules.py",
-                 "tests/training/test_within_metrics.py", "tests/training/test_metrics_mutants.py")),
+                 "tests/training/test_within_metrics.py", "tests/training/test_metrics_edge_cases.py")),
     "boundaries": (("stepprobe.boundaries",), ("tests/data_collection/test_boundaries.py",)),
     "grading": (("stepprobe.data_collection.grading",),
-                ("tests/data_collection/test_grading.py", "tests/data_collection/test_grading_mutants.py")),
+                ("tests/data_collection/test_grading.py", "tests/data_collection/test_grading_edge_cases.py")),
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from stepprobe.errors import StepprobeError
-
 from stepprobe.voting import METHODS, Ballot, merge_answers, vote
 
 
@@ -76,3 +75,16 @@ def test_unknown_method_is_refused_with_the_known_ones():
     assert METHODS == ("majority", "score", "confidence")
     with pytest.raises(StepprobeError, match="unknown voting method 'plurality'; known: majority, score, confidence"):
         vote([Ballot("1")], "plurality")
+
+
+def test_voting_merges_equivalent_answers_and_skips_pruned():
+    ballots = [Ballot("1/2", score=0.3), Ballot("0.5", score=0.3), Ballot("7", score=0.9),
+               Ballot("7", pruned=True, score=0.9), Ballot(None, score=1.0)]
+    assert vote(ballots, "majority").answer == "1/2"
+    assert vote(ballots, "majority").voters == 3
+    assert vote(ballots, "score").answer == "7"
+    assert vote(ballots, "majority", include_pruned=True).tally == [("1/2", 2.0), ("7", 2.0)]
+    assert vote([Ballot("3", confidence=2.0), Ballot("4", confidence=5.0)], "confidence").answer == "4"
+    assert vote([], "score").answer is None
+    with pytest.raises(StepprobeError):
+        vote(ballots, "plurality")

@@ -20,13 +20,13 @@ RECORD_TEXTS = [
 
 def make_traces(path: Path, model_path: str, *, num_problems: int = 3, texts: list[str] | None = None,
                 question_prefix: str = "Compute.\n\nWhat is", name: str | None = None) -> Path:
-    """The recorder's traces file (:func:`traces_file.write_traces`) for ``model_path``'s tokenizer.
+    """The recorder's traces file (:func:`helpers.traces_file.write_traces`) for ``model_path``'s tokenizer.
 
     Problem ``i`` has one trace per text; trace ``j`` is labelled correct when ``(i + j)`` is
     even; the last text is marked ``finish_reason="length"``. The question holds a "\\n\\n",
     so every prompt has one that must not be counted.
     """
-    from traces_file import write_traces
+    from helpers.traces_file import write_traces
 
     texts = texts or RECORD_TEXTS
     problems = [(f"p{i:03d}", f"{question_prefix} {i} + 1?", str(i + 1), texts) for i in range(num_problems)]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from synthetic_h5 import RULE, make_synthetic
+from helpers.synthetic_h5 import RULE, make_synthetic
 
 IDENTITY = {"name": "synthetic-2x8", "config_hash": "synthetic0002", "vocab_hash": "vocab0002",
             "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2, "vocab_size": 100}
@@ -26,8 +26,8 @@ def synthetic_h5(path: Path, *, n_problems: int = 30, labels=None, nan_site: str
 
 def write_traces(path: Path, model_path: str, problems: list[tuple[str, str, list[str]]],
                  model_name: str | None = None) -> Path:
-    """:func:`traces_file.write_traces` for ``(problem_id, question, texts)`` lines, gold "1"."""
-    from traces_file import write_traces as write
+    """:func:`helpers.traces_file.write_traces` for ``(problem_id, question, texts)`` lines, gold "1"."""
+    from helpers.traces_file import write_traces as write
 
     return write(path, model_path, [(pid, q, "1", texts) for pid, q, texts in problems], model_name=model_name)
 

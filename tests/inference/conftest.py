@@ -108,9 +108,9 @@ def helpers():
 
 @pytest.fixture
 def build_scheduler(tiny_model_path):
-    """The pruning scheduler on vLLM's real classes, on the tiny model (scheduler_harness.py)."""
+    """The pruning scheduler on vLLM's real classes, on the tiny model (helpers/scheduler_harness.py)."""
     import functools
 
-    from scheduler_harness import build_scheduler as build
+    from helpers.scheduler_harness import build_scheduler as build
 
     return functools.partial(build, tiny_model_path)

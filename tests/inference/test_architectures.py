@@ -7,7 +7,7 @@ transformers) give the same features at ``embed``, a middle layer, the last laye
 the recorder's features scores the same live (< 1e-4); and memory pruning takes the trace
 pushed onto the low-scoring delimiter token. One eager engine per architecture, started one
 after another (module-scoped, parametrised) and closed before the next, each in the test
-process (``engine_modes.in_process_engines``: the worker's code is the same, start-up is half).
+process (``helpers.engine_modes.in_process_engines``: the worker's code is the same, start-up is half).
 
 The models are 4 layers, hidden 64, head_dim 32 (vLLM's CPU attention rejects 16), built by
 ``stepprobe.models.build_random_model`` with norm weights and biases perturbed, so that
@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 import pytest
-from parity import assert_live_equals_recorder
-from engine_modes import in_process_engines
+from helpers.parity import assert_live_equals_recorder
+from helpers.engine_modes import in_process_engines
 
 pytestmark = pytest.mark.vllm
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from parity import assert_live_equals_recorder
+from helpers.parity import assert_live_equals_recorder
 
 pytestmark = pytest.mark.vllm
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engine_modes import in_process_engines
+from helpers.engine_modes import in_process_engines
 
 pytestmark = pytest.mark.vllm
 

@@ -1,12 +1,14 @@
-"""Policy rules the mutation run found unpinned (benchmarks/mutation.py): each test fails when
-the named rule is broken."""
+"""The pruning policies' pure rules (inference/policies.py): score aggregates, thresholds and
+their warm-up, top fraction, group gaps, the memory victim's order, the min-live cap and the
+risk cutoff. Each test fails when the named rule is broken."""
 
 from __future__ import annotations
 
 import pytest
 
-from stepprobe.inference.policies import (Live, aggregate_scores, below_cutoff, below_group_best, below_threshold, cap_to_min_live,
-                                          group_gaps, memory_victim, memory_victim_keys, top_fraction_losers)
+from stepprobe.inference.policies import (Live, TraceScore, aggregate_scores, below_cutoff, below_group_best,
+                                          below_threshold, cap_to_min_live, group_gaps, memory_victim,
+                                          memory_victim_keys, top_fraction_losers)
 from stepprobe.options import PruningOptions
 
 
@@ -115,3 +117,26 @@ def test_below_cutoff_is_scored_and_strictly_below_an_earned_cutoff():
     assert below_cutoff(0.3, 0.5)
     assert not below_cutoff(0.5, 0.5) and not below_cutoff(0.7, 0.5)
     assert not below_cutoff(0.0, 0.0)
+
+
+@pytest.mark.parametrize("agg,expected", [("mean", 0.5), ("last", 0.2), ("min", 0.2), ("ema", 0.3 * 0.2 + 0.7 * 0.8)])
+def test_aggregates(agg, expected):
+    assert aggregate_scores([0.8, 0.2], agg, ema_alpha=0.3) == pytest.approx(expected)
+    assert TraceScore(agg, 0.3).value is None
+
+
+def test_memory_rank_puts_lowest_prunable_last():
+    traces = {"a": (0.9, True), "b": (0.1, True), "c": (None, True), "d": (0.05, False), "e": (0.5, True)}
+    keys = memory_victim_keys([Live(r, "g", s, p) for r, (s, p) in traces.items()], "score")
+    order = sorted(traces, key=keys.__getitem__)
+    assert order[-1] == "b"
+    assert set(order[:2]) == {"c", "d"}  # unscored and protected traces are never the victim
+
+
+def test_threshold_and_top_fraction_rules():
+    assert not below_threshold(None, 5, 0.5, 2)
+    assert not below_threshold(0.1, 1, 0.5, 2)
+    assert below_threshold(0.1, 2, 0.5, 2)
+    assert top_fraction_losers({"a": (0.9, 3), "b": (0.1, 2)}, 0.5, 3) is None  # b not at step 3 yet
+    assert top_fraction_losers({"a": (0.9, 3), "b": (0.1, 4), "c": (0.5, 3), "d": (0.3, 3)}, 0.5, 3) == ["d", "b"]
+    assert top_fraction_losers({"a": (0.2, 3)}, 0.1, 3) == []  # at least one kept

@@ -15,7 +15,7 @@ from collections import deque
 
 import pytest
 
-from scheduler_harness import BLOCK, MAX_TOKENS, PROMPT
+from helpers.scheduler_harness import BLOCK, MAX_TOKENS, PROMPT
 
 
 def add_requests(scheduler, n: int, extra: dict) -> None:

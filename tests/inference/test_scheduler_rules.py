@@ -10,18 +10,16 @@ Each test is built so that breaking one rule changes which request finishes how:
   request's threshold prunes, one at the threshold does not, ``-inf`` filler entries are
   ignored, no threshold means no pruning, and nothing is decided before the window is full.
 
-The schedulers are built by scheduler_harness.py (the ``build_scheduler`` fixture) and driven
-as in test_scheduler.py (one step in flight for the sync scheduler, two for the async engine
-core).
+The schedulers are built by helpers/scheduler_harness.py (the ``build_scheduler`` fixture)
+and stepped by its ``engine_core_loop`` (one step in flight for the sync scheduler, two for the
+async engine core).
 """
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 import pytest
-from scheduler_harness import BLOCK, MAX_TOKENS, PROMPT
+from helpers.scheduler_harness import BLOCK, MAX_TOKENS, PROMPT, engine_core_loop
 
 MODES = pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 
@@ -82,32 +80,6 @@ def drive(scheduler, *, in_flight: int, scores: dict[str, float | None] | None =
 
     engine_core_loop(scheduler, complete, in_flight, at_step)
     return done
-
-
-def engine_core_loop(scheduler, complete, in_flight: int, at_step: dict | None = None) -> None:
-    """Step ``scheduler`` as vLLM's engine core does: ``schedule()``, and hand each step's output
-    to ``complete`` once ``in_flight`` steps are scheduled (1: the synchronous core; 2: the
-    async one, whose next step is scheduled before the previous output arrives). ``at_step``:
-    callables run before the step of that index."""
-    pending: deque = deque()
-    for i in range(1000):
-        if not scheduler.has_requests():
-            break
-        if at_step and i in at_step:
-            at_step[i]()
-        so = scheduler.schedule()
-        if so.total_num_scheduled_tokens:
-            pending.append(so)
-            if len(pending) >= in_flight:
-                complete(pending.popleft())
-        else:
-            while pending:
-                complete(pending.popleft())
-            complete(so)  # the engine core also updates after an empty step (a prune's output)
-    else:
-        raise AssertionError("the scheduler never finished its requests")
-    while pending:
-        complete(pending.popleft())
 
 
 def memory_scheduler(build_scheduler, async_scheduling, **settings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_modes import in_process_engines
+from helpers.engine_modes import in_process_engines
 
 from stepprobe.inference.seeds import RewindableGenerator, trace_seed
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_modes import in_process_engines
+from helpers.engine_modes import in_process_engines
 from torch import nn
 
 pytestmark = pytest.mark.vllm

@@ -10,7 +10,7 @@ scores are the scorer's on them, and memory pruning takes the planted bad trace,
 from __future__ import annotations
 
 import pytest
-from parity import assert_live_equals_recorder
+from helpers.parity import assert_live_equals_recorder
 
 pytestmark = pytest.mark.vllm
 

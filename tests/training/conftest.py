@@ -1,5 +1,5 @@
 """Synthetic hidden-state files where the label is a known function of one site's features
-(built by ``tests/synthetic_h5.py``)."""
+(built by ``tests/helpers/synthetic_h5.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from synthetic_h5 import HIDDEN, IDENTITY, NUM_LAYERS, RULE, SIGNAL_SITE, make_synthetic  # noqa: F401
+from helpers.synthetic_h5 import make_synthetic
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from stepprobe.training import metrics as M
 from stepprobe.training.data import open_hidden_states
 from stepprobe.training.evaluation import MIN_SLOPE, Calibration, fit_calibration, logit, metric_with_ci
 
-from .conftest import IDENTITY, RULE, SIGNAL_SITE, make_synthetic
+from helpers.synthetic_h5 import IDENTITY, RULE, SIGNAL_SITE, make_synthetic
 
 FAST = dict(max_epochs=8, patience=3, progress=False, plots=False, batch_size=0)
 

@@ -17,7 +17,7 @@ from stepprobe.errors import ArtifactMismatch
 from stepprobe.probes.checkpoint import load_scorer
 from stepprobe.training import export, sweep, tune
 
-from .conftest import SIGNAL_SITE, make_synthetic
+from helpers.synthetic_h5 import SIGNAL_SITE, make_synthetic
 
 
 def test_sweep_finds_the_signal_layer_and_resumes(synthetic_h5, tmp_path):
@@ -148,7 +148,7 @@ def test_sweep_finds_a_signal_that_lives_only_in_the_step_mean(tmp_path):
     """Boundary-token features are all noise; only layer_02's step mean carries the label. The
     sweep (step features auto, windows of 2 layers) must rank that step mean first and report
     it as beating the best boundary site on test, with an interval above zero."""
-    from tests.training.conftest import make_synthetic
+    from helpers.synthetic_h5 import make_synthetic
 
     h5 = make_synthetic(tmp_path / "mean.h5", signal_site="layer_02.mean", step_means=True, seed=3)
     cfg = sweep.Config(data=str(h5), out=str(tmp_path / "sw"), bootstrap=200, max_epochs=10, progress=False,

@@ -16,7 +16,7 @@ from stepprobe.training import metrics as M
 from stepprobe.training import train
 from stepprobe.training.data import open_hidden_states
 
-from .conftest import IDENTITY, SIGNAL_SITE, make_synthetic
+from helpers.synthetic_h5 import IDENTITY, SIGNAL_SITE, make_synthetic
 
 FAST = dict(max_epochs=12, patience=4, batch_size=128, progress=False, lr=3e-3)
 

@@ -22,7 +22,7 @@ from stepprobe.training import train
 from stepprobe.training.data import ProblemBatchSampler, open_hidden_states
 from stepprobe.training.module import pairwise_loss
 
-from .conftest import IDENTITY, NUM_LAYERS, RULE
+from helpers.synthetic_h5 import IDENTITY, NUM_LAYERS, RULE
 
 SITE = "layer_02"
 

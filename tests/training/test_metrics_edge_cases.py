@@ -1,4 +1,4 @@
-"""Rules of ``stepprobe.training.metrics`` that the broader tests leave open (issue 16).
+"""Edge cases of ``stepprobe.training.metrics``, on small data where the rule decides the result.
 
 Each test pins behaviour on small data where the rule decides the result: ECE bin edges and
 clamping, the F1 threshold at ties and at the lowest score, running means at exact fractions,

@@ -1,9 +1,12 @@
 """The one builder of the pruning scheduler for the scheduler tests (no engine): vLLM's real
 ``Scheduler`` or ``AsyncScheduler`` (``async_scheduling``) from a real ``VllmConfig``, with the
 ``stepprobe`` settings given and a KV cache of ``num_blocks`` blocks of :data:`BLOCK` tokens.
-Tests take it as the ``build_scheduler`` fixture (conftest.py), bound to the tiny model."""
+Tests take it as the ``build_scheduler`` fixture (conftest.py), bound to the tiny model;
+:func:`engine_core_loop` steps it as vLLM's engine core does."""
 
 from __future__ import annotations
+
+from collections import deque
 
 BLOCK = 16
 PROMPT = 8
@@ -40,3 +43,29 @@ def build_scheduler(model_path: str, *, async_scheduling: bool, settings: dict, 
         return StepprobeScheduler(config, kv, som, BLOCK, None)
     return StepprobeScheduler(config, kv_cache_config=kv, structured_output_manager=som, block_size=BLOCK,
                               log_stats=log_stats)
+
+
+def engine_core_loop(scheduler, complete, in_flight: int, at_step: dict | None = None) -> None:
+    """Step ``scheduler`` as vLLM's engine core does: ``schedule()``, and hand each step's output
+    to ``complete`` once ``in_flight`` steps are scheduled (1: the synchronous core; 2: the
+    async one, whose next step is scheduled before the previous output arrives). ``at_step``:
+    callables run before the step of that index."""
+    pending: deque = deque()
+    for i in range(1000):
+        if not scheduler.has_requests():
+            break
+        if at_step and i in at_step:
+            at_step[i]()
+        so = scheduler.schedule()
+        if so.total_num_scheduled_tokens:
+            pending.append(so)
+            if len(pending) >= in_flight:
+                complete(pending.popleft())
+        else:
+            while pending:
+                complete(pending.popleft())
+            complete(so)  # the engine core also updates after an empty step (a prune's output)
+    else:
+        raise AssertionError("the scheduler never finished its requests")
+    while pending:
+        complete(pending.popleft())

@@ -1,5 +1,4 @@
-"""The one traces-file builder of the tests (``from traces_file import write_traces``: pytest puts
-``tests/`` on the path for its conftest)."""
+"""The one traces-file builder of the tests (``from helpers.traces_file import write_traces``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The live-equals-recorder check the engine tests share (tests import this module top-level:
-pytest puts tests/ on the path): a runner generates two traces on newline-forced sampling,
-and at every captured boundary the worker's features equal ``SiteExtractor``'s (transformers)
-and the scorer's live scores equal the scores of the recorder's features."""
+"""The live-equals-recorder check the engine tests share: a runner generates two traces on
+newline-forced sampling, and at every captured boundary the worker's features equal
+``SiteExtractor``'s (transformers) and the scorer's live scores equal the scores of the
+recorder's features."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Pruning-scheduler rules pinned where the mutation run found them unchecked (no engine).
+"""What the pruning scheduler keeps straight around its rules (no engine): its place among vLLM's
+classes, the KV room it leaves, what a pruned trace's client receives, its counters and group
+state, and the per-request settings each rule reads.
 
 Built and driven like test_scheduler_rules.py, on vLLM's real ``Scheduler``/``AsyncScheduler``
 from a real ``VllmConfig``; here each request may have its own length, client, trace headers,
@@ -21,11 +23,9 @@ every update:
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-from scheduler_harness import BLOCK, PROMPT
-from test_scheduler_rules import engine_core_loop
+from helpers.scheduler_harness import BLOCK, PROMPT, engine_core_loop
 
 MODES = pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 LONG = 24

@@ -1,8 +1,6 @@
 """The one builder of synthetic hidden-state files for the tests (training and refusal tests).
 
-Import it as ``from synthetic_h5 import make_synthetic``: pytest puts ``tests/`` on the path
-(its root conftest.py sits in a folder without ``__init__.py``), whatever the working
-directory, so the mutation harness's copies find it too.
+Import it as ``from helpers.synthetic_h5 import make_synthetic`` (see ``helpers/__init__.py``).
 """
 
 from __future__ import annotations

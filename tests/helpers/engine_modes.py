@@ -1,5 +1,5 @@
 """How the engine tests start vLLM: in the test process, where a test only compares what the
-worker computes (tests import this module top-level: pytest puts tests/ on the path)."""
+worker computes."""
 
 from __future__ import annotations
 

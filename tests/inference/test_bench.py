@@ -1,100 +1,11 @@
-"""Pure-Python parts of the runner: aggregates, pruning rules, voting, confidence, id mapping."""
+"""The bench stage without an engine (inference/bench.py): its table, plot, paired difference to
+SC and config checks; resuming an interrupted bench; the report's bench section."""
 
 from __future__ import annotations
 
 import pytest
 
 from stepprobe.errors import ArtifactMismatch, StepprobeError
-from stepprobe.inference.confidence import ConfidenceFilter, trace_confidence
-from stepprobe.inference.plugin import PluginSettings, install_kwargs, request_overrides, serve_args
-from stepprobe.inference.policies import (Live, TraceScore, aggregate_scores, below_threshold, memory_victim_keys,
-                                          top_fraction_losers)
-from stepprobe.voting import Ballot, vote
-
-
-@pytest.mark.parametrize("agg,expected", [("mean", 0.5), ("last", 0.2), ("min", 0.2), ("ema", 0.3 * 0.2 + 0.7 * 0.8)])
-def test_aggregates(agg, expected):
-    assert aggregate_scores([0.8, 0.2], agg, ema_alpha=0.3) == pytest.approx(expected)
-    assert TraceScore(agg, 0.3).value is None
-
-
-def test_memory_rank_puts_lowest_prunable_last():
-    traces = {"a": (0.9, True), "b": (0.1, True), "c": (None, True), "d": (0.05, False), "e": (0.5, True)}
-    keys = memory_victim_keys([Live(r, "g", s, p) for r, (s, p) in traces.items()], "score")
-    order = sorted(traces, key=keys.__getitem__)
-    assert order[-1] == "b"
-    assert set(order[:2]) == {"c", "d"}  # unscored and protected traces are never the victim
-
-
-def test_threshold_and_top_fraction_rules():
-    assert not below_threshold(None, 5, 0.5, 2)
-    assert not below_threshold(0.1, 1, 0.5, 2)
-    assert below_threshold(0.1, 2, 0.5, 2)
-    assert top_fraction_losers({"a": (0.9, 3), "b": (0.1, 2)}, 0.5, 3) is None  # b not at step 3 yet
-    assert top_fraction_losers({"a": (0.9, 3), "b": (0.1, 4), "c": (0.5, 3), "d": (0.3, 3)}, 0.5, 3) == ["d", "b"]
-    assert top_fraction_losers({"a": (0.2, 3)}, 0.1, 3) == []  # at least one kept
-
-
-def test_voting_merges_equivalent_answers_and_skips_pruned():
-    ballots = [Ballot("1/2", score=0.3), Ballot("0.5", score=0.3), Ballot("7", score=0.9),
-               Ballot("7", pruned=True, score=0.9), Ballot(None, score=1.0)]
-    assert vote(ballots, "majority").answer == "1/2"
-    assert vote(ballots, "majority").voters == 3
-    assert vote(ballots, "score").answer == "7"
-    assert vote(ballots, "majority", include_pruned=True).tally == [("1/2", 2.0), ("7", 2.0)]
-    assert vote([Ballot("3", confidence=2.0), Ballot("4", confidence=5.0)], "confidence").answer == "4"
-    assert vote([], "score").answer is None
-    with pytest.raises(StepprobeError):
-        vote(ballots, "plurality")
-
-
-def test_trace_confidence_is_lowest_window_mean():
-    assert trace_confidence([1, 1, 5, 5, 1], 2) == pytest.approx(1.0)
-    assert trace_confidence([4, 2], 8) == pytest.approx(3.0)
-    assert trace_confidence(None, 4) is None
-
-    class T:
-        def __init__(self, c):
-            self.confidence = c
-
-    f = ConfidenceFilter(window=2, percentile=50.0)
-    assert f.thresholds([[T([1, 1]), T([3, 3]), T([5, 5])]]) == [pytest.approx(3.0)]
-
-
-def test_settings_validation_and_flags(tmp_path):
-    with pytest.raises(StepprobeError, match="unknown pruning policy"):
-        PluginSettings(policy="sometimes")
-    with pytest.raises(StepprobeError, match="needs a scorer"):  # "none": not even the released one
-        PluginSettings(policy="memory", scorer="none")
-    with pytest.raises(StepprobeError, match="unknown stepprobe setting"):
-        PluginSettings.from_mapping({"scorer": "x", "polcy": "none"})
-    s = PluginSettings(scorer=str(tmp_path), policy="memory")
-    kw = install_kwargs(s)
-    assert kw["additional_config"]["stepprobe"]["policy"] == "memory"
-    args = serve_args(s)
-    assert args[0] == "--worker-cls" and "--additional-config" in args
-
-    class P:
-        extra_args = {"stepprobe": {"policy": "none"}, "stepprobe_group": "g"}
-
-    assert request_overrides(P()) == {"policy": "none", "group": "g"}
-
-
-def test_scorer_for_another_model_is_refused_before_start(tmp_path, tiny_model_path, default_model_path, helpers):
-    """A scorer exported for another model (here: the 576-wide default) is refused, one line."""
-    import numpy as np
-
-    from stepprobe.boundaries import BoundaryRule
-    from stepprobe.inference.plugin import PluginSettings
-    from stepprobe.inference.runner import StepRunner
-    from stepprobe.probes.checkpoint import linear_probe, save_scorer
-
-    ident = helpers.tiny_identity(default_model_path)
-    probe = linear_probe(["layer_03"], weight=np.zeros(ident["hidden_size"], dtype=np.float32))
-    save_scorer(tmp_path / "s", probe, model=ident, boundary_rule=BoundaryRule().to_dict())
-    with pytest.raises(ArtifactMismatch, match="hidden size 576") as err:
-        StepRunner(tiny_model_path, PluginSettings(scorer=str(tmp_path / "s"), policy="memory"))
-    assert "\n" not in str(err.value)
 
 
 def test_bench_table_plot_and_config(tmp_path):
