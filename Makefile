@@ -26,4 +26,4 @@ bench: install
 # Mutation score of the core rule modules + coverage of the fast tier (slow: tens of minutes).
 mutation: install
 	$(BIN)/python -m pip install -q "mutmut>=3.3,<4" "coverage>=7.4"
-	nice -n 10 $(BIN)/python benchmarks/mutation.py
+	nice -n 10 $(BIN)/python scripts/mutation.py

@@ -7,9 +7,12 @@ Survivors are listed with their diffs, so each one is either killed by a new tes
 explained as equivalent (see the README's test section).
 
     .venv/bin/pip install -e ".[dev]"              # mutmut and coverage
-    python benchmarks/mutation.py                  # every module below, then coverage
-    python benchmarks/mutation.py --modules policies,voting --no-coverage
+    python scripts/mutation.py                     # every module below, then coverage
+    python scripts/mutation.py --modules policies,voting --no-coverage
     make mutation                                  # the same as the first command, niced
+
+It lives in ``scripts/`` (a check of the tests, not a speed benchmark); its reports and the
+survivors' explanations live in ``docs/mutation/``, beside the other measured results.
 
 Why a staging copy: stepprobe maps its subpackages onto top-level folders
 (``stepprobe.inference`` lives in ``./inference``, see ``[tool.setuptools.package-dir]``),
@@ -26,7 +29,7 @@ vLLM-engine and end-to-end tests deselected (``-m "not vllm and not e2e"``); vLL
 ``Scheduler``/``AsyncScheduler`` classes are still used, no engine is started.
 
 Writes ``mutation.json`` and ``mutation.md`` (per-module scores, survivors with diffs,
-coverage) under ``--out`` (default ``benchmarks/results/mutation``); mutmut's logs and work
+coverage) under ``--out`` (default ``docs/mutation``); mutmut's logs and work
 folders stay under ``build/mutation/`` (a module's log: ``build/mutation/<module>.log``).
 """
 
@@ -432,7 +435,7 @@ def markdown(report: dict) -> str:
                          f"{v['partial_branches']} |")
     lines += ["", "## Surviving mutants", "",
               "Each survivor either has a test that kills it (then it is not listed after a rerun) or is explained "
-              "here (explanations: `benchmarks/results/mutation/equivalent.json`, matched by mutant name and "
+              "here (explanations: `docs/mutation/equivalent.json`, matched by mutant name and "
               "mutated line).", ""]
     for r in report["modules"].values():
         lines.append(f"### `{r['module']}`: {len(r['survivors'])} surviving, {r.get('explained', 0)} explained")
@@ -460,7 +463,7 @@ def versions() -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modules", default=",".join(MODULES), help=f"comma list of {', '.join(MODULES)}")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutation"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "mutation"))
     ap.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1: shared CPU)")
     ap.add_argument("--max-stack-depth", type=int, default=-1,
                     help="mutmut's max_stack_depth (tests that reach a function deeper than this do not run "
@@ -474,7 +477,7 @@ def main() -> None:
                     help="CPU seconds added to a mutant's measured test time before mutmut's limit (see stage())")
     ap.add_argument("--timeout-multiplier", type=float, default=2.0, help="mutmut's timeout_multiplier")
     ap.add_argument("--no-coverage", action="store_true")
-    ap.add_argument("--equivalents", default=str(ROOT / "benchmarks" / "results" / "mutation" / "equivalent.json"),
+    ap.add_argument("--equivalents", default=str(ROOT / "docs" / "mutation" / "equivalent.json"),
                     help="survivors explained as equivalent, by mutant name (shown beside each survivor)")
     ap.add_argument("--coverage-tests", default="", help="test paths for coverage (default: tests)")
     ap.add_argument("--merge", nargs="*", default=None, metavar="DIR",
