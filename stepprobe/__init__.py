@@ -8,6 +8,9 @@ lives in its component subpackage:
 - ``stepprobe.probes``: probe architectures, feature specs, scorer checkpoints
 - ``stepprobe.training``: ``train``, ``sweep``, ``tune``, ``export``
 - ``stepprobe.inference``: ``run`` and ``bench`` (the vLLM pruning runner)
+
+For notebooks: ``from stepprobe import api`` (:mod:`stepprobe.api`: load a scorer and score a
+hidden-state file, build and run any stage from a config).
 """
 
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
+import os
 import signal
 import sys
 import typing
@@ -81,9 +82,22 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type[StageConf
 
 def build_config(config_cls: type[StageConfig], args: argparse.Namespace) -> StageConfig:
     overrides = {f.name: getattr(args, f.name) for f in config_cls.fields() if getattr(args, f.name, None) is not None}
-    if args.config:
-        return config_cls.from_file(args.config, **overrides)
-    return config_cls.from_dict(overrides, source="command line")
+    return load_config(config_cls, args.config, overrides)
+
+
+def load_config(config_cls: type[StageConfig], path: str | os.PathLike | None, fields: dict[str, Any],
+                source: str = "command line") -> StageConfig:
+    """A stage's checked config: the YAML/JSON file ``path`` (if given) with ``fields`` over it."""
+    if path:
+        return config_cls.from_file(path, **fields)
+    return config_cls.from_dict(fields, source=source)
+
+
+def stage_module(stage: str) -> Any:
+    """The module (``Config``, ``run``) of the command ``stage``."""
+    if stage not in STAGES:
+        raise StepprobeError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    return importlib.import_module(STAGES[stage][0])
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -106,8 +120,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _parse_stage(stage: str, rest: list[str]) -> tuple[Any, argparse.Namespace]:
     """The stage's module and its parsed flags (``--help`` and unknown flags exit here)."""
-    module_name, line = STAGES[stage]
-    module = importlib.import_module(module_name)
+    module, line = stage_module(stage), STAGES[stage][1]
     config_cls: type[StageConfig] = module.Config
     stage_parser = argparse.ArgumentParser(prog=f"stepprobe {stage}", description=(module.__doc__ or line).strip(),
                                            formatter_class=argparse.RawDescriptionHelpFormatter)

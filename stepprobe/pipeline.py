@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import importlib
 import json
 import logging
 import shutil
@@ -54,9 +53,9 @@ _COMMAND = {"sc": "run"}
 
 def stage_module(stage: str) -> Any:
     """The module (``Config``, ``run``) of a pipeline stage: the CLI's command of that name."""
-    from .cli import STAGES as COMMANDS
+    from . import cli
 
-    return importlib.import_module(COMMANDS[_COMMAND.get(stage, stage)][0])
+    return cli.stage_module(_COMMAND.get(stage, stage))
 
 
 # Stage settings for the embedded default on 2 CPU cores (within the 20-minute budget: README, "Time").

@@ -70,12 +70,14 @@ class Config(StageConfig):
                                       "saying so instead of failing (the pipeline's stage)")
 
 
-def _score(scorer, hs, cache: FeatureCache) -> np.ndarray:
+def score_steps(scorer, hs, cache: FeatureCache | None = None) -> np.ndarray:
+    """The scorer's probability of a correct trace at every step row of the hidden-state file
+    ``hs`` (``[num_steps]``, float64), from the features it reads (sites, step means or group
+    features); ``cache`` keeps the sites read for another scorer of the same file."""
     from stepprobe.training.module import predict
 
-    rows = np.arange(hs.num_steps)
-    x = cache.stack(scorer.sites, rows)
-    return predict(scorer.module, x)
+    cache = FeatureCache(hs) if cache is None else cache
+    return predict(scorer.module, cache.stack(scorer.sites, np.arange(hs.num_steps)))
 
 
 def _block(scores: np.ndarray, hs, labels: np.ndarray, problem: np.ndarray, cfg: Config,
@@ -136,7 +138,7 @@ def run(cfg: Config) -> Path:
         log.warning("evaluate: skipped: %s", exc)
         return out
     cache = FeatureCache(hs)
-    scores = _score(scorer, hs, cache)
+    scores = score_steps(scorer, hs, cache)
     cal = Calibration.from_dict(scorer.meta.get("calibration"))
     uncal = Calibration.from_dict(scorer.calibration).invert(scores)  # the same scorer without its calibration
     n_traces = int(hs.num_traces)
@@ -160,7 +162,7 @@ def run(cfg: Config) -> Path:
         other = load_scorer(cfg.compare, expected_model=hs.model)
         doc["compare"] = {"path": str(Path(cfg.compare).resolve()), "sites": other.sites,
                           "architecture": other.architecture,
-                          **_block(_score(other, hs, cache), hs, labels, problem, cfg, rows)}
+                          **_block(score_steps(other, hs, cache), hs, labels, problem, cfg, rows)}
     if cfg.reference_data:
         doc["reference"] = _reference(cfg, scorer, hs, cache, labels, problem, rows)
     atomic_write_json(out / "eval.json", M.clean(doc))
