@@ -90,7 +90,7 @@ def _block(scores: np.ndarray, hs, labels: np.ndarray, problem: np.ndarray, cfg:
     out: dict[str, Any] = {}
     for name in ("auroc", "ece"):
         out[name] = metric_with_ci(name, scores, labels, problem, n=cfg.bootstrap, seed=cfg.seed).to_dict()
-    early = rel <= 0.5 + 1e-9
+    early = M.up_to(rel, 0.5)
     out["early50_auroc"] = metric_with_ci("auroc", scores[early], labels[early], problem[early], n=cfg.bootstrap,
                                           seed=cfg.seed).to_dict()
     ts, tl = M.trace_scores(scores, labels, trace)

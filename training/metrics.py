@@ -122,7 +122,7 @@ def within_problem_auroc(scores: np.ndarray, labels: np.ndarray, problem: np.nda
     if not problem.size:
         return {}
     uniq, inv = np.unique(problem, return_inverse=True)
-    pos, cnt = np.bincount(inv, weights=y, minlength=len(uniq)), np.bincount(inv, minlength=len(uniq))
+    pos, cnt = np.bincount(inv, weights=y), np.bincount(inv)  # one entry per problem (np.unique's inverse)
     both = np.flatnonzero((pos > 0) & (pos < cnt))
     out: dict[str, float] = {}
     chunk = max(1, 4_000_000 // scores.size)  # one-hot weights: chunk x rows
@@ -173,23 +173,33 @@ def best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
 def trace_scores(scores: np.ndarray, labels: np.ndarray, trace: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per trace: the running mean at its last step (= mean of its step scores) and its label."""
     uniq, inv = np.unique(np.asarray(trace), return_inverse=True)
-    sums = np.bincount(inv, weights=np.asarray(scores, dtype=np.float64), minlength=len(uniq))
-    counts = np.bincount(inv, minlength=len(uniq))
     lab = np.zeros(len(uniq))
     lab[inv] = np.asarray(labels)
-    return sums / np.maximum(counts, 1), lab
+    return np.bincount(inv, weights=scores) / np.maximum(np.bincount(inv), 1), lab
+
+
+#: How far above a fraction a step's ``rel_position`` may lie and still count as at most it: the
+#: file stores ``k / n`` in float32 (``float32(1/3)`` is 1e-8 above 1/3); distinct ``k / n`` of
+#: traces under a million steps lie further apart than this.
+REL_TOLERANCE = 1e-6
+
+
+def up_to(rel_position: np.ndarray, fraction: float) -> np.ndarray:
+    """Which steps lie at most ``fraction`` of the way through their trace (``rel_position <=
+    fraction``, within :data:`REL_TOLERANCE`): the early metrics' and the running means' steps."""
+    return np.asarray(rel_position, dtype=np.float64) <= fraction + REL_TOLERANCE
 
 
 def running_mean_at(scores: np.ndarray, trace: np.ndarray, rel_position: np.ndarray,
                     fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Each trace's running-mean score at ``fraction`` of its steps: the mean of its step scores
-    with ``rel_position <= fraction``. Returns (trace ids, means); traces with no such step are left out."""
-    m = np.asarray(rel_position, dtype=np.float64) <= fraction + 1e-9
+    :func:`up_to` that fraction. Returns (trace ids, means); traces with no such step are left out."""
+    m = up_to(rel_position, fraction)
     if not m.any():
         return np.zeros(0, dtype=np.asarray(trace).dtype), np.zeros(0)
+    # np.unique's inverse takes every value 0..len(uniq)-1, so the counts have one entry per trace
     uniq, inv = np.unique(np.asarray(trace)[m], return_inverse=True)
-    sums = np.bincount(inv, weights=np.asarray(scores, dtype=np.float64)[m], minlength=len(uniq))
-    return uniq, sums / np.bincount(inv, minlength=len(uniq))
+    return uniq, np.bincount(inv, weights=np.asarray(scores)[m]) / np.bincount(inv)
 
 
 def within_problem_rank(scores: np.ndarray, labels: np.ndarray, trace: np.ndarray, problem: np.ndarray,
@@ -257,9 +267,8 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, *, trace: np.ndarray
         ts, tl = trace_scores(scores, labels, trace)
         out[TRACE_AUROC] = auroc(ts, tl)
     if rel_position is not None:
-        rp = np.asarray(rel_position)
         for frac, name in EARLY_AUROC.items():
-            m = rp <= frac + 1e-9
+            m = up_to(rel_position, frac)
             out[name] = auroc(scores[m], labels[m])
     if problem is not None and trace is not None and rel_position is not None:
         out.update(within_problem_metrics(scores, labels, trace=trace, problem=problem, rel_position=rel_position,

@@ -178,9 +178,12 @@ def test_running_mean_at_exact_fractions_and_one_step_trace():
         ids, means = M.running_mean_at(s, trace, rel, frac)
         assert ids.tolist() == [7, 9]
         assert means == pytest.approx([exp7, 0.4])
-    # the 1e-9 tolerance is inclusive: a step at exactly fraction + 1e-9 counts
-    ids, means = M.running_mean_at(np.array([0.2, 0.6]), np.array([1, 1]), np.array([0.0, 0.5 + 1e-9]), 0.5)
+    # the tolerance is inclusive: a step at exactly fraction + REL_TOLERANCE counts, one beyond does not
+    tol = M.REL_TOLERANCE
+    ids, means = M.running_mean_at(np.array([0.2, 0.6]), np.array([1, 1]), np.array([0.0, 0.5 + tol]), 0.5)
     assert means == pytest.approx([0.4])
+    ids, means = M.running_mean_at(np.array([0.2, 0.6]), np.array([1, 1]), np.array([0.0, 0.5 + 2 * tol]), 0.5)
+    assert means == pytest.approx([0.2])
     # a trace whose steps all start later is left out
     ids, means = M.running_mean_at(s, trace, np.array([0.0, 0.25, 0.5, 0.75, 0.6]), 0.5)
     assert ids.tolist() == [7] and means == pytest.approx([0.3])
@@ -194,8 +197,20 @@ def test_running_mean_at_no_step_keeps_the_trace_dtype():
         assert means.dtype == np.float64
 
 
+def test_a_step_at_the_fraction_counts_though_the_file_stores_its_position_in_float32():
+    """Steps k / n of a trace are stored as float32: step 1 of 3 lies 1e-8 above 1/3, and is
+    still one third of the way through (7 steps: 2/7 and 3/7 below 3/7, 4/7 above)."""
+    for n, frac in ((3, 1 / 3), (3, 2 / 3), (7, 3 / 7), (10, 0.3)):
+        rel = (np.arange(n) / n).astype(np.float32)
+        k = round(frac * n)
+        assert M.up_to(rel, frac).tolist() == [i <= k for i in range(n)]
+        scores = np.linspace(0.1, 0.9, n)
+        ids, means = M.running_mean_at(scores, np.zeros(n, dtype=int), rel, frac)
+        assert means == pytest.approx([scores[:k + 1].mean()])
+
+
 def test_early_auroc_tolerance_is_inclusive():
-    rel = np.array([0.0, 0.0, 0.5 + 1e-9, 0.5 + 1e-9])
+    rel = np.array([0.0, 0.0, 0.5 + M.REL_TOLERANCE, 0.5 + M.REL_TOLERANCE])
     s = np.array([0.5, 0.5, 0.9, 0.1])
     y = np.array([1, 0, 1, 0])
     m = M.compute_metrics(s, y, rel_position=rel)
@@ -370,6 +385,18 @@ def test_compute_metrics_default_threshold_and_auprc_edges():
     m_all = M.compute_metrics(s, np.ones(5, dtype=int))
     assert np.isnan(m_all[M.AUPRC]) and np.isnan(m_all[M.AUROC])
     assert m_all[M.F1] == pytest.approx(f1_score(np.ones(5), pred))
+
+
+def test_float32_scores_are_compared_with_the_threshold_exactly():
+    """A score is predicted correct when it is at least the threshold, compared exactly: a
+    float32 score just below a threshold is below it (in float32 the threshold would round onto it)."""
+    t = 0.5 + 1e-9  # float32(t) == 0.5
+    s = np.array([0.5, 0.5, 0.9, 0.1], dtype=np.float32)
+    y = np.array([1, 0, 1, 0])
+    m = M.compute_metrics(s, y, threshold=t)
+    assert m[M.ACCURACY] == pytest.approx(0.75)  # only 0.9 predicted correct
+    assert m[M.F1] == pytest.approx(f1_score(y, [0, 0, 1, 0]))
+    assert m == M.compute_metrics(s.astype(np.float64), y, threshold=t)
 
 
 def test_compute_metrics_defaults_with_problems_have_no_intervals():
