@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
+from stepprobe.errors import StepprobeError
 from stepprobe.stats import QUANTILE_METHOD
 from stepprobe.training import metrics as M
 from stepprobe.training.evaluation import metric_with_ci
@@ -194,3 +195,35 @@ def test_metric_names_modes_and_clean():
         {"a": None, "b": 0.5, "c": {"d": None}, "e": "x", "f": 3}
     m = M.compute_metrics(np.array([0.9, 0.1]), np.array([1, 0]), prefix="test")
     assert set(m) == {M.key("test", k) for k in (M.AUROC, M.AUPRC, M.ACCURACY, M.F1, M.ECE)}
+
+
+def test_auroc_matches_sklearn_and_bootstrap_weights():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.normal(size=300) + y, 1)  # ties on purpose
+    assert M.auroc(s, y) == pytest.approx(roc_auc_score(y, s))
+    w = rng.integers(0, 3, size=(4, 300))
+    for row in w:
+        keep = np.repeat(np.arange(300), row)
+        assert M.weighted_auroc(s, y, row[None])[0] == pytest.approx(roc_auc_score(y[keep], s[keep]))
+    groups = np.repeat(np.arange(30), 10)
+    iv = metric_with_ci("auroc", s, y, groups, n=200)
+    assert iv.low < M.auroc(s, y) == iv.value < iv.high and iv.high - iv.low < 0.3 and iv.n == 30
+    assert np.isnan(M.auroc(s, np.ones(300)))
+
+
+def test_compute_metrics_names_and_values():
+    scores = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.6, 0.3, 0.4])
+    labels = np.array([1, 1, 1, 0, 0, 1, 0, 0])
+    trace = np.array([0, 0, 1, 2, 2, 3, 4, 4])
+    rel = np.array([0.0, 0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.9])
+    m = M.compute_metrics(scores, labels, trace=trace, rel_position=rel, threshold=0.5, prefix="val")
+    assert set(m) == {M.key("val", k) for k in M.METRICS}
+    assert m["val_auroc"] == 1.0 and m["val_accuracy"] == 1.0 and m["val_f1"] == 1.0
+    assert m["val_trace_auroc"] == 1.0
+    assert m[M.DEFAULT_TUNE_OBJECTIVE] == 1.0
+    assert m["val_ece"] == pytest.approx(np.mean([0.1, 0.2, 0.3, 0.2, 0.1, 0.4, 0.3, 0.4]))
+    assert M.best_f1_threshold(scores, labels) == 0.6
+    assert M.mode_of("val_ece") == "min" and M.mode_of(M.DEFAULT_TUNE_OBJECTIVE) == "max"
+    with pytest.raises(StepprobeError, match="unknown metric"):
+        M.mode_of("val_bogus")
