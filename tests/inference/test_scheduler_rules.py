@@ -126,6 +126,44 @@ def test_risk_controlled_memory_prunes_only_below_the_cutoff(build_scheduler, as
     assert s.stepprobe_counts["pruned"] == 0 and s.stepprobe_counts["preempted"] > 0
 
 
+def _calibrated_scorer(path, cutoff: float, problems: int):
+    """A scorer directory whose trust.json measured no accuracy loss at ``cutoff`` on ``problems``
+    calibration problems (the scheduler reads only trust.json and the weights hash)."""
+    import json
+
+    from stepprobe.inference import calibrate as cal
+    from stepprobe.probes.checkpoint import CONFIG_FILE, SCORER_KIND, SCORER_SCHEMA_VERSION
+
+    path.mkdir()
+    sha = "ab" * 32
+    (path / CONFIG_FILE).write_text(json.dumps({
+        "kind": SCORER_KIND, "schema_version": SCORER_SCHEMA_VERSION, "weights_sha256": sha, "architecture": "linear",
+        "params": {}, "feature_spec": {}, "hidden_size": 4, "model": {}, "boundary_rule": {}}))
+    (path / cal.FILE_NAME).write_text(json.dumps({
+        "kind": cal.KIND, "schema_version": cal.SCHEMA_VERSION, "config": {"seed": 0, "max_tolerance": 0.1},
+        "scorer": {"weights_sha256": sha}, "vote": {"rule": "majority"}, "cutoffs": [cutoff],
+        "losses": [[0.0] * problems], "calibration_set": {"problems": problems, "problems_source": "cal.jsonl"},
+        "holds_for": {"n": 4, "kv_blocks": [7]}}))
+    return str(path)
+
+
+@MODES
+def test_the_cutoff_is_the_one_trust_json_earned_at_the_runs_tolerance_and_risk(build_scheduler, async_scheduling,
+                                                                                 tmp_path):
+    # No loss at cutoff 0.5 on 100 problems: at a tolerance of 5 points that is certain enough
+    # for a risk of 20 % (p = 0.015), not of 1 % (p = 0.011). Certified, r1 (0.2) may go; not,
+    # nobody may and vLLM preempts.
+    scores = {"r0": 0.6, "r1": 0.2, "r2": 0.8, "r3": 0.7}
+    scorer = _calibrated_scorer(tmp_path / "scorer", 0.5, 100)
+    for risk, pruned in ((0.2, ["r1"]), (0.01, [])):
+        s = memory_scheduler(build_scheduler, async_scheduling, scorer=scorer, max_accuracy_loss=0.05,
+                             risk_delta=risk)
+        add(s, {r: {"group": "g"} for r in scores})
+        done = drive(s, in_flight=2 if async_scheduling else 1, scores=scores)
+        assert [r for r in scores if done[r][:2] == ("stop", "pruned")] == pruned
+        assert all(done[r] == FULL for r in scores if r not in pruned)
+
+
 @MODES
 def test_default_tolerance_without_calibration_prunes_nothing(build_scheduler, async_scheduling):
     # The default (a tolerance of 1 point) with a scorer that has no trust.json: no cutoff was
