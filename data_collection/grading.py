@@ -47,6 +47,7 @@ DEFAULT_GRADING = "boxed-or-phrase"
 _ANSWER_PHRASE = re.compile(
     r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*(?:is|:|=)|answer\s*:)\s*(?:[:=]\s*)?",
     re.IGNORECASE)
+# An upper-case letter alone or before text: "B", "(B) 42", "B. 42", "**B**".
 _LETTER_RE = re.compile(r"^\s*(?:\*\*)?\(?\s*([A-Z])\s*\)?(?:\*\*)?(?=$|[\s.,:;)*])")
 # A lower-case letter counts only alone ("d", "(d)", "d.") or in parentheses before text ("(d) 42"):
 # "a bit more" is no option.
@@ -165,10 +166,6 @@ def _to_letter(cand: str, choices: list[str]) -> str | None:
     for i, c in enumerate(choices):
         if norm and norm == _norm_text(c):
             return _LETTERS[i]
-    # "(B) 42" or "B. 42"
-    m = re.match(r"^\s*\(?([A-Z])[).:]", cand)
-    if m and _LETTERS.index(m.group(1)) < n:
-        return m.group(1)
     return None
 
 
@@ -185,7 +182,6 @@ def extract_answer(text: str, choices: list[str] | None = None, *, grading: str 
     boxed = last_boxed(text)
     phrase = _phrase_answer(text) if grading == "boxed-or-phrase" else None
     # Whichever form comes last in the text is the final one.
-    cands: list[str] = []
     if boxed is not None and phrase is not None:
         cands = [boxed, phrase] if text.rfind("\\boxed") > max(m.start() for m in _ANSWER_PHRASE.finditer(text)) \
             else [phrase, boxed]
