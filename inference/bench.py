@@ -256,7 +256,7 @@ def run(config: Config) -> Path:
 
         from .runner import check_scorer_for_model
 
-        check_scorer_for_model(config.scorer, resolve_model(config.model))
+        check_scorer_for_model(config.scorer, resolve_model(config.model), config.n)
     log.info("bench: %d problems, policies %s, KV budgets %s, scorer %s", len(problems), ", ".join(config.policies),
              ", ".join(str(k or "default") for k in config.kv_blocks), run_stage.describe_scorer(config.scorer))
     if config.scorer and "memory" in config.policies:

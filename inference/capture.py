@@ -15,6 +15,12 @@ buffers are filled with NaN before every forward pass, and a boundary row that i
 afterwards (the hooks are not in the model vLLM actually ran) stops the engine with a
 ``StepprobeError`` instead of scoring stale features. This runs in every engine, the server
 included; the client's canary (runner.py) is the same check on a forced-newline generation.
+
+A **group scorer** (a probe on ``<site>.group`` / ``<site>.gdev``, issue 23) captures its base
+sites; each boundary row's raw states are copied to the host (the only extra cost: one
+``[sites, hidden]`` copy per boundary row, for group scorers only) and the
+:class:`~stepprobe.inference.group_assembler.GroupAssembler` computes the row's features
+against its siblings' rows so far with the offline functions; the probe runs on the host.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from stepprobe.errors import StepprobeError
 
 from .batch_layout import Layout, layout_in_order, runner_output
 from .hooks import capture_rows, install_hooks
-from .plugin import PluginSettings
+from .plugin import PluginSettings, request_group, request_overrides
 from .tracker import BoundaryTracker
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,8 @@ class _Result:
 class Capture:
     """Hooks, buffers, boundary tracking and scoring for one worker."""
 
+    assembler: Any = None  # a GroupAssembler for a group scorer
+
     def __init__(self, worker: Any, settings: PluginSettings):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -67,17 +75,23 @@ class Capture:
         identity = model_identity(mcfg.model, hf_config, tok)
         self.scorer = load_scorer(settings.scorer, expected_model=identity)
         self.sites = self.scorer.sites
+        if self.scorer.group:
+            from .group_assembler import GroupAssembler
+
+            self.assembler = GroupAssembler.for_scorer(self.scorer)
+            self.sites = self.assembler.sites  # capture the base sites; features are assembled on the host
         rule = BoundaryRule.from_dict(self.scorer.boundary_rule)
         model = runner.get_model()
         device = getattr(runner, "device", None) or next(model.parameters()).device
         self._setup(BoundaryDetector.from_tokenizer(rule, tok), torch.device(device))
-        self.probe = self.scorer.module.to(self.device)
+        # a group probe runs on the host, on the assembled features
+        self.probe = self.scorer.module if self.assembler else self.scorer.module.to(self.device)
         self.max_rows = capture_rows(vcfg)
         self.stash_rows = int(vcfg.scheduler_config.max_num_seqs)
-        self.buffers, self.handles = install_hooks(model, self.sites, self.scorer.hidden_size, self.max_rows,
+        self.buffers, self.handles = install_hooks(model, self.sites, self.scorer.state_size, self.max_rows,
                                                    mcfg.dtype, self.device)
         log.info("stepprobe: capturing %s (hidden %d) for scorer %s before compilation (%s)",
-                 ", ".join(self.sites), self.scorer.hidden_size, settings.scorer, type(runner).__module__)
+                 ", ".join(self.sites), self.scorer.state_size, settings.scorer, type(runner).__module__)
 
     def _setup(self, detector: BoundaryDetector, device: torch.device) -> None:
         """State shared by the real constructor and tests that drive the capture by hand."""
@@ -108,6 +122,9 @@ class Capture:
         self._drain()
         for new in scheduler_output.scheduled_new_reqs:
             self.tracker.add(new.req_id, new.prompt_len, new.prefill_token_ids, self.step)
+            if self.assembler is not None:
+                over = request_overrides(getattr(new, "sampling_params", None))
+                self.assembler.add(new.req_id, request_group(new.req_id, over), new.prompt_len, over.get("group_size"))
         cached = scheduler_output.scheduled_cached_reqs
         if cached.resumed_req_ids and cached.all_token_ids:  # V1: a resumed request's tokens
             for rid in cached.resumed_req_ids:
@@ -116,6 +133,8 @@ class Capture:
                     self.tracker.resync(rid, toks, self.step)
         for rid in scheduler_output.finished_req_ids:
             self.tracker.finish(rid)
+            if self.assembler is not None:
+                self.assembler.finish(rid)
         if self.verify_remaining > 0 or self.checking:
             for buf in self.buffers.values():
                 buf.fill_(float("nan"))  # rows the hooks do not write stay NaN
@@ -217,11 +236,14 @@ class Capture:
 
     def _score(self, feats: torch.Tensor, keys: list[tuple[str, int]]) -> None:
         x = feats.float()
-        with torch.no_grad():
-            scores = self.probe(x).float().reshape(-1)
+        if self.assembler is None:
+            with torch.no_grad():
+                scores = self.probe(x).float().reshape(-1)
+        else:  # scored on the host once the states have landed (_consume)
+            scores = x.new_zeros(len(keys))
         check = self.checking or self.verify_remaining > 0
         unwritten = (~torch.isfinite(x)).flatten(1).any(dim=1) if check else None
-        keep = x if self.settings.record_features else None
+        keep = x if self.settings.record_features or self.assembler is not None else None
         if self.device.type == "cuda":
             host = [t.to("cpu", non_blocking=True) if t is not None else None for t in (scores, unwritten, keep)]
             event = torch.cuda.Event()
@@ -256,14 +278,19 @@ class Capture:
                         "hooks did not write their hidden states (the hooks are not in the model vLLM runs: "
                         "compiled or captured without them, or vLLM internals changed); refusing to score with "
                         "stale features")
-        scores = res.scores.tolist()
+        if self.assembler is not None:
+            with torch.no_grad():
+                feats = self.assembler.features(res.keys, res.features.numpy())
+                scores = self.probe(torch.from_numpy(feats)).float().reshape(-1).tolist()
+        else:
+            scores = res.scores.tolist()
         for i, ((rid, p), s) in enumerate(zip(res.keys, scores)):
             steps.setdefault(rid, []).append([p, s])
             if self.settings.keep_records:
                 rec = self.records.setdefault(rid, {"positions": [], "scores": [], "features": []})
                 rec["positions"].append(p)
                 rec["scores"].append(s)
-                if res.features is not None:
+                if res.features is not None and self.settings.record_features:
                     rec["features"].append(res.features[i].tolist())
         self.n_captured += n
 

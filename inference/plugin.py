@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from typing import Any, Mapping
 
 from stepprobe.config import stage_defaults
@@ -125,6 +126,17 @@ def request_overrides(sampling_params: Any) -> dict[str, Any]:
         if k.startswith(KEY + "_"):
             out[k[len(KEY) + 1:]] = v
     return out
+
+
+_CHILD_RE = re.compile(r"^\d+_(.+)$")  # vLLM's child of an n > 1 request (vllm/v1/engine/parallel_sampling.py)
+
+
+def request_group(request_id: str, overrides: Mapping[str, Any]) -> str:
+    """The group (problem) of a request, for the scheduler's group rules and the worker's group
+    features: its ``extra_args`` ``group``, else the parent of an ``n > 1`` child (vLLM names the
+    children ``{i}_{parent}``), else the request itself."""
+    m = _CHILD_RE.match(request_id)
+    return str(overrides.get("group") or (m.group(1) if m else request_id))
 
 
 def unsupported_features(source: Any, model_path: str | None = None) -> list[str]:

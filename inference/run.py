@@ -293,7 +293,7 @@ def run(config: Config, runner: Any = None) -> Path:
 
             from .runner import check_scorer_for_model
 
-            check_scorer_for_model(config.scorer, resolve_model(config.model))
+            check_scorer_for_model(config.scorer, resolve_model(config.model), config.n)
     done = _resume(out, config, prov)
     todo = [p for p in problems if p.problem_id not in done]
     path = out / "results.jsonl"

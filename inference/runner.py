@@ -209,6 +209,8 @@ class StepRunner:
         """Queue ``n`` traces for each prompt now (arguments as :meth:`generate_stream`), also
         while :meth:`stream` runs (the confidence baseline queues a problem's second phase as
         soon as its warm-up finishes); returns the submission's number."""
+        if self.scorer is not None:
+            self.scorer.check_group_size(n)
         sub = next(self._calls)
         params, flat_prompts, pairs = request_params(prompts, n=n, group=f"g{sub}", policy=policy,
                                                      logprobs=logprobs, per_prompt=per_prompt, seeds=seeds,
@@ -316,6 +318,7 @@ def request_params(prompts: Sequence[str], *, n: int, group: str = "g0", policy:
         if policy is not None:
             extra["policy"] = check_policy(policy)
         extra["group"] = f"{group}-{k}"
+        extra["group_size"] = n  # the worker's group features count a trace's siblings with it
         sp = SamplingParams(n=1, logprobs=logprobs, extra_args={"stepprobe": extra}, **sampling)
         if seeds is not None and len(seeds[k]) != n:
             raise StepprobeError(f"generate: {len(seeds[k])} seeds for prompt {k}, expected n={n}")
@@ -365,12 +368,15 @@ def _token_confidence(completion: Any, k: int | None = None
     return chosen, conf, stop
 
 
-def check_scorer_for_model(scorer_dir: str, model_path: str) -> Any:
-    """Load a scorer and refuse it (one line) if it was not made for this model, or if it reads
-    features the live capture does not compute (step means)."""
+def check_scorer_for_model(scorer_dir: str, model_path: str, n: int | None = None) -> Any:
+    """Load a scorer and refuse it (one line) if it was not made for this model, if it reads
+    features the live capture does not compute (step means, text or step-aligned group features),
+    or if it is a group scorer and ``n`` (traces per problem, where known) gives no siblings."""
     from stepprobe.models import identify_model
     from stepprobe.probes.checkpoint import load_scorer
 
     scorer = load_scorer(scorer_dir, expected_model=identify_model(model_path)[1])
     scorer.check_live()  # live capture reads boundary tokens only: refuse a step-mean scorer here
+    if n is not None:
+        scorer.check_group_size(n)
     return scorer

@@ -31,27 +31,25 @@ blocks freed, its partial text delivered to the client.
 - ``none``: scores are still collected; nothing is pruned (plain self-consistency).
 
 A group is the set of children of one ``n > 1`` request (vLLM names them ``{i}_{parent}``),
-or what ``extra_args={"stepprobe": {"group": ...}}`` says.
+or what ``extra_args={"stepprobe": {"group": ...}}`` says (:func:`~stepprobe.inference.plugin.request_group`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections import defaultdict
 from typing import Any
 
 from stepprobe.options import ConfidenceOptions
 
-from .plugin import PluginSettings, check_policy, check_supported, request_overrides
+from .plugin import PluginSettings, check_policy, check_supported, request_group, request_overrides
 from .policies import (DEFAULT_THRESHOLD, Live, TraceScore, below_cutoff, below_group_best, below_threshold,
                        cap_to_min_live, effective_min_keep, memory_victim_keys, top_fraction_losers)
 
 log = logging.getLogger(__name__)
 
 PRUNED = "pruned"
-_CHILD_RE = re.compile(r"^\d+_(.+)$")
 
 
 @dataclasses.dataclass
@@ -109,8 +107,7 @@ class PruningMixin:
         super().add_request(request)  # type: ignore[misc]
         over = request_overrides(request.sampling_params)
         policy = check_policy(over.get("policy", self._sp.policy))
-        m = _CHILD_RE.match(request.request_id)
-        group = str(over.get("group") or (m.group(1) if m else request.request_id))
+        group = request_group(request.request_id, over)
         trace = _Trace(TraceScore(self._sp.aggregate, self._sp.ema_alpha), policy, group,
                        min_live=int(over.get("min_live", self._sp.min_live)),
                        relative_margin=float(over.get("relative_margin", self._sp.relative_margin)))

@@ -127,15 +127,16 @@ class StepprobeWorkerMixin:
                 self._stepprobe_mirror_sites = self._stepprobe_mirror(settings)
 
     def _stepprobe_mirror(self, settings: PluginSettings) -> list[str]:
-        from stepprobe.probes.checkpoint import read_scorer_meta
-        from stepprobe.probes.features import FeatureSpec
+        from stepprobe.probes.checkpoint import load_scorer
 
-        meta = read_scorer_meta(settings.scorer)
-        sites = list(FeatureSpec.from_dict(meta["feature_spec"]).sites)
+        from .group_assembler import GroupAssembler
+
+        scorer = load_scorer(settings.scorer)
+        sites = GroupAssembler.for_scorer(scorer).sites if scorer.group else scorer.sites  # what Capture hooks
         runner = self.model_runner  # type: ignore[attr-defined]
         model = runner.get_model()
         device = getattr(runner, "device", None) or next(model.parameters()).device
-        install_hooks(model, sites, int(meta["hidden_size"]), capture_rows(self.vllm_config),  # type: ignore[attr-defined]
+        install_hooks(model, sites, scorer.state_size, capture_rows(self.vllm_config),  # type: ignore[attr-defined]
                       self.vllm_config.model_config.dtype, torch.device(device))  # type: ignore[attr-defined]
         return sites
 
@@ -310,7 +311,7 @@ class StepprobeWorkerMixin:
         cap.flush()
         return {"installed": True, "scoring": True, "sites": cap.sites, "captured": cap.n_captured,
                 "steps_processed": cap.n_steps_processed, "unwritten": cap.n_unwritten,
-                "lost": cap.tracker.n_lost, "hidden_size": cap.scorer.hidden_size, "scorer": str(cap.settings.scorer)}
+                "lost": cap.tracker.n_lost, "hidden_size": cap.scorer.state_size, "scorer": str(cap.settings.scorer)}
 
     def stepprobe_arm_check(self, on: bool = True) -> None:
         """Canary support: fill the capture buffers with NaN so rows a hook did not write show up."""

@@ -15,6 +15,16 @@ A scorer is a directory with two files:
 A scorer written before calibration existed has no ``output_calibration`` tensor; it loads with
 the identity calibration ``(1, 0)``.
 
+**Group scorers** (schema version 2, issue 23): a probe on group features (``<site>.group``,
+``<site>.gdev``, ``<site>.group_step``, ``text.group``; :mod:`stepprobe.probes.group_features`)
+also needs what its features were computed with, in ``group``: ``features`` (per feature: its
+base ``site``, ``kind`` and sibling ``alignment``) and ``stats`` (per base site: the per-dimension
+``mean`` and ``std`` of the training file's states, float64 as JSON numbers). Only such a scorer
+is written as version 2, so a reader from before group scorers still loads every other scorer
+and refuses a group scorer in one line (schema version); this reader reads both.
+``hidden_size`` is then the probe's input width (6 group scalars, or the hidden size for
+``.gdev``); the model's hidden size is ``model.hidden_size``.
+
 :func:`load_scorer` never unpickles: it reads JSON, rebuilds the module from the probe
 registry, loads the tensors with safetensors and checks every name, shape and dtype, and
 the weights' hash. ``Scorer.module(x)`` maps ``float32 [n, len(sites), hidden]`` raw hidden
@@ -41,13 +51,14 @@ from safetensors.torch import load_file, save_file
 
 from stepprobe.errors import ArtifactMismatch, StepprobeError
 from stepprobe.io import atomic_write_json, sha256_file
-from stepprobe.layers import site_depth, split_group
+from stepprobe.layers import TEXT_GROUP, site_depth, split_group
 from stepprobe.provenance import check_model_identity, check_schema, package_versions
 
 from .features import FeatureSpec, ProbeModel
 
 SCORER_KIND = "stepprobe-scorer"
 SCORER_SCHEMA_VERSION = 1
+GROUP_SCHEMA_VERSION = 2  # a scorer on group features (the ``group`` block)
 WEIGHTS_FILE = "scorer.safetensors"
 CONFIG_FILE = "scorer.json"
 CARD_FILE = "README.md"  # the model card, where one is written
@@ -110,6 +121,26 @@ class Scorer:
         return {"method": (self.meta.get("calibration") or {}).get("method", "none"), "a": a, "b": b}
 
     @property
+    def group(self) -> dict[str, Any] | None:
+        """The ``group`` block of a group scorer (features and standardization), else None."""
+        return self.meta.get("group")
+
+    def group_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per base site of a group scorer: the (mean, std) its features are standardized with."""
+        return {site: (np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
+                for site, d in ((self.group or {}).get("stats") or {}).items()}
+
+    @property
+    def state_size(self) -> int:
+        """The hidden size of the states the runner captures (a group probe's own input is narrower)."""
+        stats = (self.group or {}).get("stats") or {}
+        for d in stats.values():
+            return len(d["mean"])
+        if self.group and self.model.get("hidden_size") is not None:  # text.group alone reads no state
+            return int(self.model["hidden_size"])
+        return self.hidden_size
+
+    @property
     def uses_step_mean(self) -> bool:
         """The probe reads a step-mean feature (``<site>.mean``), which live capture does not compute."""
         return self.module.uses_step_mean
@@ -121,6 +152,24 @@ class Scorer:
             raise ArtifactMismatch(f"scorer {self.path or ''} reads step-mean features ({', '.join(means)}), which the "
                                    "live runner does not capture (it reads the boundary token only); use a scorer "
                                    "trained on boundary features")
+        feats = (self.group or {}).get("features") or {}
+        text = [n for n in feats if n == TEXT_GROUP]
+        if text:
+            raise ArtifactMismatch(f"scorer {self.path or ''} reads {', '.join(text)} (the numbers in the siblings' "
+                                   "decoded text), which the worker does not have live; use a scorer on a site's "
+                                   ".group or .gdev features")
+        step = [n for n, f in feats.items() if f["alignment"] != "time"]
+        if step:
+            raise ArtifactMismatch(f"scorer {self.path or ''} reads {', '.join(step)} (siblings aligned by step index: "
+                                   "a sibling's step k may come later than this trace's), which cannot be scored "
+                                   "live; use the time-aligned <site>.group or <site>.gdev")
+
+    def check_group_size(self, traces_per_problem: int) -> None:
+        """Refuse (one line) a group scorer for problems of fewer than two traces (no siblings)."""
+        if self.group and traces_per_problem < 2:
+            raise ArtifactMismatch(f"scorer {self.path or ''} reads group features ({', '.join(self.group['features'])}), "
+                                   f"which compare a trace with its siblings; n={traces_per_problem} gives none "
+                                   "(use n >= 2 traces per problem)")
 
     @torch.no_grad()
     def score(self, features: Mapping[str, torch.Tensor | np.ndarray]) -> torch.Tensor:
@@ -135,8 +184,8 @@ class Scorer:
         """Refuse (``ArtifactMismatch``, one line) a model whose features this probe cannot read."""
         what = f"scorer {self.path}" if self.path else "scorer"
         hs = model_identity.get("hidden_size")
-        if hs is not None and int(hs) != self.hidden_size:
-            raise ArtifactMismatch(f"{what} reads hidden size {self.hidden_size}, but model "
+        if hs is not None and int(hs) != self.state_size:
+            raise ArtifactMismatch(f"{what} reads hidden size {self.state_size}, but model "
                                    f"{model_identity.get('name')!r} has hidden size {hs}")
         n = model_identity.get("num_hidden_layers")
         if n is not None:
@@ -179,7 +228,7 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
                 config: Mapping[str, Any] | None = None, threshold: float = 0.5,
                 provenance: Mapping[str, Any] | None = None, generation: Mapping[str, Any] | None = None,
                 overwrite: bool = False, calibration: Mapping[str, Any] | None = None,
-                card: str | None = None) -> Path:
+                card: str | None = None, group: Mapping[str, Any] | None = None) -> Path:
     """Write ``probe`` as a scorer directory; returns its path.
 
     ``generation``: the prompt and sampling settings of the data the probe was trained on
@@ -187,27 +236,28 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
 
     ``model`` is the model identity the features came from (``stepprobe.provenance.model_identity``
     or ``HiddenStates.model``); its ``hidden_size``, if given, must equal the probe's.
-    Refuses a directory that already holds a scorer unless ``overwrite``.
+    Refuses a directory that already holds a scorer unless ``overwrite``. ``group``: for a probe on
+    group features, what they were computed with (:func:`stepprobe.probes.group_features.checkpoint_info`).
     """
     directory = Path(directory)
     if (directory / CONFIG_FILE).exists() and not overwrite:
         raise StepprobeError(f"{directory} already holds a scorer; pass overwrite to replace it")
     if not isinstance(probe, ProbeModel):
         raise StepprobeError(f"save_scorer needs a ProbeModel, got {type(probe).__name__}")
-    groups = [s for s in probe.spec.sites if split_group(s)[1] is not None]
-    if groups:
-        raise StepprobeError(f"the probe reads group features ({', '.join(groups)}), which the live runner cannot "
-                             "compute yet (issue 23, item 3); they are measured offline (docs/group_signal.md)")
-    if model.get("hidden_size") is not None and int(model["hidden_size"]) != probe.hidden_size:
-        raise ArtifactMismatch(f"probe reads hidden size {probe.hidden_size}, model identity says {model['hidden_size']}")
+    group = _jsonable(dict(group)) if group else None
+    _check_group(probe.spec.sites, group, "the probe")
+    state = probe.hidden_size if not group else len(next(iter(group["stats"].values()))["mean"]) if group["stats"] else None
+    if model.get("hidden_size") is not None and state is not None and int(model["hidden_size"]) != state:
+        raise ArtifactMismatch(f"probe reads hidden size {state}, model identity says {model['hidden_size']}")
     if "delimiter" not in boundary_rule:
         raise StepprobeError("boundary_rule must at least name its delimiter")
+    version = GROUP_SCHEMA_VERSION if group else SCORER_SCHEMA_VERSION
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in probe.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"kind": SCORER_KIND, "schema_version": str(SCORER_SCHEMA_VERSION)})
+        save_file(tensors, tmp, metadata={"kind": SCORER_KIND, "schema_version": str(version)})
         digest = sha256_file(Path(tmp))
         os.replace(tmp, directory / WEIGHTS_FILE)
     finally:
@@ -215,7 +265,7 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
             os.unlink(tmp)
     meta = {
         "kind": SCORER_KIND,
-        "schema_version": SCORER_SCHEMA_VERSION,
+        "schema_version": version,
         **probe.describe(),
         "model": dict(model),
         "boundary_rule": dict(boundary_rule),
@@ -223,6 +273,7 @@ def save_scorer(directory: str | os.PathLike, probe: ProbeModel, *, model: Mappi
         "calibration": {**_jsonable(calibration or {}), "method": (calibration or {}).get("method", "none"),
                         "a": float(probe.output_calibration[0]), "b": float(probe.output_calibration[1])},
         "features": {"step_mean": probe.uses_step_mean},
+        **({"group": group} if group else {}),
         "metrics": _jsonable(metrics or {}),
         "config": _jsonable(config or {}),
         "provenance": _jsonable(provenance or {}),
@@ -252,12 +303,16 @@ def read_scorer_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactMismatch(f"{cfg}: not valid JSON ({exc.msg})") from None
     if not isinstance(meta, dict):
         raise ArtifactMismatch(f"{cfg}: expected a JSON object")
-    check_schema(meta, SCORER_KIND, SCORER_SCHEMA_VERSION, str(cfg))
+    version = GROUP_SCHEMA_VERSION if meta.get("schema_version") == GROUP_SCHEMA_VERSION else SCORER_SCHEMA_VERSION
+    check_schema(meta, SCORER_KIND, version, str(cfg))
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise ArtifactMismatch(f"{cfg}: missing field(s) {', '.join(missing)}")
+    if version == GROUP_SCHEMA_VERSION and not isinstance(meta.get("group"), dict):
+        raise ArtifactMismatch(f"{cfg}: a version-{version} scorer needs its 'group' block")
+    _check_group(FeatureSpec.from_dict(meta["feature_spec"]).sites, meta.get("group"), str(cfg), ArtifactMismatch)
     mh = meta["model"].get("hidden_size")
-    if mh is not None and int(mh) != int(meta["hidden_size"]):
+    if mh is not None and not meta.get("group") and int(mh) != int(meta["hidden_size"]):
         raise ArtifactMismatch(f"{cfg}: probe hidden size {meta['hidden_size']} differs from its model's {mh}")
     return meta
 
@@ -304,6 +359,34 @@ def load_scorer(directory: str | os.PathLike, *, expected_model: Mapping[str, An
     if expected_model is not None:
         scorer.check_compatible(expected_model)
     return scorer
+
+
+def _check_group(sites: Sequence[str], group: Mapping[str, Any] | None, what: str,
+                 error: type[Exception] = StepprobeError) -> None:
+    """A probe on group features needs its ``group`` block (each feature with its site, kind,
+    alignment; each non-text site's mean and std of one length); a plain probe has none."""
+    feats = [s for s in sites if split_group(s)[1] is not None]
+    if not group:
+        if feats:
+            raise error(f"{what} reads group features ({', '.join(feats)}) but carries no group block (their "
+                        "standardization and alignment): write it with `stepprobe train` or save_scorer(group=...)")
+        return
+    if not feats:
+        raise error(f"{what} has a group block but reads no group feature ({', '.join(sites)})")
+    known, stats = group.get("features") or {}, group.get("stats") or {}
+    for name in feats:
+        site, kind = split_group(name)
+        f = known.get(name) or {}
+        align = "step" if kind == ".group_step" else "time"  # group_features.alignment_of
+        if (f.get("site"), f.get("kind"), f.get("alignment")) != (site, kind, align):
+            raise error(f"{what}: group block lacks or misdescribes feature {name!r}")
+        if name != TEXT_GROUP:
+            st = stats.get(site) or {}
+            if not st.get("mean") or len(st.get("mean") or ()) != len(st.get("std") or ()):
+                raise error(f"{what}: group block has no standardization (mean, std of one length) for site {site!r}")
+    sizes = {len(d["mean"]) for d in stats.values()}
+    if len(sizes) > 1:
+        raise error(f"{what}: group block's sites have different hidden sizes {sorted(sizes)}")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -20,8 +20,10 @@ length). Feature names (:mod:`stepprobe.layers` parses them):
   against the siblings' numbers so far), no hidden state.
 
 :func:`text_agreement` is the untrained text baseline and :func:`relative_to_siblings` a
-single-trace score minus its visible siblings' mean. A live scorer on these features is not
-built yet (issue 23 item 3): :meth:`stepprobe.probes.checkpoint.Scorer.check_live` refuses one.
+single-trace score minus its visible siblings' mean. A scorer on ``<site>.group`` or
+``<site>.gdev`` runs live: its checkpoint carries the standardization (:func:`checkpoint_info`)
+and the worker's :mod:`stepprobe.inference.group_assembler` calls :func:`visible_siblings`,
+:func:`group_features` and :func:`group_deviation` on the rows captured so far.
 """
 
 from __future__ import annotations
@@ -95,6 +97,38 @@ def standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std of states ``[n, H]`` (no labels involved)."""
     x = np.asarray(x, dtype=np.float64)
     return x.mean(0), np.maximum(x.std(0), _EPS)
+
+
+def site_stats(read_site: Callable[[str], np.ndarray], site: str,
+               memo: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The standardization a group feature of ``site`` uses by default: :func:`standardize_stats` of
+    the file's states at the site (kept in ``memo``; what a trained scorer's checkpoint carries)."""
+    memo = memo if memo is not None else {}
+    if ("stats", site) not in memo:
+        memo[("stats", site)] = standardize_stats(read_site(site))
+    return memo[("stats", site)]
+
+
+def alignment_of(name: str) -> str:
+    """The sibling alignment a group feature reads (``.group_step``: step, else time)."""
+    return "step" if split_group(name)[1] == ".group_step" else "time"
+
+
+def checkpoint_info(names: list[str] | tuple[str, ...], read_site: Callable[[str], np.ndarray],
+                    memo: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """What a scorer checkpoint keeps of the group features among ``names`` (None: there are none):
+    ``{"features": {name: {"site", "kind", "alignment"}}, "stats": {site: {"mean", "std"}}}``,
+    the standardization the training used (:func:`site_stats`)."""
+    feats = {n: split_group(n) for n in names if split_group(n)[1] is not None}
+    if not feats:
+        return None
+    info: dict[str, Any] = {"features": {}, "stats": {}}
+    for name, (site, kind) in feats.items():
+        info["features"][name] = {"site": site, "kind": kind, "alignment": alignment_of(name)}
+        if name != TEXT_GROUP and site not in info["stats"]:
+            mean, std = site_stats(read_site, site, memo)
+            info["stats"][site] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    return info
 
 
 def group_features(x: np.ndarray, vis: list[np.ndarray], n_siblings: np.ndarray,
@@ -241,7 +275,7 @@ def compute_feature(hs, name: str, read_site: Callable[[str], np.ndarray], *, tr
     if kind is None:
         raise StepprobeError(f"{name!r} is not a group feature; they end in {', '.join(GROUP_KINDS)}")
     memo = memo if memo is not None else {}
-    align = "step" if kind == ".group_step" else "time"
+    align = alignment_of(name)
     if ("vis", align) not in memo:
         memo[("vis", align)] = siblings_of(hs, align)
     vis, n_sib = memo[("vis", align)]
@@ -250,7 +284,7 @@ def compute_feature(hs, name: str, read_site: Callable[[str], np.ndarray], *, tr
             memo["texts"] = step_texts(hs, traces)
         return text_features(memo["texts"], vis, n_sib)
     x = read_site(site)
-    st = stats if stats is not None else standardize_stats(x)
+    st = stats if stats is not None else site_stats(read_site, site, memo)
     if kind == ".gdev":
         return group_deviation(x, vis, st)
     return group_features(x, vis, n_sib, st)

@@ -225,6 +225,13 @@ class FeatureCache:
         self.reads += 1
         return self._keep(name, arr)
 
+    def group_info(self, names) -> dict | None:
+        """What a scorer checkpoint keeps of the group features among ``names`` (None: none), with the
+        standardization these features were computed with (:func:`~stepprobe.probes.group_features.checkpoint_info`)."""
+        from stepprobe.probes.group_features import checkpoint_info
+
+        return checkpoint_info(list(names), self.site, self._group_memo)
+
     def _keep(self, name: str, arr: np.ndarray) -> np.ndarray:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         check_finite(self.hs, arr[:, None, :], [name])

@@ -30,7 +30,6 @@ import torch
 from stepprobe.config import StageConfig, option
 from stepprobe.errors import StepprobeError
 from stepprobe.io import atomic_write_json
-from stepprobe.layers import split_group
 from stepprobe.options import FitOptions, TrainingOptions, generation_of
 from stepprobe.probes.checkpoint import save_scorer
 from stepprobe.probes.features import FeatureSpec, ProbeModel
@@ -92,6 +91,7 @@ class TrainResult:
     epochs_run: int
     predictions: dict[str, dict[str, np.ndarray]]  # split -> scores, labels, trace, step, rel_position
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
+    group: dict[str, Any] | None = None  # group features: what the scorer checkpoint keeps (alignment, standardization)
 
     def flat_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -244,7 +244,7 @@ def train_probe(config: Config, hs, *, cache: FeatureCache | None = None, out_di
                                                                  problem=arr.problem, bootstrap=config.bootstrap)
     return TrainResult(probe=probe, spec=spec, split=split, metrics=result_metrics, threshold=threshold,
                        best_epoch=best_epoch, best_score=best_score, epochs_run=int(trainer.current_epoch),
-                       predictions=preds, calibration=M.clean(calibration_doc))
+                       predictions=preds, calibration=M.clean(calibration_doc), group=cache.group_info(spec.sites))
 
 
 def fit_calibration_for(probe: ProbeModel, val: dict[str, np.ndarray], method: str):
@@ -315,7 +315,7 @@ def write_run(out: Path, config: Config, hs, result: TrainResult, *, plots: bool
                 config=config.to_dict(), threshold=result.threshold, calibration=result.calibration,
                 provenance={"data": fingerprint, "split": result.split.info, **(extra or {})},
                 generation=generation_of((hs.header.get("config") or {}).get("collect")), overwrite=True,
-                card=card)
+                card=card, group=result.group)
     metrics_doc = {"kind": "stepprobe-train-metrics", "schema_version": RUN_SCHEMA_VERSION,
                    "feature_spec": result.spec.to_dict(), "architecture": config.arch,
                    "threshold": result.threshold, "calibration": result.calibration,
@@ -351,10 +351,6 @@ def run(config: Config) -> Path:
     hs = open_hidden_states(config.data)
     # The data is checked (split, classes, NaN/inf in the sites read) before the run directory exists.
     spec = resolve_spec(config, hs.num_layers)
-    groups = [s for s in spec.sites if split_group(s)[1] is not None]
-    if groups:
-        raise StepprobeError(f"`stepprobe train` writes a scorer, and one on group features ({', '.join(groups)}) "
-                             "cannot run live yet (issue 23, item 3); compare them with `stepprobe sweep --group`")
     split = make_split(hs, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
                        seed=config.split_seed, max_steps_per_trace=config.max_steps_per_trace,
                        subsample_seed=config.seed)

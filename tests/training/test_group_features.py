@@ -182,21 +182,79 @@ def test_visible_siblings_pick_each_siblings_latest_boundary():
     assert [v.tolist() for v in vis] == [[2], [3], [0], [1], [1], []]
 
 
-def test_a_group_probe_is_not_exported_as_a_live_scorer(tmp_path, agreement_h5):
-    from stepprobe.errors import StepprobeError
-    from stepprobe.probes.checkpoint import save_scorer
-    from stepprobe.probes.features import FeatureSpec, ProbeModel
+def test_train_writes_a_group_scorer_with_its_standardization(tmp_path, agreement_h5):
+    """`stepprobe train` on a group feature writes a version-2 scorer that carries the base site,
+    the alignment and the training file's standardization; loaded, with the offline features
+    computed with that standardization, it separates the synthetic signal; the live checks accept .group and refuse what live
+    capture cannot compute, each in one line."""
+    import torch
+
+    from stepprobe.data_collection.hdf5 import HiddenStates
+    from stepprobe.errors import ArtifactMismatch
+    from stepprobe.probes.checkpoint import GROUP_SCHEMA_VERSION, load_scorer
     from stepprobe.training import train
 
-    with pytest.raises(StepprobeError, match=r"group features \(layer_01.group\).*sweep --group"):
-        train.run(train.Config(data=str(agreement_h5), sites="layer_01.group", out=str(tmp_path / "t")))
-    assert not (tmp_path / "t").exists()  # refused before anything was trained or written
+    out = train.run(train.Config(data=str(agreement_h5), sites="layer_01.group", out=str(tmp_path / "t"),
+                                 max_epochs=3, plots=False, progress=False))
+    scorer = load_scorer(out / "scorer")
+    assert scorer.meta["schema_version"] == GROUP_SCHEMA_VERSION and scorer.state_size == HIDDEN
+    assert scorer.group["features"] == {"layer_01.group": {"site": "layer_01", "kind": ".group", "alignment": "time"}}
+    hs = HiddenStates(agreement_h5)
+    read = lambda s: np.asarray(hs.features(s), dtype=np.float32)  # noqa: E731
+    mean, std = scorer.group_stats()["layer_01"]
+    want = G.standardize_stats(read("layer_01"))
+    np.testing.assert_array_equal(mean, want[0])
+    np.testing.assert_array_equal(std, want[1])
+    feats = G.compute_feature(hs, "layer_01.group", read, stats=(mean, std))
+    scores = scorer.module(torch.as_tensor(feats)[:, None]).detach().numpy()
+    assert ((scores > 0.5) == (np.asarray(hs.steps["label"]) == 1)).mean() > 0.8  # the signal, offline
+    scorer.check_live()
+    scorer.check_group_size(2)
+    with pytest.raises(ArtifactMismatch, match="n=1 gives none"):
+        scorer.check_group_size(1)
+    for name, why in (("layer_01.group_step", "aligned by step"), ("text.group", "decoded text")):
+        s = train.run(train.Config(data=str(agreement_h5), sites=name, out=str(tmp_path / name), max_epochs=1,
+                                   plots=False, progress=False))
+        with pytest.raises(ArtifactMismatch, match=why):
+            load_scorer(s / "scorer").check_live()
 
-    probe = ProbeModel(FeatureSpec(("layer_01.gdev",)), "linear", HIDDEN)  # same width as a plain site
-    with pytest.raises(StepprobeError, match=r"group features \(layer_01.gdev\).*issue 23"):
+
+def test_group_scorer_checkpoints_are_checked_and_old_readers_refuse_them(tmp_path):
+    import json
+
+    from stepprobe.errors import ArtifactMismatch, StepprobeError
+    from stepprobe.probes.checkpoint import CONFIG_FILE, SCORER_KIND, load_scorer, save_scorer
+    from stepprobe.probes.features import FeatureSpec, ProbeModel
+    from stepprobe.provenance import check_schema
+
+    probe = ProbeModel(FeatureSpec(("layer_01.gdev",)), "linear", HIDDEN)
+    with pytest.raises(StepprobeError, match=r"group features \(layer_01.gdev\) but carries no group block"):
         save_scorer(tmp_path / "s", probe, model=IDENTITY, boundary_rule=RULE)
-    save_scorer(tmp_path / "plain", ProbeModel(FeatureSpec(("layer_01",)), "linear", HIDDEN), model=IDENTITY,
-                boundary_rule=RULE)
+    stats = {"mean": [0.0] * HIDDEN, "std": [1.0] * HIDDEN}
+    group = {"features": {"layer_01.gdev": {"site": "layer_01", "kind": ".gdev", "alignment": "time"}},
+             "stats": {"layer_01": stats}}
+    path = save_scorer(tmp_path / "s", probe, model=IDENTITY, boundary_rule=RULE, group=group)
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    with pytest.raises(ArtifactMismatch, match="schema version 2, this stepprobe reads version 1"):
+        check_schema(meta, SCORER_KIND, 1, "scorer.json")  # what a reader from before group scorers does
+    plain = save_scorer(tmp_path / "plain", ProbeModel(FeatureSpec(("layer_01",)), "linear", HIDDEN), model=IDENTITY,
+                        boundary_rule=RULE)
+    assert json.loads((plain / CONFIG_FILE).read_text())["schema_version"] == 1  # old readers still load these
+    load_scorer(plain)
+    for broken, match in ((lambda m: m.pop("group"), "needs its 'group' block"),
+                          (lambda m: m["group"]["stats"].pop("layer_01"), "no standardization"),
+                          (lambda m: m["group"]["features"]["layer_01.gdev"].update(alignment="step"), "misdescribes"),
+                          (lambda m: m.update(schema_version=1), "carries no group block")):
+        m = json.loads(json.dumps(meta))
+        broken(m)
+        if m["schema_version"] == 1:
+            m.pop("group")
+        (path / CONFIG_FILE).write_text(json.dumps(m))
+        with pytest.raises(ArtifactMismatch, match=match):
+            load_scorer(path)
+    with pytest.raises(StepprobeError, match="has a group block but reads no group feature"):
+        save_scorer(tmp_path / "p2", ProbeModel(FeatureSpec(("layer_01",)), "linear", HIDDEN), model=IDENTITY,
+                    boundary_rule=RULE, group=group)
 
 
 def test_group_eval_ranks_and_replays_a_set(agreement_h5):
