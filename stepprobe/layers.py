@@ -124,13 +124,17 @@ def parse_sites(spec: str | list[str], num_layers: int) -> list[str]:
     """Parse a user's site list: names, indices, ranges like ``10-20``, ``all``, ``layers``.
 
     Any item may end in ``.mean`` for the step-mean features of what it names
-    (``layers.mean``, ``10-14.mean``, ``layer_20.mean``)."""
+    (``layers.mean``, ``10-14.mean``, ``layer_20.mean``), or in a group kind for its group
+    features (``layer_20.group``, ``10-14.gdev``; ``text.group`` as it is)."""
     items = spec if isinstance(spec, list) else [s.strip() for s in spec.split(",") if s.strip()]
     out: list[str] = []
     for item in items:
         item = str(item)
         base, mean = split_feature(item)
-        if mean:
+        group_base, kind = split_group(item)
+        if kind is not None and item != TEXT_GROUP:
+            out.extend(n + kind for n in parse_sites([group_base], num_layers))
+        elif mean:
             out.extend(mean_name(n) for n in parse_sites([base], num_layers))
         elif item == "all":
             out.extend(all_sites(num_layers))

@@ -192,6 +192,27 @@ def cv_splits(hs, split: SplitRows, folds: int, seed: int = 0) -> list[SplitRows
     return out
 
 
+def missing_features(hs, names, traces: str | None = None) -> list[str]:
+    """The features among ``names`` that ``hs`` cannot give: a plain site or step mean not
+    recorded; a group feature whose base site is not recorded; ``text.group`` without the
+    traces file (:func:`~stepprobe.probes.group_features.resolve_traces`)."""
+    from stepprobe.layers import TEXT_GROUP
+
+    known = set(getattr(hs, "feature_names", hs.sites))
+    out = []
+    for name in names:
+        if name == TEXT_GROUP:
+            from stepprobe.probes.group_features import resolve_traces
+
+            try:
+                resolve_traces(hs, traces)
+            except StepprobeError:
+                out.append(name)
+        elif split_group(name)[0] not in known:
+            out.append(name)
+    return out
+
+
 class FeatureCache:
     """Whole sites of one file in memory (float32 [num_steps, hidden]), least recently used out.
 

@@ -1,6 +1,7 @@
 """The search space of ``stepprobe tune``: a trial -> a ``stepprobe train`` config.
 
-Site in ``--sites``; combine in ``--combines`` (mean/concat/mixture take a window of
+Site in ``--sites`` (a plain site, or a group feature of one: ``layer_20.group``, ``10-14.gdev``,
+``text.group``, :mod:`stepprobe.probes.group_features`); combine in ``--combines`` (mean/concat/mixture take a window of
 2..``--max-window`` consecutive sites); step feature in ``--step-features`` (the boundary
 token's state, the step's mean over its tokens, or both); arch in ``--archs`` (mixture iff
 combine=mixture); width, depth, dropout where the architecture has them; lr, weight_decay
@@ -44,6 +45,17 @@ def step_feature_kinds(cfg: Any, candidates: list[str], hs) -> list[str]:
         raise StepprobeError(f"--step-features {cfg.step_features} needs step means for every candidate site; "
                              "record them with `stepprobe record --step-mean`")
     return kinds
+
+
+def check_widths(cfg: Any, candidates: list[str]) -> None:
+    """Refuse (one line) a window combine over candidates of different widths: group scalars
+    (``.group``, ``.group_step``; ``text.group``'s three) beside hidden-size features."""
+    from stepprobe.layers import TEXT_GROUP, split_group
+
+    widths = {s if s == TEXT_GROUP else split_group(s)[1] in (".group", ".group_step") for s in candidates}
+    if len(widths) > 1 and set(csv_list(cfg.combines)) - {"single"}:
+        raise StepprobeError(f"--combines {cfg.combines}: a window over --sites {cfg.sites} would join group "
+                             "scalars with hidden-size features; tune them in separate studies or use --combines single")
 
 
 def trial_config(trial, cfg: Any, candidates: list[str], kinds: list[str] | None = None) -> TrainConfig:

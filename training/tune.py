@@ -47,9 +47,10 @@ from stepprobe.probes.registry import COMBINES
 from stepprobe.provenance import package_versions
 
 from . import metrics as M
-from .data import FeatureCache, check_classes, cv_splits, data_fingerprint, make_split, open_hidden_states
+from .data import (FeatureCache, check_classes, cv_splits, data_fingerprint, make_split, missing_features,
+                   open_hidden_states)
 from .liveness import WORKER_ATTR, fail_dead_trials, worker_identity
-from .search_space import check_space, step_feature_kinds, trial_config
+from .search_space import check_space, check_widths, step_feature_kinds, trial_config
 from .study import TUNE_KIND, TUNE_SCHEMA_VERSION, finished, load_study_retrying
 from .train import IMBALANCE, train_probe
 
@@ -70,7 +71,8 @@ class Config(StageConfig, TrainingOptions):
     n_trials: int = option(30, "finished trials (complete + pruned) the study should reach", resume_ok=True)
     timeout: float = option(0.0, "stop starting new trials after this many seconds (0: no limit)", resume_ok=True)
     objective: str = option(M.DEFAULT_TUNE_OBJECTIVE, "validation metric to maximize (also early stopping and pruning)")
-    sites: str = option("layers", "candidate sites: layers, all, 10-29, layer_12,layer_20, ...")
+    sites: str = option("layers", "candidate sites: layers, all, 10-29, layer_12,layer_20, ...; group features "
+                                  "(issue 23): layer_20.group, 10-14.gdev, text.group")
     combines: str = option("single", "candidate feature combinations: " + ",".join(COMBINES))
     max_window: int = option(4, "most consecutive sites a mean/concat/mixture trial reads")
     step_features: str = option("auto", "what a site contributes: boundary (the boundary token's state), mean (the "
@@ -106,9 +108,10 @@ def run(cfg: Config) -> Path:
         raise StepprobeError("--data (an HDF5 file from `stepprobe record`) is required")
     hs = open_hidden_states(cfg.data)
     candidates = [s for s in parse_sites(cfg.sites, hs.num_layers)]
-    missing = [s for s in candidates if s not in hs.feature_names]
+    missing = missing_features(hs, candidates)
     if missing:
         raise StepprobeError(f"{cfg.data} has no features for {', '.join(missing)}")
+    check_widths(cfg, candidates)
     kinds = step_feature_kinds(cfg, candidates, hs)
     fingerprint = data_fingerprint(hs)
     split = make_split(hs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,

@@ -279,3 +279,34 @@ def test_group_eval_ranks_and_replays_a_set(agreement_h5):
         top = max(answers, key=lambda a: (answers.count(a), -answers.index(a)))
         majority.append(next(t["correct"] for t in rec["traces"] if t["extracted_answer"] == top))
     assert text["replay16"]["sc_accuracy"] == pytest.approx(np.mean(majority))
+
+
+def test_tune_searches_group_features_and_export_writes_the_group_scorer(tmp_path, agreement_h5):
+    """`stepprobe tune --sites 1-2.group` (issue 23): accepted (the base sites are in the file), its
+    trials train on the group features, and `stepprobe export` writes the best as a live group scorer;
+    a site whose base is not recorded, and a window over features of different widths, are refused."""
+    from stepprobe.errors import StepprobeError
+    from stepprobe.layers import parse_sites
+    from stepprobe.probes.checkpoint import GROUP_SCHEMA_VERSION, load_scorer
+    from stepprobe.training import export, tune
+
+    assert parse_sites("1-2.group,layer_03.gdev,text.group", NUM_LAYERS) == [
+        "layer_01.group", "layer_02.group", "layer_03.gdev", "text.group"]
+    cfg = tune.Config(data=str(agreement_h5), out=str(tmp_path / "tune"), sites="1-2.group", n_trials=2, max_epochs=2,
+                      patience=1, archs="linear", cv_folds=1, progress=False, plots=False)
+    tune.run(cfg)
+    exp = export.run(export.Config(source=str(tmp_path / "tune"), out=str(tmp_path / "scorer"), plots=False))
+    scorer = load_scorer(exp)
+    assert scorer.sites[0] in ("layer_01.group", "layer_02.group")
+    assert scorer.meta["schema_version"] == GROUP_SCHEMA_VERSION and scorer.state_size == HIDDEN
+    scorer.check_live()
+    with pytest.raises(StepprobeError, match="would join group scalars"):
+        tune.run(cfg.replace(out=str(tmp_path / "t2"), sites="layer_01,layer_01.group", combines="single,mean"))
+    other = tmp_path / "other" / "states.h5"
+    other.parent.mkdir()
+    import shutil
+
+    shutil.copy(agreement_h5, other)  # no traces file beside it: text.group cannot be computed
+    with pytest.raises(StepprobeError, match="has no features for text.group"):
+        tune.run(cfg.replace(data=str(other), out=str(tmp_path / "t3"), sites="layer_01.group,text.group"))
+    assert not (tmp_path / "t2").exists() and not (tmp_path / "t3").exists()
