@@ -220,10 +220,12 @@ class FeatureCache:
     the most recent ones).
     """
 
-    def __init__(self, hs, max_bytes: int = 4 << 30, traces: str | None = None):
+    def __init__(self, hs, max_bytes: int = 4 << 30, traces: str | None = None,
+                 group_stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         self.hs = hs
         self.max_bytes = max_bytes
         self.traces = traces  # the collect traces of ``hs``, for text group features (default: found)
+        self.group_stats = group_stats or {}  # a scorer's standardization of group features (default: this file's)
         self._data: OrderedDict[str, np.ndarray] = OrderedDict()
         self._group_memo: dict = {}
         self.reads = 0
@@ -236,6 +238,7 @@ class FeatureCache:
             from stepprobe.probes.group_features import compute_feature
 
             return self._keep(name, compute_feature(self.hs, name, self.site, traces=self.traces,
+                                                    stats=self.group_stats.get(split_group(name)[0]),
                                                     memo=self._group_memo))
         known = getattr(self.hs, "feature_names", self.hs.sites)
         if name not in known:

@@ -77,6 +77,8 @@ def score_steps(scorer, hs, cache: FeatureCache | None = None) -> np.ndarray:
     from stepprobe.training.module import predict
 
     cache = FeatureCache(hs) if cache is None else cache
+    if scorer.group:  # group features standardized as in the scorer's training, as the live runner does
+        cache = FeatureCache(hs, traces=cache.traces, group_stats=scorer.group_stats())
     return predict(scorer.module, cache.stack(scorer.sites, np.arange(hs.num_steps)))
 
 

@@ -310,3 +310,30 @@ def test_tune_searches_group_features_and_export_writes_the_group_scorer(tmp_pat
     with pytest.raises(StepprobeError, match="has no features for text.group"):
         tune.run(cfg.replace(data=str(other), out=str(tmp_path / "t3"), sites="layer_01.group,text.group"))
     assert not (tmp_path / "t2").exists() and not (tmp_path / "t3").exists()
+
+
+def test_evaluate_standardizes_a_group_scorers_features_as_its_training_did(tmp_path, agreement_h5):
+    """`stepprobe evaluate` (`score_steps`) of a group scorer on another file computes the group features with the
+    scorer's standardization (what the live runner uses), not the evaluated file's own."""
+    import h5py
+    import torch
+
+    from stepprobe.data_collection.hdf5 import HiddenStates
+    from stepprobe.probes.checkpoint import load_scorer
+    from stepprobe.training import evaluate, train
+
+    out = train.run(train.Config(data=str(agreement_h5), sites="layer_01.gdev", out=str(tmp_path / "t"), max_epochs=2,
+                                 plots=False, progress=False))
+    scorer = load_scorer(out / "scorer")
+    other = make_agreement(tmp_path / "o" / "states.h5", n_problems=40, seed=3)
+    with h5py.File(other, "r+") as f:  # another scale and offset than the training file's
+        for name in f["features"]:
+            f["features"][name][...] = f["features"][name][...] * 3.0 + 2.0
+    hs = HiddenStates(other)
+    read = lambda s: np.asarray(hs.features(s), dtype=np.float32)  # noqa: E731
+    want = G.compute_feature(hs, "layer_01.gdev", read, stats=scorer.group_stats()["layer_01"])
+    own = G.compute_feature(hs, "layer_01.gdev", read)
+    assert not np.allclose(want, own, atol=1e-3)
+    got = evaluate.score_steps(scorer, hs)
+    np.testing.assert_allclose(got, scorer.module(torch.as_tensor(want)[:, None]).detach().numpy(), rtol=1e-5,
+                               atol=1e-6)
