@@ -89,8 +89,10 @@ def group_case(tmp_path_factory, tiny_model_path, helpers):
 
 def test_a_group_scorer_scores_the_same_live_as_offline(group_case, tiny_model_path):
     """Every live step score equals the offline score of the recorded row at the same (trace,
-    position) (fp32 features of vLLM vs transformers: within 2e-3), and the scores are not a
-    constant: rows see siblings at their own positions (time alignment)."""
+    position) (fp32 features of vLLM vs transformers: within 1e-4), and the scores are not a
+    constant: rows see siblings at their own positions (time alignment). The traces decode in
+    lockstep (a trace scheduled later, e.g. for want of KV blocks, would see its siblings only as
+    far as they were captured: the documented live/offline difference)."""
     import torch
 
     from stepprobe.data_collection.hdf5 import HiddenStates
@@ -98,9 +100,9 @@ def test_a_group_scorer_scores_the_same_live_as_offline(group_case, tiny_model_p
     from stepprobe.probes.checkpoint import load_scorer
 
     runner, scorer_path, ids, tmp = group_case
-    prompts = ["Parity check: one.", "Parity check: two."]
+    prompts = ["Parity check: one."]  # 4 traces of one KV block each: all decode together (7 blocks)
     bias = {t: 100.0 for t in ids}
-    results = runner.generate(prompts, n=N, max_tokens=40, temperature=1.0, policy="none", logit_bias=bias)
+    results = runner.generate(prompts, n=N, max_tokens=60, temperature=1.0, policy="none", logit_bias=bias)
     problems = [(p, [t.token_ids for t in res], [i % 2 == 0 for i in range(N)]) for p, res in zip(prompts, results)]
     h5 = _record(_write_traces(tmp / "live.jsonl", tiny_model_path, runner.tokenizer, problems), tiny_model_path)
     hs = HiddenStates(h5)
@@ -114,7 +116,7 @@ def test_a_group_scorer_scores_the_same_live_as_offline(group_case, tiny_model_p
            for i, (t, p) in enumerate(zip(np.asarray(st["trace"]), np.asarray(st["position"])))}
     live, off, visible = [], [], []
     for k, res in enumerate(results):
-        assert all(len(t.token_ids) == 40 for t in res)  # lockstep: every trace to max_tokens
+        assert all(len(t.token_ids) == 60 and t.num_preemptions == 0 for t in res)  # lockstep, to max_tokens
         for t in res:
             assert t.step_positions, "a forced trace has boundaries"
             for p, s in zip(t.step_positions, t.step_scores):
@@ -124,7 +126,7 @@ def test_a_group_scorer_scores_the_same_live_as_offline(group_case, tiny_model_p
                 visible.append(feats[i, 5])
     live, off = np.asarray(live), np.asarray(off)
     assert len(live) >= 20 and np.ptp(off) > 1e-3 and max(visible) == 1.0 and min(visible) < 1.0
-    assert np.abs(live - off).max() < 2e-3, np.abs(live - off).max()
+    assert np.abs(live - off).max() < 1e-4, (np.abs(live - off).max(), np.flatnonzero(np.abs(live - off) >= 1e-4))
 
 
 def test_memory_pruning_runs_on_group_scores(group_case, helpers):
