@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_modes import in_process_engines
+from helpers.engine_modes import in_process_engines
 
 pytestmark = pytest.mark.vllm
 
