@@ -1,7 +1,7 @@
 """Live group features (issue 23 item 3): a trace's boundary state against its siblings' so far.
 
-A group scorer (a probe on ``<site>.group`` or ``<site>.gdev``, time-aligned;
-:mod:`stepprobe.probes.group_features`) cannot be scored row by row on the device: a row's
+A group scorer (a probe on ``<site>.group`` or ``<site>.gdev``, time-aligned, possibly beside
+plain sites of the same width; :mod:`stepprobe.probes.group_features`) cannot be scored row by row on the device: a row's
 features depend on the other traces of its problem. So the worker's capture copies each
 boundary row's raw states to the host (group scorers only: one ``[sites, hidden]`` float32
 copy per boundary row), and this assembler, pure host code, keeps per problem group every
@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from stepprobe.errors import StepprobeError
+from stepprobe.layers import split_group
 from stepprobe.probes.group_features import group_deviation, group_features, visible_siblings
 
 from .tracker import WARMUP_PREFIXES
@@ -56,13 +57,16 @@ class _Group:
 class GroupAssembler:
     """Per problem group, each trace's captured boundary states; the group features of new rows."""
 
-    def __init__(self, features: Mapping[str, Mapping[str, Any]], stats: Mapping[str, tuple[np.ndarray, np.ndarray]]):
-        """``features``: name -> {site, kind, alignment} in the probe's order (a scorer's ``group``
-        block); ``stats``: per site, the (mean, std) the features were trained with."""
-        self.names = list(features)
-        self.kinds = [(features[n]["site"], features[n]["kind"]) for n in self.names]
-        bad = [n for n in self.names if features[n]["kind"] not in (".group", ".gdev")
-               or features[n]["alignment"] != "time" or features[n]["site"] not in stats]
+    def __init__(self, names: Sequence[str], features: Mapping[str, Mapping[str, Any]],
+                 stats: Mapping[str, tuple[np.ndarray, np.ndarray]]):
+        """``names``: the probe's features in its order; ``features``: the group ones' {site, kind,
+        alignment} (a scorer's ``group`` block; a plain site among ``names`` is its state as captured);
+        ``stats``: per site, the (mean, std) the group features were trained with."""
+        self.names = list(names)
+        self.kinds = [(features[n]["site"], features[n]["kind"]) if n in features else (n, None) for n in self.names]
+        bad = [n for n in self.names if n not in features and split_group(n)[1] is not None]
+        bad += [n for n in features if features[n]["kind"] not in (".group", ".gdev")
+                or features[n]["alignment"] != "time" or features[n]["site"] not in stats]
         if bad:
             raise StepprobeError(f"the live group assembler computes time-aligned <site>.group and <site>.gdev "
                                  f"features of hidden-state sites; not {', '.join(bad)}")
@@ -75,7 +79,7 @@ class GroupAssembler:
     @classmethod
     def for_scorer(cls, scorer: Any) -> "GroupAssembler":
         scorer.check_live()
-        return cls({n: scorer.group["features"][n] for n in scorer.sites}, scorer.group_stats())
+        return cls(scorer.sites, scorer.group["features"], scorer.group_stats())
 
     def add(self, rid: str, group: str, prompt_len: int, size: int | None = None) -> None:
         """A scheduled request (again, when resumed: nothing changes then)."""
@@ -142,6 +146,6 @@ class GroupAssembler:
         cols = []
         for site, kind in self.kinds:
             xs = x[:, self.sites.index(site)]
-            cols.append(group_features(xs, vis, n_sib, self.stats[site]) if kind == ".group"
+            cols.append(xs if kind is None else group_features(xs, vis, n_sib, self.stats[site]) if kind == ".group"
                         else group_deviation(xs, vis, self.stats[site]))
-        return np.stack(cols, axis=1)[[local[r] for r in rows]]
+        return np.stack(cols, axis=1).astype(np.float32)[[local[r] for r in rows]]

@@ -52,8 +52,9 @@ def _file(path: Path, n_problems: int = 4, n_traces: int = 5, seed: int = 0):
 
 
 def _assembler(names, stats):
-    feats = {n: {"site": G.split_group(n)[0], "kind": G.split_group(n)[1], "alignment": "time"} for n in names}
-    return GroupAssembler(feats, stats)
+    feats = {n: {"site": G.split_group(n)[0], "kind": G.split_group(n)[1], "alignment": "time"} for n in names
+             if G.split_group(n)[1] is not None}
+    return GroupAssembler(names, feats, stats)
 
 
 def _feed(asm, hs, sites, order_key=None, n_traces=5):
@@ -90,6 +91,12 @@ def test_lockstep_capture_gives_the_offline_group_features(tmp_path, kind):
         offline = G.compute_feature(hs, name, read, stats=stats[G.split_group(name)[0]])
         np.testing.assert_allclose(live[:, k], offline, rtol=1e-6, atol=1e-6)
     assert asm.n_rows == hs.num_steps
+    if kind == ".gdev":  # beside a plain site of the same width: that site's state as captured
+        mixed = _assembler(["layer_01.gdev", "final_norm"], stats)
+        assert mixed.sites == ["layer_01", "final_norm"]
+        both = _feed(mixed, hs, mixed.sites)
+        np.testing.assert_allclose(both[:, 0], live[:, 0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(both[:, 1], read("final_norm"))
     for t, p in enumerate(np.asarray(hs.traces["problem"])):  # every member finished: groups forgotten
         asm.finish(f"{t}_req{p}")
     assert asm.groups == {} and asm.members == {}
@@ -136,6 +143,9 @@ def test_a_group_lives_until_its_declared_size_has_finished():
 def test_the_assembler_refuses_what_it_cannot_compute():
     stats = {"layer_01": (np.zeros(HIDDEN), np.ones(HIDDEN))}
     with pytest.raises(Exception, match="layer_01.group_step"):
-        GroupAssembler({"layer_01.group_step": {"site": "layer_01", "kind": ".group_step", "alignment": "step"}}, stats)
+        GroupAssembler(["layer_01.group_step"],
+                       {"layer_01.group_step": {"site": "layer_01", "kind": ".group_step", "alignment": "step"}}, stats)
     with pytest.raises(Exception, match="text.group"):
-        GroupAssembler({"text.group": {"site": "text", "kind": ".group", "alignment": "time"}}, stats)
+        GroupAssembler(["text.group"], {"text.group": {"site": "text", "kind": ".group", "alignment": "time"}}, stats)
+    with pytest.raises(Exception, match="layer_00.gdev"):  # a group feature the block does not describe
+        GroupAssembler(["layer_00.gdev"], {}, stats)
