@@ -310,7 +310,8 @@ def read_scorer_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactMismatch(f"{cfg}: missing field(s) {', '.join(missing)}")
     if version == GROUP_SCHEMA_VERSION and not isinstance(meta.get("group"), dict):
         raise ArtifactMismatch(f"{cfg}: a version-{version} scorer needs its 'group' block")
-    _check_group(FeatureSpec.from_dict(meta["feature_spec"]).sites, meta.get("group"), str(cfg), ArtifactMismatch)
+    sites = meta["feature_spec"].get("sites") if isinstance(meta["feature_spec"], dict) else None
+    _check_group(list(sites or ()), meta.get("group"), str(cfg), ArtifactMismatch)
     mh = meta["model"].get("hidden_size")
     if mh is not None and not meta.get("group") and int(mh) != int(meta["hidden_size"]):
         raise ArtifactMismatch(f"{cfg}: probe hidden size {meta['hidden_size']} differs from its model's {mh}")
