@@ -13,12 +13,14 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 pipeline: install
 	$(BIN)/stepprobe pipeline
 
+# Both tiers at once: the engine tier in front, the fast tier beside it at the lowest priority
+# (scripts/test.sh says why); a failing fast tier stops the suite as soon as it ends.
 test: install
-	$(BIN)/python -m pytest -q tests
+	bash scripts/test.sh $(BIN)/python
 
 # The fast tier: no vLLM engine, no end-to-end run (every engine test is marked `vllm`).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not vllm and not e2e" tests
+	$(BIN)/python -m pytest -q -n 2 -m "not vllm and not e2e" tests
 
 bench: install
 	$(BIN)/python benchmarks/collect_throughput.py

@@ -15,6 +15,9 @@ import pytest
 # Small CPU KV cache for every vLLM engine the tests start (GiB).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the fast tier on two pytest workers (two cores): one thread each, not two.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

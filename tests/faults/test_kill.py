@@ -129,7 +129,8 @@ def test_sigkilled_collect_keeps_problems_of_its_unfinished_chunk(tmp_path, tiny
 def test_sigkilled_bench_keeps_the_problems_of_its_cell_and_remeasures_it(tmp_path, tiny_model_path):
     """``bench`` streams each cell's problems as they finish: a kill inside the only cell keeps
     the finished problems on disk; the rerun measures the cell again from the start (a cell is
-    timed as one batch), keeps the killed run's lines beside it, and finishes."""
+    timed as one batch), keeps the killed run's lines beside it, and finishes. The rerun's
+    engine runs in the test process (its start is a tenth of a CLI engine's)."""
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "stepprobe.cli", "bench", "--model", tiny_model_path, "--problems",
            "builtin:n=16,seed=5", "--n", "2", "--max-tokens", "24", "--policies", "none", "--kv-blocks", "0",
@@ -144,7 +145,13 @@ def test_sigkilled_bench_keeps_the_problems_of_its_cell_and_remeasures_it(tmp_pa
     assert all(len(json.loads(ln)["traces"]) == 2 for ln in before[1:])
     _assert_no_survivor(seen)
 
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    # The rerun (the same command line, in this process: a second CLI engine start would test nothing more).
+    from helpers.engine_modes import in_process_engines
+    from stepprobe.cli import stage_config
+    from stepprobe.inference import bench as bench_stage
+
+    with in_process_engines():
+        bench_stage.run(stage_config(cmd[3:]))
     assert (out / "cells" / "kvdefault-none.interrupted.jsonl").read_text(encoding="utf-8").splitlines(
         keepends=True)[:len(before)] == before  # the killed run's lines, kept as they were
     after = _complete_lines(cell)

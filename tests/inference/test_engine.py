@@ -210,21 +210,27 @@ def test_self_check_stops_the_engine_when_the_hooks_do_not_fire(tiny_model_path,
                                                                 monkeypatch):
     """Without the capture hooks the first boundaries would be scored from stale buffers; the
     worker's self-check (on in every engine, the server included) stops the engine instead.
-    An eager engine of its own: in eager mode removing the hooks really stops them firing."""
+    An eager engine of its own: in eager mode removing the hooks really stops them firing. It
+    runs in the test process (the check is the worker's; a multi-process engine would only add
+    a start-up), so the worker's error reaches the test itself."""
     from stepprobe.inference.plugin import PluginSettings
     from stepprobe.inference.runner import StepRunner
 
+    from helpers.engine_modes import in_process_engines
+
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a test function
-    runner = StepRunner(tiny_model_path, PluginSettings(scorer=planted_scorer, policy="none", canary=False),
-                        seed=0, dtype="float32", max_model_len=256, enforce_eager=True)
-    try:
-        assert runner.llm.collective_rpc(_remove_capture_hooks) == [3]
-        with pytest.raises(Exception) as err:  # vLLM's EngineDeadError; the cause is in the engine's log
-            runner.generate(["Self check:"], n=1, max_tokens=16, temperature=1.0, logit_bias=helpers.good_bias())
-    finally:
-        runner.close()
+    with in_process_engines():
+        runner = StepRunner(tiny_model_path, PluginSettings(scorer=planted_scorer, policy="none", canary=False),
+                            seed=0, dtype="float32", max_model_len=256, enforce_eager=True)
+        try:
+            assert runner.llm.collective_rpc(_remove_capture_hooks) == [3]
+            with pytest.raises(Exception) as err:
+                runner.generate(["Self check:"], n=1, max_tokens=16, temperature=1.0,
+                                logit_bias=helpers.good_bias())
+        finally:
+            runner.close()
     captured = capfd.readouterr()
-    assert "stepprobe self-check: " in captured.out + captured.err, type(err.value)
+    assert "stepprobe self-check: " in str(err.value) + captured.out + captured.err, type(err.value)
 
 
 def test_start_up_self_test_covers_mixed_and_wider_batches(plugin_runner):
