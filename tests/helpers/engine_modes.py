@@ -1,5 +1,6 @@
-"""How the engine tests start vLLM: in the test process, where a test only compares what the
-worker computes."""
+"""How the engine tests start vLLM: in the test process, where a multi-process engine would add
+only its start-up (a test that compares what the worker computes, or a rerun after a killed CLI
+command)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def in_process_engines():
     and a worker process, each of which imports vLLM again (about half of an engine's start here).
     The plugin's worker code is the same; what it skips is the pickling of records between
     processes, which the multi-process engines of test_engine, test_tensor_parallel, test_serve and
-    the fault tests keep covering. For tests that only compare what the worker computes.
+    the fault tests keep covering (each killed command there is a real CLI process; only the rerun
+of the killed bench and the self-check engine run here).
 
     An in-process engine changes its process: vLLM caches its environment variables and freezes
     the GC heap (EngineCore), binds torch threads and replaces ``torch.set_num_threads`` with a
